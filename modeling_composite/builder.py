@@ -1,0 +1,266 @@
+"""Build a composite in memory from a base LLM, encoders and projectors, and save it as a self-contained folder that
+loads with the auto classes and `trust_remote_code=True`.
+
+This file is part of the installed package only; it is not remote code and never travels inside a composite folder.
+"""
+
+import copy
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .configuration_composite import CompositeMLLMConfig, MODALITY_KINDS
+from .configuration_point_encoder import CompositePointEncoderConfig
+from .modeling_composite import CompositeMLLMForCausalLM
+from .processing_composite import CompositeMLLMProcessor
+
+
+logger = logging.getLogger(__name__)
+
+AUTO_MODEL_CLASSES = (
+    "AutoModel",
+    "AutoModelForCausalLM",
+    "AutoModelForImageTextToText",
+    "AutoModelForMultimodalLM",
+)
+_CONTENT_TYPES_BY_KIND = {"image": ("image",), "video": ("video",), "audio": ("audio",), "point": ("point", "point_cloud")}
+
+
+@dataclass
+class ModalitySpec:
+    """One modality to put into a composite.
+
+    Args:
+        kind: `image`, `video`, `audio` or `point`.
+        encoder: the encoder model (e.g. a `CLIPVisionModel`, `Qwen2AudioEncoder`, `CompositePointEncoder`).
+        projector: projector spec (`linear` or `mlp{N}x_gelu`).
+        projector_state_dict: trained projector weights (`linear_1.weight`, ...); None keeps a fresh projector.
+        placeholder: placeholder token (default `<{name}>`); added to the tokenizer as a special token.
+        feature_layer / feature_select / num_frames / prefix_tokens / suffix_tokens / lora: as in
+            [`CompositeMLLMConfig`]; `lora_state_dict` holds that delta's factors keyed like the model's
+            (`language_model.layers.0.self_attn.q_proj.lora_A.<name>`).
+        tokens_per_item: features per item; computed from the encoder config when left out.
+    """
+
+    kind: str
+    encoder: PreTrainedModel
+    projector: str = "mlp2x_gelu"
+    projector_bias: bool = True
+    projector_state_dict: dict[str, torch.Tensor] | None = None
+    placeholder: str | None = None
+    feature_layer: int | str = "last"
+    feature_select: str = "full"
+    num_frames: int | None = None
+    prefix_tokens: int = 0
+    suffix_tokens: int = 0
+    lora: dict[str, Any] | None = None
+    lora_state_dict: dict[str, torch.Tensor] | None = None
+    tokens_per_item: int | None = None
+
+
+def count_encoder_tokens(encoder_config, kind: str, feature_select: str, num_frames: int | None) -> int:
+    """Features one item yields, from the encoder config: ViTs give a patch grid (+ CLS for CLIP), Whisper-style audio
+    encoders `max_source_positions // 2` after their average pooling, the point encoder its groups + CLS."""
+    model_type = encoder_config.model_type
+    if model_type in ("clip_vision_model", "siglip_vision_model"):
+        tokens = (encoder_config.image_size // encoder_config.patch_size) ** 2
+        tokens += 1 if model_type == "clip_vision_model" else 0
+    elif model_type == "qwen2_audio_encoder":
+        tokens = encoder_config.max_source_positions // 2
+    elif model_type == CompositePointEncoderConfig.model_type:
+        tokens = encoder_config.num_groups + 1
+    else:
+        raise ValueError(
+            f"Cannot count the features of encoder type {model_type!r}; pass tokens_per_item in its ModalitySpec."
+        )
+    tokens -= 1 if feature_select == "patch" else 0
+    return tokens * (num_frames if kind == "video" else 1)
+
+
+def default_chat_template(placeholders: dict[str, str]) -> str:
+    """A Vicuna-style chat template whose content items may be text or any modality the composite has (kind ->
+    placeholder); each modality item becomes its placeholder followed by a newline."""
+    branches = "".join(
+        "{%- elif item['type'] in " + repr(list(_CONTENT_TYPES_BY_KIND[kind])) + " %}" + placeholder + "\\n"
+        for kind, placeholder in placeholders.items()
+    )
+    return (
+        "{%- for message in messages %}"
+        "{%- if message['role'] == 'system' %}"
+        "{{ message['content'] if message['content'] is string else message['content'][0]['text'] }}{{ ' ' }}"
+        "{%- else %}"
+        "{{ message['role'] | upper }}: "
+        "{%- if message['content'] is string %}{{ message['content'] }}"
+        "{%- else %}{%- for item in message['content'] %}"
+        "{%- if item['type'] == 'text' %}{{ item['text'] }}" + branches + "{%- endif %}"
+        "{%- endfor %}{%- endif %}"
+        "{%- if message['role'] == 'assistant' %}{{ eos_token }}{%- endif %}{{ ' ' }}"
+        "{%- endif %}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}ASSISTANT:{%- endif %}"
+    )
+
+
+def _add_placeholders(tokenizer: PreTrainedTokenizerBase, placeholders: list[str]) -> dict[str, int]:
+    missing = [token for token in placeholders if token not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in placeholders}
+    for token, token_id in ids.items():
+        if tokenizer.tokenize(token) != [token]:
+            raise ValueError(f"The placeholder {token!r} does not tokenize to a single token; it must be special.")
+    return ids
+
+
+def compose(
+    language_model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    modalities: dict[str, ModalitySpec],
+    image_processor: Any = None,
+    feature_extractor: Any = None,
+    text_lora: dict[str, Any] | None = None,
+    text_lora_state_dict: dict[str, torch.Tensor] | None = None,
+    lora_target_modules: list[str] | None = None,
+    chat_template: str | None = None,
+    composition: dict[str, Any] | None = None,
+) -> tuple[CompositeMLLMForCausalLM, CompositeMLLMProcessor]:
+    """Make a composite model and its processor from a causal LM, encoders and projectors (all copied).
+
+    The tokenizer gets every placeholder as a special token (a copy; the argument is not changed) and the LLM's
+    embeddings grow to match. Low-rank factors not given in `lora_state_dict` / `text_lora_state_dict` start as
+    PEFT does (B = 0), so the composite then equals its parts.
+    """
+    if not modalities:
+        raise ValueError("A composite needs at least one modality.")
+    tokenizer = copy.deepcopy(tokenizer)
+    language_model = copy.deepcopy(language_model)
+    placeholders = {name: spec.placeholder or f"<{name}>" for name, spec in modalities.items()}
+    token_ids = _add_placeholders(tokenizer, list(placeholders.values()))
+    if len(tokenizer) > language_model.get_input_embeddings().weight.shape[0]:
+        language_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    config_entries = {}
+    for name, spec in modalities.items():
+        if spec.kind not in MODALITY_KINDS:
+            raise ValueError(f"Modality {name!r}: kind {spec.kind!r} is not one of {list(MODALITY_KINDS)}.")
+        tokens = spec.tokens_per_item or count_encoder_tokens(
+            spec.encoder.config, spec.kind, spec.feature_select, spec.num_frames
+        )
+        config_entries[name] = {
+            "kind": spec.kind,
+            "encoder": spec.encoder.config.to_dict(),
+            "feature_layer": spec.feature_layer,
+            "feature_select": spec.feature_select,
+            "projector": spec.projector,
+            "projector_bias": spec.projector_bias,
+            "placeholder": placeholders[name],
+            "placeholder_id": token_ids[placeholders[name]],
+            "tokens_per_item": tokens,
+            "num_frames": spec.num_frames,
+            "prefix_tokens": spec.prefix_tokens,
+            "suffix_tokens": spec.suffix_tokens,
+            "lora": spec.lora,
+        }
+    config = CompositeMLLMConfig(
+        text_config=language_model.config.to_dict(),
+        modalities=config_entries,
+        lora_target_modules=lora_target_modules,
+        text_lora=text_lora,
+        composition=composition or {},
+        dtype=language_model.dtype,
+    )
+    model = CompositeMLLMForCausalLM(config).to(language_model.dtype)
+    _copy_weights(model, language_model, modalities, text_lora_state_dict)
+    model.generation_config.update(**_generation_defaults(language_model, tokenizer))
+    processor = CompositeMLLMProcessor(
+        image_processor=image_processor,
+        feature_extractor=feature_extractor,
+        tokenizer=tokenizer,
+        modalities=processor_modalities(config),
+        chat_template=chat_template
+        or default_chat_template({spec.kind: placeholders[name] for name, spec in modalities.items()}),
+    )
+    return model, processor
+
+
+def processor_modalities(config: CompositeMLLMConfig) -> dict[str, dict[str, Any]]:
+    """What the processor must know of each modality so that its placeholder expansion matches the model."""
+    entries = {}
+    for name, entry in config.modalities.items():
+        info = {"kind": entry["kind"], "placeholder": entry["placeholder"], "positions_per_item": config.positions_per_item(name)}
+        if entry["kind"] == "video":
+            info["num_frames"] = entry["num_frames"]
+        if entry["kind"] == "point":
+            encoder = config.encoder_config(name)
+            info.update(num_points=encoder.num_points, point_dims=encoder.point_dims)
+        entries[name] = info
+    return entries
+
+
+def _generation_defaults(language_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    source = language_model.generation_config
+    return {
+        "bos_token_id": source.bos_token_id if source.bos_token_id is not None else tokenizer.bos_token_id,
+        "eos_token_id": source.eos_token_id if source.eos_token_id is not None else tokenizer.eos_token_id,
+        "pad_token_id": source.pad_token_id if source.pad_token_id is not None else tokenizer.pad_token_id,
+    }
+
+
+def _copy_weights(
+    model: CompositeMLLMForCausalLM,
+    language_model: PreTrainedModel,
+    modalities: dict[str, ModalitySpec],
+    text_lora_state_dict: dict[str, torch.Tensor] | None,
+) -> None:
+    """Copy the parts into the composite with strict key checks; routed layers hold the base weight as
+    `base_layer.weight`, so LLM keys are renamed accordingly."""
+    composite = model.model
+    routed_names = {name for name, module in composite.language_model.named_modules() if hasattr(module, "base_layer")}
+    text_state = {}
+    for key, value in language_model.get_decoder().state_dict().items():
+        module_name, _, parameter = key.rpartition(".")
+        text_state[f"{module_name}.base_layer.{parameter}" if module_name in routed_names else key] = value
+    lora_state = dict(text_lora_state_dict or {})
+    for name, spec in modalities.items():
+        lora_state.update(spec.lora_state_dict or {})
+    _load_exact(composite.language_model, text_state, lora_state, "language_model")
+    with torch.no_grad():
+        model.lm_head.weight.copy_(language_model.get_output_embeddings().weight)
+    for name, spec in modalities.items():
+        _load_exact(composite.encoders[name], spec.encoder.state_dict(), {}, f"encoders.{name}")
+        if spec.projector_state_dict is not None:
+            _load_exact(composite.projectors[name], spec.projector_state_dict, {}, f"projectors.{name}")
+
+
+def _load_exact(module: nn.Module, state: dict, optional: dict, where: str) -> None:
+    """Load `state` (plus `optional` low-rank factors) into `module`; every key of `state` must exist, and every
+    module key must be given unless it is a low-rank factor (those keep their fresh init)."""
+    own = module.state_dict()
+    unexpected = sorted(set(state) - set(own)) + sorted(set(optional) - set(own))
+    missing = sorted(key for key in set(own) - set(state) - set(optional) if ".lora_" not in key and "text_lora" not in key and not key.endswith(("prefix", "suffix")))
+    if unexpected or missing:
+        raise ValueError(f"{where}: weights do not match the composite; unexpected {unexpected[:5]}, missing {missing[:5]}.")
+    for key, value in {**state, **optional}.items():
+        if own[key].shape != value.shape:
+            raise ValueError(f"{where}.{key}: shape {tuple(value.shape)} does not match the composite's {tuple(own[key].shape)}.")
+    module.load_state_dict({**own, **state, **optional})
+
+
+def save_composite(model: CompositeMLLMForCausalLM, processor: CompositeMLLMProcessor, directory: str | os.PathLike, **kwargs) -> None:
+    """Write a self-contained composite folder: weights, config with `auto_map` for every auto class the model
+    answers to, the remote-code files, tokenizer, processor and generation config."""
+    type(model.config).register_for_auto_class()
+    type(model).register_for_auto_class("AutoModelForCausalLM")
+    type(processor).register_for_auto_class()
+    auto_map = dict(getattr(model.config, "auto_map", None) or {})
+    module = type(model).__module__.rsplit(".", 1)[-1]
+    auto_map.update({auto_class: f"{module}.{type(model).__name__}" for auto_class in AUTO_MODEL_CLASSES})
+    auto_map["AutoModel"] = f"{module}.CompositeMLLMModel"
+    auto_map["AutoProcessor"] = f"processing_composite.{type(processor).__name__}"
+    model.config.auto_map = auto_map
+    model.save_pretrained(directory, **kwargs)
+    processor.save_pretrained(directory)

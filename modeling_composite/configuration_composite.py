@@ -1,0 +1,209 @@
+"""Configuration of a composite multimodal LLM: one text LLM, and any number of modalities, each with its own encoder,
+projector, placeholder token and (for DAMC composites) low-rank parameters that only its tokens use."""
+
+import copy
+import re
+from typing import Any
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+from .configuration_point_encoder import CompositePointEncoderConfig
+
+
+MODALITY_KINDS = ("image", "video", "audio", "point")
+FEATURE_SELECTIONS = ("patch", "full")
+DEFAULT_LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_PROJECTOR_PATTERN = re.compile(r"^(linear|mlp(\d+)x_gelu)$")
+_MODALITY_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+# Fields of one modality entry and their defaults. `None` marks a field without a default (it must be given).
+_MODALITY_FIELDS: dict[str, Any] = {
+    "kind": None,
+    "encoder": None,
+    "placeholder": None,
+    "placeholder_id": None,
+    "tokens_per_item": None,
+    "feature_layer": "last",
+    "feature_select": "full",
+    "projector": "mlp2x_gelu",
+    "projector_bias": True,
+    "num_frames": None,
+    "prefix_tokens": 0,
+    "suffix_tokens": 0,
+    "lora": None,
+}
+
+
+def parse_projector_spec(spec: str) -> int:
+    """Number of linear layers in a projector spec: `linear` is 1, `mlp{N}x_gelu` is N (linear layers joined by GELU)."""
+    match = _PROJECTOR_PATTERN.match(spec) if isinstance(spec, str) else None
+    if match is None or (match.group(2) is not None and int(match.group(2)) < 1):
+        raise ValueError(f"Unknown projector spec {spec!r}: use 'linear' or 'mlp{{N}}x_gelu' with N >= 1 (e.g. 'mlp2x_gelu').")
+    return 1 if match.group(2) is None else int(match.group(2))
+
+
+def build_encoder_config(encoder: dict[str, Any] | PreTrainedConfig) -> PreTrainedConfig:
+    """Rebuild an encoder config from its dict form (which names its `model_type`)."""
+    if isinstance(encoder, PreTrainedConfig):
+        return encoder
+    encoder = dict(encoder)
+    model_type = encoder.pop("model_type", None)
+    if model_type is None:
+        raise ValueError("An encoder config dict must name its `model_type` (e.g. 'clip_vision_model').")
+    if model_type == CompositePointEncoderConfig.model_type:
+        return CompositePointEncoderConfig(**encoder)
+    return AutoConfig.for_model(model_type, **encoder)
+
+
+def _check_lora(where: str, lora: Any, allow_zero_rank: bool = False, extra_keys: tuple[str, ...] = ()) -> dict | None:
+    if lora is None:
+        return None
+    if not isinstance(lora, dict) or "r" not in lora:
+        raise ValueError(f"{where} must be a dict with at least 'r' (rank) and optionally 'alpha', got {lora!r}.")
+    rank = lora["r"]
+    minimum = 0 if allow_zero_rank else 1
+    if not isinstance(rank, int) or rank < minimum:
+        raise ValueError(f"{where}['r'] must be an integer >= {minimum}, got {rank!r}.")
+    normalized = {"r": rank, "alpha": float(lora.get("alpha", rank))}
+    unknown = set(lora) - {"r", "alpha", *extra_keys}
+    if unknown:
+        raise ValueError(f"{where} has unknown keys {sorted(unknown)}; allowed: {sorted({'r', 'alpha', *extra_keys})}.")
+    return normalized
+
+
+def normalize_modality(name: str, entry: dict[str, Any], vocab_size: int | None = None) -> dict[str, Any]:
+    """Fill defaults of one modality entry and check it, raising `ValueError` that names the modality and field."""
+    if not isinstance(name, str) or not _MODALITY_NAME_PATTERN.match(name) or name == "text":
+        raise ValueError(
+            f"Invalid modality name {name!r}: use a Python identifier other than 'text' (it becomes a module key)."
+        )
+    if not isinstance(entry, dict):
+        raise ValueError(f"Modality {name!r}: the entry must be a dict, got {type(entry).__name__}.")
+    unknown = set(entry) - set(_MODALITY_FIELDS)
+    if unknown:
+        raise ValueError(f"Modality {name!r}: unknown fields {sorted(unknown)}; allowed: {sorted(_MODALITY_FIELDS)}.")
+    normalized = {key: copy.deepcopy(entry.get(key, default)) for key, default in _MODALITY_FIELDS.items()}
+    missing = [key for key, default in _MODALITY_FIELDS.items() if default is None and normalized[key] is None]
+    missing = [key for key in missing if key not in ("num_frames", "lora")]
+    if missing:
+        raise ValueError(f"Modality {name!r}: missing required fields {missing}.")
+    if normalized["kind"] not in MODALITY_KINDS:
+        raise ValueError(f"Modality {name!r}: kind {normalized['kind']!r} is not one of {list(MODALITY_KINDS)}.")
+    if isinstance(normalized["encoder"], PreTrainedConfig):
+        normalized["encoder"] = normalized["encoder"].to_dict()
+    if not isinstance(normalized["encoder"], dict) or "model_type" not in normalized["encoder"]:
+        raise ValueError(f"Modality {name!r}: 'encoder' must be a config (or config dict naming its model_type).")
+    if normalized["feature_select"] not in FEATURE_SELECTIONS:
+        raise ValueError(
+            f"Modality {name!r}: feature_select {normalized['feature_select']!r} is not one of {list(FEATURE_SELECTIONS)}."
+        )
+    layer = normalized["feature_layer"]
+    if layer != "last" and (not isinstance(layer, int) or isinstance(layer, bool)):
+        raise ValueError(f"Modality {name!r}: feature_layer must be 'last' or an index into hidden states, got {layer!r}.")
+    parse_projector_spec(normalized["projector"])
+    for field in ("tokens_per_item", "prefix_tokens", "suffix_tokens", "placeholder_id"):
+        value = normalized[field]
+        if not isinstance(value, int) or value < (1 if field == "tokens_per_item" else 0):
+            raise ValueError(f"Modality {name!r}: {field} must be a non-negative integer (tokens_per_item >= 1), got {value!r}.")
+    if vocab_size is not None and normalized["placeholder_id"] >= vocab_size:
+        raise ValueError(
+            f"Modality {name!r}: placeholder_id {normalized['placeholder_id']} is outside the text vocabulary "
+            f"(vocab_size {vocab_size}); add the placeholder token to the tokenizer and resize the embeddings."
+        )
+    if normalized["kind"] == "video":
+        frames = normalized["num_frames"]
+        if not isinstance(frames, int) or frames < 1:
+            raise ValueError(f"Modality {name!r}: a video modality needs num_frames >= 1, got {frames!r}.")
+        if normalized["tokens_per_item"] % frames != 0:
+            raise ValueError(
+                f"Modality {name!r}: tokens_per_item {normalized['tokens_per_item']} must be num_frames ({frames}) "
+                "times the tokens of one frame."
+            )
+    elif normalized["num_frames"] is not None:
+        raise ValueError(f"Modality {name!r}: num_frames only applies to video modalities, not {normalized['kind']!r}.")
+    normalized["lora"] = _check_lora(f"Modality {name!r}: lora", normalized["lora"])
+    return normalized
+
+
+class CompositeMLLMConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`CompositeMLLMForCausalLM`]: a decoder-only LLM plus several modalities composed into it.
+
+    Args:
+        text_config (`dict` or `PreTrainedConfig`, *optional*):
+            Config of the text LLM (any decoder-only model transformers knows; defaults to Llama).
+        modalities (`dict[str, dict]`, *optional*):
+            Modality name -> entry. An entry has:
+            - `kind`: one of `image`, `video`, `audio`, `point`.
+            - `encoder`: the encoder's config as a dict naming its `model_type` (e.g. `clip_vision_model`,
+              `siglip_vision_model`, `qwen2_audio_encoder`, `composite_point_encoder`).
+            - `feature_layer` (`int` or `"last"`, default `"last"`): `"last"` takes the encoder's `last_hidden_state`
+              (after its final norm or pooling); an integer indexes its `hidden_states` (LLaVA uses -2).
+            - `feature_select` (`patch` | `full`, default `full`): `patch` drops the first (CLS) token.
+            - `projector` (`linear` | `mlp{N}x_gelu`, default `mlp2x_gelu`) and `projector_bias` (default True).
+            - `placeholder` / `placeholder_id`: the token the processor expands, and its id.
+            - `tokens_per_item`: encoder features per item after selection (for video: frames x per-frame tokens).
+            - `num_frames`: frames per video (video only).
+            - `prefix_tokens` / `suffix_tokens` (default 0): learnable tokens placed around each item's features.
+            - `lora` (`{"r": int, "alpha": float}` or None): this modality's routed low-rank delta (DAMC).
+        lora_target_modules (`list[str]`, *optional*):
+            Names of the LLM's linear layers that carry routed low-rank deltas (default: the 7 Llama projections).
+        text_lora (`dict`, *optional*):
+            The stacked text low-rank delta `{"r": R, "alpha": a, "folded": bool}`. With `folded=True` (composites) the
+            text delta is already inside the base weights and is subtracted on modality tokens that have their own
+            `lora`; with `folded=False` (training) it is added on every token except those.
+        lora_dropout (`float`, default 0.0): dropout on the input of low-rank deltas (training only).
+        composition (`dict`, *optional*): provenance: method, merge rule, weights and sources with revisions.
+    """
+
+    model_type = "composite_mllm"
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+
+    text_config: dict | PreTrainedConfig | None = None
+    modalities: dict | None = None
+    lora_target_modules: list | None = None
+    text_lora: dict | None = None
+    lora_dropout: float = 0.0
+    composition: dict | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        vocab_size = getattr(self.text_config, "vocab_size", None)
+        raw_modalities = self.modalities or {}
+        if not isinstance(raw_modalities, dict):
+            raise ValueError(f"`modalities` must be a dict of name -> entry, got {type(raw_modalities).__name__}.")
+        self.modalities = {name: normalize_modality(name, entry, vocab_size) for name, entry in raw_modalities.items()}
+        ids = [entry["placeholder_id"] for entry in self.modalities.values()]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"Modalities must use distinct placeholder ids, got {dict(zip(self.modalities, ids))}.")
+        self.lora_target_modules = list(self.lora_target_modules or DEFAULT_LORA_TARGET_MODULES)
+        if self.text_lora is not None:
+            folded = self.text_lora.get("folded", True)
+            self.text_lora = _check_lora("text_lora", self.text_lora, allow_zero_rank=True, extra_keys=("folded",))
+            self.text_lora["folded"] = bool(folded)
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        self.composition = dict(self.composition or {})
+        if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
+            self.tie_word_embeddings = True
+
+    def positions_per_item(self, modality: str) -> int:
+        """Sequence positions one item of `modality` fills: prefix + features + suffix."""
+        entry = self.modalities[modality]
+        return entry["prefix_tokens"] + entry["tokens_per_item"] + entry["suffix_tokens"]
+
+    def encoder_config(self, modality: str) -> PreTrainedConfig:
+        """The encoder config of `modality`, rebuilt from its dict form."""
+        return build_encoder_config(self.modalities[modality]["encoder"])
+
+    @property
+    def has_routed_deltas(self) -> bool:
+        """Whether the LLM needs routed layers: some modality has its own delta, or an unfolded text delta exists."""
+        text_lora = self.text_lora or {}
+        unfolded_text = text_lora.get("r", 0) > 0 and not text_lora.get("folded", True)
+        return unfolded_text or any(entry["lora"] is not None for entry in self.modalities.values())
+
+
+__all__ = ["CompositeMLLMConfig"]

@@ -1,0 +1,442 @@
+"""Composite multimodal LLM: a text LLM, per-modality encoders and projectors, and (for DAMC composites) low-rank
+deltas that only the tokens of their modality use. Names follow transformers' LLaVA where they fit, so a LLaVA
+checkpoint maps onto this model almost key for key (`vision_tower` -> `encoders.<name>`,
+`multi_modal_projector` -> `projectors.<name>`)."""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import ModelOutput
+
+from .configuration_composite import CompositeMLLMConfig, parse_projector_spec
+from .configuration_point_encoder import CompositePointEncoderConfig
+from .modeling_point_encoder import CompositePointEncoder
+from .routing import ROUTING_KWARG, ModalityRouting, RoutedLinear, RoutingState, inject_routed_layers
+
+
+# The standard input name of each modality kind; `generate()` drops the first three after prefill by itself.
+INPUT_NAME_BY_KIND = {
+    "image": "pixel_values",
+    "video": "pixel_values_videos",
+    "audio": "input_features",
+    "point": "point_clouds",
+}
+_INPUTS_ONLY_AT_PREFILL = ("point_clouds", "modality_inputs")
+
+
+@dataclass
+class CompositeMLLMModelOutput(ModelOutput):
+    """Output of [`CompositeMLLMModel`]: the LLM's outputs plus the modality index used for routing."""
+
+    last_hidden_state: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    modality_index: torch.LongTensor | None = None
+
+
+@dataclass
+class CompositeMLLMCausalLMOutput(ModelOutput):
+    """Output of [`CompositeMLLMForCausalLM`]. `modality_index` is `(batch, seq)`: 0 for text, i for the i-th modality
+    of `config.modalities`."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    modality_index: torch.LongTensor | None = None
+
+
+def encoder_width(encoder_config) -> int:
+    """Width of an encoder's features (`hidden_size` for ViTs and PointBERT, `d_model` for Whisper-style audio)."""
+    for attribute in ("hidden_size", "d_model"):
+        if isinstance(getattr(encoder_config, attribute, None), int):
+            return getattr(encoder_config, attribute)
+    raise ValueError(f"Cannot tell the feature width of encoder {type(encoder_config).__name__}: no hidden_size/d_model.")
+
+
+def build_encoder(encoder_config) -> PreTrainedModel:
+    # Compare model types, not classes: remote code loads the config and model files as separate module copies.
+    if encoder_config.model_type == CompositePointEncoderConfig.model_type:
+        return CompositePointEncoder(CompositePointEncoderConfig(**encoder_config.to_diff_dict()))
+    return AutoModel.from_config(encoder_config)
+
+
+class CompositeMLLMProjector(nn.Module):
+    """Projects encoder features into the LLM's embedding space (`linear`, or `mlp{N}x_gelu`: N linears with GELU in
+    between), and places the modality's learnable prefix and suffix tokens around each item."""
+
+    def __init__(self, in_features: int, out_features: int, spec: str, bias: bool, prefix: int, suffix: int):
+        super().__init__()
+        depth = parse_projector_spec(spec)
+        self.act = nn.GELU()
+        for index in range(1, depth + 1):
+            width_in = in_features if index == 1 else out_features
+            self.add_module(f"linear_{index}", nn.Linear(width_in, out_features, bias=bias))
+        self.depth = depth
+        self.prefix = nn.Parameter(torch.zeros(prefix, out_features)) if prefix else None
+        self.suffix = nn.Parameter(torch.zeros(suffix, out_features)) if suffix else None
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.linear_1(features)
+        for index in range(2, self.depth + 1):
+            hidden_states = getattr(self, f"linear_{index}")(self.act(hidden_states))
+        items = hidden_states.shape[0]
+        parts = [hidden_states]
+        if self.prefix is not None:
+            parts.insert(0, self.prefix.to(hidden_states.dtype).expand(items, -1, -1))
+        if self.suffix is not None:
+            parts.append(self.suffix.to(hidden_states.dtype).expand(items, -1, -1))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else hidden_states
+
+
+class CompositeMLLMPreTrainedModel(PreTrainedModel):
+    config: CompositeMLLMConfig
+    config_class = CompositeMLLMConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+    @property
+    def input_modalities(self) -> tuple[str, ...]:
+        kinds = {entry["kind"] for entry in self.config.modalities.values()}
+        return ("text", *(kind for kind in ("image", "video", "audio") if kind in kinds))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = getattr(self.config.get_text_config(), "initializer_range", 0.02)
+        if isinstance(module, CompositeMLLMProjector):
+            for token in (module.prefix, module.suffix):
+                if token is not None:
+                    init.normal_(token, mean=0.0, std=std)
+        if isinstance(module, CompositeMLLMModel):
+            # Routed layers sit inside the text model, whose own init does not know them: initialise their factors
+            # here (A Kaiming-uniform, B zero, as PEFT's LoRA); `init.*` leaves tensors loaded from a checkpoint alone.
+            for layer in module.routed_layers():
+                pairs = [(layer.lora_A[name], layer.lora_B[name]) for name in layer.lora_A]
+                if layer.text_lora_A is not None:
+                    pairs.append((layer.text_lora_A, layer.text_lora_B))
+                for lora_a, lora_b in pairs:
+                    init.kaiming_uniform_(lora_a, a=5**0.5)
+                    init.zeros_(lora_b)
+
+
+class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
+    """The composite without a language-modelling head: `language_model`, `encoders` and `projectors`."""
+
+    def __init__(self, config: CompositeMLLMConfig):
+        super().__init__(config)
+        text_config = config.get_text_config()
+        self.language_model = AutoModel.from_config(text_config)
+        self.modality_names = list(config.modalities)
+        self.encoders = nn.ModuleDict()
+        self.projectors = nn.ModuleDict()
+        no_split = set(self.language_model._no_split_modules or [])
+        for name, entry in config.modalities.items():
+            encoder_config = config.encoder_config(name)
+            self.encoders[name] = build_encoder(encoder_config)
+            no_split.update(self.encoders[name]._no_split_modules or [])
+            self.projectors[name] = CompositeMLLMProjector(
+                encoder_width(encoder_config),
+                text_config.hidden_size,
+                entry["projector"],
+                entry["projector_bias"],
+                entry["prefix_tokens"],
+                entry["suffix_tokens"],
+            )
+        # Encoders live in a ModuleDict, which post_init does not search for `_no_split_modules`.
+        self._no_split_modules = sorted(no_split)
+        self.routing_state = RoutingState()
+        self.routed_parents = 0
+        if config.has_routed_deltas:
+            text_lora = config.text_lora or {"r": 0, "alpha": None, "folded": True}
+            self.routed_parents = inject_routed_layers(
+                self.language_model,
+                self.routing_state,
+                config.lora_target_modules,
+                {name: (e["lora"]["r"], e["lora"]["alpha"]) for name, e in config.modalities.items() if e["lora"]},
+                text_lora["r"],
+                text_lora["alpha"],
+                text_lora["folded"],
+                config.lora_dropout,
+            )
+        self.post_init()
+
+    def routed_layers(self) -> list[RoutedLinear]:
+        return [module for module in self.language_model.modules() if isinstance(module, RoutedLinear)]
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    @property
+    def _compute_dtype(self) -> torch.dtype:
+        # The embeddings are never quantized, so their dtype is the model's floating dtype even in 4-bit.
+        return self.get_input_embeddings().weight.dtype
+
+    def get_modality_features(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
+        """Encode and project the items of one modality: `(items, prefix + tokens_per_item + suffix, hidden)`."""
+        entry = self.config.modalities[modality]
+        encoder = self.encoders[modality]
+        expected_ndim = {"image": 4, "video": 5, "audio": 3, "point": 3}[entry["kind"]]
+        if inputs.ndim != expected_ndim or inputs.shape[0] == 0 or inputs.numel() == 0:
+            raise ValueError(
+                f"Modality {modality!r} ({entry['kind']}) expects a non-empty tensor with {expected_ndim} dimensions, "
+                f"got shape {tuple(inputs.shape)}."
+            )
+        items = inputs.shape[0]
+        if entry["kind"] == "video":
+            frames = inputs.shape[1]
+            if frames != entry["num_frames"]:
+                raise ValueError(f"Modality {modality!r}: videos must have {entry['num_frames']} frames, got {frames}.")
+            inputs = inputs.flatten(0, 1)
+        inputs = inputs.to(device=next(encoder.parameters()).device, dtype=self._compute_dtype)
+        layer = entry["feature_layer"]
+        outputs = encoder(inputs, output_hidden_states=layer != "last", return_dict=True)
+        features = outputs.last_hidden_state if layer == "last" else outputs.hidden_states[layer]
+        if entry["feature_select"] == "patch":
+            features = features[:, 1:]
+        features = features.reshape(items, -1, features.shape[-1])
+        if features.shape[1] != entry["tokens_per_item"]:
+            raise ValueError(
+                f"Modality {modality!r}: the encoder gave {features.shape[1]} features per item but the config says "
+                f"tokens_per_item={entry['tokens_per_item']}; check the input size against the encoder config."
+            )
+        return self.projectors[modality](features.to(self._compute_dtype))
+
+    def collect_modality_inputs(
+        self, standard_inputs: dict[str, torch.Tensor | None], modality_inputs: dict[str, torch.Tensor] | None
+    ) -> dict[str, torch.Tensor]:
+        """Map inputs given by standard name (`pixel_values`, ...) or by modality name to the composite's modalities."""
+        resolved = {}
+        for input_name, value in standard_inputs.items():
+            if value is None:
+                continue
+            kind = next(kind for kind, name in INPUT_NAME_BY_KIND.items() if name == input_name)
+            owners = [name for name, entry in self.config.modalities.items() if entry["kind"] == kind]
+            if not owners:
+                raise ValueError(
+                    f"Got `{input_name}` but this composite has no {kind} modality (it has: "
+                    f"{ {name: entry['kind'] for name, entry in self.config.modalities.items()} })."
+                )
+            if len(owners) > 1:
+                raise ValueError(
+                    f"Got `{input_name}` but this composite has several {kind} modalities {owners}; pass "
+                    f"`modality_inputs={{name: tensor}}` to say which one."
+                )
+            resolved[owners[0]] = value
+        for name, value in (modality_inputs or {}).items():
+            if name not in self.config.modalities:
+                raise ValueError(f"modality_inputs names {name!r}, which is not a modality of this composite {self.modality_names}.")
+            if name in resolved:
+                raise ValueError(f"Modality {name!r} got inputs twice: by standard name and in modality_inputs.")
+            resolved[name] = value
+        return resolved
+
+    def modality_index(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.LongTensor:
+        """`(batch, seq)` modality of every position: 0 for text, i for the i-th modality (its placeholder token)."""
+        index = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        embeddings = self.get_input_embeddings()
+        for slot, name in enumerate(self.modality_names, start=1):
+            token_id = self.config.modalities[name]["placeholder_id"]
+            if input_ids is not None:
+                is_placeholder = input_ids == token_id
+            else:
+                placeholder = embeddings(torch.tensor(token_id, device=inputs_embeds.device)).to(inputs_embeds.dtype)
+                is_placeholder = (inputs_embeds == placeholder).all(-1)
+            index = index.masked_fill(is_placeholder.to(index.device), slot)
+        return index
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        point_clouds: torch.Tensor | None = None,
+        modality_inputs: dict[str, torch.Tensor] | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> CompositeMLLMModelOutput:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(num_images, channels, height, width)`, *optional*):
+                Images, in the order their placeholders appear in the batch.
+            pixel_values_videos (`torch.FloatTensor` of shape `(num_videos, frames, channels, height, width)`, *optional*):
+                Videos (the image tower runs on every frame).
+            input_features (`torch.FloatTensor` of shape `(num_clips, mel_bins, frames)`, *optional*):
+                Log-mel features of audio clips.
+            point_clouds (`torch.FloatTensor` of shape `(num_clouds, num_points, point_dims)`, *optional*):
+                Point clouds (xyz, or xyz + rgb), normalised by the processor.
+            modality_inputs (`dict[str, torch.Tensor]`, *optional*):
+                Inputs by modality name, for composites with several modalities of one kind.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        self._check_length(inputs_embeds.shape[1], past_key_values)
+        standard = {
+            "pixel_values": pixel_values,
+            "pixel_values_videos": pixel_values_videos,
+            "input_features": input_features,
+            "point_clouds": point_clouds,
+        }
+        inputs_by_modality = self.collect_modality_inputs(standard, modality_inputs)
+        modality_index = self.modality_index(input_ids, inputs_embeds)
+        for slot, name in enumerate(self.modality_names, start=1):
+            positions = modality_index == slot
+            count = int(positions.sum())
+            items = inputs_by_modality.get(name)
+            if items is None:
+                if count:
+                    raise ValueError(
+                        f"Modality {name!r}: the prompt has {count} {name} placeholder positions but no {name} inputs "
+                        "were given."
+                    )
+                continue
+            expected = len(items) * self.config.positions_per_item(name)
+            if count != expected:
+                raise ValueError(
+                    f"Modality {name!r}: the prompt has {count} placeholder positions but {len(items)} input(s) need "
+                    f"{expected} ({self.config.positions_per_item(name)} each); let the processor expand placeholders."
+                )
+            features = self.get_modality_features(name, items).to(inputs_embeds.device, inputs_embeds.dtype)
+            inputs_embeds = inputs_embeds.masked_scatter(positions.unsqueeze(-1), features)
+        if self.routed_parents:
+            self.routing_state.deliveries = 0
+            kwargs[ROUTING_KWARG] = ModalityRouting.from_modality_index(modality_index, self.modality_names)
+            self.routing_state.routing = kwargs[ROUTING_KWARG]
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        if self.routed_parents and self.routing_state.deliveries != self.routed_parents:
+            raise RuntimeError(
+                f"Token routing reached {self.routing_state.deliveries} of {self.routed_parents} routed modules: this "
+                f"text model ({type(self.language_model).__name__}) does not pass keyword arguments to its layers."
+            )
+        return CompositeMLLMModelOutput(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=getattr(outputs, "hidden_states", None),
+            attentions=getattr(outputs, "attentions", None),
+            modality_index=modality_index,
+        )
+
+    def _check_length(self, new_tokens: int, past_key_values: Cache | None) -> None:
+        limit = getattr(self.config.get_text_config(), "max_position_embeddings", None)
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if limit is not None and past + new_tokens > limit:
+            raise ValueError(
+                f"The sequence is {past + new_tokens} positions ({past} cached + {new_tokens} new) but the text model "
+                f"allows {limit} (max_position_embeddings); shorten the prompt or use fewer modality inputs."
+            )
+
+
+class CompositeMLLMForCausalLM(CompositeMLLMPreTrainedModel, GenerationMixin):
+    """Composite multimodal LLM with a language-modelling head; generates text from any mix of its modalities."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: CompositeMLLMConfig):
+        super().__init__(config)
+        self.model = CompositeMLLMModel(config)
+        text_config = config.get_text_config()
+        self.lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        point_clouds: torch.Tensor | None = None,
+        modality_inputs: dict[str, torch.Tensor] | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CompositeMLLMCausalLMOutput:
+        r"""
+        Same inputs as [`CompositeMLLMModel.forward`], plus:
+            labels (`torch.LongTensor` of shape `(batch, seq)`, *optional*): next-token targets (-100 is ignored).
+            logits_to_keep (`int` or `torch.Tensor`, default 0): compute logits only for the last N positions (0: all).
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            pixel_values=pixel_values,
+            pixel_values_videos=pixel_values_videos,
+            input_features=input_features,
+            point_clouds=point_clouds,
+            modality_inputs=modality_inputs,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.get_text_config().vocab_size, **kwargs
+            )
+        return CompositeMLLMCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            modality_index=outputs.modality_index,
+        )
+
+    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs) -> dict:
+        # generate() drops the standard multimodal inputs after prefill by itself; ours (point clouds and inputs by
+        # modality name) are dropped here, so decode steps are text only, as the modality features are in the cache.
+        held_back = {name: kwargs.pop(name, None) for name in _INPUTS_ONLY_AT_PREFILL}
+        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if is_first_iteration or not kwargs.get("use_cache", True):
+            model_inputs.update({name: value for name, value in held_back.items() if value is not None})
+        return model_inputs
+
+
+__all__ = ["CompositeMLLMForCausalLM", "CompositeMLLMModel", "CompositeMLLMPreTrainedModel"]

@@ -1,0 +1,203 @@
+"""Processor of a composite multimodal LLM: tokenizer, image processor (also used for video frames), audio feature
+extractor and point-cloud normalisation. Each placeholder (`<image>`, `<video>`, `<audio>`, `<point>`) is expanded
+into exactly the number of positions the model fills for one item (prefix + features + suffix)."""
+
+from typing import Any
+
+import numpy as np
+from transformers import BatchFeature, ProcessorMixin
+
+
+# The keyword of `__call__` that carries the raw inputs of each modality kind, and the tensor it becomes.
+_CALL_ARGUMENT_BY_KIND = {"image": "images", "video": "videos", "audio": "audio", "point": "point_clouds"}
+_OUTPUT_NAME_BY_KIND = {
+    "image": "pixel_values",
+    "video": "pixel_values_videos",
+    "audio": "input_features",
+    "point": "point_clouds",
+}
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def sample_frame_indices(total_frames: int, num_frames: int) -> list[int]:
+    """Indices of `num_frames` frames spread uniformly over a clip (the centre of each of `num_frames` equal
+    segments); clips shorter than `num_frames` repeat frames."""
+    if total_frames < 1:
+        raise ValueError("A video must have at least one frame.")
+    segment = total_frames / num_frames
+    return [min(total_frames - 1, int(segment * index + segment / 2)) for index in range(num_frames)]
+
+
+def normalize_point_cloud(points: Any, num_points: int, point_dims: int) -> np.ndarray:
+    """Centre xyz at the origin and scale it into the unit sphere (colours untouched), then take `num_points`
+    points spread evenly over the cloud (repeating points of smaller clouds)."""
+    array = np.asarray(points, dtype=np.float32)
+    if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] != point_dims:
+        raise ValueError(
+            f"Modality point: a point cloud must be an array of shape (num_points > 0, {point_dims}), got "
+            f"{tuple(array.shape)}."
+        )
+    if not np.isfinite(array).all():
+        raise ValueError("Modality point: the point cloud contains NaN or infinite values.")
+    xyz = array[:, :3] - array[:, :3].mean(axis=0)
+    radius = float(np.sqrt((xyz**2).sum(axis=1)).max())
+    array = np.concatenate([xyz / radius if radius > 0 else xyz, array[:, 3:]], axis=1)
+    indices = np.linspace(0, array.shape[0], num_points, endpoint=False).astype(np.int64) % array.shape[0]
+    return array[indices]
+
+
+class CompositeMLLMProcessor(ProcessorMixin):
+    r"""
+    Processor of [`CompositeMLLMForCausalLM`].
+
+    Args:
+        image_processor: image processor for images and video frames (e.g. `CLIPImageProcessor`).
+        feature_extractor: audio feature extractor (e.g. `WhisperFeatureExtractor`).
+        tokenizer: the text tokenizer, with every placeholder token added as a special token.
+        modalities (`dict[str, dict]`): modality name -> `{"kind", "placeholder", "positions_per_item"}`, plus
+            `num_frames` for video and `num_points` / `point_dims` for point clouds. Written by the builder from the
+            model config so that both agree.
+        chat_template (`str`, *optional*): renders messages whose content items may be of every modality.
+    """
+
+    def __init__(self, image_processor=None, feature_extractor=None, tokenizer=None, modalities=None, chat_template=None, **kwargs):
+        self.modalities = dict(modalities or {})
+        kinds = [entry["kind"] for entry in self.modalities.values()]
+        duplicated = sorted({kind for kind in kinds if kinds.count(kind) > 1})
+        if duplicated:
+            raise ValueError(
+                f"The processor supports one modality per kind; {duplicated} appear more than once in {self.modalities}."
+            )
+        super().__init__(image_processor, feature_extractor, tokenizer, chat_template=chat_template, **kwargs)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        names = ["input_ids", "attention_mask"]
+        return names + [_OUTPUT_NAME_BY_KIND[entry["kind"]] for entry in self.modalities.values()]
+
+    def _modality_of_kind(self, kind: str) -> tuple[str, dict] | None:
+        return next(((name, entry) for name, entry in self.modalities.items() if entry["kind"] == kind), None)
+
+    def __call__(
+        self,
+        images: Any = None,
+        text: str | list[str] | None = None,
+        videos: Any = None,
+        audio: Any = None,
+        point_clouds: Any = None,
+        return_tensors: str | None = "pt",
+        **kwargs,
+    ) -> BatchFeature:
+        """Expand placeholders in `text`, tokenize it, and turn each modality's raw inputs into model inputs.
+
+        Items are matched to placeholders in order of appearance across the batch. Text keyword arguments
+        (`padding`, `truncation`, ...) go to the tokenizer; `sampling_rate` is checked against the feature extractor.
+        """
+        if text is None:
+            raise ValueError("The composite processor needs `text` (with one placeholder per modality input).")
+        texts = [text] if isinstance(text, str) else list(text)
+        raw_inputs = {"image": images, "video": videos, "audio": audio, "point": point_clouds}
+        sampling_rate = kwargs.pop("sampling_rate", None)
+        kwargs.pop("images_kwargs", None), kwargs.pop("videos_kwargs", None), kwargs.pop("audio_kwargs", None)
+        data: dict[str, Any] = {}
+        for kind, value in raw_inputs.items():
+            items = _as_list(value) if kind != "video" or not _is_single_video(value) else [value]
+            owner = self._modality_of_kind(kind)
+            if owner is None:
+                if items:
+                    raise ValueError(
+                        f"Got {_CALL_ARGUMENT_BY_KIND[kind]} but this composite has no {kind} modality "
+                        f"(it has: { {name: entry['kind'] for name, entry in self.modalities.items()} })."
+                    )
+                continue
+            name, entry = owner
+            placeholder = entry["placeholder"]
+            found = sum(sample.count(placeholder) for sample in texts)
+            if found != len(items):
+                raise ValueError(
+                    f"Modality {name!r}: the text has {found} {placeholder} placeholder(s) but {len(items)} {kind} "
+                    "input(s) were given; use one placeholder per input."
+                )
+            if not items:
+                continue
+            texts = [sample.replace(placeholder, placeholder * entry["positions_per_item"]) for sample in texts]
+            data[_OUTPUT_NAME_BY_KIND[kind]] = self._process_items(name, entry, items, sampling_rate)
+        text_inputs = self.tokenizer(texts, return_tensors=return_tensors, **kwargs)
+        return BatchFeature(data={**text_inputs, **data}, tensor_type=return_tensors)
+
+    def _process_items(self, name: str, entry: dict, items: list, sampling_rate: int | None) -> np.ndarray:
+        kind = entry["kind"]
+        if kind == "image":
+            return self._process_images(name, items)
+        if kind == "video":
+            frames = [self._process_images(name, _sample_frames(name, video, entry["num_frames"])) for video in items]
+            return np.stack(frames)
+        if kind == "audio":
+            return self._process_audio(name, items, sampling_rate)
+        return np.stack([normalize_point_cloud(cloud, entry["num_points"], entry["point_dims"]) for cloud in items])
+
+    def _process_images(self, name: str, images: list) -> np.ndarray:
+        for image in images:
+            size = getattr(image, "size", None)
+            empty = (size == 0) if isinstance(size, int) else (size is not None and 0 in tuple(size))
+            if empty or (isinstance(image, np.ndarray) and image.ndim not in (2, 3)):
+                raise ValueError(
+                    f"Modality {name!r}: got an empty or malformed image ({_describe(image)}); pass PIL images or "
+                    "arrays of shape (height, width[, channels])."
+                )
+        return np.asarray(self.image_processor(images, return_tensors="np")["pixel_values"])
+
+    def _process_audio(self, name: str, clips: list, sampling_rate: int | None) -> np.ndarray:
+        expected_rate = self.feature_extractor.sampling_rate
+        if sampling_rate is not None and sampling_rate != expected_rate:
+            raise ValueError(
+                f"Modality {name!r}: audio was given at {sampling_rate} Hz but the feature extractor expects "
+                f"{expected_rate} Hz; resample it first."
+            )
+        arrays = []
+        for clip in clips:
+            array = np.asarray(clip, dtype=np.float32)
+            if array.ndim != 1 or array.size == 0 or not np.isfinite(array).all():
+                raise ValueError(
+                    f"Modality {name!r}: an audio clip must be a non-empty, finite mono waveform (1-D array), got "
+                    f"{_describe(clip)}."
+                )
+            arrays.append(array)
+        features = self.feature_extractor(
+            arrays, sampling_rate=expected_rate, padding="max_length", truncation=True, return_tensors="np"
+        )
+        return np.asarray(features["input_features"])
+
+
+def _describe(value: Any) -> str:
+    shape = getattr(value, "shape", None)
+    return f"{type(value).__name__} of shape {tuple(shape)}" if shape is not None else type(value).__name__
+
+
+def _is_single_video(value: Any) -> bool:
+    """A single video is an array `(frames, height, width, channels)` or a list of frames (PIL images or arrays)."""
+    if isinstance(value, np.ndarray):
+        return value.ndim == 4
+    if isinstance(value, (list, tuple)) and value:
+        first = value[0]
+        return hasattr(first, "size") and not isinstance(first, (list, tuple)) and not _is_video_array(first)
+    return False
+
+
+def _is_video_array(value: Any) -> bool:
+    return isinstance(value, np.ndarray) and value.ndim == 4
+
+
+def _sample_frames(name: str, video: Any, num_frames: int) -> list:
+    frames = list(video)
+    if not frames:
+        raise ValueError(f"Modality {name!r}: got a video with no frames.")
+    return [frames[index] for index in sample_frame_indices(len(frames), num_frames)]
+
+
+__all__ = ["CompositeMLLMProcessor"]

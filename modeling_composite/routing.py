@@ -1,0 +1,207 @@
+"""Modality-routed low-rank layers (DAMC at close to the cost of the plain LLM).
+
+For one linear layer with original weight `W0`, text deltas `T_i` merged with weights `λ_i`, and a modality delta
+`M_m` of modality m:
+
+- text tokens use `W_text = W0 + Σ λ_i T_i`;
+- tokens of modality m use `W0 + M_m = W_text + M_m - Σ λ_i T_i`.
+
+The wrapper keeps the original `nn.Linear` as its `base_layer` child (bitsandbytes quantizes modules whose type is
+exactly `nn.Linear`) and the low-rank factors as plain parameters (never quantized). In a composite the text delta is
+folded into `base_layer` (`text_lora.folded=True`), so text tokens, which include every decoded token, cost exactly
+one dense matmul. Only the rows of a modality get the two low-rank products `M_m` and `-Σ λ_i T_i`: gathered,
+computed and added back, nothing computed for other rows. When training (`folded=False`), the base holds `W0` and the
+text delta is added to every row, then taken off the rows of modalities that have their own delta.
+
+The rows of each modality reach the wrappers as the `modality_routing` keyword argument of the LLM's forward: every
+decoder layer passes its keyword arguments on to its attention module, where a pre-hook reads (and removes) it and
+stores it in the shared `RoutingState` used by that layer's projections. Because the argument travels with each
+layer's call, it is right under gradient checkpointing too, whose recomputation replays the layer's call after the
+forward pass has returned.
+"""
+
+import inspect
+import math
+
+import torch
+from torch import nn
+
+
+ROUTING_KWARG = "modality_routing"
+
+
+class ModalityRouting:
+    """Flat row indices (into `batch * seq`) of the tokens of each modality in one forward pass."""
+
+    def __init__(self, rows: dict[str, torch.Tensor]):
+        self.rows = rows
+
+    @classmethod
+    def from_modality_index(cls, modality_index: torch.Tensor, names: list[str]) -> "ModalityRouting | None":
+        """Build from a `(batch, seq)` index (0 = text, i = `names[i - 1]`); None when every token is text."""
+        flat = modality_index.reshape(-1)
+        present = torch.unique(flat).tolist()
+        rows = {names[slot - 1]: (flat == slot).nonzero().squeeze(-1) for slot in present if slot > 0}
+        return cls(rows) if rows else None
+
+
+class RoutingState:
+    """The routing of the forward pass in flight, shared by every routed layer of one model."""
+
+    def __init__(self):
+        self.routing: ModalityRouting | None = None
+        self.deliveries = 0
+
+    def receive(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Forward pre-hook of each attention module: take the routing out of its keyword arguments."""
+        if ROUTING_KWARG in kwargs:
+            self.routing = kwargs.pop(ROUTING_KWARG)
+            self.deliveries += 1
+        return args, kwargs
+
+
+class RoutedLinear(nn.Module):
+    """A linear layer whose output on the rows of a modality gets that modality's low-rank delta (see module doc)."""
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        state: RoutingState,
+        modality_ranks: dict[str, tuple[int, float]],
+        text_rank: int = 0,
+        text_alpha: float | None = None,
+        text_folded: bool = True,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.base_layer = base_layer
+        self.state = state
+        in_features, out_features = base_layer.in_features, base_layer.out_features
+        factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        if not factory["dtype"].is_floating_point:
+            factory["dtype"] = torch.float32
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.scaling: dict[str, float] = {}
+        for name, (rank, alpha) in modality_ranks.items():
+            self.lora_A[name] = nn.Parameter(torch.empty(rank, in_features, **factory))
+            self.lora_B[name] = nn.Parameter(torch.empty(out_features, rank, **factory))
+            self.scaling[name] = alpha / rank
+        self.text_folded = text_folded
+        if text_rank > 0:
+            self.text_lora_A = nn.Parameter(torch.empty(text_rank, in_features, **factory))
+            self.text_lora_B = nn.Parameter(torch.empty(out_features, text_rank, **factory))
+            self.text_scaling = (text_alpha if text_alpha is not None else text_rank) / text_rank
+        else:
+            self.text_lora_A = self.text_lora_B = None
+            self.text_scaling = 0.0
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_lora_parameters()
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # Code that inspects `proj.weight` (dtype or device checks) keeps working on the wrapped layer.
+        return self.base_layer.weight
+
+    def factor_parameters(self) -> list[nn.Parameter]:
+        factors = [*self.lora_A.values(), *self.lora_B.values()]
+        if self.text_lora_A is not None:
+            factors += [self.text_lora_A, self.text_lora_B]
+        return factors
+
+    @torch.no_grad()
+    def reset_lora_parameters(self) -> None:
+        """PEFT's LoRA initialisation: A Kaiming-uniform, B zero, so that a fresh delta is exactly zero."""
+        pairs = [(self.lora_A[name], self.lora_B[name]) for name in self.lora_A]
+        if self.text_lora_A is not None:
+            pairs.append((self.text_lora_A, self.text_lora_B))
+        for lora_a, lora_b in pairs:
+            if lora_a.device.type == "meta":
+                continue
+            nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
+            nn.init.zeros_(lora_b)
+
+    def _text_delta(self, rows: torch.Tensor) -> torch.Tensor:
+        return (self.dropout(rows) @ self.text_lora_A.t()) @ self.text_lora_B.t() * self.text_scaling
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        output = self.base_layer(hidden_states)
+        routing = self.state.routing
+        unfolded_text = self.text_lora_A is not None and not self.text_folded
+        if not unfolded_text and (routing is None or not self.lora_A):
+            return output
+        factor_dtype = self.lora_B[next(iter(self.lora_B))].dtype if self.lora_B else self.text_lora_B.dtype
+        flat_input = hidden_states.reshape(-1, hidden_states.shape[-1]).to(factor_dtype)
+        flat_output = output.reshape(-1, output.shape[-1])
+        text_delta = None
+        if unfolded_text:
+            text_delta = self._text_delta(flat_input)
+            flat_output = flat_output + text_delta.to(flat_output.dtype)
+        if routing is not None:
+            for name, rows in routing.rows.items():
+                if name not in self.lora_A:
+                    continue  # a modality without its own delta uses the text weights
+                selected = flat_input.index_select(0, rows)
+                delta = (self.dropout(selected) @ self.lora_A[name].t()) @ self.lora_B[name].t() * self.scaling[name]
+                if self.text_lora_A is not None:
+                    text_part = text_delta.index_select(0, rows) if unfolded_text else self._text_delta(selected)
+                    delta = delta - text_part
+                flat_output = flat_output.index_add(0, rows, delta.to(flat_output.dtype))
+        return flat_output.view(output.shape)
+
+    def extra_repr(self) -> str:
+        ranks = {name: tuple(self.lora_A[name].shape)[0] for name in self.lora_A}
+        text_rank = 0 if self.text_lora_A is None else self.text_lora_A.shape[0]
+        return f"modality_ranks={ranks}, text_rank={text_rank}, text_folded={self.text_folded}"
+
+
+def _accepts_var_keywords(module: nn.Module) -> bool:
+    parameters = inspect.signature(module.forward).parameters.values()
+    return any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters)
+
+
+def inject_routed_layers(
+    language_model: nn.Module,
+    state: RoutingState,
+    target_modules: list[str],
+    modality_ranks: dict[str, tuple[int, float]],
+    text_rank: int,
+    text_alpha: float | None,
+    text_folded: bool,
+    dropout: float,
+) -> int:
+    """Replace every `nn.Linear` of `language_model` whose attribute name is in `target_modules` by a `RoutedLinear`,
+    and hook the parents that receive the decoder layer's keyword arguments. Returns the number of hooked parents."""
+    targets = [
+        (name, module)
+        for name, module in language_model.named_modules()
+        if type(module) is nn.Linear and name.rsplit(".", 1)[-1] in target_modules
+    ]
+    if not targets:
+        raise ValueError(
+            f"None of the lora_target_modules {target_modules} names an nn.Linear of the text model "
+            f"({type(language_model).__name__}); set lora_target_modules to its projection names."
+        )
+    hooked_parents: dict[int, nn.Module] = {}
+    for name, module in targets:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = language_model.get_submodule(parent_name)
+        routed = RoutedLinear(module, state, modality_ranks, text_rank, text_alpha, text_folded, dropout)
+        setattr(parent, child_name, routed)
+        if id(parent) not in hooked_parents and _accepts_var_keywords(parent):
+            parent.register_forward_pre_hook(state.receive, with_kwargs=True)
+            hooked_parents[id(parent)] = parent
+    if not hooked_parents:
+        raise ValueError(
+            f"The modules holding {target_modules} in {type(language_model).__name__} take no keyword arguments, so "
+            "token routing cannot reach them; this text architecture is not supported for routed (DAMC) composites."
+        )
+    return len(hooked_parents)
