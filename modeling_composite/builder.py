@@ -86,7 +86,7 @@ def default_chat_template(placeholders: dict[str, str]) -> str:
     """A Vicuna-style chat template whose content items may be text or any modality the composite has (kind ->
     placeholder); each modality item becomes its placeholder followed by a newline."""
     branches = "".join(
-        "{%- elif item['type'] in " + repr(list(_CONTENT_TYPES_BY_KIND[kind])) + " %}" + placeholder + "\\n"
+        "{%- elif item['type'] in " + repr(list(_CONTENT_TYPES_BY_KIND[kind])) + " %}" + placeholder + "{{ '\\n' }}"
         for kind, placeholder in placeholders.items()
     )
     return (
@@ -94,7 +94,7 @@ def default_chat_template(placeholders: dict[str, str]) -> str:
         "{%- if message['role'] == 'system' %}"
         "{{ message['content'] if message['content'] is string else message['content'][0]['text'] }}{{ ' ' }}"
         "{%- else %}"
-        "{{ message['role'] | upper }}: "
+        "{{ message['role'] | upper }}{{ ': ' }}"
         "{%- if message['content'] is string %}{{ message['content'] }}"
         "{%- else %}{%- for item in message['content'] %}"
         "{%- if item['type'] == 'text' %}{{ item['text'] }}" + branches + "{%- endif %}"

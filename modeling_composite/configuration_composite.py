@@ -2,6 +2,7 @@
 projector, placeholder token and (for DAMC composites) low-rank parameters that only its tokens use."""
 
 import copy
+import json
 import re
 from typing import Any
 
@@ -90,10 +91,14 @@ def normalize_modality(name: str, entry: dict[str, Any], vocab_size: int | None 
         raise ValueError(f"Modality {name!r}: missing required fields {missing}.")
     if normalized["kind"] not in MODALITY_KINDS:
         raise ValueError(f"Modality {name!r}: kind {normalized['kind']!r} is not one of {list(MODALITY_KINDS)}.")
-    if isinstance(normalized["encoder"], PreTrainedConfig):
-        normalized["encoder"] = normalized["encoder"].to_dict()
-    if not isinstance(normalized["encoder"], dict) or "model_type" not in normalized["encoder"]:
+    encoder = normalized["encoder"]
+    if not isinstance(encoder, PreTrainedConfig) and not (isinstance(encoder, dict) and "model_type" in encoder):
         raise ValueError(f"Modality {name!r}: 'encoder' must be a config (or config dict naming its model_type).")
+    # Canonical form: only the values that differ from the encoder's defaults, as they read back from JSON, so
+    # that a config equals itself after save and load.
+    encoder = build_encoder_config(encoder)
+    normalized["encoder"] = json.loads(json.dumps({**encoder.to_diff_dict(), "model_type": encoder.model_type}))
+    normalized["encoder"].pop("transformers_version", None)
     if normalized["feature_select"] not in FEATURE_SELECTIONS:
         raise ValueError(
             f"Modality {name!r}: feature_select {normalized['feature_select']!r} is not one of {list(FEATURE_SELECTIONS)}."
@@ -101,7 +106,10 @@ def normalize_modality(name: str, entry: dict[str, Any], vocab_size: int | None 
     layer = normalized["feature_layer"]
     if layer != "last" and (not isinstance(layer, int) or isinstance(layer, bool)):
         raise ValueError(f"Modality {name!r}: feature_layer must be 'last' or an index into hidden states, got {layer!r}.")
-    parse_projector_spec(normalized["projector"])
+    try:
+        parse_projector_spec(normalized["projector"])
+    except ValueError as error:
+        raise ValueError(f"Modality {name!r}: {error}") from None
     for field in ("tokens_per_item", "prefix_tokens", "suffix_tokens", "placeholder_id"):
         value = normalized[field]
         if not isinstance(value, int) or value < (1 if field == "tokens_per_item" else 0):

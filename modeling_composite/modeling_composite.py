@@ -298,10 +298,15 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
         }
         inputs_by_modality = self.collect_modality_inputs(standard, modality_inputs)
         modality_index = self.modality_index(input_ids, inputs_embeds)
+        continuing = past_key_values is not None and past_key_values.get_seq_length() > 0
         for slot, name in enumerate(self.modality_names, start=1):
             positions = modality_index == slot
             count = int(positions.sum())
             items = inputs_by_modality.get(name)
+            if items is None and continuing:
+                # A placeholder the model itself generated while decoding is an ordinary text token.
+                modality_index = modality_index.masked_fill(positions, 0)
+                continue
             if items is None:
                 if count:
                     raise ValueError(

@@ -1,0 +1,68 @@
+"""Tiny random composites shared by the tests (built once per session; no downloads)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from modeling_composite.builder import save_composite
+from modeling_composite.tiny import build_tiny_composite, tiny_inputs
+
+
+PROMPT_ALL = "USER: <image> <video> <audio> <point> What do they share? ASSISTANT:"
+
+
+@pytest.fixture(scope="session")
+def composite():
+    """A 4-modality DAMC composite with random (non-zero) routed deltas, and its processor."""
+    return build_tiny_composite()
+
+
+@pytest.fixture(scope="session")
+def raw_inputs():
+    return tiny_inputs()
+
+
+@pytest.fixture(scope="session")
+def batch_all(composite, raw_inputs):
+    _, processor = composite
+    return processor(
+        text=PROMPT_ALL,
+        images=[raw_inputs["image"]],
+        videos=[raw_inputs["video"]],
+        audio=[raw_inputs["audio"]],
+        point_clouds=[raw_inputs["point"]],
+    )
+
+
+@pytest.fixture(scope="session")
+def saved_composite(composite, batch_all, tmp_path_factory):
+    """The composite saved as a folder, plus its reference inputs and logits for fresh-process checks."""
+    model, processor = composite
+    folder = tmp_path_factory.mktemp("composite")
+    save_composite(model, processor, folder)
+    with torch.no_grad():
+        logits = model(**batch_all).logits
+    torch.save({"batch": dict(batch_all), "logits": logits}, folder.parent / "reference.pt")
+    return folder
+
+
+def run_fresh_python(script: str, *args: str, hf_home: Path, timeout: int = 300) -> str:
+    """Run `script` in a new interpreter that cannot import this package (other cwd, no PYTHONPATH), offline, with
+    its own HF_HOME. Returns stdout; fails the test with stderr on a non-zero exit."""
+    environment = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "TRANSFORMERS_"))}
+    environment.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", PYTHONPATH="", TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", script, *args],
+        cwd=hf_home,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if result.returncode != 0:
+        pytest.fail(f"fresh process failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result.stdout

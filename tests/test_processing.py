@@ -1,0 +1,88 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from modeling_composite import CompositeMLLMProcessor
+from modeling_composite.processing_composite import normalize_point_cloud, sample_frame_indices
+
+
+def test_processor_expands_each_placeholder_to_the_positions_the_model_fills(composite, batch_all):
+    model, processor = composite
+    ids = batch_all["input_ids"][0]
+    for name, entry in model.config.modalities.items():
+        assert int((ids == entry["placeholder_id"]).sum()) == model.config.positions_per_item(name)
+    assert tuple(batch_all["pixel_values"].shape) == (1, 3, 32, 32)
+    assert tuple(batch_all["pixel_values_videos"].shape) == (1, 2, 3, 32, 32)
+    assert tuple(batch_all["input_features"].shape) == (1, 16, 100)
+    assert tuple(batch_all["point_clouds"].shape) == (1, 64, 6)
+
+
+def test_processor_round_trip(composite, raw_inputs, batch_all, tmp_path):
+    _, processor = composite
+    processor.save_pretrained(tmp_path)
+    loaded = CompositeMLLMProcessor.from_pretrained(tmp_path)
+    assert loaded.modalities == processor.modalities
+    assert loaded.chat_template == processor.chat_template
+    again = loaded(
+        text="USER: <image> <video> <audio> <point> What do they share? ASSISTANT:",
+        images=[raw_inputs["image"]],
+        videos=[raw_inputs["video"]],
+        audio=[raw_inputs["audio"]],
+        point_clouds=[raw_inputs["point"]],
+    )
+    assert set(again) == set(batch_all)
+    for key in batch_all:
+        np.testing.assert_array_equal(again[key].numpy(), batch_all[key].numpy())
+
+
+def test_chat_template_renders_every_modality(composite, raw_inputs):
+    _, processor = composite
+    content = [{"type": kind} for kind in ("image", "video", "audio", "point")] + [{"type": "text", "text": "Hi?"}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    assert prompt == "USER: <image>\n<video>\n<audio>\n<point>\nHi? ASSISTANT:"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"text": "USER: <image> <image>", "images": [Image.new("RGB", (8, 8))]}, "2 <image> placeholder"),
+        ({"text": "USER: hi", "images": [Image.new("RGB", (8, 8))]}, "0 <image> placeholder"),
+        ({"text": "USER: <image>", "images": [np.zeros((0, 5, 3), dtype=np.uint8)]}, "empty or malformed image"),
+        ({"text": "USER: <audio>", "audio": [np.zeros(0, dtype=np.float32)]}, "non-empty, finite mono"),
+        ({"text": "USER: <audio>", "audio": [np.zeros((2, 100), dtype=np.float32)]}, "mono waveform"),
+        ({"text": "USER: <audio>", "audio": [np.zeros(100)], "sampling_rate": 8000}, "8000 Hz"),
+        ({"text": "USER: <point>", "point_clouds": [np.zeros((10, 3))]}, r"shape \(num_points > 0, 6\)"),
+        ({"text": "USER: <point>", "point_clouds": [np.full((10, 6), np.nan)]}, "NaN"),
+        ({"text": "USER: <video>", "videos": [np.zeros((0, 8, 8, 3), dtype=np.uint8)]}, "no frames"),
+    ],
+)
+def test_bad_inputs_raise_value_errors_naming_the_modality(composite, kwargs, message):
+    _, processor = composite
+    with pytest.raises(ValueError, match=message):
+        processor(**kwargs)
+
+
+def test_input_for_a_missing_modality_is_refused():
+    from modeling_composite.tiny import build_tiny_composite
+
+    _, processor = build_tiny_composite(kinds=("image",))
+    with pytest.raises(ValueError, match="no audio modality"):
+        processor(text="<audio>", audio=[np.zeros(100, dtype=np.float32)])
+
+
+def test_frame_sampling_is_uniform_and_repeats_short_clips():
+    assert sample_frame_indices(8, 4) == [1, 3, 5, 7]
+    assert sample_frame_indices(2, 4) == [0, 0, 1, 1]
+    assert sample_frame_indices(100, 1) == [50]
+
+
+def test_point_normalisation_centres_scales_and_resamples():
+    rng = np.random.default_rng(0)
+    cloud = np.concatenate([rng.normal(5.0, 3.0, (500, 3)), rng.uniform(0, 1, (500, 3))], axis=1)
+    normalized = normalize_point_cloud(cloud, 64, 6)
+    assert normalized.shape == (64, 6)
+    full = normalize_point_cloud(cloud, 500, 6)
+    np.testing.assert_allclose(full[:, :3].mean(axis=0), 0.0, atol=1e-5)
+    assert np.sqrt((full[:, :3] ** 2).sum(axis=1)).max() == pytest.approx(1.0, abs=1e-6)
+    np.testing.assert_array_equal(full[:, 3:], cloud[:, 3:].astype(np.float32))
+    assert normalize_point_cloud(cloud[:10], 64, 6).shape == (64, 6)
