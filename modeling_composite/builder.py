@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import CLIPImageProcessor, PreTrainedModel, PreTrainedTokenizerBase, WhisperFeatureExtractor
 
 from .configuration_composite import CompositeMLLMConfig, MODALITY_KINDS
 from .configuration_point_encoder import CompositePointEncoderConfig
@@ -176,9 +176,10 @@ def compose(
     model = CompositeMLLMForCausalLM(config).to(language_model.dtype)
     _copy_weights(model, language_model, modalities, text_lora_state_dict)
     model.generation_config.update(**_generation_defaults(language_model, tokenizer))
+    # ProcessorMixin needs every sub-processor; one for a kind the composite lacks is never used.
     processor = CompositeMLLMProcessor(
-        image_processor=image_processor,
-        feature_extractor=feature_extractor,
+        image_processor=image_processor if image_processor is not None else CLIPImageProcessor(),
+        feature_extractor=feature_extractor if feature_extractor is not None else WhisperFeatureExtractor(),
         tokenizer=tokenizer,
         modalities=processor_modalities(config),
         chat_template=chat_template

@@ -188,12 +188,7 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
         """Encode and project the items of one modality: `(items, prefix + tokens_per_item + suffix, hidden)`."""
         entry = self.config.modalities[modality]
         encoder = self.encoders[modality]
-        expected_ndim = {"image": 4, "video": 5, "audio": 3, "point": 3}[entry["kind"]]
-        if inputs.ndim != expected_ndim or inputs.shape[0] == 0 or inputs.numel() == 0:
-            raise ValueError(
-                f"Modality {modality!r} ({entry['kind']}) expects a non-empty tensor with {expected_ndim} dimensions, "
-                f"got shape {tuple(inputs.shape)}."
-            )
+        self._check_input_shape(modality, inputs)
         items = inputs.shape[0]
         if entry["kind"] == "video":
             frames = inputs.shape[1]
@@ -213,6 +208,15 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
                 f"tokens_per_item={entry['tokens_per_item']}; check the input size against the encoder config."
             )
         return self.projectors[modality](features.to(self._compute_dtype))
+
+    def _check_input_shape(self, modality: str, inputs: torch.Tensor) -> None:
+        kind = self.config.modalities[modality]["kind"]
+        expected_ndim = {"image": 4, "video": 5, "audio": 3, "point": 3}[kind]
+        if not torch.is_tensor(inputs) or inputs.ndim != expected_ndim or inputs.numel() == 0:
+            raise ValueError(
+                f"Modality {modality!r} ({kind}) expects a non-empty tensor with {expected_ndim} dimensions (items "
+                f"first), got {tuple(inputs.shape) if torch.is_tensor(inputs) else type(inputs).__name__}."
+            )
 
     def collect_modality_inputs(
         self, standard_inputs: dict[str, torch.Tensor | None], modality_inputs: dict[str, torch.Tensor] | None
@@ -314,6 +318,7 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
                         "were given."
                     )
                 continue
+            self._check_input_shape(name, items)
             expected = len(items) * self.config.positions_per_item(name)
             if count != expected:
                 raise ValueError(

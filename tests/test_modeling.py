@@ -1,0 +1,132 @@
+import pytest
+import torch
+from transformers import AutoConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
+
+from modeling_composite.builder import ModalitySpec, compose
+from modeling_composite.tiny import build_tiny_composite, tiny_image_processor, tiny_tokenizer, tiny_vision_encoder
+
+
+def test_generation_with_cache_equals_generation_without(composite, batch_all):
+    model, _ = composite
+    with_cache = model.generate(**batch_all, max_new_tokens=6, do_sample=False, use_cache=True)
+    without_cache = model.generate(**batch_all, max_new_tokens=6, do_sample=False, use_cache=False)
+    torch.testing.assert_close(with_cache, without_cache, rtol=0, atol=0)
+
+
+def test_left_padded_batch_equals_rows_alone(composite, raw_inputs):
+    model, processor = composite
+    prompts = ["USER: <image> <audio> hi? ASSISTANT:", "USER: tell me about <point> please, at some length. ASSISTANT:"]
+    inputs = [{"images": [raw_inputs["image"]], "audio": [raw_inputs["audio"]]}, {"point_clouds": [raw_inputs["point"]]}]
+    batch = processor(
+        text=prompts, images=[raw_inputs["image"]], audio=[raw_inputs["audio"]], point_clouds=[raw_inputs["point"]],
+        padding=True,
+    )
+    assert (batch["attention_mask"] == 0).any(), "the test needs a padded row"
+    together = model.generate(**batch, max_new_tokens=5, do_sample=False)[:, -5:]
+    for row, (prompt, row_inputs) in enumerate(zip(prompts, inputs)):
+        alone = model.generate(**processor(text=prompt, **row_inputs), max_new_tokens=5, do_sample=False)[:, -5:]
+        torch.testing.assert_close(together[row : row + 1], alone, rtol=0, atol=0)
+
+
+def test_text_only_prompt_on_a_composite_with_encoders(composite):
+    model, processor = composite
+    batch = processor(text="USER: hello there ASSISTANT:")
+    assert set(batch) == {"input_ids", "attention_mask"}
+    output = model.generate(**batch, max_new_tokens=4, do_sample=False)
+    assert output.shape == (1, batch["input_ids"].shape[1] + 4)
+
+
+def test_placeholder_count_mismatch_names_the_modality_and_numbers(composite, batch_all):
+    model, _ = composite
+    ids = batch_all["input_ids"].clone()
+    image_id = model.config.modalities["image"]["placeholder_id"]
+    ids[0, (ids[0] == image_id).nonzero()[0]] = 70  # one image position fewer than the image needs
+    with pytest.raises(ValueError, match=r"Modality 'image': the prompt has 18 placeholder positions .* need 19"):
+        model(**{**batch_all, "input_ids": ids})
+
+
+def test_placeholders_without_inputs_are_refused(composite, batch_all):
+    model, _ = composite
+    with pytest.raises(ValueError, match="Modality 'audio': the prompt has 28 audio placeholder positions but no"):
+        model(**{key: value for key, value in batch_all.items() if key != "input_features"})
+
+
+def test_input_for_a_modality_the_composite_lacks_is_refused(batch_all):
+    model, _ = build_tiny_composite(kinds=("image",))
+    with pytest.raises(ValueError, match="no audio modality"):
+        model(input_ids=torch.tensor([[1, 70]]), input_features=batch_all["input_features"])
+
+
+def test_malformed_modality_tensor_is_refused(composite, batch_all):
+    model, _ = composite
+    with pytest.raises(ValueError, match=r"Modality 'point' \(point\) expects a non-empty tensor with 3 dimensions"):
+        model(**{**batch_all, "point_clouds": batch_all["point_clouds"][0]})
+
+
+def test_prompt_longer_than_the_model_allows_is_refused(composite):
+    model, _ = composite
+    limit = model.config.get_text_config().max_position_embeddings
+    with pytest.raises(ValueError, match=f"The sequence is {limit + 1} positions .* allows {limit}"):
+        model(input_ids=torch.full((1, limit + 1), 70))
+
+
+def test_single_llava_source_reproduces_transformers_llava():
+    """A composite of one LLaVA's parts (tower, projector, LLM) equals `LlavaForConditionalGeneration`."""
+    tokenizer = tiny_tokenizer()
+    image_token_id = len(tokenizer)  # where the composite's builder puts `<image>`
+    text_config = AutoConfig.for_model(
+        "llama", vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512,
+    )
+    torch.manual_seed(0)
+    llava = LlavaForConditionalGeneration(
+        LlavaConfig(
+            vision_config=tiny_vision_encoder().config.to_dict(),
+            text_config=text_config.to_dict(),
+            image_token_index=image_token_id,
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+        )
+    ).eval()
+    llm = LlamaForCausalLM(text_config).eval()
+    llm.model.load_state_dict(llava.model.language_model.state_dict())
+    llm.lm_head.load_state_dict(llava.lm_head.state_dict())
+    model, processor = compose(
+        llm,
+        tokenizer,
+        {
+            "image": ModalitySpec(
+                kind="image",
+                encoder=llava.model.vision_tower,
+                feature_layer=-2,
+                feature_select="patch",
+                projector_state_dict=llava.model.multi_modal_projector.state_dict(),
+            )
+        },
+        image_processor=tiny_image_processor(),
+    )
+    assert model.config.modalities["image"]["placeholder_id"] == image_token_id
+    from PIL import Image
+
+    image = Image.new("RGB", (40, 36), color=(200, 30, 90))
+    batch = processor(text="USER: <image> What is shown? ASSISTANT:", images=[image])
+    with torch.no_grad():
+        expected = llava(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"]).logits
+        torch.testing.assert_close(model(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+    ours = model.generate(**batch, max_new_tokens=6, do_sample=False)
+    theirs = llava.generate(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], max_new_tokens=6, do_sample=False)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_qwen2_text_model_with_tied_embeddings_round_trips(tmp_path, raw_inputs):
+    model, processor = build_tiny_composite(kinds=("image", "audio"), text_model_type="qwen2")
+    batch = processor(text="<image> <audio> hi", images=[raw_inputs["image"]], audio=[raw_inputs["audio"]])
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+
+
+def test_no_split_modules_cover_decoder_and_encoder_layers(composite):
+    model, _ = composite
+    assert {"LlamaDecoderLayer", "CLIPEncoderLayer", "Qwen2AudioEncoderLayer", "PointBlock"} <= set(model._no_split_modules)

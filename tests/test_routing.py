@@ -1,0 +1,134 @@
+"""DAMC routing: text tokens use the base (merged text) weights, tokens of modality m use W0 + M_m."""
+
+import copy
+
+import pytest
+import torch
+
+from modeling_composite.routing import ModalityRouting, RoutedLinear
+from modeling_composite.tiny import build_tiny_composite, tiny_llm
+
+
+def _naive_routed_output(layer: RoutedLinear, hidden: torch.Tensor, index: torch.Tensor, names: list[str]):
+    """The reference scheme: every delta computed for every token, then the right one picked per token."""
+    base = layer.base_layer(hidden)
+    text = torch.zeros_like(base)
+    if layer.text_lora_A is not None:
+        text = hidden @ layer.text_lora_A.t() @ layer.text_lora_B.t() * layer.text_scaling
+    output = base + (0 if layer.text_folded else text)
+    for slot, name in enumerate(names, start=1):
+        if name not in layer.lora_A:
+            continue
+        full = base + hidden @ layer.lora_A[name].t() @ layer.lora_B[name].t() * layer.scaling[name]
+        full = full - (text if layer.text_folded else 0)
+        output = torch.where((index == slot).unsqueeze(-1), full, output)
+    return output
+
+
+@pytest.mark.parametrize("folded", [True, False])
+def test_routed_layer_equals_the_naive_reference(composite, folded):
+    model, _ = composite
+    layer = copy.deepcopy(model.model.routed_layers()[0])
+    layer.text_folded = folded
+    names = model.model.modality_names
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 9, layer.in_features, generator=generator)
+    index = torch.randint(0, len(names) + 1, (2, 9), generator=generator)
+    layer.state.routing = ModalityRouting.from_modality_index(index, names)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(hidden), _naive_routed_output(layer, hidden, index, names))
+
+
+def test_zero_deltas_give_exactly_the_plain_llm(batch_all):
+    model, _ = build_tiny_composite(randomize_deltas=False)
+    plain = tiny_llm()
+    with torch.no_grad():
+        text_only = torch.tensor([[1, 70, 80, 90, 100]])
+        torch.testing.assert_close(model(input_ids=text_only).logits, plain(input_ids=text_only).logits, rtol=0, atol=0)
+        # With modality inputs: the plain LLM fed the same spliced embeddings.
+        embeds = model.get_input_embeddings()(batch_all["input_ids"])
+        index = model.model.modality_index(batch_all["input_ids"], embeds)
+        inputs = {"image": "pixel_values", "video": "pixel_values_videos", "audio": "input_features", "point": "point_clouds"}
+        for slot, name in enumerate(model.model.modality_names, start=1):
+            features = model.model.get_modality_features(name, batch_all[inputs[name]])
+            embeds = embeds.masked_scatter((index == slot).unsqueeze(-1), features)
+        expected = plain(inputs_embeds=embeds).logits
+        torch.testing.assert_close(model(**batch_all).logits, expected, rtol=0, atol=0)
+
+
+def _first_layer_outputs(model, batch):
+    """Outputs of the first routed projection (q_proj) and of the first decoder layer."""
+    captured = {}
+    layer = model.model.language_model.layers[0]
+    hooks = [
+        layer.self_attn.q_proj.register_forward_hook(lambda m, a, output: captured.setdefault("q_proj", output)),
+        layer.register_forward_hook(
+            lambda m, a, output: captured.setdefault("layer", output[0] if isinstance(output, tuple) else output)
+        ),
+    ]
+    with torch.no_grad():
+        index = model(**batch).modality_index
+    for hook in hooks:
+        hook.remove()
+    return captured["q_proj"], captured["layer"], index
+
+
+def test_changing_one_modality_delta_leaves_text_and_other_modalities_unchanged(composite, batch_all):
+    model, _ = composite
+    q_before, layer_before, index = _first_layer_outputs(model, batch_all)
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in changed.model.routed_layers():
+            layer.lora_B["audio"].add_(torch.randn_like(layer.lora_B["audio"]))
+    q_after, layer_after, _ = _first_layer_outputs(changed, batch_all)
+    is_audio = index == model.model.modality_names.index("audio") + 1
+    assert not torch.allclose(q_after[is_audio], q_before[is_audio])
+    # Projections are per token: every non-audio token is untouched.
+    torch.testing.assert_close(q_after[~is_audio], q_before[~is_audio], rtol=0, atol=0)
+    # After attention, tokens see earlier tokens only: everything before the first audio token is untouched.
+    first_audio = int(is_audio[0].nonzero()[0])
+    assert first_audio > 0 and not is_audio[0, :first_audio].any()
+    torch.testing.assert_close(layer_after[:, :first_audio], layer_before[:, :first_audio], rtol=0, atol=0)
+
+
+def test_naive_composite_has_no_wrappers():
+    model, _ = build_tiny_composite(lora_rank=None)
+    assert model.model.routed_layers() == []
+    assert type(model.model.language_model.layers[0].self_attn.q_proj) is torch.nn.Linear
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(composite, batch_all):
+    model, _ = composite
+    labels = batch_all["input_ids"].clone()
+
+    def gradients(checkpointing: bool) -> dict[str, torch.Tensor]:
+        copy_ = copy.deepcopy(model).train()
+        if checkpointing:
+            copy_.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        copy_.zero_grad()
+        copy_(**batch_all, labels=labels).loss.backward()
+        return {name: p.grad.clone() for name, p in copy_.named_parameters() if "lora" in name and p.grad is not None}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    assert plain.keys() == checkpointed.keys() and len(plain) > 0
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], msg=name)
+
+
+def test_checkpoint_recompute_uses_its_own_forwards_routing(composite, batch_all):
+    """Two forwards before one backward (as with chosen/rejected pairs): the recomputation of the first forward must
+    route like the first forward, not like the last one."""
+    model, _ = composite
+    labels = batch_all["input_ids"].clone()
+    text_only = {"input_ids": torch.tensor([[1, 70, 80, 90, 100, 110]])}
+
+    def gradient(checkpointing: bool) -> torch.Tensor:
+        copy_ = copy.deepcopy(model).train()
+        if checkpointing:
+            copy_.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        loss = copy_(**batch_all, labels=labels).loss
+        copy_(**text_only).logits.sum()  # a second forward, routed differently, before the backward
+        loss.backward()
+        return copy_.model.routed_layers()[0].lora_B["image"].grad.clone()
+
+    torch.testing.assert_close(gradient(True), gradient(False))
