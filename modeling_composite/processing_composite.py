@@ -106,7 +106,7 @@ class CompositeMLLMProcessor(ProcessorMixin):
         kwargs.pop("images_kwargs", None), kwargs.pop("videos_kwargs", None), kwargs.pop("audio_kwargs", None)
         data: dict[str, Any] = {}
         for kind, value in raw_inputs.items():
-            items = _as_list(value) if kind != "video" or not _is_single_video(value) else [value]
+            items = _video_list(value) if kind == "video" else _flat_list(value)
             owner = self._modality_of_kind(kind)
             if owner is None:
                 if items:
@@ -179,18 +179,33 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} of shape {tuple(shape)}" if shape is not None else type(value).__name__
 
 
-def _is_single_video(value: Any) -> bool:
-    """A single video is an array `(frames, height, width, channels)` or a list of frames (PIL images or arrays)."""
+def _flat_list(value: Any) -> list:
+    """Items in order, whether given alone, as a list, or as per-sample lists (as `apply_chat_template` passes them)."""
+    items = []
+    for item in _as_list(value):
+        items.extend(item if isinstance(item, (list, tuple)) else [item])
+    return items
+
+
+def _is_video(value: Any) -> bool:
+    """A video is an array `(frames, height, width, channels)` or a list of frames (PIL images or 2/3-D arrays)."""
     if isinstance(value, np.ndarray):
         return value.ndim == 4
-    if isinstance(value, (list, tuple)) and value:
-        first = value[0]
-        return hasattr(first, "size") and not isinstance(first, (list, tuple)) and not _is_video_array(first)
-    return False
+    return isinstance(value, (list, tuple)) and all(
+        not isinstance(frame, (list, tuple)) and not (isinstance(frame, np.ndarray) and frame.ndim == 4) for frame in value
+    )
 
 
-def _is_video_array(value: Any) -> bool:
-    return isinstance(value, np.ndarray) and value.ndim == 4
+def _video_list(value: Any) -> list:
+    """Videos in order, whether given alone, as a list, or as per-sample lists of videos."""
+    if value is None:
+        return []
+    if _is_video(value):
+        return [value]
+    videos = []
+    for item in value:
+        videos.extend([item] if _is_video(item) else _video_list(item))
+    return videos
 
 
 def _sample_frames(name: str, video: Any, num_frames: int) -> list:

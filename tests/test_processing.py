@@ -86,3 +86,14 @@ def test_point_normalisation_centres_scales_and_resamples():
     assert np.sqrt((full[:, :3] ** 2).sum(axis=1)).max() == pytest.approx(1.0, abs=1e-6)
     np.testing.assert_array_equal(full[:, 3:], cloud[:, 3:].astype(np.float32))
     assert normalize_point_cloud(cloud[:10], 64, 6).shape == (64, 6)
+
+
+def test_per_sample_nested_inputs_match_flat_inputs(composite, raw_inputs):
+    """`apply_chat_template` passes images and videos as per-sample lists; they mean the same as flat lists."""
+    _, processor = composite
+    text = "<image> <video> <video>"
+    video = raw_inputs["video"]
+    flat = processor(text=text, images=[raw_inputs["image"]], videos=[video, video[:2]])
+    nested = processor(text=text, images=[[raw_inputs["image"]]], videos=[[video, list(video[:2])]])
+    for key in flat:
+        np.testing.assert_array_equal(nested[key].numpy(), flat[key].numpy())

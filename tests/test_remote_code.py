@@ -82,6 +82,10 @@ result = chat(text=[{"role": "user", "content": [{"type": "image", "image": imag
 assert result[0]["generated_text"][-1]["role"] == "assistant", result
 result = chat(images=image, text="USER: <image> Hi? ASSISTANT:", max_new_tokens=3)
 assert result[0]["generated_text"].startswith("USER: <image> Hi? ASSISTANT:"), result
+video = rng.integers(0, 255, (3, 36, 36, 3), dtype=np.uint8)
+result = chat(text=[{"role": "user", "content": [{"type": "video", "video": video}, {"type": "text", "text": "Hi?"}]}],
+              max_new_tokens=3)
+assert result[0]["generated_text"][-1]["role"] == "assistant", result
 print("image-text-to-text ok")
 
 anything = pipeline("any-to-any", model=audio_folder, trust_remote_code=True)
@@ -90,7 +94,6 @@ assert isinstance(result[0]["generated_text"], str), result
 print("any-to-any audio ok")
 
 if importlib.util.find_spec("torchvision") is not None:
-    video = rng.integers(0, 255, (3, 36, 36, 3), dtype=np.uint8)
     anything = pipeline("any-to-any", model=vision_folder, trust_remote_code=True)
     anything(text="USER: <image> <video> Hi? ASSISTANT:", images=image, videos=[video], max_new_tokens=3)
     print("any-to-any image+video ok")
