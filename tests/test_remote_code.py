@@ -49,6 +49,7 @@ def test_fresh_process_loads_the_folder_with_identical_logits_and_in_4bit(saved_
     output = run_fresh_python(
         LOAD_AND_COMPARE, str(saved_composite), str(saved_composite.parent / "reference.pt"), "4bit", hf_home=tmp_path
     )
+    print(output)  # the 4-bit / full-precision logit cosine, visible with `pytest -s`
     assert "ok" in output
 
 
