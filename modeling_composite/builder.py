@@ -5,7 +5,6 @@ This file is part of the installed package only; it is not remote code and never
 """
 
 import copy
-import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -19,8 +18,6 @@ from .configuration_point_encoder import CompositePointEncoderConfig
 from .modeling_composite import CompositeMLLMForCausalLM
 from .processing_composite import CompositeMLLMProcessor
 
-
-logger = logging.getLogger(__name__)
 
 AUTO_MODEL_CLASSES = (
     "AutoModel",

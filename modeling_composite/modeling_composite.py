@@ -121,10 +121,7 @@ class CompositeMLLMPreTrainedModel(PreTrainedModel):
             # Routed layers sit inside the text model, whose own init does not know them: initialise their factors
             # here (A Kaiming-uniform, B zero, as PEFT's LoRA); `init.*` leaves tensors loaded from a checkpoint alone.
             for layer in module.routed_layers():
-                pairs = [(layer.lora_A[name], layer.lora_B[name]) for name in layer.lora_A]
-                if layer.text_lora_A is not None:
-                    pairs.append((layer.text_lora_A, layer.text_lora_B))
-                for lora_a, lora_b in pairs:
+                for lora_a, lora_b in layer.factor_pairs():
                     init.kaiming_uniform_(lora_a, a=5**0.5)
                     init.zeros_(lora_b)
 

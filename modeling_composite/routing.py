@@ -111,19 +111,20 @@ class RoutedLinear(nn.Module):
         # Code that inspects `proj.weight` (dtype or device checks) keeps working on the wrapped layer.
         return self.base_layer.weight
 
-    def factor_parameters(self) -> list[nn.Parameter]:
-        factors = [*self.lora_A.values(), *self.lora_B.values()]
+    def factor_pairs(self) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        """(A, B) of every low-rank delta: one per modality, then the stacked text factors if any."""
+        pairs = [(self.lora_A[name], self.lora_B[name]) for name in self.lora_A]
         if self.text_lora_A is not None:
-            factors += [self.text_lora_A, self.text_lora_B]
-        return factors
+            pairs.append((self.text_lora_A, self.text_lora_B))
+        return pairs
+
+    def factor_parameters(self) -> list[nn.Parameter]:
+        return [factor for pair in self.factor_pairs() for factor in pair]
 
     @torch.no_grad()
     def reset_lora_parameters(self) -> None:
         """PEFT's LoRA initialisation: A Kaiming-uniform, B zero, so that a fresh delta is exactly zero."""
-        pairs = [(self.lora_A[name], self.lora_B[name]) for name in self.lora_A]
-        if self.text_lora_A is not None:
-            pairs.append((self.text_lora_A, self.text_lora_B))
-        for lora_a, lora_b in pairs:
+        for lora_a, lora_b in self.factor_pairs():
             if lora_a.device.type == "meta":
                 continue
             nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
