@@ -2,6 +2,7 @@
 extractor and point-cloud normalisation. Each placeholder (`<image>`, `<video>`, `<audio>`, `<point>`) is expanded
 into exactly the number of positions the model fills for one item (prefix + features + suffix)."""
 
+import re
 from typing import Any
 
 import numpy as np
@@ -51,9 +52,29 @@ def normalize_point_cloud(points: Any, num_points: int, point_dims: int) -> np.n
     return array[indices]
 
 
+class CompositeBatchFeature(BatchFeature):
+    """A [`BatchFeature`] whose `to()` also moves and casts the tensors inside dict values (`modality_inputs`):
+    `BatchFeature.to` leaves dict values as they are."""
+
+    def to(self, *args, **kwargs) -> "CompositeBatchFeature":
+        super().to(*args, **kwargs)
+        for key, value in self.data.items():
+            if isinstance(value, dict):
+                # A plain BatchFeature of the inner tensors applies transformers' own rules (cast floating tensors
+                # only, move the others) to them.
+                self.data[key] = dict(BatchFeature(data=value).to(*args, **kwargs))
+        return self
+
+
 class CompositeMLLMProcessor(ProcessorMixin):
     r"""
     Processor of [`CompositeMLLMForCausalLM`].
+
+    Inputs given under one kind's argument (`images`, `videos`, `audio`, `point_clouds`) fill the placeholders of
+    every modality of that kind in the order the placeholders appear in the text (left to right, sample after sample).
+    A kind with one modality gives its standard output (`pixel_values`, `pixel_values_videos`, `input_features`,
+    `point_clouds`); the modalities of a kind that the composite has several of give
+    `modality_inputs={name: tensor}` instead (only those that got inputs).
 
     Args:
         image_processor: image processor for images and video frames (e.g. `CLIPImageProcessor`).
@@ -61,27 +82,37 @@ class CompositeMLLMProcessor(ProcessorMixin):
         tokenizer: the text tokenizer, with every placeholder token added as a special token.
         modalities (`dict[str, dict]`): modality name -> `{"kind", "placeholder", "positions_per_item"}`, plus
             `num_frames` for video and `num_points` / `point_dims` for point clouds. Written by the builder from the
-            model config so that both agree.
+            model config so that both agree. Image and video entries may also carry `image_processor_kwargs`, passed
+            to the image processor for that modality's images or frames (e.g. `size`, `crop_size`, `image_mean`,
+            `image_std`), for composed sources that were trained at different resolutions or normalisations.
         chat_template (`str`, *optional*): renders messages whose content items may be of every modality.
     """
 
-    def __init__(self, image_processor=None, feature_extractor=None, tokenizer=None, modalities=None, chat_template=None, **kwargs):
+    def __init__(
+        self,
+        image_processor=None,
+        feature_extractor=None,
+        tokenizer=None,
+        modalities=None,
+        chat_template=None,
+        **kwargs,
+    ):
         self.modalities = dict(modalities or {})
-        kinds = [entry["kind"] for entry in self.modalities.values()]
-        duplicated = sorted({kind for kind in kinds if kinds.count(kind) > 1})
-        if duplicated:
-            raise ValueError(
-                f"The processor supports one modality per kind; {duplicated} appear more than once in {self.modalities}."
-            )
+        _check_modalities(self.modalities)
         super().__init__(image_processor, feature_extractor, tokenizer, chat_template=chat_template, **kwargs)
 
     @property
     def model_input_names(self) -> list[str]:
         names = ["input_ids", "attention_mask"]
-        return names + [_OUTPUT_NAME_BY_KIND[entry["kind"]] for entry in self.modalities.values()]
+        shared = False
+        for kind, output_name in _OUTPUT_NAME_BY_KIND.items():
+            owners = self._modalities_of_kind(kind)
+            names += [output_name] if len(owners) == 1 else []
+            shared = shared or len(owners) > 1
+        return names + (["modality_inputs"] if shared else [])
 
-    def _modality_of_kind(self, kind: str) -> tuple[str, dict] | None:
-        return next(((name, entry) for name, entry in self.modalities.items() if entry["kind"] == kind), None)
+    def _modalities_of_kind(self, kind: str) -> list[str]:
+        return [name for name, entry in self.modalities.items() if entry["kind"] == kind]
 
     def __call__(
         self,
@@ -95,8 +126,9 @@ class CompositeMLLMProcessor(ProcessorMixin):
     ) -> BatchFeature:
         """Expand placeholders in `text`, tokenize it, and turn each modality's raw inputs into model inputs.
 
-        Items are matched to placeholders in order of appearance across the batch. Text keyword arguments
-        (`padding`, `truncation`, ...) go to the tokenizer; `sampling_rate` is checked against the feature extractor.
+        The inputs of one kind are matched to the placeholders of that kind's modalities in order of appearance
+        across the batch. Text keyword arguments (`padding`, `truncation`, ...) go to the tokenizer; `sampling_rate`
+        is checked against the feature extractor.
         """
         if text is None:
             raise ValueError("The composite processor needs `text` (with one placeholder per modality input).")
@@ -104,44 +136,79 @@ class CompositeMLLMProcessor(ProcessorMixin):
         raw_inputs = {"image": images, "video": videos, "audio": audio, "point": point_clouds}
         sampling_rate = kwargs.pop("sampling_rate", None)
         kwargs.pop("images_kwargs", None), kwargs.pop("videos_kwargs", None), kwargs.pop("audio_kwargs", None)
+        # Built per call rather than kept on the instance: ProcessorMixin saves instance attributes, and `modalities`
+        # may be edited after construction.
+        placeholders = {entry["placeholder"]: name for name, entry in self.modalities.items()}
+        # Longest first, so that a placeholder which is a prefix of another never matches inside it (the tokenizer's
+        # special-token split also takes the longest match).
+        pattern = re.compile("|".join(re.escape(token) for token in sorted(placeholders, key=len, reverse=True)))
+        slots = [placeholders[token] for sample in texts for token in pattern.findall(sample)] if placeholders else []
         data: dict[str, Any] = {}
+        by_name: dict[str, Any] = {}
         for kind, value in raw_inputs.items():
             items = _video_list(value) if kind == "video" else _flat_list(value)
-            owner = self._modality_of_kind(kind)
-            if owner is None:
+            owners = self._modalities_of_kind(kind)
+            if not owners:
                 if items:
                     raise ValueError(
                         f"Got {_CALL_ARGUMENT_BY_KIND[kind]} but this composite has no {kind} modality "
                         f"(it has: { {name: entry['kind'] for name, entry in self.modalities.items()} })."
                     )
                 continue
-            name, entry = owner
-            placeholder = entry["placeholder"]
-            found = sum(sample.count(placeholder) for sample in texts)
-            if found != len(items):
-                raise ValueError(
-                    f"Modality {name!r}: the text has {found} {placeholder} placeholder(s) but {len(items)} {kind} "
-                    "input(s) were given; use one placeholder per input."
-                )
-            if not items:
-                continue
-            texts = [sample.replace(placeholder, placeholder * entry["positions_per_item"]) for sample in texts]
-            data[_OUTPUT_NAME_BY_KIND[kind]] = self._process_items(name, entry, items, sampling_rate)
+            kind_slots = [name for name in slots if name in owners]
+            if len(kind_slots) != len(items):
+                raise ValueError(self._count_message(kind, owners, len(kind_slots), len(items)))
+            grouped: dict[str, list] = {name: [] for name in owners}
+            for name, item in zip(kind_slots, items):
+                grouped[name].append(item)
+            for name, group in grouped.items():
+                if not group:
+                    continue
+                processed = self._process_items(name, self.modalities[name], group, sampling_rate)
+                if len(owners) == 1:
+                    data[_OUTPUT_NAME_BY_KIND[kind]] = processed
+                else:
+                    by_name[name] = processed
+        if placeholders:
+            def expand(match: re.Match) -> str:
+                entry = self.modalities[placeholders[match.group(0)]]
+                return entry["placeholder"] * entry["positions_per_item"]
+
+            texts = [pattern.sub(expand, sample) for sample in texts]
         text_inputs = self.tokenizer(texts, return_tensors=return_tensors, **kwargs)
-        return BatchFeature(data={**text_inputs, **data}, tensor_type=return_tensors)
+        batch = CompositeBatchFeature(data={**text_inputs, **data}, tensor_type=return_tensors)
+        if by_name:
+            # BatchFeature skips dict values when it converts to tensors, so the inner arrays are converted here.
+            batch["modality_inputs"] = dict(BatchFeature(data=by_name, tensor_type=return_tensors))
+        return batch
+
+    def _count_message(self, kind: str, owners: list[str], found: int, given: int) -> str:
+        if len(owners) == 1:
+            name = owners[0]
+            return (
+                f"Modality {name!r}: the text has {found} {self.modalities[name]['placeholder']} placeholder(s) but "
+                f"{given} {kind} input(s) were given; use one placeholder per input."
+            )
+        tokens = ", ".join(self.modalities[name]["placeholder"] for name in owners)
+        return (
+            f"The {kind} modalities {owners} share `{_CALL_ARGUMENT_BY_KIND[kind]}=`: the text has {found} of their "
+            f"placeholders ({tokens}) but {given} {kind} input(s) were given; use one placeholder per input (inputs "
+            "fill the placeholders in order of appearance)."
+        )
 
     def _process_items(self, name: str, entry: dict, items: list, sampling_rate: int | None) -> np.ndarray:
         kind = entry["kind"]
+        settings = entry.get("image_processor_kwargs") or {}
         if kind == "image":
-            return self._process_images(name, items)
+            return self._process_images(name, items, settings)
         if kind == "video":
-            frames = [self._process_images(name, _sample_frames(name, video, entry["num_frames"])) for video in items]
-            return np.stack(frames)
+            frames = [_sample_frames(name, video, entry["num_frames"]) for video in items]
+            return np.stack([self._process_images(name, video_frames, settings) for video_frames in frames])
         if kind == "audio":
             return self._process_audio(name, items, sampling_rate)
         return np.stack([normalize_point_cloud(cloud, entry["num_points"], entry["point_dims"]) for cloud in items])
 
-    def _process_images(self, name: str, images: list) -> np.ndarray:
+    def _process_images(self, name: str, images: list, settings: dict[str, Any]) -> np.ndarray:
         for image in images:
             size = getattr(image, "size", None)
             empty = (size == 0) if isinstance(size, int) else (size is not None and 0 in tuple(size))
@@ -150,7 +217,10 @@ class CompositeMLLMProcessor(ProcessorMixin):
                     f"Modality {name!r}: got an empty or malformed image ({_describe(image)}); pass PIL images or "
                     "arrays of shape (height, width[, channels])."
                 )
-        return np.asarray(self.image_processor(images, return_tensors="np")["pixel_values"])
+        # The modality's own settings win over the image processor's defaults; the arrays are always numpy here.
+        outputs = self.image_processor(images, **{**settings, "return_tensors": "np"})
+        # Video-LLaVA's image processor still names its image output `pixel_values_images` by default.
+        return np.asarray(outputs["pixel_values"] if "pixel_values" in outputs else outputs["pixel_values_images"])
 
     def _process_audio(self, name: str, clips: list, sampling_rate: int | None) -> np.ndarray:
         expected_rate = self.feature_extractor.sampling_rate
@@ -174,13 +244,37 @@ class CompositeMLLMProcessor(ProcessorMixin):
         return np.asarray(features["input_features"])
 
 
+def _check_modalities(modalities: dict[str, Any]) -> None:
+    """Refuse processor modality entries that cannot work: unknown kinds, missing or shared placeholders, and
+    `image_processor_kwargs` that are not a dict or sit on a kind that has no images."""
+    for name, entry in modalities.items():
+        if not isinstance(entry, dict) or entry.get("kind") not in _OUTPUT_NAME_BY_KIND:
+            raise ValueError(
+                f"Modality {name!r}: the entry must be a dict with a kind in {list(_OUTPUT_NAME_BY_KIND)}, "
+                f"got {entry!r}."
+            )
+        if not isinstance(entry.get("placeholder"), str) or not entry["placeholder"]:
+            raise ValueError(f"Modality {name!r}: the entry needs a non-empty placeholder string.")
+        settings = entry.get("image_processor_kwargs")
+        if settings is not None and (not isinstance(settings, dict) or entry["kind"] not in ("image", "video")):
+            raise ValueError(
+                f"Modality {name!r}: image_processor_kwargs must be a dict and only applies to image and video "
+                f"modalities, got {type(settings).__name__} on a {entry['kind']} modality."
+            )
+    placeholders = [entry["placeholder"] for entry in modalities.values()]
+    shared = sorted({token for token in placeholders if placeholders.count(token) > 1})
+    if shared:
+        raise ValueError(f"Modalities must use distinct placeholders; {shared} belong to more than one modality.")
+
+
 def _describe(value: Any) -> str:
     shape = getattr(value, "shape", None)
     return f"{type(value).__name__} of shape {tuple(shape)}" if shape is not None else type(value).__name__
 
 
 def _flat_list(value: Any) -> list:
-    """Items in order, whether given alone, as a list, or as per-sample lists (as `apply_chat_template` passes them)."""
+    """Items in order, whether given alone, as a list, or as per-sample lists (as `apply_chat_template` passes
+    them)."""
     items = []
     for item in _as_list(value):
         items.extend(item if isinstance(item, (list, tuple)) else [item])
@@ -192,7 +286,8 @@ def _is_video(value: Any) -> bool:
     if isinstance(value, np.ndarray):
         return value.ndim == 4
     return isinstance(value, (list, tuple)) and all(
-        not isinstance(frame, (list, tuple)) and not (isinstance(frame, np.ndarray) and frame.ndim == 4) for frame in value
+        not isinstance(frame, (list, tuple)) and not (isinstance(frame, np.ndarray) and frame.ndim == 4)
+        for frame in value
     )
 
 
@@ -215,4 +310,4 @@ def _sample_frames(name: str, video: Any, num_frames: int) -> list:
     return [frames[index] for index in sample_frame_indices(len(frames), num_frames)]
 
 
-__all__ = ["CompositeMLLMProcessor"]
+__all__ = ["CompositeBatchFeature", "CompositeMLLMProcessor"]
