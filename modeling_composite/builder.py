@@ -79,13 +79,34 @@ def count_encoder_tokens(encoder_config, kind: str, feature_select: str, num_fra
     return tokens * (num_frames if kind == "video" else 1)
 
 
-def default_chat_template(placeholders: dict[str, str]) -> str:
-    """A Vicuna-style chat template whose content items may be text or any modality the composite has (kind ->
-    placeholder); each modality item becomes its placeholder followed by a newline."""
-    branches = "".join(
-        "{%- elif item['type'] in " + repr(list(_CONTENT_TYPES_BY_KIND[kind])) + " %}" + placeholder + "{{ '\\n' }}"
-        for kind, placeholder in placeholders.items()
-    )
+def default_chat_template(modalities: dict[str, dict[str, Any]]) -> str:
+    """A Vicuna-style chat template whose content items may be text or any modality the composite has.
+
+    `modalities` maps each modality name to (at least) its `kind` and `placeholder`, as [`processor_modalities`]
+    gives them. A content item of a kind (`image`, `video`, `audio`, `point` or `point_cloud`) becomes the placeholder
+    of the modality it names in its `"modality"` key, or of the first modality of that kind when it names none,
+    followed by a newline; naming a modality that is not of the item's kind raises an error.
+    """
+    by_kind: dict[str, list[str]] = {}
+    for name, entry in modalities.items():
+        by_kind.setdefault(entry["kind"], []).append(name)
+    branches = ""
+    for kind, names in by_kind.items():
+        # Placeholders and names are emitted as Jinja string literals, never as template text, so that a token such
+        # as `{{x}}` stays literal and no whitespace control strips part of it.
+        choices = "".join(
+            "{%- elif item['modality'] == " + repr(name) + " %}{{ " + repr(modalities[name]["placeholder"]) + " }}"
+            for name in names
+        )
+        unknown = repr(f", which is not one of the {kind} modalities {names}.")
+        branches += (
+            "{%- elif item['type'] in " + repr(list(_CONTENT_TYPES_BY_KIND[kind])) + " %}"
+            "{%- if item['modality'] is not defined or item['modality'] is none %}"
+            "{{ " + repr(modalities[names[0]]["placeholder"]) + " }}" + choices + "{%- else %}"
+            "{{ raise_exception('A content item of type ' ~ item['type'] ~ ' names modality ' ~ item['modality'] ~ "
+            + unknown + ") }}"
+            "{%- endif %}{{ '\\n' }}"
+        )
     return (
         "{%- for message in messages %}"
         "{%- if message['role'] == 'system' %}"
@@ -173,6 +194,7 @@ def compose(
     model = CompositeMLLMForCausalLM(config).to(language_model.dtype)
     _copy_weights(model, language_model, modalities, text_lora_state_dict)
     model.generation_config.update(**_generation_defaults(language_model, tokenizer))
+    model.generation_config.suppress_tokens = placeholder_suppression(config, model.generation_config)
     # ProcessorMixin needs every sub-processor; one for a kind the composite lacks is never used.
     processor = CompositeMLLMProcessor(
         image_processor=image_processor if image_processor is not None else CLIPImageProcessor(),
@@ -180,23 +202,48 @@ def compose(
         tokenizer=tokenizer,
         modalities=processor_modalities(config),
         chat_template=chat_template
-        or default_chat_template({spec.kind: placeholders[name] for name, spec in modalities.items()}),
+        or default_chat_template(processor_modalities(config)),
     )
     return model, processor
 
 
-def processor_modalities(config: CompositeMLLMConfig) -> dict[str, dict[str, Any]]:
-    """What the processor must know of each modality so that its placeholder expansion matches the model."""
+def processor_modalities(
+    config: CompositeMLLMConfig, image_processor_kwargs: dict[str, dict[str, Any]] | None = None
+) -> dict[str, dict[str, Any]]:
+    """What the processor must know of each modality so that its placeholder expansion matches the model.
+
+    `image_processor_kwargs` maps image or video modality names to the image-processor settings of that modality
+    (`size`, `crop_size`, `image_mean`, ...), for sources trained at different resolutions or normalisations.
+    """
+    unknown = sorted(set(image_processor_kwargs or {}) - set(config.modalities))
+    if unknown:
+        raise ValueError(
+            f"image_processor_kwargs names {unknown}, which are not modalities of {list(config.modalities)}."
+        )
     entries = {}
     for name, entry in config.modalities.items():
-        info = {"kind": entry["kind"], "placeholder": entry["placeholder"], "positions_per_item": config.positions_per_item(name)}
+        info = {
+            "kind": entry["kind"],
+            "placeholder": entry["placeholder"],
+            "positions_per_item": config.positions_per_item(name),
+        }
         if entry["kind"] == "video":
             info["num_frames"] = entry["num_frames"]
         if entry["kind"] == "point":
             encoder = config.encoder_config(name)
             info.update(num_points=encoder.num_points, point_dims=encoder.point_dims)
+        if (image_processor_kwargs or {}).get(name) is not None:
+            info["image_processor_kwargs"] = copy.deepcopy(image_processor_kwargs[name])
         entries[name] = info
     return entries
+
+
+def placeholder_suppression(config: CompositeMLLMConfig, generation_config: Any) -> list[int]:
+    """`suppress_tokens` for a composite: the generation config's own plus every placeholder id. A generated
+    placeholder is never a useful answer, and without a cache every step re-reads the whole sequence, where an extra
+    placeholder would break the count of modality positions."""
+    suppressed = list(generation_config.suppress_tokens or [])
+    return suppressed + [entry["placeholder_id"] for entry in config.modalities.values() if entry["placeholder_id"] not in suppressed]
 
 
 def _generation_defaults(language_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:

@@ -162,6 +162,9 @@ def build_tiny_composite(
     """A tiny random composite of the given modality kinds. With `randomize_deltas`, the low-rank deltas (which
     start at zero) get random values so that routing changes outputs."""
     specs = tiny_modality_specs(kinds, lora_rank)
+    # Fresh projectors are initialised from the global generator: seed it, so the composite does not depend on
+    # what ran before.
+    torch.manual_seed(seed)
     text_lora = {"r": text_rank, "alpha": float(text_rank), "folded": True} if lora_rank and text_rank else None
     model, processor = compose(
         tiny_llm(text_model_type, seed=seed),
