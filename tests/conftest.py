@@ -66,3 +66,28 @@ def run_fresh_python(script: str, *args: str, hf_home: Path, timeout: int = 300)
     if result.returncode != 0:
         pytest.fail(f"fresh process failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result.stdout
+
+
+@pytest.fixture(scope="session")
+def tiny_sources(tmp_path_factory):
+    """Tiny source models on disk, in the formats people publish, all fine-tuned from one tiny base (a Qwen2 base
+    for Qwen2-Audio). Returns name -> folder."""
+    from conversion import tiny_sources as make
+
+    root = tmp_path_factory.mktemp("sources")
+    base = make.save_tiny_base(root / "base")
+    qwen2_base = make.save_tiny_base(root / "qwen2_base", model_type="qwen2")
+    return {
+        "base": base,
+        "qwen2_base": qwen2_base,
+        "llava": make.save_tiny_llava(root / "llava", base),
+        "llava_legacy": make.save_tiny_llava(root / "llava_legacy", base, legacy_layout=True),
+        "llava_2": make.save_tiny_llava(root / "llava_2", base, seed=11),
+        "video_llava": make.save_tiny_video_llava(root / "video_llava", base),
+        "qwen2_audio": make.save_tiny_qwen2_audio(root / "qwen2_audio", qwen2_base),
+        "clip": make.save_tiny_clip(root / "clip"),
+        "paper_damc_a": make.save_tiny_modelcompose(root / "paper_damc_a", base_folder=base, seed=21),
+        "paper_damc_b": make.save_tiny_modelcompose(root / "paper_damc_b", base_folder=base, seed=22),
+        "paper_naive": make.save_tiny_modelcompose(root / "paper_naive", method="naive", base_folder=base, seed=23),
+        "peft": make.save_tiny_peft(root / "peft", base),
+    }

@@ -1,0 +1,232 @@
+"""`compose(recipe, output_dir)`: read and check every source, then stream the composite into a temporary folder,
+verify it in a fresh process, and move it into place."""
+
+import logging
+import shutil
+from pathlib import Path
+
+from tqdm.auto import tqdm
+from transformers import CLIPImageProcessor, GenerationConfig, WhisperFeatureExtractor
+
+import modeling_composite
+from modeling_composite.builder import AUTO_MODEL_CLASSES, default_chat_template, placeholder_suppression, processor_modalities
+from modeling_composite.processing_composite import CompositeMLLMProcessor
+
+from .card import CardInfo, CardSource, render_model_card
+from .detect import read_source
+from .errors import ConversionError
+from .locate import Location, locate
+from .plan import Plan, build_plan, check_compatibility
+from .recipe import Recipe, load_recipe
+from .sources import BaseModel, Source
+from .verify import verify_composite
+from .writer import ShardedWriter, atomic_output, parse_size
+
+
+logger = logging.getLogger(__name__)
+
+# The files of `modeling_composite` that travel inside every composite folder as remote code.
+REMOTE_CODE_FILES = (
+    "configuration_composite.py",
+    "configuration_point_encoder.py",
+    "modeling_composite.py",
+    "modeling_point_encoder.py",
+    "processing_composite.py",
+    "routing.py",
+)
+RECIPE_FILE = "composite_recipe.yaml"
+
+
+def compose(
+    recipe: "str | Path | dict | Recipe",
+    output_dir: str | Path,
+    *,
+    force: bool = False,
+    verify: bool = True,
+    max_shard_size: str | int = "2GB",
+    push_to_hub: str | None = None,
+    private: bool = False,
+    token: str | None = None,
+) -> Path:
+    """Build the composite a recipe describes into `output_dir`; returns its path.
+
+    Args:
+        recipe: a YAML file, a dict, or a parsed `Recipe`.
+        output_dir: the folder to create. It appears only once complete (written beside it, then renamed).
+        force: replace an existing `output_dir`.
+        verify: load the result in a fresh process through the auto classes and run one forward before finishing.
+        max_shard_size: the largest weight shard, e.g. "2GB"; it also bounds the memory the writing needs.
+        push_to_hub: a Hub repo id to upload the finished folder to (with its model card).
+        private: create the Hub repo as private.
+        token: Hub token for the upload (default: the logged-in one).
+    """
+    recipe = load_recipe(recipe)
+    output_dir = Path(output_dir)
+    shard_bytes = parse_size(max_shard_size)
+    if output_dir.exists() and not force:
+        raise ConversionError(f"The output {str(output_dir)!r} already exists; pass --force to replace it.")
+
+    base = BaseModel(locate(recipe.base, "base"))
+    sources = [read_source(source, locate(source.path, source.label)) for source in recipe.sources]
+    check_compatibility(base, sources, recipe)
+    plan = build_plan(base, sources, recipe, _composition(recipe, base.location, sources))
+    logger.info(
+        "composite: %d modalities (%s), %d tensors", len(plan.modalities), ", ".join(plan.modalities), len(plan.producers)
+    )
+    with atomic_output(output_dir, force) as folder:
+        _write_weights(plan, folder, shard_bytes)
+        _write_metadata(plan, folder, base, sources, recipe, push_to_hub)
+        if verify:
+            report = verify_composite(folder)
+            logger.info(
+                "verified: a fresh process loaded %s through the auto classes (no missing or unexpected weights) and "
+                "ran one forward over %d positions with every modality; logits are finite",
+                report["class"],
+                report["sequence"],
+            )
+    if push_to_hub:
+        from .hub import push_folder
+
+        url = push_folder(output_dir, push_to_hub, private=private, token=token)
+        logger.info("pushed to %s", url)
+    return output_dir
+
+
+def _composition(recipe: Recipe, base: Location, sources: list[Source]) -> dict:
+    """Provenance recorded in the config: enough to tell exactly what went in."""
+    return {
+        "method": recipe.method,
+        "rule": recipe.merge.rule,
+        "density": recipe.merge.density,
+        "seed": recipe.merge.seed if recipe.merge.rule.startswith("dare") else None,
+        "base": {"reference": base.reference, "hub_id": base.hub_id, "revision": base.revision},
+        "sources": [
+            {
+                "reference": source.location.reference,
+                "hub_id": source.location.hub_id,
+                "revision": source.location.revision,
+                "format": source.format,
+                "weight": weight,
+                "modalities": {name: part.kind for name, part in source.modalities.items()},
+            }
+            for source, weight in zip(sources, recipe.weights())
+        ],
+    }
+
+
+def _write_weights(plan: Plan, folder: Path, shard_bytes: int) -> None:
+    writer = ShardedWriter(folder, shard_bytes)
+    for key, produce in tqdm(plan.producers.items(), desc="writing tensors", unit="tensor", leave=False):
+        tensor = produce()
+        if tuple(tensor.shape) != plan.shapes[key]:
+            raise ConversionError(f"Tensor {key!r} came out with shape {tuple(tensor.shape)}, expected {plan.shapes[key]}.")
+        # A copy: tensors read from one safetensors file can share its memory map, which safetensors refuses to save.
+        writer.add(key, tensor.to(plan.dtype if tensor.is_floating_point() else tensor.dtype, copy=True))
+    files = writer.close()
+    logger.info("wrote %.1f MB of weights in %s", writer.total_bytes / 1e6, ", ".join(files))
+
+
+def _write_metadata(plan: Plan, folder: Path, base: BaseModel, sources: list[Source], recipe: Recipe,
+                    push_to_hub: str | None) -> None:
+    config = plan.config
+    config.architectures = ["CompositeMLLMForCausalLM"]
+    config.auto_map = {
+        "AutoConfig": "configuration_composite.CompositeMLLMConfig",
+        **{auto_class: "modeling_composite.CompositeMLLMForCausalLM" for auto_class in AUTO_MODEL_CLASSES},
+        "AutoModel": "modeling_composite.CompositeMLLMModel",
+        "AutoProcessor": "processing_composite.CompositeMLLMProcessor",
+    }
+    config.save_pretrained(folder)
+    _generation_config(base, plan).save_pretrained(folder)
+    processor = _processor(plan, recipe)
+    # Records `auto_map` in the processor files, so that AutoProcessor finds the remote class.
+    type(processor).register_for_auto_class()
+    processor.save_pretrained(folder)
+    package = Path(modeling_composite.__file__).parent
+    for name in REMOTE_CODE_FILES:
+        shutil.copyfile(package / name, folder / name)
+    (folder / RECIPE_FILE).write_text(recipe.text)
+    card = render_model_card(_card_info(plan, base, sources, recipe, push_to_hub))
+    card.save(folder / "README.md")
+
+
+def _generation_config(base: BaseModel, plan: Plan) -> GenerationConfig:
+    if (base.location.folder / "generation_config.json").is_file():
+        generation = GenerationConfig.from_pretrained(base.location.folder)
+    else:
+        generation = GenerationConfig.from_model_config(plan.config.get_text_config())
+    tokenizer = plan.tokenizer
+    for field in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(generation, field) is None and getattr(tokenizer, field) is not None:
+            setattr(generation, field, getattr(tokenizer, field))
+    generation.suppress_tokens = placeholder_suppression(plan.config, generation)
+    return generation
+
+
+def _processor(plan: Plan, recipe: Recipe) -> CompositeMLLMProcessor:
+    """One image processor (the first image/video source's) and one feature extractor (the first audio source's);
+    modalities whose own image processor differs get their settings as per-modality overrides."""
+    image_processors = {name: part.image_processor for name, (_, part) in plan.modalities.items() if part.image_processor is not None}
+    feature_extractors = [part.feature_extractor for _, part in plan.modalities.values() if part.feature_extractor is not None]
+    image_processor = next(iter(image_processors.values()), None) or CLIPImageProcessor()
+    feature_extractor = feature_extractors[0] if feature_extractors else WhisperFeatureExtractor()
+    if any(extractor.to_dict() != feature_extractor.to_dict() for extractor in feature_extractors):
+        raise ConversionError("The audio sources use different feature extractors; composing them is not supported yet.")
+    modalities = processor_modalities(plan.config)
+    shared = image_processor.to_dict()
+    for name, processor in image_processors.items():
+        own = processor.to_dict()
+        overrides = {key: own[key] for key in _IMAGE_OVERRIDE_KEYS if key in own and own.get(key) != shared.get(key)}
+        if overrides:
+            modalities[name]["image_processor_kwargs"] = overrides
+    return CompositeMLLMProcessor(
+        image_processor=image_processor,
+        feature_extractor=feature_extractor,
+        tokenizer=plan.tokenizer,
+        modalities=modalities,
+        chat_template=recipe.chat_template or default_chat_template(modalities),
+    )
+
+
+# Image-processor settings that can differ per modality (passed as call-time overrides by the processor).
+_IMAGE_OVERRIDE_KEYS = ("size", "crop_size", "do_center_crop", "do_resize", "image_mean", "image_std", "do_normalize",
+                        "resample", "rescale_factor", "do_convert_rgb")
+
+
+def _card_info(plan: Plan, base: BaseModel, sources: list[Source], recipe: Recipe, repo_id: str | None) -> CardInfo:
+    def card_source(location: Location, fmt: str, modalities: dict[str, str], weight: float) -> CardSource:
+        return CardSource(
+            reference=location.reference,
+            hub_id=location.hub_id,
+            revision=location.revision,
+            format=fmt,
+            modalities=modalities,
+            weight=weight,
+        )
+
+    config = plan.config
+    return CardInfo(
+        name=recipe.name or (repo_id.split("/")[-1] if repo_id else "composite"),
+        method=recipe.method,
+        rule=recipe.merge.rule,
+        density=recipe.merge.density,
+        seed=recipe.merge.seed,
+        base=card_source(base.location, "base", {}, 1.0),
+        sources=[
+            card_source(source.location, source.format, {name: part.kind for name, part in source.modalities.items()}, weight)
+            for source, weight in zip(sources, recipe.weights())
+        ],
+        modalities={
+            name: {
+                "kind": entry["kind"],
+                "encoder": entry["encoder"]["model_type"],
+                "placeholder": entry["placeholder"],
+                "positions_per_item": config.positions_per_item(name),
+                "lora_rank": entry["lora"]["r"] if entry["lora"] else None,
+            }
+            for name, entry in config.modalities.items()
+        },
+        recipe_yaml=recipe.text,
+        repo_id=repo_id,
+        license=recipe.license,
+    )

@@ -1,0 +1,68 @@
+"""Encoders that live in a folder of their own (the recipe's `encoder:`), for source formats that only name them: the
+paper's checkpoints and PEFT adapters. Vision towers of CLIP and SigLIP checkpoints are supported; the encoders
+transformers lacks (BEATs, LanguageBind video, PointBERT) come with a later release and are refused clearly."""
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import AutoImageProcessor, PreTrainedConfig
+
+from .errors import ConversionError
+from .locate import Location, locate
+from .sources import load_config, map_keys
+from .tensors import Lazy, open_model_weights
+
+
+# Vision checkpoints: the full two-tower model (CLIPModel, SiglipModel) or the vision tower alone.
+_VISION_MODEL_TYPES = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}
+_VISION_TOWER_TYPES = ("clip_vision_model", "siglip_vision_model")
+# Parts of a two-tower checkpoint that a vision encoder does not use.
+_TEXT_TOWER_PREFIXES = ("text_model.", "text_projection.", "visual_projection.", "logit_scale", "logit_bias")
+UNSUPPORTED_ENCODERS = {
+    "audio": "BEATs (the paper's audio encoder)",
+    "video": "LanguageBind video (the paper's video encoder)",
+    "point": "PointBERT (the paper's point-cloud encoder)",
+}
+
+
+@dataclass
+class Encoder:
+    location: Location
+    config: PreTrainedConfig
+    weights: dict[str, Lazy]
+    image_processor: Any
+
+
+def unsupported_encoder(kind: str, label: str) -> ConversionError:
+    return ConversionError(
+        f"{label}: the {kind} modality needs {UNSUPPORTED_ENCODERS[kind]}, which transformers does not have; support "
+        "for the paper's own encoders comes in a later release. Leave this source out or use `modalities:` to take "
+        "its other modalities."
+    )
+
+
+def read_vision_encoder(reference: str | None, label: str) -> Encoder:
+    """A CLIP / SigLIP vision tower (and its image processor) from a local folder or Hub id."""
+    if reference is None:
+        raise ConversionError(
+            f"{label}: this format does not include its vision encoder; set `encoder:` on the source to the vision "
+            "tower it was trained with (e.g. openai/clip-vit-large-patch14-336)."
+        )
+    location = locate(reference, f"{label} encoder")
+    encoder_label = f"{label} encoder ({reference})"
+    config = load_config(location.folder, encoder_label)
+    if config.model_type in _VISION_MODEL_TYPES:
+        config = copy.deepcopy(config.vision_config)
+    if config.model_type not in _VISION_TOWER_TYPES:
+        raise ConversionError(
+            f"{encoder_label}: model_type {config.model_type!r} is not a supported vision encoder (CLIP or SigLIP)."
+        )
+    store = open_model_weights(location.folder, encoder_label)
+    groups = map_keys(store, [("vision_model.", "vision")], encoder_label, dropped=_TEXT_TOWER_PREFIXES)
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(location.folder)
+    except (OSError, ValueError, KeyError) as error:
+        raise ConversionError(f"{encoder_label}: cannot load its image processor ({error}).") from None
+    weights = {f"vision_model.{name}": Lazy(store, key) for name, key in groups["vision"].items()}
+    return Encoder(location=location, config=config, weights=weights, image_processor=image_processor)

@@ -1,0 +1,66 @@
+"""Find a model folder from a recipe reference: a local folder, or a Hub repository `org/name[/sub/folder][@revision]`
+(fetched with `huggingface_hub.snapshot_download`, which also serves it from the local cache when offline)."""
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConversionError
+
+
+logger = logging.getLogger(__name__)
+
+_HUB_REFERENCE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?P<sub>(?:/[\w.-]+)*)(?:@(?P<revision>[\w./-]+))?$")
+# Weight formats the conversion never reads; skipping them keeps a Hub download to what is needed.
+_IGNORED_DOWNLOADS = ["*.msgpack", "*.h5", "*.onnx", "*.ot", "*.tflite", "*.gguf", "flax_model*", "tf_model*"]
+
+
+@dataclass
+class Location:
+    """Where a model's files are, and where they came from (for the model card)."""
+
+    reference: str
+    folder: Path
+    hub_id: str | None = None
+    revision: str | None = None
+
+
+def locate(reference: str, what: str) -> Location:
+    """Resolve `reference` to a local folder. `what` names it in errors (e.g. "sources[1]")."""
+    path = Path(reference).expanduser()
+    if path.is_dir():
+        return Location(reference=reference, folder=path.resolve())
+    if path.exists():
+        raise ConversionError(f"{what}: {reference!r} is a file; give the folder that holds the model's files.")
+    match = _HUB_REFERENCE.match(reference)
+    looks_local = reference.startswith(("/", ".", "~")) or "\\" in reference
+    if match is None or looks_local:
+        raise ConversionError(f"{what}: the folder {reference!r} does not exist; check the path (or give a Hub id).")
+    repo_id, revision = match.group("repo"), match.group("revision")
+    sub_folder = match.group("sub").strip("/")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        snapshot = Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=[f"{sub_folder}/*"] if sub_folder else None,
+                ignore_patterns=_IGNORED_DOWNLOADS,
+            )
+        )
+    except (RepositoryNotFoundError, RevisionNotFoundError) as error:
+        raise ConversionError(f"{what}: {reference!r} is neither a local folder nor a Hub repository/revision ({type(error).__name__}).") from None
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
+        problem = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConversionError(
+            f"{what}: {reference!r} is not a local folder and could not be fetched from the Hub ({problem}); check the "
+            "id, your network and login (`hf auth login`), or download it and give the local path."
+        ) from None
+    folder = snapshot / sub_folder if sub_folder else snapshot
+    if not folder.is_dir():
+        raise ConversionError(f"{what}: the Hub repository {repo_id!r} has no folder {sub_folder!r}.")
+    logger.info("%s: %s at %s", what, reference, folder)
+    return Location(reference=reference, folder=folder, hub_id=repo_id, revision=snapshot.name)

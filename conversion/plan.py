@@ -1,0 +1,340 @@
+"""Everything the conversion decides before it writes a byte: compatibility checks, the composite's tokenizer and
+config, and for every tensor of the composite a recipe to compute it from the base and the sources.
+
+The tensor recipes are checked against the composite model built on the meta device (no memory): the set of keys
+must match exactly and every shape known up front must agree, so a source tensor that would not fit fails here with
+its name, not halfway through writing.
+"""
+
+import copy
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from modeling_composite.builder import _add_placeholders, count_encoder_tokens
+from modeling_composite.configuration_composite import CompositeMLLMConfig, DEFAULT_LORA_TARGET_MODULES
+from modeling_composite.modeling_composite import CompositeMLLMForCausalLM
+
+from .errors import ConversionError
+from .merge import merge_deltas
+from .recipe import Recipe
+from .sources import ARCHITECTURE_FIELDS, VOCAB_KEYS, BaseModel, LowRank, ModalityPart, Source
+from .tensors import Lazy
+
+
+logger = logging.getLogger(__name__)
+
+Producer = Callable[[], torch.Tensor]
+
+
+@dataclass
+class Plan:
+    """The composite to write: its config and tokenizer, and a producer (with the expected shape) per tensor."""
+
+    config: CompositeMLLMConfig
+    tokenizer: PreTrainedTokenizerBase
+    modalities: dict[str, tuple[int, ModalityPart]]
+    producers: dict[str, Producer] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    dtype: torch.dtype = torch.float32
+
+
+def _torch_dtype(value) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype):
+        return getattr(torch, value)
+    return torch.float32
+
+
+def check_compatibility(base: BaseModel, sources: list[Source], recipe: Recipe) -> None:
+    """Every source shares the base (architecture, tokenizer, tensor shapes); modality names are unique; DAMC only
+    from decoupled sources. Errors name the source, the tensor or field, and what differs."""
+    for source in sources:
+        _check_architecture(base, source)
+        _check_tokenizer(base, source)
+        _check_text_tensors(base, source)
+    owners: dict[str, str] = {}
+    for source in sources:
+        for name in source.modalities:
+            if name in owners:
+                raise ConversionError(
+                    f"Two sources claim the modality name {name!r}: {owners[name]} and {source.label}; modality names "
+                    f"must be unique in a composite, so rename one (e.g. `rename: {{{name}: {name}_2}}`)."
+                )
+            owners[name] = source.label
+    if recipe.method == "damc":
+        plain = [source for source in sources if not source.decoupled]
+        if plain:
+            raise ConversionError(
+                f"method damc needs sources with decoupled modality parameters, but {plain[0].label} ({plain[0].format}) "
+                "has none (a full fine-tune or a single shared LoRA); use `method: naive`."
+            )
+
+
+def _check_architecture(base: BaseModel, source: Source) -> None:
+    if source.text_config is None:
+        return
+    for name in ARCHITECTURE_FIELDS:
+        expected, got = getattr(base.config, name, None), getattr(source.text_config, name, None)
+        if expected != got:
+            raise ConversionError(
+                f"{source.label}: its LLM's {name} is {got!r} but the base's is {expected!r}; every source must be "
+                "fine-tuned from the recipe's base."
+            )
+
+
+def _check_tokenizer(base: BaseModel, source: Source) -> None:
+    if source.tokenizer is None:
+        return  # adapters carry no tokenizer: they use the base's
+    if len(source.tokenizer) < base.vocab:
+        raise ConversionError(f"{source.label}: its tokenizer has {len(source.tokenizer)} tokens, fewer than the base's {base.vocab}.")
+    ids = list(range(base.vocab))
+    theirs, ours = source.tokenizer.convert_ids_to_tokens(ids), base.tokenizer.convert_ids_to_tokens(ids)
+    for token_id, (their_token, our_token) in enumerate(zip(theirs, ours)):
+        if their_token != our_token:
+            raise ConversionError(
+                f"{source.label}: its tokenizer differs from the base's on the base vocabulary: id {token_id} is "
+                f"{their_token!r} there but {our_token!r} in the base; the source must use the base's tokenizer."
+            )
+
+
+def _check_low_rank(source: Source, base: BaseModel, key: str, low_rank: LowRank, what: str) -> None:
+    if key not in base.keys():
+        raise ConversionError(f"{source.label}: {what} targets {key!r}, which the base LLM does not have.")
+    out_features, in_features = base.shape(key)
+    rank = low_rank.rank
+    if tuple(low_rank.lora_a.shape) != (rank, in_features) or tuple(low_rank.lora_b.shape) != (out_features, rank):
+        raise ConversionError(
+            f"{source.label}: {what} at {key!r} has A {tuple(low_rank.lora_a.shape)} and B {tuple(low_rank.lora_b.shape)}, "
+            f"which do not fit the base's weight of shape {(out_features, in_features)}."
+        )
+
+
+def _check_text_tensors(base: BaseModel, source: Source) -> None:
+    if source.full_weights is not None:
+        missing = sorted(set(base.keys()) - set(source.full_weights))
+        extra = sorted(set(source.full_weights) - set(base.keys()))
+        if missing or extra:
+            problem = f"lacks {missing[:3]}" if missing else f"has tensors the base lacks: {extra[:3]}"
+            raise ConversionError(f"{source.label}: its LLM {problem}; it must have the base's architecture.")
+        for key, lazy in source.full_weights.items():
+            expected, got = base.shape(key), tuple(lazy.shape)
+            vocab_ok = key in VOCAB_KEYS and got[1:] == expected[1:] and got[0] >= expected[0]
+            if got != expected and not vocab_ok:
+                raise ConversionError(
+                    f"{source.label}: tensor {key!r} has shape {got} but the base's is {expected}; the source is not a "
+                    "fine-tune of this base."
+                )
+    for key, low_rank in source.text_lora.items():
+        _check_low_rank(source, base, key, low_rank, "its text LoRA")
+    for part in source.modalities.values():
+        for key, low_rank in part.lora_factors.items():
+            _check_low_rank(source, base, key, low_rank, f"the {part.name} LoRA")
+
+
+def _modality_entry(part: ModalityPart, placeholder: str, placeholder_id: int, damc: bool) -> dict:
+    tokens = part.tokens_per_item or count_encoder_tokens(part.encoder_config, part.kind, part.feature_select, part.num_frames)
+    return {
+        "kind": part.kind,
+        "encoder": part.encoder_config.to_dict(),
+        "feature_layer": part.feature_layer,
+        "feature_select": part.feature_select,
+        "projector": part.projector,
+        "projector_bias": part.projector_bias,
+        "placeholder": placeholder,
+        "placeholder_id": placeholder_id,
+        "tokens_per_item": tokens,
+        "num_frames": part.num_frames,
+        "prefix_tokens": part.prefix.shape[0] if part.prefix is not None else 0,
+        "suffix_tokens": part.suffix.shape[0] if part.suffix is not None else 0,
+        "lora": dict(part.lora) if damc and part.lora else None,
+    }
+
+
+def _target_modules(sources: list[Source]) -> list[str]:
+    names = set()
+    for source in sources:
+        keys = list(source.text_lora) + [key for part in source.modalities.values() for key in part.lora_factors]
+        names.update(key.rsplit(".", 2)[-2] for key in keys)
+    ordered = [name for name in DEFAULT_LORA_TARGET_MODULES if name in names]
+    return ordered + sorted(names - set(ordered))
+
+
+def _text_rank(source: Source) -> int:
+    ranks = {low_rank.rank for low_rank in source.text_lora.values()}
+    if len(ranks) > 1:
+        raise ConversionError(f"{source.label}: its text LoRA has different ranks per layer {sorted(ranks)}; not supported.")
+    return ranks.pop() if ranks else 0
+
+
+def build_plan(base: BaseModel, sources: list[Source], recipe: Recipe, composition: dict) -> Plan:
+    damc = recipe.method == "damc"
+    weights = recipe.weights()
+    modalities = {name: (index, part) for index, source in enumerate(sources) for name, part in source.modalities.items()}
+    if not modalities:
+        raise ConversionError("The sources contribute no modality; a composite needs at least one.")
+
+    tokenizer = copy.deepcopy(base.tokenizer)
+    placeholders = {name: f"<{name}>" for name in modalities}
+    try:
+        token_ids = _add_placeholders(tokenizer, list(placeholders.values()))
+    except ValueError as error:
+        raise ConversionError(f"Cannot add the placeholder tokens to the base tokenizer: {error}") from None
+    base_rows = base.shape("model.embed_tokens.weight")[0]
+    rows = max(base_rows, len(tokenizer))
+
+    text_config = copy.deepcopy(base.config)
+    text_config.vocab_size = rows
+    dtype = _torch_dtype(recipe.dtype or getattr(base.config, "dtype", None))
+    text_ranks = [_text_rank(source) if damc else 0 for source in sources]
+    text_lora = {"r": sum(text_ranks), "alpha": float(sum(text_ranks)), "folded": True} if damc and sum(text_ranks) else None
+    config = CompositeMLLMConfig(
+        text_config=text_config.to_dict(),
+        modalities={
+            name: _modality_entry(part, placeholders[name], token_ids[placeholders[name]], damc)
+            for name, (_, part) in modalities.items()
+        },
+        lora_target_modules=_target_modules(sources) if damc else None,
+        text_lora=text_lora,
+        composition=composition,
+        dtype=dtype,
+    )
+    plan = Plan(config=config, tokenizer=tokenizer, modalities=modalities, dtype=dtype)
+    _plan_llm(plan, base, sources, weights, recipe, text_ranks)
+    _plan_modalities(plan)
+    _check_against_model(plan)
+    return plan
+
+
+def _plan_llm(plan: Plan, base: BaseModel, sources: list[Source], weights: list[float], recipe: Recipe,
+              text_ranks: list[int]) -> None:
+    rule, density, seed = recipe.merge.rule, recipe.merge.density or 1.0, recipe.merge.seed
+    vocab = base.vocab
+    rows = plan.config.get_text_config().vocab_size
+    routed = {name for name in plan.config.lora_target_modules} if plan.config.has_routed_deltas else set()
+
+    def merged(key: str) -> torch.Tensor:
+        # Every row of the base's embedding / LM head merges like any tensor (rows a source has beyond the base's
+        # are its own added tokens: dropped, except its placeholder's row, which `_vocab_rows` places).
+        base_tensor = base.get(key).float()
+        deltas = [source.text_delta(key, base_tensor) for source in sources]
+        delta = merge_deltas(deltas, weights, rule, density=density, seed=seed, name=key)
+        merged_tensor = base_tensor if delta is None else base_tensor + delta
+        return _vocab_rows(merged_tensor, key, rows, vocab, plan) if key in VOCAB_KEYS else merged_tensor
+
+    for key in base.keys():
+        module, _, parameter = key.rpartition(".")
+        is_routed = module.rsplit(".", 1)[-1] in routed and module.startswith("model.")
+        if key == "lm_head.weight":
+            out_key = key
+        elif is_routed:
+            out_key = f"model.language_model.{module[len('model.'):]}.base_layer.{parameter}"
+        else:
+            out_key = f"model.language_model.{key[len('model.'):]}"
+        plan.producers[out_key] = lambda key=key: merged(key)
+        shape = base.shape(key)
+        plan.shapes[out_key] = (rows, *shape[1:]) if key in VOCAB_KEYS else shape
+        if is_routed and parameter == "weight":
+            _plan_routed(plan, key, f"model.language_model.{module[len('model.'):]}", base, sources, weights, text_ranks)
+
+
+def _vocab_rows(tensor: torch.Tensor, key: str, rows: int, vocab: int, plan: Plan) -> torch.Tensor:
+    """Rows of the embedding / LM head: the merged base vocabulary, the base's own rows after it, new rows (the mean
+    of the vocabulary's, as transformers' resizing does) up to the new size, and each placeholder's row taken from
+    its source where the source had that token (so its logit matches the source's)."""
+    if tensor.shape[0] < rows:
+        extra = tensor[:vocab].mean(dim=0, keepdim=True).expand(rows - tensor.shape[0], -1)
+        tensor = torch.cat([tensor, extra])
+    for name, (_, part) in plan.modalities.items():
+        row = part.placeholder_rows.get(key)
+        if row is not None:
+            tensor[plan.config.modalities[name]["placeholder_id"]] = row.load().float()
+    return tensor
+
+
+def _zeros(shape: tuple[int, ...]) -> Producer:
+    return lambda: torch.zeros(shape)
+
+
+def _plan_routed(plan: Plan, key: str, prefix: str, base: BaseModel, sources: list[Source], weights: list[float],
+                 text_ranks: list[int]) -> None:
+    """Factors of one routed layer: the stacked text LoRA (`λ_i s_i B_i` stacked, scaling 1) and each modality's."""
+    out_features, in_features = base.shape(key)
+    total = sum(text_ranks)
+    if total:
+        def stacked(side: str) -> torch.Tensor:
+            blocks = []
+            for source, weight, rank in zip(sources, weights, text_ranks):
+                low_rank = source.text_lora.get(key)
+                if side == "A":
+                    blocks.append(low_rank.lora_a.load().float() if low_rank else torch.zeros(rank, in_features))
+                else:
+                    factor = low_rank.lora_b.load().float() * (weight * low_rank.scaling) if low_rank else None
+                    blocks.append(factor if factor is not None else torch.zeros(out_features, rank))
+            return torch.cat(blocks, dim=0 if side == "A" else 1)
+
+        plan.producers[f"{prefix}.text_lora_A"] = lambda: stacked("A")
+        plan.producers[f"{prefix}.text_lora_B"] = lambda: stacked("B")
+        plan.shapes[f"{prefix}.text_lora_A"] = (total, in_features)
+        plan.shapes[f"{prefix}.text_lora_B"] = (out_features, total)
+    for name, (_, part) in plan.modalities.items():
+        if plan.config.modalities[name]["lora"] is None:
+            continue
+        rank = plan.config.modalities[name]["lora"]["r"]
+        low_rank = part.lora_factors.get(key)
+        for side, shape in (("A", (rank, in_features)), ("B", (out_features, rank))):
+            out_key = f"{prefix}.lora_{side}.{name}"
+            lazy = None if low_rank is None else (low_rank.lora_a if side == "A" else low_rank.lora_b)
+            plan.producers[out_key] = lazy.load if lazy is not None else _zeros(shape)
+            plan.shapes[out_key] = shape
+
+
+def _plan_modalities(plan: Plan) -> None:
+    for name, (_, part) in plan.modalities.items():
+        for key, lazy in part.encoder_weights.items():
+            plan.producers[f"model.encoders.{name}.{key}"] = lazy.load
+            plan.shapes[f"model.encoders.{name}.{key}"] = tuple(lazy.shape)
+        for key, lazy in part.projector_weights.items():
+            plan.producers[f"model.projectors.{name}.{key}"] = lazy.load
+            plan.shapes[f"model.projectors.{name}.{key}"] = tuple(lazy.shape)
+        for side in ("prefix", "suffix"):
+            lazy: Lazy | None = getattr(part, side)
+            if lazy is not None:
+                plan.producers[f"model.projectors.{name}.{side}"] = lazy.load
+                plan.shapes[f"model.projectors.{name}.{side}"] = tuple(lazy.shape)
+
+
+def expected_state(config: CompositeMLLMConfig) -> dict[str, tuple[int, ...]]:
+    """Keys and shapes `save_pretrained` would write for a composite of `config` (built on the meta device)."""
+    with torch.device("meta"):
+        model = CompositeMLLMForCausalLM(config)
+    state = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def _check_against_model(plan: Plan) -> None:
+    expected = expected_state(plan.config)
+    if plan.config.tie_word_embeddings:
+        plan.producers.pop("lm_head.weight", None)
+        plan.shapes.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(plan.producers))
+    unexpected = sorted(set(plan.producers) - set(expected))
+    if missing or unexpected:
+        raise ConversionError(
+            f"The sources do not fill the composite exactly: missing {missing[:4]}, unexpected {unexpected[:4]}; "
+            "a source lacks a part of its encoder/projector or holds tensors of another architecture."
+        )
+    for key, shape in expected.items():
+        if plan.shapes[key] != shape:
+            raise ConversionError(
+                f"Tensor {key!r} would have shape {plan.shapes[key]} but the composite needs {shape}; the source's "
+                "encoder or projector does not fit its config or the base LLM's width."
+            )
+    # Write in the model's own order, so that shards hold neighbouring layers.
+    plan.producers = {key: plan.producers[key] for key in expected}

@@ -1,0 +1,240 @@
+"""The conversion recipe: what goes into a composite and how its text parameters merge.
+
+A recipe is YAML (or the same structure as a dict)::
+
+    name: my-composite
+    method: naive                # naive | damc
+    base: lmsys/vicuna-7b-v1.5   # local folder or Hub id[@revision]
+    merge: {rule: linear}        # linear | ties | dare_linear | dare_ties (+ density, seed)
+    sources:
+      - path: llava-hf/llava-1.5-7b-hf
+        weight: 0.5
+    dtype: bfloat16
+
+Every key is checked here, before any file is read, so that a typo fails in a second with a message that names it.
+"""
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConversionError
+
+
+METHODS = ("naive", "damc")
+MERGE_RULES = ("linear", "ties", "dare_linear", "dare_ties")
+SOURCE_FORMATS = ("llava", "video_llava", "qwen2_audio", "modelcompose", "peft", "composite")
+DTYPES = ("float32", "float16", "bfloat16")
+MODALITY_KINDS = ("image", "video", "audio", "point")
+
+_TOP_LEVEL_KEYS = ("name", "method", "base", "merge", "sources", "dtype", "chat_template", "license")
+_MERGE_KEYS = ("rule", "density", "seed")
+_SOURCE_KEYS = (
+    "path",
+    "format",
+    "weight",
+    "modalities",
+    "rename",
+    "encoder",
+    "projector",
+    "kind",
+    "feature_layer",
+    "feature_select",
+)
+
+
+@dataclass
+class MergeSettings:
+    rule: str = "linear"
+    density: float | None = None
+    seed: int = 0
+
+
+@dataclass
+class SourceRecipe:
+    """One source model. `path` is a local folder or a Hub reference `org/name[/sub/folder][@revision]`."""
+
+    path: str
+    format: str | None = None
+    weight: float | None = None
+    modalities: list[str] | None = None
+    rename: dict[str, str] = field(default_factory=dict)
+    encoder: str | None = None
+    projector: str | None = None
+    kind: str | None = None
+    feature_layer: int | str | None = None
+    feature_select: str | None = None
+    index: int = 0
+
+    @property
+    def label(self) -> str:
+        """How error messages name this source."""
+        return f"sources[{self.index}] ({self.path})"
+
+
+@dataclass
+class Recipe:
+    base: str
+    sources: list[SourceRecipe]
+    method: str = "naive"
+    merge: MergeSettings = field(default_factory=MergeSettings)
+    name: str | None = None
+    dtype: str | None = None
+    chat_template: str | None = None
+    license: str | None = None
+    text: str = ""
+
+    def weights(self) -> list[float]:
+        """λ of every source: as given, else 1/N (the paper's default)."""
+        return [source.weight if source.weight is not None else 1.0 / len(self.sources) for source in self.sources]
+
+
+def _unknown_keys(where: str, given: dict, allowed: tuple[str, ...]) -> None:
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise ConversionError(f"{where}: unknown key(s) {unknown}; allowed keys are {list(allowed)}.")
+
+
+def _require_str(where: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConversionError(f"{where} must be a non-empty string, got {value!r}.")
+    return value.strip()
+
+
+def _parse_merge(raw: Any) -> MergeSettings:
+    if raw is None:
+        return MergeSettings()
+    if isinstance(raw, str):
+        raw = {"rule": raw}
+    if not isinstance(raw, dict):
+        raise ConversionError(f"merge must be a mapping like {{rule: linear}}, got {raw!r}.")
+    _unknown_keys("merge", raw, _MERGE_KEYS)
+    rule = raw.get("rule", "linear")
+    if rule not in MERGE_RULES:
+        raise ConversionError(f"merge.rule {rule!r} is unknown; use one of {list(MERGE_RULES)}.")
+    density = raw.get("density")
+    if rule == "linear":
+        if density is not None:
+            raise ConversionError("merge.density only applies to the ties and dare rules; remove it for rule linear.")
+    else:
+        if density is None:
+            raise ConversionError(f"merge.rule {rule} needs merge.density (the fraction of each delta kept, e.g. 0.2).")
+        if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
+            raise ConversionError(f"merge.density must be a number in (0, 1], got {density!r}.")
+    seed = raw.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConversionError(f"merge.seed must be an integer, got {seed!r}.")
+    return MergeSettings(rule=rule, density=None if density is None else float(density), seed=seed)
+
+
+def _parse_source(index: int, raw: Any) -> SourceRecipe:
+    where = f"sources[{index}]"
+    if isinstance(raw, str):
+        raw = {"path": raw}
+    if not isinstance(raw, dict):
+        raise ConversionError(f"{where} must be a mapping with at least `path`, got {raw!r}.")
+    _unknown_keys(where, raw, _SOURCE_KEYS)
+    if "path" not in raw:
+        raise ConversionError(f"{where} has no `path` (a local folder or a Hub id).")
+    source = SourceRecipe(path=_require_str(f"{where}.path", raw["path"]), index=index)
+    if raw.get("format") is not None:
+        if raw["format"] not in SOURCE_FORMATS:
+            raise ConversionError(f"{where}.format {raw['format']!r} is unknown; use one of {list(SOURCE_FORMATS)}.")
+        source.format = raw["format"]
+    weight = raw.get("weight")
+    if weight is not None:
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ConversionError(f"{where}.weight must be a finite number (λ for its text parameters), got {weight!r}.")
+        source.weight = float(weight)
+    modalities = raw.get("modalities")
+    if modalities is not None:
+        if isinstance(modalities, str):
+            modalities = [modalities]
+        if not isinstance(modalities, list) or not modalities or not all(isinstance(m, str) for m in modalities):
+            raise ConversionError(f"{where}.modalities must be a non-empty list of modality names, got {modalities!r}.")
+        source.modalities = modalities
+    rename = raw.get("rename") or {}
+    if not isinstance(rename, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in rename.items()):
+        raise ConversionError(f"{where}.rename must map modality names to new names, e.g. {{image: chart}}, got {rename!r}.")
+    source.rename = dict(rename)
+    for key in ("encoder", "projector"):
+        if raw.get(key) is not None:
+            setattr(source, key, _require_str(f"{where}.{key}", raw[key]))
+    if raw.get("kind") is not None:
+        if raw["kind"] not in MODALITY_KINDS:
+            raise ConversionError(f"{where}.kind {raw['kind']!r} is unknown; use one of {list(MODALITY_KINDS)}.")
+        source.kind = raw["kind"]
+    if raw.get("feature_layer") is not None:
+        layer = raw["feature_layer"]
+        if layer != "last" and (isinstance(layer, bool) or not isinstance(layer, int)):
+            raise ConversionError(f"{where}.feature_layer must be an integer (e.g. -2) or 'last', got {layer!r}.")
+        source.feature_layer = layer
+    if raw.get("feature_select") is not None:
+        if raw["feature_select"] not in ("patch", "full"):
+            raise ConversionError(f"{where}.feature_select must be 'patch' (drop CLS) or 'full', got {raw['feature_select']!r}.")
+        source.feature_select = raw["feature_select"]
+    return source
+
+
+def parse_recipe(raw: Any, text: str = "") -> Recipe:
+    """Check a recipe given as a dict (as YAML loads it) and return it typed."""
+    if not isinstance(raw, dict):
+        raise ConversionError(f"A recipe must be a YAML mapping with `base`, `method` and `sources`, got {type(raw).__name__}.")
+    _unknown_keys("recipe", raw, _TOP_LEVEL_KEYS)
+    method = raw.get("method", "naive")
+    if method not in METHODS:
+        raise ConversionError(f"method {method!r} is unknown; use one of {list(METHODS)}.")
+    if "base" not in raw:
+        raise ConversionError("The recipe has no `base` (the base LLM every source was fine-tuned from).")
+    sources_raw = raw.get("sources")
+    if not isinstance(sources_raw, list) or not sources_raw:
+        raise ConversionError("The recipe needs `sources`: a non-empty list of source models.")
+    dtype = raw.get("dtype")
+    if dtype is not None and dtype not in DTYPES:
+        raise ConversionError(f"dtype {dtype!r} is unknown; use one of {list(DTYPES)}.")
+    name = raw.get("name")
+    if name is not None:
+        name = _require_str("name", str(name))
+    chat_template = raw.get("chat_template")
+    if chat_template is not None:
+        chat_template = _require_str("chat_template", chat_template)
+    license_id = raw.get("license")
+    recipe = Recipe(
+        base=_require_str("base", raw["base"]),
+        sources=[_parse_source(index, source) for index, source in enumerate(sources_raw)],
+        method=method,
+        merge=_parse_merge(raw.get("merge")),
+        name=name,
+        dtype=dtype,
+        chat_template=chat_template,
+        license=None if license_id is None else _require_str("license", license_id),
+        text=text,
+    )
+    if method == "damc" and recipe.merge.rule != "linear":
+        raise ConversionError(
+            f"method damc merges the text deltas with rule linear only (modality tokens take the merged text delta "
+            f"off again as low-rank factors, which a {recipe.merge.rule} merge does not have); use `merge: {{rule: "
+            "linear}` or `method: naive`."
+        )
+    return recipe
+
+
+def load_recipe(recipe: "str | Path | dict | Recipe") -> Recipe:
+    """A recipe from a YAML file path, a dict, or an already parsed `Recipe`."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return parse_recipe(recipe, yaml.safe_dump(recipe, sort_keys=False))
+    path = Path(recipe)
+    if not path.is_file():
+        raise ConversionError(f"Recipe file {str(path)!r} does not exist.")
+    text = path.read_text()
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        problem = str(error).replace("\n", " ")
+        raise ConversionError(f"Recipe {str(path)!r} is not valid YAML: {problem}") from None
+    return parse_recipe(raw, text)
