@@ -1,0 +1,221 @@
+"""The command line: bad recipes and sources are refused with exit status 2, one line naming the problem and no
+output; an interrupted run leaves no composite; a good run verifies, writes a model card and pushes to the Hub."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from huggingface_hub import ModelCard
+
+from conversion.__main__ import main
+from conversion.tiny_sources import save_tiny_llava
+from fake_hub import FakeHub
+from modeling_composite.tiny import tiny_llm, tiny_tokenizer
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write_recipe(folder: Path, recipe: dict) -> Path:
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def _run(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main([str(arg) for arg in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def bad_sources(tiny_sources, tmp_path_factory):
+    """Sources that must be refused, each broken in one way."""
+    root = tmp_path_factory.mktemp("bad")
+    wide_base = root / "wide_base"
+    tiny_llm(hidden_size=128, intermediate_size=256).save_pretrained(wide_base)
+    tiny_tokenizer().save_pretrained(wide_base)
+    wide = save_tiny_llava(root / "wide_llava", wide_base)
+
+    other_vocab = shutil.copytree(tiny_sources["llava"], root / "other_vocab")
+    tokenizer_file = other_vocab / "tokenizer.json"
+    tokenizer = json.loads(tokenizer_file.read_text())
+    vocab = tokenizer["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[10:12]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    tokenizer_file.write_text(json.dumps(tokenizer))
+
+    corrupt = shutil.copytree(tiny_sources["llava"], root / "corrupt")
+    (corrupt / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header" + b"\x00" * 64)
+
+    pickled = shutil.copytree(tiny_sources["paper_damc_a"], root / "pickled")
+    # A pickle that references a callable: loading it without weights_only would import and could call it.
+    torch.save({"model.modal_projectors.vision.0.weight": torch.zeros(2), "payload": os.system}, pickled / "adapter_model.bin")
+    return {"wide": wide, "other_vocab": other_vocab, "corrupt": corrupt, "pickled": pickled}
+
+
+def _bad_recipes(sources: dict, bad: dict) -> dict[str, tuple[dict, str]]:
+    base = str(sources["base"])
+    llava = {"path": str(sources["llava"])}
+    clip = str(sources["clip"])
+    return {
+        "unknown method": ({"method": "soup", "base": base, "sources": [llava]}, "method 'soup' is unknown"),
+        "unknown rule": ({"base": base, "merge": {"rule": "average"}, "sources": [llava]}, "merge.rule 'average' is unknown"),
+        "missing source": ({"base": base, "sources": [{"path": "/no/such/folder"}]}, "'/no/such/folder' does not exist"),
+        "other hidden size": ({"base": base, "sources": [{"path": str(bad["wide"])}]}, "hidden_size is 128 but the base's is 64"),
+        "other vocabulary": ({"base": base, "sources": [{"path": str(bad["other_vocab"])}]}, "differs from the base's on the base vocabulary"),
+        "duplicate modality": (
+            {"base": base, "sources": [llava, {"path": str(sources["llava_2"])}]},
+            "Two sources claim the modality name 'image'",
+        ),
+        "damc on a full fine-tune": ({"method": "damc", "base": base, "sources": [llava]}, "use `method: naive`"),
+        "corrupt safetensors": ({"base": base, "sources": [{"path": str(bad["corrupt"])}]}, "is not a valid safetensors file"),
+        "pickle with code": (
+            {"base": base, "sources": [{"path": str(bad["pickled"]), "encoder": clip}]},
+            "is not a plain checkpoint of tensors",
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["unknown method", "unknown rule", "missing source", "other hidden size", "other vocabulary", "duplicate modality",
+     "damc on a full fine-tune", "corrupt safetensors", "pickle with code"],
+)
+def test_bad_recipe_or_source_exits_2_with_one_line_and_no_output(case, tiny_sources, bad_sources, tmp_path, capsys):
+    recipe, message = _bad_recipes(tiny_sources, bad_sources)[case]
+    output = tmp_path / "out"
+    code, out, err = _run([_write_recipe(tmp_path, recipe), output], capsys)
+    assert code == 2
+    assert message in err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert not output.exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["recipe.yaml"], "no partial folder may be left"
+
+
+def test_existing_output_needs_force(tiny_sources, tmp_path, capsys):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "keep.txt").write_text("mine")
+    recipe = _write_recipe(tmp_path, {"base": str(tiny_sources["base"]), "sources": [str(tiny_sources["llava"])]})
+    code, _, err = _run([recipe, output, "--no-verify"], capsys)
+    assert code == 2 and "already exists; pass --force" in err
+    assert (output / "keep.txt").read_text() == "mine"
+    code, _, _ = _run([recipe, output, "--no-verify", "--force"], capsys)
+    assert code == 0
+    assert not (output / "keep.txt").exists() and (output / "model.safetensors").is_file()
+
+
+_SLOW_WRITER = r"""
+import sys, time
+from pathlib import Path
+from conversion import writer
+from conversion.__main__ import main
+
+marker = Path(sys.argv[3])
+original_add = writer.ShardedWriter.add
+
+def slow_add(self, key, tensor):
+    original_add(self, key, tensor)
+    if any(self.folder.glob("*.safetensors")):
+        marker.touch()  # a shard is on disk: the parent may interrupt now
+    time.sleep(0.2)
+
+writer.ShardedWriter.add = slow_add
+sys.exit(main([sys.argv[1], sys.argv[2], "--no-verify", "--max-shard-size", "4KB"]))
+"""
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGKILL])
+def test_a_kill_during_writing_leaves_no_output(signal_number, tiny_sources, tmp_path):
+    recipe = _write_recipe(tmp_path, {"base": str(tiny_sources["base"]), "sources": [str(tiny_sources["llava"])]})
+    output, marker = tmp_path / "out", tmp_path / "writing"
+    process = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_WRITER, str(recipe), str(output), str(marker)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert process.poll() is None, process.communicate()[1]
+        assert time.monotonic() < deadline, "the conversion never started writing"
+        time.sleep(0.05)
+    partial = [path for path in tmp_path.iterdir() if path.name.startswith(".out.partial-")]
+    assert partial and any(partial[0].iterdir()), "shards are being written beside the output"
+    process.send_signal(signal_number)
+    _, err = process.communicate(timeout=60)
+    assert not output.exists()
+    if signal_number == signal.SIGTERM:
+        # A catchable signal also cleans up the temporary folder.
+        assert process.returncode == 130, err
+        assert "interrupted" in err
+        assert not [path for path in tmp_path.iterdir() if path.name.startswith(".out.")]
+
+
+def _fake_cache(hub_home: Path, repos: dict[str, Path]) -> None:
+    """An offline Hub cache (refs/main -> one snapshot) holding `repos`, as `huggingface_hub` lays it out."""
+    for repo_id, folder in repos.items():
+        repo = hub_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+        commit = f"{abs(hash(repo_id)):040d}"[:40]
+        shutil.copytree(folder, repo / "snapshots" / commit)
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text(commit)
+
+
+def test_hub_sources_convert_offline_verify_and_get_a_model_card(tiny_sources, tmp_path):
+    """Sources named by Hub id (served from a local cache, offline) end up in the card's front matter with their
+    revisions; the command verifies the result in a fresh process and says so."""
+    hf_home = tmp_path / "hf_home"
+    _fake_cache(hf_home, {"tiny-org/base": tiny_sources["base"], "tiny-org/llava": tiny_sources["llava"],
+                          "tiny-org/video-llava": tiny_sources["video_llava"]})
+    recipe = _write_recipe(tmp_path, {
+        "name": "tiny-vision-video",
+        "base": "tiny-org/base",
+        "sources": [
+            {"path": "tiny-org/llava", "weight": 0.5},
+            {"path": "tiny-org/video-llava", "weight": 0.5, "modalities": ["video"]},
+        ],
+    })
+    output = tmp_path / "out"
+    environment = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "TRANSFORMERS_"))}
+    environment.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-m", "conversion", str(recipe), str(output)], cwd=ROOT, env=environment,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "verified: a fresh process loaded CompositeMLLMForCausalLM" in result.stderr
+    card = ModelCard.load(output / "README.md")
+    assert card.data.base_model == ["tiny-org/base", "tiny-org/llava", "tiny-org/video-llava"]
+    assert card.data.base_model_relation == "merge"
+    assert {"model-composition", "multimodal", "merge", "custom_code"} <= set(card.data.tags)
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "any-to-any"
+    for repo_id in ("tiny-org/llava", "tiny-org/video-llava"):
+        assert repo_id in card.text
+    assert (output / "composite_recipe.yaml").read_text() == recipe.read_text()
+    assert yaml.safe_load(card.text.split("```yaml\n", 1)[1].split("```", 1)[0]) == yaml.safe_load(recipe.read_text())
+    sources = json.loads((output / "config.json").read_text())["composition"]["sources"]
+    assert [source["hub_id"] for source in sources] == ["tiny-org/llava", "tiny-org/video-llava"]
+    assert all(len(source["revision"]) == 40 for source in sources)
+
+
+def test_push_to_hub_uploads_exactly_the_folder(tiny_sources, tmp_path):
+    recipe = _write_recipe(tmp_path, {"base": str(tiny_sources["base"]), "sources": [str(tiny_sources["llava"])]})
+    output = tmp_path / "out"
+    with FakeHub() as hub:
+        result = subprocess.run(
+            [sys.executable, "-m", "conversion", str(recipe), str(output), "--no-verify", "--push-to-hub",
+             "tiny-org/composite", "--private"],
+            cwd=ROOT, env=hub.environment(dict(os.environ)), capture_output=True, text=True, timeout=600,
+        )
+        assert result.returncode == 0, result.stderr
+        assert [(repo.repo_id, repo.private) for repo in hub.created_repos] == [("tiny-org/composite", True)]
+        uploaded = hub.files("tiny-org/composite")
+    on_disk = {str(path.relative_to(output)): path.read_bytes() for path in output.rglob("*") if path.is_file()}
+    assert uploaded == on_disk
+    assert uploaded["README.md"].startswith(b"---\n") and b"model-composition" in uploaded["README.md"]
