@@ -15,13 +15,15 @@ from urllib.parse import quote
 from huggingface_hub import ModelCard, ModelCardData
 
 from .errors import ConversionError
+from .merge import MERGE_RULES
+from .recipe import METHODS
 
 
 # `model_cards/` is a top-level folder of the repository, beside `conversion/`.
 _TEMPLATE_FILE = Path(__file__).resolve().parent.parent / "model_cards" / "composite.md"
 
-_METHODS = ("naive", "damc")
-_RULES = ("linear", "ties", "dare_linear", "dare_ties")
+_METHODS = METHODS
+_RULES = MERGE_RULES
 # The Hub tag of each modality kind; the order is the order tags are written in.
 _KIND_TAGS = {"image": "image", "video": "video", "audio": "audio", "point": "point-cloud"}
 _REQUIRED_TAGS = ("model-composition", "multimodal", "merge", "custom_code")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from modeling_composite.builder import _add_placeholders, count_encoder_tokens
+from modeling_composite.builder import add_placeholder_tokens, count_encoder_tokens
 from modeling_composite.configuration_composite import CompositeMLLMConfig, DEFAULT_LORA_TARGET_MODULES
 from modeling_composite.modeling_composite import CompositeMLLMForCausalLM
 
@@ -181,7 +181,7 @@ def build_plan(base: BaseModel, sources: list[Source], recipe: Recipe, compositi
     tokenizer = copy.deepcopy(base.tokenizer)
     placeholders = {name: f"<{name}>" for name in modalities}
     try:
-        token_ids = _add_placeholders(tokenizer, list(placeholders.values()))
+        token_ids = add_placeholder_tokens(tokenizer, list(placeholders.values()))
     except ValueError as error:
         raise ConversionError(f"Cannot add the placeholder tokens to the base tokenizer: {error}") from None
     base_rows = base.shape("model.embed_tokens.weight")[0]

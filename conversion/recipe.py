@@ -22,10 +22,10 @@ from typing import Any
 import yaml
 
 from .errors import ConversionError
+from .merge import MERGE_RULES
 
 
 METHODS = ("naive", "damc")
-MERGE_RULES = ("linear", "ties", "dare_linear", "dare_ties")
 SOURCE_FORMATS = ("llava", "video_llava", "qwen2_audio", "modelcompose", "peft", "composite")
 DTYPES = ("float32", "float16", "bfloat16")
 MODALITY_KINDS = ("image", "video", "audio", "point")

@@ -124,7 +124,8 @@ def default_chat_template(modalities: dict[str, dict[str, Any]]) -> str:
     )
 
 
-def _add_placeholders(tokenizer: PreTrainedTokenizerBase, placeholders: list[str]) -> dict[str, int]:
+def add_placeholder_tokens(tokenizer: PreTrainedTokenizerBase, placeholders: list[str]) -> dict[str, int]:
+    """Add the placeholders missing from `tokenizer` as special tokens (in place); returns placeholder -> id."""
     missing = [token for token in placeholders if token not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
@@ -158,7 +159,7 @@ def compose(
     tokenizer = copy.deepcopy(tokenizer)
     language_model = copy.deepcopy(language_model)
     placeholders = {name: spec.placeholder or f"<{name}>" for name, spec in modalities.items()}
-    token_ids = _add_placeholders(tokenizer, list(placeholders.values()))
+    token_ids = add_placeholder_tokens(tokenizer, list(placeholders.values()))
     if len(tokenizer) > language_model.get_input_embeddings().weight.shape[0]:
         language_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     config_entries = {}

@@ -1,0 +1,65 @@
+"""The PEFT and composite source formats: a PEFT LoRA becomes `W0 + s B A`; composites of ours can be re-weighted and
+grown, and growing a composite gives the same model as composing its sources directly."""
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conversion import compose
+from modeling_composite import CompositeMLLMForCausalLM, CompositeMLLMProcessor
+
+
+def test_peft_lora_with_projector_and_encoder(tiny_sources, tmp_path):
+    peft, clip = tiny_sources["peft"], tiny_sources["clip"]
+    recipe = {"base": str(tiny_sources["base"]), "sources": [{"path": str(peft), "encoder": str(clip), "weight": 1.0}]}
+    output = compose(recipe, tmp_path / "out", verify=False)
+    state = load_file(str(output / "model.safetensors"))
+    adapter = load_file(str(peft / "adapter_model.safetensors"))
+    base = load_file(str(tiny_sources["base"] / "model.safetensors"))
+    key = "model.layers.0.mlp.down_proj"
+    prefix = f"base_model.model.{key}"
+    expected = base[f"{key}.weight"] + 2.0 * adapter[f"{prefix}.lora_B.weight"] @ adapter[f"{prefix}.lora_A.weight"]
+    torch.testing.assert_close(state["model.language_model.layers.0.mlp.down_proj.weight"], expected, rtol=0, atol=1e-6)
+    projector = load_file(str(peft / "mm_projector.safetensors"))
+    assert torch.equal(state["model.projectors.image.linear_2.weight"], projector["model.mm_projector.2.weight"])
+    clip_state = load_file(str(clip / "model.safetensors"))
+    assert torch.equal(
+        state["model.encoders.image.embeddings.patch_embedding.weight"],
+        clip_state["vision_model.embeddings.patch_embedding.weight"],
+    )
+
+
+def test_reweighting_a_naive_composite_scales_its_text_delta(tiny_sources, tmp_path):
+    base = str(tiny_sources["base"])
+    first = compose(
+        {"base": base, "sources": [str(tiny_sources["llava"]), {"path": str(tiny_sources["llava_2"]), "rename": {"image": "chart"}}]},
+        tmp_path / "first", verify=False,
+    )
+    again = compose({"base": base, "sources": [{"path": str(first), "weight": 0.5}]}, tmp_path / "again", verify=False)
+    base_state = load_file(str(tiny_sources["base"] / "model.safetensors"))
+    key = "layers.1.self_attn.v_proj.weight"
+    merged = load_file(str(first / "model.safetensors"))[f"model.language_model.{key}"]
+    reweighted = load_file(str(again / "model.safetensors"))[f"model.language_model.{key}"]
+    torch.testing.assert_close(reweighted, base_state[f"model.{key}"] + 0.5 * (merged - base_state[f"model.{key}"]),
+                               rtol=0, atol=1e-6)
+
+
+def test_growing_a_damc_composite_equals_composing_its_sources(tiny_sources, tmp_path):
+    base, clip = str(tiny_sources["base"]), str(tiny_sources["clip"])
+    image_source = {"path": str(tiny_sources["paper_damc_a"]), "encoder": clip}
+    chart_source = {"path": str(tiny_sources["paper_damc_b"]), "encoder": clip, "rename": {"image": "chart"}, "weight": 0.5}
+    alone = compose({"method": "damc", "base": base, "sources": [{**image_source, "weight": 1.0}]}, tmp_path / "alone",
+                    verify=False)
+    grown = compose({"method": "damc", "base": base, "sources": [{"path": str(alone), "weight": 0.5}, chart_source]},
+                    tmp_path / "grown", verify=False)
+    direct = compose({"method": "damc", "base": base, "sources": [{**image_source, "weight": 0.5}, chart_source]},
+                     tmp_path / "direct", verify=False)
+    processor = CompositeMLLMProcessor.from_pretrained(direct)
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)) for _ in range(2)]
+    batch = processor(text="USER: <image> and <chart>: alike? ASSISTANT:", images=images)
+    with torch.no_grad():
+        expected = CompositeMLLMForCausalLM.from_pretrained(direct).eval()(**batch).logits
+        got = CompositeMLLMForCausalLM.from_pretrained(grown).eval()(**batch).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
