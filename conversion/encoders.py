@@ -61,7 +61,7 @@ def read_vision_encoder(reference: str | None, label: str) -> Encoder:
     store = open_model_weights(location.folder, encoder_label)
     groups = map_keys(store, [("vision_model.", "vision")], encoder_label, dropped=_TEXT_TOWER_PREFIXES)
     try:
-        image_processor = AutoImageProcessor.from_pretrained(location.folder)
+        image_processor = AutoImageProcessor.from_pretrained(location.folder, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as error:
         raise ConversionError(f"{encoder_label}: cannot load its image processor ({error}).") from None
     weights = {f"vision_model.{name}": Lazy(store, key) for name, key in groups["vision"].items()}

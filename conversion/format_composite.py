@@ -14,7 +14,7 @@ from modeling_composite.processing_composite import CompositeMLLMProcessor
 from .errors import ConversionError
 from .locate import Location
 from .recipe import SourceRecipe
-from .sources import LowRank, ModalityPart, Source, load_tokenizer, select_modalities
+from .sources import LowRank, ModalityPart, Source, select_modalities
 from .tensors import Lazy, open_model_weights
 
 
@@ -59,7 +59,7 @@ def read_composite(recipe: SourceRecipe, location: Location) -> Source:
     text_lora = {
         module: LowRank(Lazy(store, pair["A"]), Lazy(store, pair["B"]), text_scaling) for module, pair in text_factors.items()
     }
-    processor = CompositeMLLMProcessor.from_pretrained(location.folder)
+    processor = CompositeMLLMProcessor.from_pretrained(location.folder, trust_remote_code=False)
     embed_key = "model.language_model.embed_tokens.weight"
     parts = {}
     for name, entry in config.modalities.items():
@@ -109,7 +109,7 @@ def read_composite(recipe: SourceRecipe, location: Location) -> Source:
         format="composite",
         modalities=select_modalities(recipe, parts),
         text_config=config.get_text_config(),
-        tokenizer=load_tokenizer(location.folder, label),
+        tokenizer=processor.tokenizer,
         full_weights=full,
         text_lora=text_lora,
         decoupled=any(part.lora for part in parts.values()),

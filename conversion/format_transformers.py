@@ -58,10 +58,10 @@ def _processor(location: Location, label: str, image_only: bool = False):
     try:
         if image_only:
             return SimpleNamespace(
-                tokenizer=AutoTokenizer.from_pretrained(location.folder),
-                image_processor=AutoImageProcessor.from_pretrained(location.folder),
+                tokenizer=AutoTokenizer.from_pretrained(location.folder, trust_remote_code=False),
+                image_processor=AutoImageProcessor.from_pretrained(location.folder, trust_remote_code=False),
             )
-        return AutoProcessor.from_pretrained(location.folder)
+        return AutoProcessor.from_pretrained(location.folder, trust_remote_code=False)
     except (ValueError, OSError, KeyError, TypeError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConversionError(f"{label}: cannot load its processor ({first_line}); the folder needs its processor files.") from None

@@ -217,11 +217,14 @@ def _plan_llm(plan: Plan, base: BaseModel, sources: list[Source], weights: list[
     rows = plan.config.get_text_config().vocab_size
     routed = {name for name in plan.config.lora_target_modules} if plan.config.has_routed_deltas else set()
 
+    warned: set[int] = set()
+
     def merged(key: str) -> torch.Tensor:
         # Every row of the base's embedding / LM head merges like any tensor (rows a source has beyond the base's
         # are its own added tokens: dropped, except its placeholder's row, which `_vocab_rows` places).
         base_tensor = base.get(key).float()
         deltas = [source.text_delta(key, base_tensor) for source in sources]
+        _warn_implausible(deltas, base_tensor, key, sources, warned)
         delta = merge_deltas(deltas, weights, rule, density=density, seed=seed, name=key)
         merged_tensor = base_tensor if delta is None else base_tensor + delta
         return _vocab_rows(merged_tensor, key, rows, vocab, plan) if key in VOCAB_KEYS else merged_tensor
@@ -240,6 +243,26 @@ def _plan_llm(plan: Plan, base: BaseModel, sources: list[Source], weights: list[
         plan.shapes[out_key] = (rows, *shape[1:]) if key in VOCAB_KEYS else shape
         if is_routed and parameter == "weight":
             _plan_routed(plan, key, f"model.language_model.{module[len('model.'):]}", base, sources, weights, text_ranks)
+
+
+# A fine-tune moves weights by a few percent of their norm; a delta as large as the weight itself means the source
+# was most likely not trained from this base (same shapes, other weights).
+_IMPLAUSIBLE_RELATIVE_DELTA = 0.5
+
+
+def _warn_implausible(deltas: list[torch.Tensor | None], base_tensor: torch.Tensor, key: str, sources: list[Source],
+                      warned: set[int]) -> None:
+    base_norm = float(base_tensor.norm())
+    for index, delta in enumerate(deltas):
+        if delta is None or index in warned or base_norm == 0:
+            continue
+        ratio = float(delta.norm()) / base_norm
+        if ratio > _IMPLAUSIBLE_RELATIVE_DELTA:
+            warned.add(index)
+            logger.warning(
+                "%s: its %s differs from the base's by %.0f%% of the base's norm; is it really fine-tuned from this "
+                "base?", sources[index].label, key, 100 * ratio
+            )
 
 
 def _vocab_rows(tensor: torch.Tensor, key: str, rows: int, vocab: int, plan: Plan) -> torch.Tensor:

@@ -151,7 +151,7 @@ def load_config(folder: Path, label: str) -> PreTrainedConfig:
     if not (folder / "config.json").is_file():
         raise ConversionError(f"{label}: {folder} has no config.json.")
     try:
-        return AutoConfig.from_pretrained(folder)
+        return AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except (ValueError, KeyError, OSError, json.JSONDecodeError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConversionError(f"{label}: cannot read its config.json ({first_line}).") from None
@@ -161,7 +161,7 @@ def load_tokenizer(folder: Path, label: str) -> PreTrainedTokenizerBase | None:
     if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
     try:
-        return AutoTokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (ValueError, KeyError, OSError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConversionError(f"{label}: cannot load its tokenizer ({first_line}).") from None

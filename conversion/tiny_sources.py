@@ -254,7 +254,7 @@ def save_tiny_llava(
     folder: str | os.PathLike,
     base_folder: str | os.PathLike,
     seed: int = 1,
-    delta_scale: float = 0.02,
+    delta_scale: float = 0.004,
     legacy_layout: bool = False,
 ) -> Path:
     """A LLaVA-1.5 style source (`LlavaForConditionalGeneration`): the base LLM fully fine-tuned (every tensor
@@ -314,7 +314,7 @@ def save_tiny_video_llava(
     folder: str | os.PathLike,
     base_folder: str | os.PathLike,
     seed: int = 2,
-    delta_scale: float = 0.02,
+    delta_scale: float = 0.004,
     legacy_layout: bool = False,
 ) -> Path:
     """A Video-LLaVA source (`VideoLlavaForConditionalGeneration`): the base LLM fully fine-tuned, separate random
@@ -433,7 +433,7 @@ def save_tiny_qwen2_audio(
     folder: str | os.PathLike,
     base_folder: str | os.PathLike,
     seed: int = 3,
-    delta_scale: float = 0.02,
+    delta_scale: float = 0.004,
     legacy_layout: bool = False,
 ) -> Path:
     """A Qwen2-Audio source (`Qwen2AudioForConditionalGeneration`) on a Qwen2 base (`save_tiny_base(...,

@@ -34,10 +34,11 @@ POINTS = 64
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level tokenizer (every byte is a token, no merges) with BOS/EOS/PAD/UNK: any text round-trips."""
-    byte_vocab = {token: index for index, token in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    # `alphabet()` comes from a hash set, in no fixed order: sort it, so every call builds the same vocabulary.
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     specials = ["<unk>", "<s>", "</s>", "<pad>"]
     vocab = {token: index for index, token in enumerate(specials)}
-    vocab.update({token: index + len(specials) for token, index in sorted(byte_vocab.items(), key=lambda kv: kv[1])})
+    vocab.update({token: index + len(specials) for index, token in enumerate(alphabet)})
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()

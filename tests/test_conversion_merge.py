@@ -3,6 +3,7 @@ LoRA sources merge on products; DAMC keeps text and modality paths apart, checke
 built from the source files with plain transformers classes."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -184,3 +185,15 @@ def test_damc_modality_tokens_see_only_their_own_delta(damc, tiny_sources):
     assert int((batch["input_ids"][0, :positions] == model.config.modalities["image"]["placeholder_id"]).sum()) == positions
     for layer in (1, len(expected) - 1):
         torch.testing.assert_close(got[layer][:, :positions], expected[layer], rtol=1e-4, atol=1e-5)
+
+
+def test_a_source_from_another_base_is_flagged_and_a_real_fine_tune_is_not(tiny_sources, tmp_path, caplog):
+    from conversion.tiny_sources import save_tiny_base, save_tiny_llava
+
+    stranger = save_tiny_llava(tmp_path / "stranger", save_tiny_base(tmp_path / "other_base", seed=7))
+    base = str(tiny_sources["base"])
+    with caplog.at_level(logging.WARNING, logger="conversion"):
+        compose({"base": base, "sources": [str(tiny_sources["llava"])]}, tmp_path / "fine", verify=False)
+        assert "really fine-tuned from this base" not in caplog.text
+        compose({"base": base, "sources": [str(stranger)]}, tmp_path / "stranger_out", verify=False)
+    assert "sources[0]" in caplog.text and "really fine-tuned from this base" in caplog.text
