@@ -6,10 +6,16 @@ import shutil
 from pathlib import Path
 
 from tqdm.auto import tqdm
-from transformers import CLIPImageProcessor, GenerationConfig, WhisperFeatureExtractor
+from transformers import GenerationConfig, WhisperFeatureExtractor
 
 import modeling_composite
-from modeling_composite.builder import AUTO_MODEL_CLASSES, default_chat_template, placeholder_suppression, processor_modalities
+from modeling_composite.builder import (
+    AUTO_MODEL_CLASSES,
+    clip_image_processor,
+    default_chat_template,
+    placeholder_suppression,
+    processor_modalities,
+)
 from modeling_composite.processing_composite import CompositeMLLMProcessor
 
 from .card import CardInfo, CardSource, render_model_card
@@ -168,7 +174,7 @@ def _processor(plan: Plan, recipe: Recipe) -> CompositeMLLMProcessor:
     modalities whose own image processor differs get their settings as per-modality overrides."""
     image_processors = {name: part.image_processor for name, (_, part) in plan.modalities.items() if part.image_processor is not None}
     feature_extractors = [part.feature_extractor for _, part in plan.modalities.values() if part.feature_extractor is not None]
-    image_processor = next(iter(image_processors.values()), None) or CLIPImageProcessor()
+    image_processor = next(iter(image_processors.values()), None) or clip_image_processor()
     feature_extractor = feature_extractors[0] if feature_extractors else WhisperFeatureExtractor()
     if any(extractor.to_dict() != feature_extractor.to_dict() for extractor in feature_extractors):
         raise ConversionError("The audio sources use different feature extractors; composing them is not supported yet.")

@@ -9,7 +9,9 @@ import copy
 import logging
 from types import SimpleNamespace
 
-from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, CLIPImageProcessor
+from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+from modeling_composite.builder import clip_image_processor
 
 from .errors import ConversionError
 from .locate import Location
@@ -145,7 +147,7 @@ def read_video_llava(recipe: SourceRecipe, location: Location) -> Source:
         raise ConversionError(f"{label}: video_seq_length {config.video_seq_length} is not a whole number of frames of {per_frame} tokens.")
     # Video-LLaVA's image processor is CLIP's with a different output name; the composite uses CLIP's.
     settings = {key: value for key, value in processor.image_processor.to_dict().items() if key in _CLIP_SETTINGS}
-    image_processor = CLIPImageProcessor(**settings)
+    image_processor = clip_image_processor(**settings)
     parts = {}
     for kind in ("image", "video"):
         # One projector serves both towers in Video-LLaVA; each modality of the composite gets its own copy.

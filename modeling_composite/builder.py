@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import CLIPImageProcessor, PreTrainedModel, PreTrainedTokenizerBase, WhisperFeatureExtractor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, WhisperFeatureExtractor
+from transformers.utils import is_torchvision_available
 
 from .configuration_composite import CompositeMLLMConfig, MODALITY_KINDS
 from .configuration_point_encoder import CompositePointEncoderConfig
@@ -124,6 +125,18 @@ def default_chat_template(modalities: dict[str, dict[str, Any]]) -> str:
     )
 
 
+def clip_image_processor(**settings: Any) -> Any:
+    """CLIP's image processor: the torchvision backend when it is installed, else the PIL one (named directly, since
+    asking transformers for `CLIPImageProcessor` without torchvision logs a fallback warning on every import)."""
+    if is_torchvision_available():
+        from transformers import CLIPImageProcessor
+
+        return CLIPImageProcessor(**settings)
+    from transformers import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(**settings)
+
+
 def add_placeholder_tokens(tokenizer: PreTrainedTokenizerBase, placeholders: list[str]) -> dict[str, int]:
     """Add the placeholders missing from `tokenizer` as special tokens (in place); returns placeholder -> id."""
     missing = [token for token in placeholders if token not in tokenizer.get_vocab()]
@@ -198,7 +211,7 @@ def compose(
     model.generation_config.suppress_tokens = placeholder_suppression(config, model.generation_config)
     # ProcessorMixin needs every sub-processor; one for a kind the composite lacks is never used.
     processor = CompositeMLLMProcessor(
-        image_processor=image_processor if image_processor is not None else CLIPImageProcessor(),
+        image_processor=image_processor if image_processor is not None else clip_image_processor(),
         feature_extractor=feature_extractor if feature_extractor is not None else WhisperFeatureExtractor(),
         tokenizer=tokenizer,
         modalities=processor_modalities(config),

@@ -11,13 +11,12 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
-    CLIPImageProcessor,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     WhisperFeatureExtractor,
 )
 
-from .builder import ModalitySpec, compose
+from .builder import ModalitySpec, clip_image_processor, compose
 from .configuration_point_encoder import CompositePointEncoderConfig
 from .modeling_composite import CompositeMLLMForCausalLM
 from .modeling_point_encoder import CompositePointEncoder
@@ -119,8 +118,8 @@ def tiny_point_encoder(seed: int = 3) -> CompositePointEncoder:
     return CompositePointEncoder(config).eval()
 
 
-def tiny_image_processor() -> CLIPImageProcessor:
-    return CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+def tiny_image_processor():
+    return clip_image_processor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
 
 
 def tiny_feature_extractor() -> WhisperFeatureExtractor:

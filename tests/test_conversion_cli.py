@@ -219,3 +219,13 @@ def test_push_to_hub_uploads_exactly_the_folder(tiny_sources, tmp_path):
     on_disk = {str(path.relative_to(output)): path.read_bytes() for path in output.rglob("*") if path.is_file()}
     assert uploaded == on_disk
     assert uploaded["README.md"].startswith(b"---\n") and b"model-composition" in uploaded["README.md"]
+
+
+def test_the_installed_command_prints_exactly_one_line_on_a_user_error(tmp_path):
+    """The real process: nothing but the error reaches stderr (no warnings from imports, no traceback)."""
+    recipe = _write_recipe(tmp_path, {"base": "/no/such/base", "sources": ["/no/such/source"]})
+    result = subprocess.run([sys.executable, "-m", "conversion", str(recipe), str(tmp_path / "out")], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["error: base: the folder '/no/such/base' does not exist; check the path (or give a Hub id)."]
+    assert not (tmp_path / "out").exists()
