@@ -79,9 +79,13 @@ def compose(
     logger.info(
         "composite: %d modalities (%s), %d tensors", len(plan.modalities), ", ".join(plan.modalities), len(plan.producers)
     )
+    processor = _processor(plan, recipe)  # before writing: it checks that the sources' processors can be combined
     with atomic_output(output_dir, force) as folder:
-        _write_weights(plan, folder, shard_bytes)
-        _write_metadata(plan, folder, base, sources, recipe, push_to_hub)
+        try:
+            _write_weights(plan, folder, shard_bytes)
+            _write_metadata(plan, processor, folder, base, sources, recipe, push_to_hub)
+        except OSError as error:
+            raise ConversionError(f"Writing the composite failed ({error}); check the free space and permissions.") from None
         if verify:
             report = verify_composite(folder)
             logger.info(
@@ -132,8 +136,8 @@ def _write_weights(plan: Plan, folder: Path, shard_bytes: int) -> None:
     logger.info("wrote %.1f MB of weights in %s", writer.total_bytes / 1e6, ", ".join(files))
 
 
-def _write_metadata(plan: Plan, folder: Path, base: BaseModel, sources: list[Source], recipe: Recipe,
-                    push_to_hub: str | None) -> None:
+def _write_metadata(plan: Plan, processor: CompositeMLLMProcessor, folder: Path, base: BaseModel,
+                    sources: list[Source], recipe: Recipe, push_to_hub: str | None) -> None:
     config = plan.config
     config.architectures = ["CompositeMLLMForCausalLM"]
     config.auto_map = {
@@ -144,7 +148,6 @@ def _write_metadata(plan: Plan, folder: Path, base: BaseModel, sources: list[Sou
     }
     config.save_pretrained(folder)
     _generation_config(base, plan).save_pretrained(folder)
-    processor = _processor(plan, recipe)
     # Records `auto_map` in the processor files, so that AutoProcessor finds the remote class.
     type(processor).register_for_auto_class()
     processor.save_pretrained(folder)
@@ -185,6 +188,12 @@ def _processor(plan: Plan, recipe: Recipe) -> CompositeMLLMProcessor:
         overrides = {key: own[key] for key in _IMAGE_OVERRIDE_KEYS if key in own and own.get(key) != shared.get(key)}
         if overrides:
             modalities[name]["image_processor_kwargs"] = overrides
+    # Sources' processor files may point at remote code of their own (`auto_map`); none of it may reach a composite
+    # that users load with trust_remote_code=True.
+    for part in (image_processor, feature_extractor):
+        if hasattr(part, "auto_map"):
+            del part.auto_map
+    plan.tokenizer.init_kwargs.pop("auto_map", None)
     return CompositeMLLMProcessor(
         image_processor=image_processor,
         feature_extractor=feature_extractor,

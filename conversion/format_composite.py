@@ -59,7 +59,10 @@ def read_composite(recipe: SourceRecipe, location: Location) -> Source:
     text_lora = {
         module: LowRank(Lazy(store, pair["A"]), Lazy(store, pair["B"]), text_scaling) for module, pair in text_factors.items()
     }
-    processor = CompositeMLLMProcessor.from_pretrained(location.folder, trust_remote_code=False)
+    try:
+        processor = CompositeMLLMProcessor.from_pretrained(location.folder, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as error:
+        raise ConversionError(f"{label}: cannot load its processor ({str(error).splitlines()[0]}); the composite folder is incomplete.") from None
     embed_key = "model.language_model.embed_tokens.weight"
     parts = {}
     for name, entry in config.modalities.items():

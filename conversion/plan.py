@@ -66,6 +66,14 @@ def check_compatibility(base: BaseModel, sources: list[Source], recipe: Recipe) 
                     f"must be unique in a composite, so rename one (e.g. `rename: {{{name}: {name}_2}}`)."
                 )
             owners[name] = source.label
+    if recipe.method == "naive":
+        for source in sources:
+            own = [name for name, part in source.modalities.items() if part.lora_factors]
+            if own:
+                logger.warning(
+                    "%s: method naive does not use its separate %s LoRA (decoupled modality parameters): every token "
+                    "uses the merged text parameters. Use method damc to keep it.", source.label, ", ".join(own)
+                )
     if recipe.method == "damc":
         plain = [source for source in sources if not source.decoupled]
         if plain:
@@ -171,9 +179,21 @@ def _text_rank(source: Source) -> int:
     return ranks.pop() if ranks else 0
 
 
+def _check_modality_ranks(sources: list[Source]) -> None:
+    for source in sources:
+        for part in source.modalities.values():
+            ranks = {low_rank.rank for low_rank in part.lora_factors.values()}
+            if len(ranks) > 1 or (ranks and part.lora and part.lora.get("r") not in ranks):
+                raise ConversionError(
+                    f"{source.label}: its {part.name} LoRA has ranks {sorted(ranks)} across layers (config: "
+                    f"{part.lora}); one rank per modality is supported."
+                )
+
+
 def build_plan(base: BaseModel, sources: list[Source], recipe: Recipe, composition: dict) -> Plan:
     damc = recipe.method == "damc"
     weights = recipe.weights()
+    _check_modality_ranks(sources)
     modalities = {name: (index, part) for index, source in enumerate(sources) for name, part in source.modalities.items()}
     if not modalities:
         raise ConversionError("The sources contribute no modality; a composite needs at least one.")
@@ -266,9 +286,11 @@ def _warn_implausible(deltas: list[torch.Tensor | None], base_tensor: torch.Tens
 
 
 def _vocab_rows(tensor: torch.Tensor, key: str, rows: int, vocab: int, plan: Plan) -> torch.Tensor:
-    """Rows of the embedding / LM head: the merged base vocabulary, the base's own rows after it, new rows (the mean
-    of the vocabulary's, as transformers' resizing does) up to the new size, and each placeholder's row taken from
-    its source where the source had that token (so its logit matches the source's)."""
+    """Rows of the embedding / LM head: the base's rows (merged like any tensor, padding rows past the tokenizer
+    included), new rows (the mean of the vocabulary's, as transformers' resizing does) up to the new size, and each
+    placeholder's row taken from its source where the source had that token (so its logit matches the source's).
+    A placeholder's embedding is always replaced by features and its logit suppressed in generation, so the value of
+    a placeholder row without a source row does not matter."""
     if tensor.shape[0] < rows:
         extra = tensor[:vocab].mean(dim=0, keepdim=True).expand(rows - tensor.shape[0], -1)
         tensor = torch.cat([tensor, extra])

@@ -159,6 +159,12 @@ def _parse_source(index: int, raw: Any) -> SourceRecipe:
     rename = raw.get("rename") or {}
     if not isinstance(rename, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in rename.items()):
         raise ConversionError(f"{where}.rename must map modality names to new names, e.g. {{image: chart}}, got {rename!r}.")
+    for new_name in rename.values():
+        if not new_name.isidentifier() or new_name == "text":
+            raise ConversionError(
+                f"{where}.rename: {new_name!r} cannot name a modality; use a Python identifier other than 'text' "
+                "(it becomes a module name and a placeholder <name>)."
+            )
     source.rename = dict(rename)
     for key in ("encoder", "projector"):
         if raw.get(key) is not None:
@@ -213,6 +219,11 @@ def parse_recipe(raw: Any, text: str = "") -> Recipe:
         license=None if license_id is None else _require_str("license", license_id),
         text=text,
     )
+    if recipe.merge.rule in ("ties", "dare_ties") and any(weight < 0 for weight in recipe.weights()):
+        raise ConversionError(
+            f"merge.rule {recipe.merge.rule} weighs sources relative to each other and needs weights >= 0; use "
+            "linear (or dare_linear) to subtract a source."
+        )
     if method == "damc" and recipe.merge.rule != "linear":
         raise ConversionError(
             f"method damc merges the text deltas with rule linear only (modality tokens take the merged text delta "

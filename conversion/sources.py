@@ -224,6 +224,10 @@ def select_modalities(recipe: SourceRecipe, parts: dict[str, ModalityPart]) -> d
     stray_renames = [name for name in recipe.rename if name not in chosen]
     if stray_renames:
         raise ConversionError(f"{recipe.label}: `rename` names {stray_renames}, which are not among its modalities {chosen}.")
+    targets = [recipe.rename.get(name, name) for name in chosen]
+    clashes = sorted({name for name in targets if targets.count(name) > 1})
+    if clashes:
+        raise ConversionError(f"{recipe.label}: after `rename` two of its modalities are both called {clashes}; rename one differently.")
     selected = {}
     for name in chosen:
         part = parts[name]

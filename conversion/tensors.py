@@ -61,6 +61,11 @@ class TensorStore:
 
     def _index_pickle(self, path: Path) -> None:
         logger.info("%s: reading the pickled checkpoint %s with torch.load(weights_only=True)", self.label, path.name)
+        if not zipfile.is_zipfile(path):
+            logger.warning(
+                "%s: %s uses torch's legacy (pre-1.6) format, which cannot be memory-mapped: it is read into memory "
+                "whole. Re-save it (or convert it to safetensors) for large checkpoints.", self.label, path.name
+            )
         try:
             # mmap keeps tensors on disk until used; only the zip format (torch >= 1.6) supports it.
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
@@ -111,11 +116,9 @@ class TensorStore:
         if key not in self._location:
             raise ConversionError(f"{self.label}: the checkpoint has no tensor {key!r}.")
         path, holder = self._location[key]
-        if torch.is_tensor(holder):
-            return holder.clone()
         try:
-            return holder.get_tensor(key)
-        except (SafetensorError, OSError) as error:
+            return holder.clone() if torch.is_tensor(holder) else holder.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError) as error:
             raise ConversionError(f"{self.label}: cannot read {key!r} from {path.name} ({error}); the file is damaged.") from None
 
 

@@ -57,15 +57,20 @@ def verify_composite(folder: Path, timeout: int = 3600) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         # A fresh module cache, so that the folder's own remote code is what runs.
         environment = {**os.environ, "HF_MODULES_CACHE": str(Path(scratch) / "modules"), "HF_HUB_OFFLINE": "1"}
-        result = subprocess.run(
-            [sys.executable, "-c", _SCRIPT, str(Path(folder).resolve())],
-            cwd=scratch,
-            env=environment,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-    if result.returncode != 0:
+        try:
+            result = subprocess.run(
+                [sys.executable, "-c", _SCRIPT, str(Path(folder).resolve())],
+                cwd=scratch,
+                env=environment,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            raise ConversionError(
+                f"Verification took over {timeout} s and was stopped; rerun with --no-verify and check the model by hand."
+            ) from None
+    if result.returncode != 0 or not result.stdout.strip():
         last_lines = " | ".join(result.stderr.strip().splitlines()[-3:])
         raise ConversionError(f"Verification failed: the written composite does not load and run ({last_lines}).")
     report = json.loads(result.stdout.strip().splitlines()[-1])

@@ -110,7 +110,10 @@ def atomic_output(destination: Path, force: bool) -> Iterator[Path]:
     except OSError as error:
         raise ConversionError(f"Cannot create the output's parent folder {str(parent)!r} ({error}).") from None
     # Beside the destination, so that the final rename stays on one file system (and is atomic).
-    temporary = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=parent))
+    try:
+        temporary = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=parent))
+    except OSError as error:
+        raise ConversionError(f"Cannot write beside the output in {str(parent)!r} ({error.strerror}); pick a writable place.") from None
     previous_handler = None
     if _in_main_thread():
         previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)

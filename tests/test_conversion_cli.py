@@ -59,7 +59,11 @@ def bad_sources(tiny_sources, tmp_path_factory):
     pickled = shutil.copytree(tiny_sources["paper_damc_a"], root / "pickled")
     # A pickle that references a callable: loading it without weights_only would import and could call it.
     torch.save({"model.modal_projectors.vision.0.weight": torch.zeros(2), "payload": os.system}, pickled / "adapter_model.bin")
-    return {"wide": wide, "other_vocab": other_vocab, "corrupt": corrupt, "pickled": pickled}
+    no_strategy = shutil.copytree(tiny_sources["paper_naive"], root / "no_strategy")
+    config = json.loads((no_strategy / "config.json").read_text())
+    del config["lora_strategy"]
+    (no_strategy / "config.json").write_text(json.dumps(config))
+    return {"wide": wide, "other_vocab": other_vocab, "corrupt": corrupt, "pickled": pickled, "no_strategy": no_strategy}
 
 
 def _bad_recipes(sources: dict, bad: dict) -> dict[str, tuple[dict, str]]:
@@ -78,6 +82,21 @@ def _bad_recipes(sources: dict, bad: dict) -> dict[str, tuple[dict, str]]:
         ),
         "damc on a full fine-tune": ({"method": "damc", "base": base, "sources": [llava]}, "use `method: naive`"),
         "corrupt safetensors": ({"base": base, "sources": [{"path": str(bad["corrupt"])}]}, "is not a valid safetensors file"),
+        "rename to a bad name": (
+            {"base": base, "sources": [{**llava, "rename": {"image": "my image"}}]}, "'my image' cannot name a modality"
+        ),
+        "rename onto another modality": (
+            {"base": base, "sources": [{"path": str(sources["video_llava"]), "rename": {"image": "video"}}]},
+            "two of its modalities are both called ['video']",
+        ),
+        "paper checkpoint with no strategy": (
+            {"base": base, "sources": [{"path": str(bad["no_strategy"]), "encoder": clip}]},
+            "are not used under lora_strategy None",
+        ),
+        "negative weight with ties": (
+            {"base": base, "merge": {"rule": "ties", "density": 0.5}, "sources": [{**llava, "weight": -1}]},
+            "needs weights >= 0",
+        ),
         "pickle with code": (
             {"base": base, "sources": [{"path": str(bad["pickled"]), "encoder": clip}]},
             "is not a plain checkpoint of tensors",
@@ -88,7 +107,8 @@ def _bad_recipes(sources: dict, bad: dict) -> dict[str, tuple[dict, str]]:
 @pytest.mark.parametrize(
     "case",
     ["unknown method", "unknown rule", "missing source", "other hidden size", "other vocabulary", "duplicate modality",
-     "damc on a full fine-tune", "corrupt safetensors", "pickle with code"],
+     "damc on a full fine-tune", "corrupt safetensors", "pickle with code", "rename to a bad name",
+     "rename onto another modality", "paper checkpoint with no strategy", "negative weight with ties"],
 )
 def test_bad_recipe_or_source_exits_2_with_one_line_and_no_output(case, tiny_sources, bad_sources, tmp_path, capsys):
     recipe, message = _bad_recipes(tiny_sources, bad_sources)[case]
@@ -229,3 +249,18 @@ def test_the_installed_command_prints_exactly_one_line_on_a_user_error(tmp_path)
     assert result.returncode == 2
     assert result.stderr.splitlines() == ["error: base: the folder '/no/such/base' does not exist; check the path (or give a Hub id)."]
     assert not (tmp_path / "out").exists()
+
+
+def test_remote_code_pointers_of_a_source_never_reach_the_composite(tiny_sources, tmp_path, capsys):
+    """A base whose tokenizer files point at remote code elsewhere: the composite (loaded with trust_remote_code=True)
+    must not carry that pointer."""
+    base = shutil.copytree(tiny_sources["base"], tmp_path / "base")
+    config_file = base / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_file.read_text())
+    tokenizer_config["auto_map"] = {"AutoTokenizer": ["someorg/evil--tokenization_evil.EvilTokenizer", None]}
+    config_file.write_text(json.dumps(tokenizer_config))
+    recipe = _write_recipe(tmp_path, {"base": str(base), "sources": [str(tiny_sources["llava"])]})
+    code, _, err = _run([recipe, tmp_path / "out", "--no-verify"], capsys)
+    assert code == 0, err
+    for name in ("tokenizer_config.json", "processor_config.json", "config.json"):
+        assert "evil" not in (tmp_path / "out" / name).read_text()

@@ -197,3 +197,12 @@ def test_a_source_from_another_base_is_flagged_and_a_real_fine_tune_is_not(tiny_
         assert "really fine-tuned from this base" not in caplog.text
         compose({"base": base, "sources": [str(stranger)]}, tmp_path / "stranger_out", verify=False)
     assert "sources[0]" in caplog.text and "really fine-tuned from this base" in caplog.text
+
+
+def test_naive_composition_of_a_damc_source_says_it_drops_the_modality_lora(tiny_sources, tmp_path, caplog):
+    recipe = {"base": str(tiny_sources["base"]),
+              "sources": [{"path": str(tiny_sources["paper_damc_a"]), "encoder": str(tiny_sources["clip"])}]}
+    with caplog.at_level(logging.WARNING, logger="conversion"):
+        output = compose(recipe, tmp_path / "out", verify=False)
+    assert "method naive does not use its separate image LoRA" in caplog.text
+    assert json.loads((output / "config.json").read_text())["modalities"]["image"]["lora"] is None
