@@ -20,7 +20,11 @@ from .recipe import METHODS
 
 
 # `model_cards/` is a top-level folder of the repository, beside `conversion/`.
-_TEMPLATE_FILE = Path(__file__).resolve().parent.parent / "model_cards" / "composite.md"
+# `model_cards/` is a top-level folder of the repository; an installed package has it as `conversion/model_cards/`.
+_TEMPLATE_CANDIDATES = (
+    Path(__file__).resolve().parent / "model_cards" / "composite.md",
+    Path(__file__).resolve().parent.parent / "model_cards" / "composite.md",
+)
 
 _METHODS = METHODS
 _RULES = MERGE_RULES
@@ -74,12 +78,13 @@ class CardInfo:
 
 def template_path() -> Path:
     """The Jinja2 template of the card. Raises `ConversionError` when it is missing (a broken installation)."""
-    if not _TEMPLATE_FILE.is_file():
-        raise ConversionError(
-            f"The model card template {str(_TEMPLATE_FILE)!r} is missing; reinstall the project or restore "
-            "model_cards/composite.md."
-        )
-    return _TEMPLATE_FILE
+    for candidate in _TEMPLATE_CANDIDATES:
+        if candidate.is_file():
+            return candidate
+    raise ConversionError(
+        f"The model card template is missing (looked at {[str(path) for path in _TEMPLATE_CANDIDATES]}); reinstall "
+        "the project or restore model_cards/composite.md."
+    )
 
 
 def render_model_card(info: CardInfo) -> ModelCard:

@@ -238,6 +238,6 @@ def test_a_source_modality_the_composite_lacks_is_a_conversion_error():
 
 def test_template_lookup(monkeypatch, tmp_path):
     assert template_path().name == "composite.md" and template_path().parent.name == "model_cards"
-    monkeypatch.setattr(card_module, "_TEMPLATE_FILE", tmp_path / "missing.md")
+    monkeypatch.setattr(card_module, "_TEMPLATE_CANDIDATES", (tmp_path / "missing.md",))
     with pytest.raises(ConversionError, match="missing"):
         template_path()
