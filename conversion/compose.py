@@ -10,8 +10,9 @@ from transformers import GenerationConfig, WhisperFeatureExtractor
 
 import modeling_composite
 from modeling_composite.builder import (
-    AUTO_MODEL_CLASSES,
+    CLIP_IMAGE_SETTINGS,
     clip_image_processor,
+    composite_auto_map,
     default_chat_template,
     placeholder_suppression,
     processor_modalities,
@@ -26,7 +27,7 @@ from .plan import Plan, build_plan, check_compatibility
 from .recipe import Recipe, load_recipe
 from .sources import BaseModel, Source
 from .verify import verify_composite
-from .writer import ShardedWriter, atomic_output, parse_size
+from .writer import ShardedWriter, atomic_output, check_destination, parse_size
 
 
 logger = logging.getLogger(__name__)
@@ -69,8 +70,7 @@ def compose(
     recipe = load_recipe(recipe)
     output_dir = Path(output_dir)
     shard_bytes = parse_size(max_shard_size)
-    if output_dir.exists() and not force:
-        raise ConversionError(f"The output {str(output_dir)!r} already exists; pass --force to replace it.")
+    check_destination(output_dir, force)  # before any source is read; atomic_output checks again before writing
 
     base = BaseModel(locate(recipe.base, "base"))
     sources = [read_source(source, locate(source.path, source.label)) for source in recipe.sources]
@@ -83,7 +83,7 @@ def compose(
     with atomic_output(output_dir, force) as folder:
         try:
             _write_weights(plan, folder, shard_bytes)
-            _write_metadata(plan, processor, folder, base, sources, recipe, push_to_hub)
+            _write_metadata(plan, processor, folder, base, recipe, push_to_hub)
         except OSError as error:
             raise ConversionError(f"Writing the composite failed ({error}); check the free space and permissions.") from None
         if verify:
@@ -136,16 +136,11 @@ def _write_weights(plan: Plan, folder: Path, shard_bytes: int) -> None:
     logger.info("wrote %.1f MB of weights in %s", writer.total_bytes / 1e6, ", ".join(files))
 
 
-def _write_metadata(plan: Plan, processor: CompositeMLLMProcessor, folder: Path, base: BaseModel,
-                    sources: list[Source], recipe: Recipe, push_to_hub: str | None) -> None:
+def _write_metadata(plan: Plan, processor: CompositeMLLMProcessor, folder: Path, base: BaseModel, recipe: Recipe,
+                    push_to_hub: str | None) -> None:
     config = plan.config
     config.architectures = ["CompositeMLLMForCausalLM"]
-    config.auto_map = {
-        "AutoConfig": "configuration_composite.CompositeMLLMConfig",
-        **{auto_class: "modeling_composite.CompositeMLLMForCausalLM" for auto_class in AUTO_MODEL_CLASSES},
-        "AutoModel": "modeling_composite.CompositeMLLMModel",
-        "AutoProcessor": "processing_composite.CompositeMLLMProcessor",
-    }
+    config.auto_map = composite_auto_map()
     config.save_pretrained(folder)
     _generation_config(base, plan).save_pretrained(folder)
     # Records `auto_map` in the processor files, so that AutoProcessor finds the remote class.
@@ -155,7 +150,7 @@ def _write_metadata(plan: Plan, processor: CompositeMLLMProcessor, folder: Path,
     for name in REMOTE_CODE_FILES:
         shutil.copyfile(package / name, folder / name)
     (folder / RECIPE_FILE).write_text(recipe.text)
-    card = render_model_card(_card_info(plan, base, sources, recipe, push_to_hub))
+    card = render_model_card(_card_info(plan, recipe, push_to_hub))
     card.save(folder / "README.md")
 
 
@@ -181,13 +176,14 @@ def _processor(plan: Plan, recipe: Recipe) -> CompositeMLLMProcessor:
     feature_extractor = feature_extractors[0] if feature_extractors else WhisperFeatureExtractor()
     if any(extractor.to_dict() != feature_extractor.to_dict() for extractor in feature_extractors):
         raise ConversionError("The audio sources use different feature extractors; composing them is not supported yet.")
-    modalities = processor_modalities(plan.config)
     shared = image_processor.to_dict()
+    overrides = {}
     for name, processor in image_processors.items():
         own = processor.to_dict()
-        overrides = {key: own[key] for key in _IMAGE_OVERRIDE_KEYS if key in own and own.get(key) != shared.get(key)}
-        if overrides:
-            modalities[name]["image_processor_kwargs"] = overrides
+        differing = {key: own[key] for key in CLIP_IMAGE_SETTINGS if key in own and own.get(key) != shared.get(key)}
+        if differing:
+            overrides[name] = differing
+    modalities = processor_modalities(plan.config, overrides)
     # Sources' processor files may point at remote code of their own (`auto_map`); none of it may reach a composite
     # that users load with trust_remote_code=True.
     for part in (image_processor, feature_extractor):
@@ -203,34 +199,18 @@ def _processor(plan: Plan, recipe: Recipe) -> CompositeMLLMProcessor:
     )
 
 
-# Image-processor settings that can differ per modality (passed as call-time overrides by the processor).
-_IMAGE_OVERRIDE_KEYS = ("size", "crop_size", "do_center_crop", "do_resize", "image_mean", "image_std", "do_normalize",
-                        "resample", "rescale_factor", "do_convert_rgb")
-
-
-def _card_info(plan: Plan, base: BaseModel, sources: list[Source], recipe: Recipe, repo_id: str | None) -> CardInfo:
-    def card_source(location: Location, fmt: str, modalities: dict[str, str], weight: float) -> CardSource:
-        return CardSource(
-            reference=location.reference,
-            hub_id=location.hub_id,
-            revision=location.revision,
-            format=fmt,
-            modalities=modalities,
-            weight=weight,
-        )
-
+def _card_info(plan: Plan, recipe: Recipe, repo_id: str | None) -> CardInfo:
+    """What the card states, read from the provenance recorded in the config, so card and config cannot disagree."""
     config = plan.config
+    composition = config.composition
     return CardInfo(
         name=recipe.name or (repo_id.split("/")[-1] if repo_id else "composite"),
         method=recipe.method,
         rule=recipe.merge.rule,
         density=recipe.merge.density,
         seed=recipe.merge.seed,
-        base=card_source(base.location, "base", {}, 1.0),
-        sources=[
-            card_source(source.location, source.format, {name: part.kind for name, part in source.modalities.items()}, weight)
-            for source, weight in zip(sources, recipe.weights())
-        ],
+        base=CardSource(**composition["base"], format="base", modalities={}, weight=1.0),
+        sources=[CardSource(**source) for source in composition["sources"]],
         modalities={
             name: {
                 "kind": entry["kind"],

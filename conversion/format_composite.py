@@ -87,7 +87,6 @@ def read_composite(recipe: SourceRecipe, location: Location) -> Source:
             image_processor = type(shared).from_dict({**shared.to_dict(), **overrides}) if overrides else copy.deepcopy(shared)
         parts[name] = ModalityPart(
             name=name,
-            source_name=name,
             kind=entry["kind"],
             encoder_config=build_encoder_config(entry["encoder"]),
             encoder_weights=encoders[name],

@@ -133,7 +133,6 @@ def read_modelcompose(recipe: SourceRecipe, location: Location) -> Source:
         # Named by kind (`image`, with placeholder `<image>`, as the paper's prompts write it), not `vision`.
         parts[kind] = ModalityPart(
             name=kind,
-            source_name=kind,
             kind=kind,
             encoder_config=encoder.config,
             encoder_weights=encoder.weights,

@@ -104,7 +104,6 @@ def read_peft(recipe: SourceRecipe, location: Location) -> Source:
     spec, bias, projector = _projector(_projector_file(recipe, location), label)
     part = ModalityPart(
         name=kind,
-        source_name=kind,
         kind=kind,
         encoder_config=encoder.config,
         encoder_weights=encoder.weights,

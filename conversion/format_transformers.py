@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
-from modeling_composite.builder import clip_image_processor
+from modeling_composite.builder import CLIP_IMAGE_SETTINGS, clip_image_processor
 
 from .errors import ConversionError
 from .locate import Location
@@ -25,8 +25,6 @@ logger = logging.getLogger(__name__)
 # (current prefix, older prefix) of the parts every one of these models has.
 _LLM_PREFIXES = (("model.language_model.", "language_model.model."),)
 _HEAD_KEYS = ("lm_head.weight", "language_model.lm_head.weight")
-_CLIP_SETTINGS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
-                  "do_normalize", "image_mean", "image_std", "do_convert_rgb")
 
 
 def _rules(towers: dict[str, str]) -> list[tuple[str, str]]:
@@ -107,17 +105,21 @@ def _full_fine_tune(recipe: SourceRecipe, location: Location, fmt: str, parts: d
     )
 
 
+def _open(recipe: SourceRecipe, location: Location, towers: dict[str, str]) -> tuple:
+    """The source's config, its tensors, and its keys sorted by part (`llm`, `head`, each tower, `projector`)."""
+    config = load_config(location.folder, recipe.label)
+    store = open_model_weights(location.folder, recipe.label)
+    return config, store, map_keys(store, _rules(towers), recipe.label)
+
+
 def read_llava(recipe: SourceRecipe, location: Location) -> Source:
     label = recipe.label
-    config = load_config(location.folder, label)
-    store = open_model_weights(location.folder, label)
-    groups = map_keys(store, _rules({"vision_tower": "vision"}), label)
+    config, store, groups = _open(recipe, location, {"vision_tower": "vision"})
     processor = _processor(location, label)
     layer, select = _feature_strategy(config, label)
     spec, bias, projector = _projector(groups, store, label, config.projector_hidden_act)
     part = ModalityPart(
         name="image",
-        source_name="image",
         kind="image",
         encoder_config=copy.deepcopy(config.vision_config),
         encoder_weights=lazy_map(store, groups["vision"]),
@@ -134,9 +136,7 @@ def read_llava(recipe: SourceRecipe, location: Location) -> Source:
 
 def read_video_llava(recipe: SourceRecipe, location: Location) -> Source:
     label = recipe.label
-    config = load_config(location.folder, label)
-    store = open_model_weights(location.folder, label)
-    groups = map_keys(store, _rules({"image_tower": "image", "video_tower": "video"}), label)
+    config, store, groups = _open(recipe, location, {"image_tower": "image", "video_tower": "video"})
     processor = _processor(location, label, image_only=True)
     layer, select = _feature_strategy(config, label)
     spec, bias, projector = _projector(groups, store, label, config.projector_hidden_act)
@@ -146,14 +146,13 @@ def read_video_llava(recipe: SourceRecipe, location: Location) -> Source:
     if config.video_seq_length % per_frame:
         raise ConversionError(f"{label}: video_seq_length {config.video_seq_length} is not a whole number of frames of {per_frame} tokens.")
     # Video-LLaVA's image processor is CLIP's with a different output name; the composite uses CLIP's.
-    settings = {key: value for key, value in processor.image_processor.to_dict().items() if key in _CLIP_SETTINGS}
+    settings = {key: value for key, value in processor.image_processor.to_dict().items() if key in CLIP_IMAGE_SETTINGS}
     image_processor = clip_image_processor(**settings)
     parts = {}
     for kind in ("image", "video"):
         # One projector serves both towers in Video-LLaVA; each modality of the composite gets its own copy.
         parts[kind] = ModalityPart(
             name=kind,
-            source_name=kind,
             kind=kind,
             encoder_config=copy.deepcopy(vision),
             encoder_weights=lazy_map(store, groups[kind]),
@@ -171,9 +170,7 @@ def read_video_llava(recipe: SourceRecipe, location: Location) -> Source:
 
 def read_qwen2_audio(recipe: SourceRecipe, location: Location) -> Source:
     label = recipe.label
-    config = load_config(location.folder, label)
-    store = open_model_weights(location.folder, label)
-    groups = map_keys(store, _rules({"audio_tower": "audio"}), label)
+    config, store, groups = _open(recipe, location, {"audio_tower": "audio"})
     processor = _processor(location, label)
     spec, bias, projector = _projector(groups, store, label, None)
     tokenizer = processor.tokenizer
@@ -186,7 +183,6 @@ def read_qwen2_audio(recipe: SourceRecipe, location: Location) -> Source:
         boundary[side] = Lazy(store, embed_key, lambda t, i=token_id: t[i : i + 1], shape=(1, config.text_config.hidden_size))
     part = ModalityPart(
         name="audio",
-        source_name="audio",
         kind="audio",
         encoder_config=copy.deepcopy(config.audio_config),
         encoder_weights=lazy_map(store, groups["audio"]),

@@ -49,28 +49,6 @@ _RULES_WITH_DENSITY = ("ties", "dare_linear", "dare_ties")
 _SIGN_ELECTION_RULES = ("ties", "dare_ties")
 
 
-def check_merge_settings(rule: str, density: float | None, seed: int | None) -> None:
-    """Check a recipe's merge settings before any tensor is read, so that a typo fails at once.
-
-    `density` is required for ``ties``, ``dare_linear`` and ``dare_ties`` (0 < density <= 1) and ignored by
-    ``linear``. `seed` may be None (``merge_deltas`` then uses its default, 0) or an integer >= 0.
-
-    Raises:
-        ConversionError (a ValueError): an unknown rule (the message lists the known ones), a missing or
-            out-of-range density, or a seed that is not an integer >= 0.
-    """
-    _check_rule(rule)
-    if rule in _RULES_WITH_DENSITY:
-        if density is None:
-            raise ConversionError(
-                f"merge rule {rule!r} needs a density (the fraction of each delta's entries kept, 0 < density <= 1); "
-                "set `density`, e.g. 0.5"
-            )
-        _check_density(density, rule)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise ConversionError(f"merge seed must be an integer >= 0, got {seed!r}; set `seed` to e.g. 0")
-
-
 def merge_deltas(
     deltas: Sequence[torch.Tensor | None],
     weights: Sequence[float],

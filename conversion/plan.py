@@ -235,7 +235,7 @@ def _plan_llm(plan: Plan, base: BaseModel, sources: list[Source], weights: list[
     rule, density, seed = recipe.merge.rule, recipe.merge.density or 1.0, recipe.merge.seed
     vocab = base.vocab
     rows = plan.config.get_text_config().vocab_size
-    routed = {name for name in plan.config.lora_target_modules} if plan.config.has_routed_deltas else set()
+    routed = set(plan.config.lora_target_modules) if plan.config.has_routed_deltas else set()
 
     warned: set[int] = set()
 

@@ -58,7 +58,6 @@ class ModalityPart:
     """One modality a source contributes: its encoder, projector and (DAMC) routed delta."""
 
     name: str
-    source_name: str
     kind: str
     encoder_config: PreTrainedConfig
     encoder_weights: dict[str, Lazy]
@@ -95,7 +94,6 @@ class Source:
     decoupled: bool = False
     # With full weights too: the text LoRA is not folded into them (a composite saved in training form).
     text_lora_unfolded: bool = False
-    notes: list[str] = field(default_factory=list)
 
     @property
     def label(self) -> str:

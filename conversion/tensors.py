@@ -20,20 +20,6 @@ from .errors import ConversionError
 
 logger = logging.getLogger(__name__)
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
 class TensorStore:
     """The tensors of one checkpoint (one or several files), by key."""
 
@@ -96,20 +82,11 @@ class TensorStore:
     def __contains__(self, key: str) -> bool:
         return key in self._location
 
-    def __len__(self) -> int:
-        return len(self._location)
-
     def shape(self, key: str) -> tuple[int, ...]:
         path, holder = self._location[key]
         if torch.is_tensor(holder):
             return tuple(holder.shape)
         return tuple(holder.get_slice(key).get_shape())
-
-    def dtype(self, key: str) -> torch.dtype:
-        path, holder = self._location[key]
-        if torch.is_tensor(holder):
-            return holder.dtype
-        return _SAFETENSORS_DTYPES.get(holder.get_slice(key).get_dtype(), torch.float32)
 
     def get(self, key: str) -> torch.Tensor:
         """The tensor `key`, read now (a copy in memory; the store keeps nothing)."""

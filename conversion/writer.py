@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,15 +96,20 @@ def _raise_terminated(signum, frame):
     raise _Terminated()
 
 
+def check_destination(destination: Path, force: bool) -> None:
+    """Refuse an existing output without `force`, and one that is not a folder in any case."""
+    if destination.exists() and not force:
+        raise ConversionError(f"The output {str(destination)!r} already exists; pass --force to replace it.")
+    if destination.exists() and not destination.is_dir():
+        raise ConversionError(f"The output {str(destination)!r} exists and is not a folder; remove it or pick another path.")
+
+
 @contextlib.contextmanager
 def atomic_output(destination: Path, force: bool) -> Iterator[Path]:
     """A temporary folder that becomes `destination` when the block succeeds. An existing `destination` is refused
     unless `force`, in which case it is replaced only at the very end."""
     destination = Path(destination)
-    if destination.exists() and not force:
-        raise ConversionError(f"The output {str(destination)!r} already exists; pass --force to replace it.")
-    if destination.exists() and not destination.is_dir():
-        raise ConversionError(f"The output {str(destination)!r} exists and is not a folder; remove it or pick another path.")
+    check_destination(destination, force)
     parent = destination.parent.resolve()
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -138,6 +144,4 @@ def atomic_output(destination: Path, force: bool) -> Iterator[Path]:
 
 
 def _in_main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()

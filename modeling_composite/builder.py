@@ -125,6 +125,12 @@ def default_chat_template(modalities: dict[str, dict[str, Any]]) -> str:
     )
 
 
+# Settings of a CLIP-style image processor: what a source's image processor carries over to the composite's, and what
+# may differ per modality (applied as call-time overrides by the processor).
+CLIP_IMAGE_SETTINGS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
+                       "do_normalize", "image_mean", "image_std", "do_convert_rgb")
+
+
 def clip_image_processor(**settings: Any) -> Any:
     """CLIP's image processor: the torchvision backend when it is installed, else the PIL one (named directly, since
     asking transformers for `CLIPImageProcessor` without torchvision logs a fallback warning on every import)."""
@@ -309,17 +315,22 @@ def _load_exact(module: nn.Module, state: dict, optional: dict, where: str) -> N
     module.load_state_dict({**own, **state, **optional})
 
 
+def composite_auto_map() -> dict[str, str]:
+    """`auto_map` of a composite folder: every auto class a composite answers to, pointing at its remote-code files."""
+    return {
+        "AutoConfig": "configuration_composite.CompositeMLLMConfig",
+        **dict.fromkeys(AUTO_MODEL_CLASSES, "modeling_composite.CompositeMLLMForCausalLM"),
+        "AutoModel": "modeling_composite.CompositeMLLMModel",
+        "AutoProcessor": "processing_composite.CompositeMLLMProcessor",
+    }
+
+
 def save_composite(model: CompositeMLLMForCausalLM, processor: CompositeMLLMProcessor, directory: str | os.PathLike, **kwargs) -> None:
     """Write a self-contained composite folder: weights, config with `auto_map` for every auto class the model
     answers to, the remote-code files, tokenizer, processor and generation config."""
     type(model.config).register_for_auto_class()
     type(model).register_for_auto_class("AutoModelForCausalLM")
     type(processor).register_for_auto_class()
-    auto_map = dict(getattr(model.config, "auto_map", None) or {})
-    module = type(model).__module__.rsplit(".", 1)[-1]
-    auto_map.update({auto_class: f"{module}.{type(model).__name__}" for auto_class in AUTO_MODEL_CLASSES})
-    auto_map["AutoModel"] = f"{module}.CompositeMLLMModel"
-    auto_map["AutoProcessor"] = f"processing_composite.{type(processor).__name__}"
-    model.config.auto_map = auto_map
+    model.config.auto_map = composite_auto_map()
     model.save_pretrained(directory, **kwargs)
     processor.save_pretrained(directory)

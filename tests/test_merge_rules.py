@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from conversion.merge import MERGE_RULES, check_merge_settings, merge_deltas
+from conversion.merge import merge_deltas
 
 
 # Three sources of one 2x3 tensor, used by the TIES tests.
@@ -147,18 +147,3 @@ def test_shape_mismatch_names_the_tensor_and_the_shapes():
 def test_no_sources_is_refused():
     with pytest.raises(ValueError, match="no sources"):
         merge_deltas([], [])
-
-
-def test_check_merge_settings():
-    for rule in MERGE_RULES:
-        check_merge_settings(rule, 0.5, 0)
-    check_merge_settings("linear", None, None)  # linear needs no density
-    check_merge_settings("linear", 7.0, None)  # and ignores one
-    with pytest.raises(ValueError, match="unknown merge rule 'task_arith'; use one of linear, ties, dare_linear"):
-        check_merge_settings("task_arith", None, None)
-    with pytest.raises(ValueError, match="'ties' needs a density"):
-        check_merge_settings("ties", None, 0)
-    with pytest.raises(ValueError, match="0 < density <= 1"):
-        check_merge_settings("dare_ties", 0.0, 0)
-    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
-        check_merge_settings("dare_linear", 0.5, -1)

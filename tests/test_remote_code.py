@@ -1,9 +1,6 @@
 """The saved folder in a fresh process that never imports this package: remote code only, offline."""
 
 import shutil
-from pathlib import Path
-
-import pytest
 
 from modeling_composite.builder import save_composite
 from modeling_composite.tiny import build_tiny_composite
