@@ -328,9 +328,16 @@ def composite_auto_map() -> dict[str, str]:
 def save_composite(model: CompositeMLLMForCausalLM, processor: CompositeMLLMProcessor, directory: str | os.PathLike, **kwargs) -> None:
     """Write a self-contained composite folder: weights, config with `auto_map` for every auto class the model
     answers to, the remote-code files, tokenizer, processor and generation config."""
+    register_composite_auto_classes(model, processor)
+    model.save_pretrained(directory, **kwargs)
+    processor.save_pretrained(directory)
+
+
+def register_composite_auto_classes(model: CompositeMLLMForCausalLM, processor: CompositeMLLMProcessor) -> None:
+    """Make every later `save_pretrained` of `model` and `processor` write a folder that loads with the auto classes
+    and `trust_remote_code=True` (the remote-code files are copied beside the weights, `auto_map` names them): what
+    `Trainer` checkpoints need to be composites too."""
     type(model.config).register_for_auto_class()
     type(model).register_for_auto_class("AutoModelForCausalLM")
     type(processor).register_for_auto_class()
     model.config.auto_map = composite_auto_map()
-    model.save_pretrained(directory, **kwargs)
-    processor.save_pretrained(directory)

@@ -1,0 +1,197 @@
+"""The source trainer on a tiny config: the loss falls, stages train what they should, the output loads through the auto
+classes in a fresh process and composes with the converter."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conversion import compose
+from conversion.tiny_sources import save_tiny_base
+from conftest import run_fresh_python
+from modeling_composite.modeling_composite import CompositeMLLMForCausalLM
+from modeling_composite.processing_composite import CompositeMLLMProcessor
+from modeling_composite.tiny import tiny_image_processor, tiny_vision_encoder
+from training import SourceDataArguments, SourceModelArguments, SourceTrainingArguments, train_source
+from training.__main__ import main as train_main
+from training.data import IGNORE_INDEX, ConversationDataset, DataError, load_samples
+from training.model import SourceModelError, build_source_model, trainable_parameter_groups
+
+
+COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220)}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """A base LLM, a CLIP encoder with its image processor, and 16 samples: '<image> colour?' -> red | blue."""
+    root = tmp_path_factory.mktemp("training")
+    save_tiny_base(root / "base", seed=0)
+    tiny_vision_encoder().save_pretrained(root / "encoder")
+    tiny_image_processor().save_pretrained(root / "encoder")
+    samples = []
+    for index in range(16):
+        colour = "red" if index % 2 == 0 else "blue"
+        Image.fromarray(np.full((32, 32, 3), COLOURS[colour], dtype=np.uint8)).save(root / f"{index}.png")
+        samples.append({
+            "id": f"s{index}",
+            "conversations": [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": colour}],
+            "modal_inputs": {"vision": [f"{index}.png"]},  # the paper's key for images
+        })
+    (root / "data.json").write_text(json.dumps(samples))
+    return root
+
+
+def _model_args(world: Path, **overrides) -> SourceModelArguments:
+    settings = dict(modality="image", kind="image", base_model=str(world / "base"), encoder=str(world / "encoder"),
+                    feature_layer="-2", feature_select="patch")
+    return SourceModelArguments(**{**settings, **overrides})
+
+
+def _training_args(output: Path, stage: int, steps: int, **overrides) -> SourceTrainingArguments:
+    return SourceTrainingArguments(
+        output_dir=str(output), stage=stage, max_steps=steps, per_device_train_batch_size=8, learning_rate=3e-3,
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0, **overrides,
+    )
+
+
+@pytest.fixture(scope="module")
+def stage1(world) -> Path:
+    data = SourceDataArguments(data_path=str(world / "data.json"), media_root=str(world))
+    return train_source(_model_args(world), data, _training_args(world / "stage1", 1, 12))
+
+
+@pytest.fixture(scope="module")
+def stage2(world, stage1) -> Path:
+    data = SourceDataArguments(data_path=str(world / "data.json"), media_root=str(world))
+    args = _model_args(world, base_model=None, encoder=None, init_from=str(stage1), prefix_tokens=1, suffix_tokens=1,
+                       lora_rank=4)
+    return train_source(args, data, _training_args(world / "stage2", 2, 12, activation_checkpointing=True,
+                                                   projector_learning_rate=1e-3, text_lora_learning_rate=1e-3))
+
+
+def _losses(folder: Path) -> list[float]:
+    history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+    return [entry["loss"] for entry in history if "loss" in entry]
+
+
+def test_labels_cover_only_the_answers(world):
+    model, processor = build_source_model(_model_args(world), stage=1)
+    dataset = ConversationDataset(load_samples(world / "data.json"), processor, media_root=world)
+    sample = dataset[0]
+    answer = [token for token, label in zip(sample["input_ids"], sample["labels"]) if label != IGNORE_INDEX]
+    assert processor.tokenizer.decode(answer) == " red</s>"
+    # The image placeholder is expanded into every position the model fills.
+    placeholder_id = model.config.modalities["image"]["placeholder_id"]
+    assert sample["input_ids"].count(placeholder_id) == model.config.positions_per_item("image")
+    assert sample["modality_inputs"]["image"].shape == (1, 3, 32, 32)
+
+
+def test_stage1_trains_only_the_projector_and_the_loss_falls(world, stage1):
+    losses = _losses(stage1)
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    base = CompositeMLLMForCausalLM.from_pretrained(stage1)
+    assert not base.config.has_routed_deltas
+    model, _ = build_source_model(_model_args(world), stage=1)
+    groups = trainable_parameter_groups(model, "image", stage=1)
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    assert trainable == {name for name, _ in groups["projector"]} and trainable
+    assert all(name.startswith("model.projectors.image.linear_") for name in trainable)
+
+
+def test_stage2_trains_both_loras_and_the_loss_falls(world, stage1, stage2):
+    losses = _losses(stage2)
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    model = CompositeMLLMForCausalLM.from_pretrained(stage2)
+    assert model.config.text_lora == {"r": 4, "alpha": 16.0, "folded": False}
+    assert model.config.modalities["image"]["lora"] == {"r": 4, "alpha": 16.0}
+    assert model.config.positions_per_item("image") == 1 + 16 + 1
+    layer = model.model.routed_layers()[0]
+    # Both low-rank deltas moved away from their zero start, and the stage-1 projector kept training.
+    assert layer.text_lora_B.abs().sum() > 0 and layer.lora_B["image"].abs().sum() > 0
+    first = CompositeMLLMForCausalLM.from_pretrained(stage1)
+    assert not torch.equal(first.model.projectors["image"].linear_1.weight, model.model.projectors["image"].linear_1.weight)
+    # The frozen parts did not move.
+    assert torch.equal(first.model.encoders["image"].state_dict()["embeddings.patch_embedding.weight"],
+                       model.model.encoders["image"].state_dict()["embeddings.patch_embedding.weight"])
+
+
+def test_naive_variant_has_one_shared_lora(world, stage1, tmp_path):
+    data = SourceDataArguments(data_path=str(world / "data.json"), media_root=str(world))
+    args = _model_args(world, base_model=None, encoder=None, init_from=str(stage1), decoupled=False, lora_rank=4)
+    model, _ = build_source_model(args, stage=2)
+    groups = trainable_parameter_groups(model, "image", stage=2)
+    assert groups["text_lora"] and not groups["modality_lora"]
+    output = train_source(args, data, _training_args(tmp_path / "naive", 2, 2))
+    config = CompositeMLLMForCausalLM.from_pretrained(output).config
+    assert config.modalities["image"]["lora"] is None and config.text_lora["folded"] is False
+
+
+def test_stage2_output_loads_through_auto_classes_in_a_fresh_process(stage2, tmp_path):
+    processor = CompositeMLLMProcessor.from_pretrained(stage2, trust_remote_code=False)
+    model = CompositeMLLMForCausalLM.from_pretrained(stage2).eval()
+    image = Image.fromarray(np.full((32, 32, 3), COLOURS["red"], dtype=np.uint8))
+    batch = processor(text="USER: <image>\nWhat colour? ASSISTANT:", images=[image])
+    with torch.no_grad():
+        expected = model(**batch).logits
+    torch.save({"batch": dict(batch), "logits": expected}, stage2.parent / "stage2-reference.pt")
+    output = run_fresh_python(
+        f"""
+import torch
+from transformers import AutoModelForCausalLM
+reference = torch.load({str(stage2.parent / "stage2-reference.pt")!r}, weights_only=True)
+model = AutoModelForCausalLM.from_pretrained({str(stage2)!r}, trust_remote_code=True).eval()
+with torch.no_grad():
+    logits = model(**reference["batch"]).logits
+torch.testing.assert_close(logits, reference["logits"])
+print("ok")
+""",
+        hf_home=tmp_path,
+    )
+    assert output.strip().endswith("ok")
+
+
+def test_trained_source_composes_as_a_damc_source(world, stage2, tmp_path):
+    recipe = {
+        "name": "trained",
+        "method": "damc",
+        "base": str(world / "base"),
+        "sources": [{"path": str(stage2), "weight": 1.0}],
+        "dtype": "float32",
+    }
+    output = compose(recipe, tmp_path / "composite", verify=False)
+    composite = CompositeMLLMForCausalLM.from_pretrained(output).eval()
+    source = CompositeMLLMForCausalLM.from_pretrained(stage2).eval()
+    processor = CompositeMLLMProcessor.from_pretrained(stage2, trust_remote_code=False)
+    image = Image.fromarray(np.full((32, 32, 3), COLOURS["blue"], dtype=np.uint8))
+    batch = processor(text="USER: <image>\nWhat colour? ASSISTANT:", images=[image])
+    with torch.no_grad():
+        # One source at weight 1: the composite (text delta folded in) equals the trained source (unfolded).
+        torch.testing.assert_close(composite(**batch).logits, source(**batch).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_bad_inputs_give_clear_errors(world, stage1, tmp_path):
+    with pytest.raises(SourceModelError, match="--base_model and --encoder"):
+        build_source_model(SourceModelArguments(modality="image", kind="image"), stage=1)
+    with pytest.raises(SourceModelError, match="not 'sound' of kind 'audio'"):
+        build_source_model(SourceModelArguments(modality="sound", kind="audio", init_from=str(stage1)), stage=2)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"id": "x", "conversations": [{"from": "human", "value": "<image> hi"}],
+                                "modal_inputs": {"image": ["missing.png"]}}]))
+    model, processor = build_source_model(_model_args(world), stage=1)
+    with pytest.raises(DataError, match="Sample x: no assistant"):
+        ConversationDataset(load_samples(bad), processor, media_root=world)[0]
+    bad.write_text(json.dumps([{"id": "y", "conversations": [{"from": "human", "value": "<image> hi"},
+                                {"from": "gpt", "value": "ok"}], "modal_inputs": {"image": ["missing.png"]}}]))
+    with pytest.raises(DataError, match="Sample y: .*missing.png: no such file"):
+        ConversationDataset(load_samples(bad), processor, media_root=world)[0]
+
+
+def test_command_line_reports_bad_arguments_in_one_line(world, capsys):
+    code = train_main(["--modality", "image", "--kind", "image", "--data_path", str(world / "data.json"),
+                       "--output_dir", str(world / "cli"), "--stage", "1", "--use_cpu", "true", "--report_to", "none"])
+    assert code == 2
+    assert capsys.readouterr().err.strip().startswith("error: Without --init_from, both --base_model and --encoder")

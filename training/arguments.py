@@ -1,0 +1,77 @@
+"""Command-line and Python arguments of the source trainer: what to build, what data, and how to train (transformers'
+own `TrainingArguments`, plus the learning rates of the parameter groups)."""
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+
+@dataclass
+class SourceModelArguments:
+    """What the unimodal source is made of. Stage 1 starts from `base_model` + `encoder`; stage 2 usually starts
+    from the stage-1 output (`init_from`), whose encoder and projector it keeps."""
+
+    modality: str = field(metadata={"help": "Name of the modality (e.g. `image`); its inputs in the data carry this key."})
+    kind: str = field(metadata={"help": "Kind of the modality: image, video, audio or point."})
+    base_model: str | None = field(default=None, metadata={"help": "Folder or Hub id of the base LLM (stage 1)."})
+    encoder: str | None = field(
+        default=None,
+        metadata={"help": "Folder or Hub id of the encoder: a CLIP/SigLIP (vision) model, a Qwen2-Audio encoder or a "
+                  "composite point encoder (stage 1)."},
+    )
+    init_from: str | None = field(
+        default=None, metadata={"help": "A one-modality composite to continue from (the stage-1 output)."}
+    )
+    processor: str | None = field(
+        default=None,
+        metadata={"help": "Folder with the image processor / feature extractor for the encoder (default: `encoder`)."},
+    )
+    placeholder: str | None = field(default=None, metadata={"help": "Placeholder token (default `<image>`, ... by kind)."})
+    projector: str = field(default="mlp2x_gelu", metadata={"help": "`linear` or `mlp{N}x_gelu`."})
+    feature_layer: str = field(default="last", metadata={"help": "`last`, or an index into the encoder's hidden states."})
+    feature_select: str = field(default="full", metadata={"help": "`patch` drops the CLS feature, `full` keeps all."})
+    num_frames: int | None = field(default=None, metadata={"help": "Frames per video (video only)."})
+    prefix_tokens: int = field(default=0, metadata={"help": "Learnable tokens before each item (stage 2)."})
+    suffix_tokens: int = field(default=0, metadata={"help": "Learnable tokens after each item (stage 2)."})
+    decoupled: bool = field(
+        default=True,
+        metadata={"help": "Parameter decoupling (DAMC): a text LoRA for text tokens and a modality LoRA for this "
+                  "modality's tokens. `--decoupled false` trains one shared LoRA for all tokens (NaiveMC)."},
+    )
+    lora_rank: int = field(default=8, metadata={"help": "Rank of the text and the modality LoRA (stage 2)."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scaling alpha / rank)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input while training."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Linear layers of the LLM that get LoRA (default: the 7 Llama projections)."}
+    )
+
+
+@dataclass
+class SourceDataArguments:
+    data_path: str = field(
+        metadata={"help": "JSON list in the paper's format: `conversations` (`from`: human/gpt, `value`) and "
+                  "`modal_inputs` (modality -> list of file paths)."}
+    )
+    media_root: str | None = field(default=None, metadata={"help": "Folder that relative media paths start from."})
+    system_prompt: str | None = field(default=None, metadata={"help": "System message put before every conversation."})
+    model_max_length: int = field(default=2048, metadata={"help": "Longer samples are refused with their id."})
+
+
+@dataclass
+class SourceTrainingArguments(TrainingArguments):
+    """transformers' `TrainingArguments`, plus the stage and the learning rates of the parameter groups."""
+
+    stage: int = field(
+        default=2,
+        metadata={"help": "1: train the projector only (captions). 2: train the LoRAs, prefix/suffix tokens and the "
+                  "projector (instructions)."},
+    )
+    projector_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of the projector (default: learning_rate)."}
+    )
+    text_lora_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the text LoRA of a decoupled source (default: learning_rate); the paper "
+                  "trains it at the projector's rate."},
+    )
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the batch has modality inputs."})

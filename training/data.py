@@ -1,0 +1,195 @@
+"""Training data in the paper's JSON format, turned into model inputs with the loss on assistant answers only.
+
+A sample:
+
+    {"id": "...",
+     "conversations": [{"from": "human", "value": "<image> What is it?"}, {"from": "gpt", "value": "A cat."}, ...],
+     "modal_inputs": {"image": ["cats/1.png"]}}
+
+`modal_inputs` keys are modality names; the paper's `vision` is accepted for an image modality. The conversation is
+rendered with the processor's chat template (the same text the composite sees at inference), and every assistant
+answer, up to and including its end-of-sequence token, is the only part with labels.
+"""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from .media import MediaError, load_media
+
+
+IGNORE_INDEX = -100
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+PAPER_KEYS = {"vision": "image"}  # the paper's modal_inputs key -> our kind
+CALL_ARGUMENTS = {"image": "images", "video": "videos", "audio": "audio", "point": "point_clouds"}
+
+
+class DataError(ValueError):
+    """A training sample that cannot be used, named by its id."""
+
+
+def load_samples(data_path: str | Path) -> list[dict[str, Any]]:
+    path = Path(data_path)
+    try:
+        samples = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise DataError(f"{path}: cannot read the training data ({error}).") from None
+    if not isinstance(samples, list) or not samples:
+        raise DataError(f"{path}: expected a non-empty JSON list of samples.")
+    for index, sample in enumerate(samples):
+        if not isinstance(sample, dict) or not isinstance(sample.get("conversations"), list):
+            raise DataError(f"{path}: sample {index} has no `conversations` list.")
+    return samples
+
+
+class ConversationDataset(Dataset):
+    """Tokenized conversations with their modality inputs, for one modality of a composite (or several)."""
+
+    def __init__(
+        self,
+        samples: list[dict[str, Any]],
+        processor: Any,
+        media_root: str | Path | None = None,
+        system_prompt: str | None = None,
+        model_max_length: int = 2048,
+    ):
+        self.samples = samples
+        self.processor = processor
+        self.media_root = Path(media_root) if media_root else None
+        self.system_prompt = system_prompt
+        self.model_max_length = model_max_length
+        self.modalities = processor.modalities
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _sample_id(self, index: int) -> str:
+        return str(self.samples[index].get("id", f"#{index}"))
+
+    def _messages(self, index: int) -> list[dict[str, str]]:
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        for turn in self.samples[index]["conversations"]:
+            role = ROLES.get(turn.get("from"))
+            if role is None or not isinstance(turn.get("value"), str):
+                raise DataError(
+                    f"Sample {self._sample_id(index)}: every turn needs `from` (human/gpt/system) and a string `value`, "
+                    f"got {turn!r}."
+                )
+            messages.append({"role": role, "content": turn["value"]})
+        if not any(message["role"] == "assistant" for message in messages):
+            raise DataError(f"Sample {self._sample_id(index)}: no assistant (`gpt`) turn, so nothing to learn.")
+        return messages
+
+    def _pieces(self, index: int) -> list[tuple[str, bool]]:
+        """The rendered conversation cut into (text, is_answer) pieces with the chat template: each answer is what
+        rendering it adds after the generation prompt of its question."""
+        messages = self._messages(index)
+        tokenizer, template = self.processor.tokenizer, self.processor.chat_template
+
+        def render(conversation: list[dict[str, str]], **kwargs: Any) -> str:
+            return tokenizer.apply_chat_template(conversation, chat_template=template, **kwargs)
+
+        pieces: list[tuple[str, bool]] = []
+        done = ""
+        for position, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = render(messages[:position], tokenize=False, add_generation_prompt=True)
+            full = render(messages[: position + 1], tokenize=False)
+            if not prompt.startswith(done) or not full.startswith(prompt):
+                raise DataError(
+                    f"Sample {self._sample_id(index)}: the chat template does not render the conversation as a "
+                    "growing prefix, so answers cannot be told from prompts."
+                )
+            # Whitespace the template puts after an answer separates it from the next turn: it is not learned.
+            answer = full[len(prompt):].rstrip()
+            pieces += [(prompt[len(done):], False), (answer, True)]
+            done = prompt + answer
+        return pieces
+
+    def _modality_inputs(self, index: int) -> dict[str, torch.Tensor]:
+        raw = self.samples[index].get("modal_inputs") or {}
+        inputs = {}
+        for key, paths in raw.items():
+            name = self._modality_of_key(index, key)
+            kind = self.modalities[name]["kind"]
+            paths = [paths] if isinstance(paths, str) else list(paths)
+            try:
+                items = [load_media(self._resolve(path), kind) for path in paths]
+            except MediaError as error:
+                raise DataError(f"Sample {self._sample_id(index)}: {error}") from None
+            if not items:
+                continue
+            placeholder = self.modalities[name]["placeholder"]
+            # The processor turns raw items into the model's tensors; its text is just the item placeholders.
+            batch = self.processor(text=" ".join([placeholder] * len(items)), **{CALL_ARGUMENTS[kind]: items})
+            tensors = batch.get("modality_inputs", {}).get(name)
+            inputs[name] = tensors if tensors is not None else next(
+                value for key_, value in batch.items() if key_ not in ("input_ids", "attention_mask", "modality_inputs")
+            )
+        return inputs
+
+    def _modality_of_key(self, index: int, key: str) -> str:
+        if key in self.modalities:
+            return key
+        kind = PAPER_KEYS.get(key, key)
+        owners = [name for name, entry in self.modalities.items() if entry["kind"] == kind]
+        if len(owners) != 1:
+            raise DataError(
+                f"Sample {self._sample_id(index)}: modal_inputs key {key!r} names no modality of this model "
+                f"({sorted(self.modalities)})."
+            )
+        return owners[0]
+
+    def _resolve(self, path: str) -> Path:
+        candidate = Path(path)
+        return candidate if candidate.is_absolute() or self.media_root is None else self.media_root / candidate
+
+    def _expand(self, text: str) -> str:
+        for entry in self.modalities.values():
+            text = text.replace(entry["placeholder"], entry["placeholder"] * entry["positions_per_item"])
+        return text
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        tokenizer = self.processor.tokenizer
+        input_ids: list[int] = []
+        labels: list[int] = []
+        for number, (text, is_answer) in enumerate(self._pieces(index)):
+            ids = tokenizer(self._expand(text), add_special_tokens=number == 0)["input_ids"]
+            input_ids += ids
+            labels += ids if is_answer else [IGNORE_INDEX] * len(ids)
+        if len(input_ids) > self.model_max_length:
+            raise DataError(
+                f"Sample {self._sample_id(index)}: {len(input_ids)} tokens (modality positions included) exceed "
+                f"model_max_length {self.model_max_length}; shorten it or raise the limit."
+            )
+        return {"input_ids": input_ids, "labels": labels, "modality_inputs": self._modality_inputs(index)}
+
+
+class ConversationCollator:
+    """Right-pads a batch; modality inputs are concatenated in sample order (the order of their placeholders)."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        length = max(len(feature["input_ids"]) for feature in features)
+        input_ids = torch.full((len(features), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(features), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(features), length), dtype=torch.long)
+        for row, feature in enumerate(features):
+            size = len(feature["input_ids"])
+            input_ids[row, :size] = torch.tensor(feature["input_ids"])
+            labels[row, :size] = torch.tensor(feature["labels"])
+            attention_mask[row, :size] = 1
+        grouped: dict[str, list[torch.Tensor]] = {}
+        for feature in features:
+            for name, tensor in feature["modality_inputs"].items():
+                grouped.setdefault(name, []).append(torch.as_tensor(tensor))
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if grouped:
+            batch["modality_inputs"] = {name: torch.cat(tensors) for name, tensors in grouped.items()}
+        return batch

@@ -1,0 +1,69 @@
+"""Read the media files a training sample names: images, videos, audio clips and point clouds.
+
+Only formats readable with the standard library, numpy and Pillow: no video decoder is required (store videos as
+`.npy` frame arrays or GIFs), and `.npy` files are read with `allow_pickle=False`.
+"""
+
+import wave
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+SUFFIXES_BY_KIND = {
+    "image": IMAGE_SUFFIXES + (".npy",),
+    "video": (".npy", ".gif"),
+    "audio": (".wav", ".npy"),
+    "point": (".npy",),
+}
+
+
+class MediaError(ValueError):
+    """A media file that cannot be read as the modality it is given for."""
+
+
+def load_media(path: str | Path, kind: str) -> Any:
+    """The raw input the processor takes for one item of `kind`: a PIL image, a `(frames, h, w, 3)` uint8 array, a
+    float32 mono waveform, or a `(points, dims)` float array."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES_BY_KIND[kind]:
+        raise MediaError(f"{path}: a {kind} input must be one of {list(SUFFIXES_BY_KIND[kind])}, not {suffix or 'no suffix'!r}.")
+    if not path.is_file():
+        raise MediaError(f"{path}: no such file (relative paths start from --media_root).")
+    if suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    if suffix == ".wav":
+        return read_wav(path)
+    from PIL import Image, ImageSequence
+
+    with Image.open(path) as image:
+        if suffix == ".gif":
+            return np.stack([np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(image)])
+        return image.convert("RGB")
+
+
+def read_wav(path: str | Path) -> np.ndarray:
+    """A PCM WAV file as a float32 waveform in [-1, 1], channels averaged to mono."""
+    with wave.open(str(path), "rb") as reader:
+        width, channels, frames = reader.getsampwidth(), reader.getnchannels(), reader.getnframes()
+        raw = reader.readframes(frames)
+    dtypes = {1: np.uint8, 2: np.int16, 4: np.int32}
+    if width not in dtypes:
+        raise MediaError(f"{path}: {8 * width}-bit WAV is not supported; use 8, 16 or 32-bit PCM.")
+    samples = np.frombuffer(raw, dtype=dtypes[width]).astype(np.float32)
+    samples = (samples - 128.0) / 128.0 if width == 1 else samples / float(2 ** (8 * width - 1))
+    return samples.reshape(-1, channels).mean(axis=1)
+
+
+def write_wav(path: str | Path, waveform: np.ndarray, sampling_rate: int) -> Path:
+    """Write a mono float waveform in [-1, 1] as 16-bit PCM."""
+    samples = np.clip(np.asarray(waveform, dtype=np.float32), -1.0, 1.0)
+    with wave.open(str(path), "wb") as writer:
+        writer.setnchannels(1)
+        writer.setsampwidth(2)
+        writer.setframerate(sampling_rate)
+        writer.writeframes((samples * 32767.0).round().astype("<i2").tobytes())
+    return Path(path)

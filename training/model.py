@@ -1,0 +1,215 @@
+"""The model a source is trained as: a one-modality composite (base LLM + encoder + projector), to which stage 2 adds
+low-rank deltas and learnable prefix/suffix tokens.
+
+- Decoupled (DAMC): a text LoRA used by every text token and a modality LoRA used by the modality's tokens. In the
+  composite's terms: an unfolded text delta (`text_lora.folded=False`) plus the modality's own `lora`; the routed
+  layers add the text delta to text rows and the modality delta to modality rows.
+- Shared (NaiveMC): one LoRA for all tokens, i.e. only the unfolded text delta.
+"""
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoFeatureExtractor,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+)
+from transformers.utils import cached_file
+
+from modeling_composite.builder import ModalitySpec, compose
+from modeling_composite.configuration_composite import DEFAULT_LORA_TARGET_MODULES, MODALITY_KINDS
+from modeling_composite.configuration_point_encoder import CompositePointEncoderConfig
+from modeling_composite.modeling_composite import CompositeMLLMForCausalLM
+from modeling_composite.modeling_point_encoder import CompositePointEncoder
+from modeling_composite.processing_composite import CompositeMLLMProcessor
+from modeling_composite.routing import RoutedLinear, inject_routed_layers
+
+from .arguments import SourceModelArguments
+
+
+logger = logging.getLogger(__name__)
+DEFAULT_PLACEHOLDERS = {"image": "<image>", "video": "<video>", "audio": "<audio>", "point": "<point>"}
+# Two-tower checkpoints whose vision tower is the encoder.
+_VISION_TOWERS = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
+
+
+class SourceModelError(ValueError):
+    """Arguments that cannot build the source model."""
+
+
+def load_encoder(location: str) -> PreTrainedModel:
+    """An encoder folder or Hub id: a vision tower (or a CLIP/SigLIP model, whose vision tower is taken), an audio
+    encoder transformers knows, or the project's point encoder."""
+    try:
+        model_type = json.loads(Path(cached_file(location, "config.json")).read_text()).get("model_type")
+    except (OSError, ValueError) as error:
+        raise SourceModelError(f"--encoder {location}: no readable config.json ({error}).") from None
+    if model_type == CompositePointEncoderConfig.model_type:
+        return CompositePointEncoder.from_pretrained(location)
+    if model_type in _VISION_TOWERS:
+        import transformers
+
+        return getattr(transformers, _VISION_TOWERS[model_type]).from_pretrained(location)
+    return AutoModel.from_pretrained(location)
+
+
+def _preprocessor(kind: str, location: str) -> dict[str, Any]:
+    """The image processor (image, video) or feature extractor (audio) saved beside the encoder."""
+    try:
+        if kind in ("image", "video"):
+            return {"image_processor": AutoImageProcessor.from_pretrained(location)}
+        if kind == "audio":
+            return {"feature_extractor": AutoFeatureExtractor.from_pretrained(location)}
+    except (OSError, ValueError) as error:
+        raise SourceModelError(
+            f"{location}: no {kind} preprocessor config ({str(error).splitlines()[0]}); pass --processor with a folder "
+            "that has one."
+        ) from None
+    return {}
+
+
+def _feature_layer(value: str | int) -> str | int:
+    if isinstance(value, int) or value == "last":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise SourceModelError(f"--feature_layer must be 'last' or an integer, got {value!r}.") from None
+
+
+def build_base_source(args: SourceModelArguments) -> tuple[CompositeMLLMForCausalLM, CompositeMLLMProcessor]:
+    """Base LLM + encoder + a fresh projector, as a one-modality composite without low-rank deltas."""
+    if args.base_model is None or args.encoder is None:
+        raise SourceModelError("Without --init_from, both --base_model and --encoder are needed.")
+    language_model = AutoModelForCausalLM.from_pretrained(args.base_model)
+    tokenizer = AutoTokenizer.from_pretrained(args.base_model)
+    encoder = load_encoder(args.encoder)
+    spec = ModalitySpec(
+        kind=args.kind,
+        encoder=encoder,
+        projector=args.projector,
+        placeholder=args.placeholder or DEFAULT_PLACEHOLDERS[args.kind],
+        feature_layer=_feature_layer(args.feature_layer),
+        feature_select=args.feature_select,
+        num_frames=args.num_frames,
+    )
+    preprocessors = _preprocessor(args.kind, args.processor or args.encoder)
+    return compose(
+        language_model,
+        tokenizer,
+        {args.modality: spec},
+        lora_target_modules=args.lora_target_modules,
+        composition={"method": "source", "base": args.base_model, "encoder": args.encoder},
+        **preprocessors,
+    )
+
+
+def load_source(args: SourceModelArguments) -> tuple[CompositeMLLMForCausalLM, CompositeMLLMProcessor]:
+    """The composite given by --init_from; it must have the modality being trained."""
+    model = CompositeMLLMForCausalLM.from_pretrained(args.init_from)
+    processor = CompositeMLLMProcessor.from_pretrained(args.init_from, trust_remote_code=False)
+    entry = model.config.modalities.get(args.modality)
+    if entry is None or entry["kind"] != args.kind:
+        found = {name: e["kind"] for name, e in model.config.modalities.items()}
+        raise SourceModelError(
+            f"--init_from {args.init_from} has modalities {found}, not {args.modality!r} of kind {args.kind!r}."
+        )
+    return model, processor
+
+
+def add_low_rank(
+    model: CompositeMLLMForCausalLM, processor: CompositeMLLMProcessor, args: SourceModelArguments
+) -> None:
+    """Give the source its stage-2 parameters, in place: the text (or shared) LoRA, the modality LoRA when decoupled,
+    and the prefix/suffix tokens. PEFT's initialisation (B = 0, zero tokens as in the paper), so the model's outputs
+    do not change until it trains. A model that already has them (a stage-2 checkpoint) must have the same ones."""
+    config = model.config
+    entry = config.modalities[args.modality]
+    lora = {"r": args.lora_rank, "alpha": float(args.lora_alpha)}
+    wanted_text = {**lora, "folded": False}
+    wanted_modality = lora if args.decoupled else None
+    if config.has_routed_deltas:
+        current = (config.text_lora, entry["lora"], entry["prefix_tokens"], entry["suffix_tokens"])
+        if current != (wanted_text, wanted_modality, args.prefix_tokens, args.suffix_tokens):
+            raise SourceModelError(
+                f"--init_from already has low-rank parameters (text_lora={config.text_lora}, lora={entry['lora']}, "
+                f"prefix/suffix={entry['prefix_tokens']}/{entry['suffix_tokens']}) that differ from the arguments; "
+                "start from the stage-1 output instead."
+            )
+        return
+    if args.lora_rank < 1:
+        raise SourceModelError(f"--lora_rank must be >= 1, got {args.lora_rank}.")
+    targets = list(args.lora_target_modules or config.lora_target_modules or DEFAULT_LORA_TARGET_MODULES)
+    inner = model.model
+    inner.routed_parents = inject_routed_layers(
+        inner.language_model,
+        inner.routing_state,
+        targets,
+        {args.modality: (lora["r"], lora["alpha"])} if args.decoupled else {},
+        lora["r"],
+        lora["alpha"],
+        False,
+        args.lora_dropout,
+    )
+    projector = inner.projectors[args.modality]
+    width = config.get_text_config().hidden_size
+    reference = projector.linear_1.weight
+    for name, count in (("prefix", args.prefix_tokens), ("suffix", args.suffix_tokens)):
+        if count:
+            setattr(projector, name, nn.Parameter(torch.zeros(count, width, dtype=reference.dtype, device=reference.device)))
+    entry.update(prefix_tokens=args.prefix_tokens, suffix_tokens=args.suffix_tokens, lora=wanted_modality)
+    config.text_lora = wanted_text
+    config.lora_target_modules = targets
+    config.lora_dropout = args.lora_dropout
+    # The processor must expand each placeholder into the positions the model now fills.
+    processor.modalities[args.modality]["positions_per_item"] = config.positions_per_item(args.modality)
+
+
+def trainable_parameter_groups(
+    model: CompositeMLLMForCausalLM, modality: str, stage: int
+) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Freeze everything, then unfreeze and return what the stage trains, by group: `projector` (its linear layers),
+    `tokens` (prefix/suffix), `modality_lora` and `text_lora` (the shared LoRA of a NaiveMC source)."""
+    if stage not in (1, 2):
+        raise SourceModelError(f"--stage must be 1 or 2, got {stage}.")
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {"projector": [], "tokens": [], "modality_lora": [], "text_lora": []}
+    prefix = f"model.projectors.{modality}."
+    for name, parameter in model.named_parameters():
+        if name.startswith(prefix):
+            group = "tokens" if name.endswith(("prefix", "suffix")) else "projector"
+            if group == "projector" or stage == 2:
+                groups[group].append((name, parameter))
+        elif stage == 2 and ".text_lora_" in name:
+            groups["text_lora"].append((name, parameter))
+        elif stage == 2 and (f".lora_A.{modality}" in name or f".lora_B.{modality}" in name):
+            groups["modality_lora"].append((name, parameter))
+    if stage == 2 and not any(isinstance(module, RoutedLinear) for module in model.modules()):
+        raise SourceModelError("Stage 2 needs the low-rank parameters; none were added.")
+    for members in groups.values():
+        for _, parameter in members:
+            parameter.requires_grad_(True)
+    counts = {group: sum(p.numel() for _, p in members) for group, members in groups.items() if members}
+    logger.info("stage %d trains %s parameters", stage, counts)
+    return groups
+
+
+def build_source_model(
+    args: SourceModelArguments, stage: int
+) -> tuple[CompositeMLLMForCausalLM, CompositeMLLMProcessor]:
+    """The model to train at `stage`: from --init_from, or from --base_model + --encoder; stage 2 adds its LoRAs."""
+    if args.kind not in MODALITY_KINDS:
+        raise SourceModelError(f"--kind must be one of {list(MODALITY_KINDS)}, got {args.kind!r}.")
+    model, processor = load_source(args) if args.init_from else build_base_source(args)
+    if stage == 2:
+        add_low_rank(model, processor, args)
+    return model, processor
