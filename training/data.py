@@ -187,7 +187,7 @@ class ConversationCollator:
             attention_mask[row, :size] = 1
         grouped: dict[str, list[torch.Tensor]] = {}
         for feature in features:
-            for name, tensor in feature["modality_inputs"].items():
+            for name, tensor in feature.get("modality_inputs", {}).items():
                 grouped.setdefault(name, []).append(torch.as_tensor(tensor))
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         if grouped:

@@ -1,0 +1,1 @@
+"""The tiny world: a synthetic benchmark of concepts rendered in several modalities."""

@@ -1,0 +1,110 @@
+"""The tiny world end to end (the project's demo): train the base LLM and one DAMC and one NaiveMC source per modality,
+compose each family with the converter, evaluate, print the table, write it as JSON and PNG, and answer a few tiny
+MCUB questions through `pipeline()` with the DAMC composite loaded in 4-bit.
+
+    python -m benchmarks.tinyworld [--work outputs/tinyworld] [--seed 0]
+
+Artifacts are cached under --work: a rerun with the same settings only evaluates.
+"""
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from .evaluate import question_inputs
+from .questions import mcub_split, unimodal_split
+from .report import format_table, plot_table
+from .run import Settings, run
+from .world import MODALITIES, make_concepts
+
+
+COLUMNS = [*MODALITIES, "MCUB-2", "MCUB-3", "MCUB-4"]
+
+
+def examples(folder: Path, settings: Settings, count: int = 3) -> None:
+    """Test questions answered by the composite loaded in 4-bit with its remote code, the way a user loads it: image
+    questions through `pipeline("image-text-to-text")` with chat messages, tiny MCUB-4 questions (four modalities at
+    once, which that pipeline cannot pass) through `generate()`."""
+    from transformers import AutoModelForCausalLM, AutoProcessor, BitsAndBytesConfig, pipeline
+
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, quantization_config=quantization)
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    layers = sum(type(module).__name__ == "Linear4bit" for module in model.modules())
+    print(f"\nthe DAMC composite in 4-bit ({layers} Linear4bit layers), {folder}")
+    concepts = {concept.name: concept for concept in make_concepts(settings.seed)}
+    chat = pipeline("image-text-to-text", model=model, processor=processor)
+    for question in unimodal_split(list(concepts.values()), "image", 2 * count, settings.seed, "test")[1::2]:
+        image = question_inputs(question, concepts, "test")["images"][0]
+        text = question.prompt().split("> ", 1)[1]
+        messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}]
+        answer = chat(text=messages, max_new_tokens=2, generate_kwargs={"do_sample": False})
+        reply = answer[0]["generated_text"][-1]["content"].strip()
+        print(f"  pipeline  [image={question.items[0][1]}] {text} -> {reply!r} (gold {question.answer})")
+    for question in mcub_split(list(concepts.values()), 4, count, settings.seed, "test"):
+        batch = processor(text=f"USER: {question.prompt()} ASSISTANT:", **question_inputs(question, concepts, "test"))
+        output = model.generate(**batch, max_new_tokens=2, do_sample=False)
+        reply = processor.decode(output[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        shown = " ".join(f"{modality}={name}" for modality, name in question.items)
+        print(f"  generate  [{shown}] {question.prompt().rsplit('> ', 1)[1]} -> {reply!r} "
+              f"(gold {question.answer}: all {question.meta['shared']})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="outputs/tinyworld", help="folder for every artifact (cached)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--search-lambda", action="store_true",
+                        help="also choose λ on a grid: by validation accuracy, and by agreement with the sources (no labels)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("transformers", "training", "conversion", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    work = Path(args.work)
+    settings = Settings(seed=args.seed)
+    start = time.perf_counter()
+    rows = run(work, settings)
+    table = format_table(rows, COLUMNS)
+    print(f"\ntiny world (seed {settings.seed}): accuracy %, chance 25 for letters "
+          f"({settings.unimodal_questions} unimodal questions per modality, {settings.mcub_questions} per MCUB split)")
+    print(table)
+    (work / "results.json").write_text(json.dumps({"settings": vars(settings), "rows": rows}, indent=1))
+    plot = plot_table(rows, COLUMNS, work / "results.png", "tiny world: single sources vs composites")
+    print(f"wrote {work / 'results.json'} and {plot} ({time.perf_counter() - start:.0f} s)")
+    if args.search_lambda:
+        report_lambda_search(work, settings, rows)
+    examples(work / "composites" / "damc-built" / "model", settings)
+
+
+def report_lambda_search(work: Path, settings: Settings, rows: dict[str, dict]) -> None:
+    """λ chosen on the validation split (supervised) and by agreement with the sources (unsupervised), each scored
+    on the test split against λ = 1/N."""
+    from .lambda_search import search
+    from .run import build_world, evaluate_composite
+
+    sources = build_world(work, settings)
+    results = search(work, sources, settings)
+    table = {}
+    for family, result in results.items():
+        for value, entry in result["grid"].items():
+            table[f"{family} λ={value}"] = {"validation": entry["validation"], "agreement": entry["agreement"]}
+        for criterion in ("supervised", "unsupervised"):
+            chosen = result[criterion]
+            test = evaluate_composite(Path(result["grid"][chosen]["folder"]), settings)
+            table[f"{family} {criterion} pick λ={chosen}"] = {**test}
+        table[f"{family} λ=1/4 (default)"] = rows[f"{family} composite"]
+    print("\nλ search (validation and agreement select; test reports):")
+    print(format_table(table, ["validation", "agreement", *COLUMNS]))
+    (work / "lambda_search.json").write_text(json.dumps({"search": results, "table": table}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Choosing λ beyond the paper's 1/N, on the tiny world: a small grid of uniform λ, scored on the validation split
+(supervised), or by agreement with the sources on their own single-modality inputs (unsupervised: no labels; the
+composite should answer what each source answers alone). Only validation questions are used to choose; the test
+split only reports the choice.
+"""
+
+from pathlib import Path
+
+from .evaluate import first_tokens, score
+from .questions import mcub_split, unimodal_split
+from .run import FAMILIES, Settings, compose_family, load
+from .world import MODALITIES, make_concepts
+
+
+GRID = (0.0, 0.1, 0.25, 0.5, 1.0)
+
+
+def _validation(settings: Settings):
+    concepts = make_concepts(settings.seed)
+    unimodal = {m: unimodal_split(concepts, m, settings.unimodal_questions // 2, settings.seed, "val") for m in MODALITIES}
+    mcub = {k: mcub_split(concepts, k, settings.mcub_questions // 2, settings.seed, "val") for k in (2, 3, 4)}
+    return {concept.name: concept for concept in concepts}, unimodal, mcub
+
+
+def search(work: Path, sources: dict[str, Path], settings: Settings, grid: tuple[float, ...] = GRID) -> dict:
+    """For each family and each λ of the grid: the supervised validation score (mean over unimodal and MCUB
+    accuracies) and the unsupervised agreement score; returns them with the λ each criterion picks."""
+    by_name, unimodal, mcub = _validation(settings)
+    reference: dict[str, dict[str, list[str]]] = {}
+    for family in FAMILIES:
+        reference[family] = {}
+        for modality in MODALITIES:
+            model, processor = load(sources[f"{modality}-{family}"])
+            reference[family][modality] = first_tokens(model, processor, unimodal[modality], by_name, "val")
+    results: dict = {}
+    for family in FAMILIES:
+        table = {}
+        for value in grid:
+            folder = compose_family(work / f"lambda-{value}", sources, family, dict.fromkeys(MODALITIES, value))
+            model, processor = load(folder)
+            accuracies = [score(model, processor, unimodal[m], by_name, "val") for m in MODALITIES]
+            accuracies += [score(model, processor, mcub[k], by_name, "val") for k in mcub]
+            agreement = []
+            for modality in MODALITIES:
+                answers = first_tokens(model, processor, unimodal[modality], by_name, "val")
+                same = sum(a == b for a, b in zip(answers, reference[family][modality]))
+                agreement.append(same / len(answers))
+            table[value] = {"validation": sum(accuracies) / len(accuracies), "agreement": sum(agreement) / len(agreement),
+                            "folder": str(folder)}
+        results[family] = {
+            "grid": table,
+            "supervised": max(table, key=lambda v: table[v]["validation"]),
+            "unsupervised": max(table, key=lambda v: table[v]["agreement"]),
+        }
+    return results

@@ -1,0 +1,236 @@
+"""The whole tiny world, end to end, with caching: train the base LLM -> train one decoupled (DAMC) and one shared-LoRA
+(NaiveMC) source per modality with the project's trainer -> compose each family with the converter -> evaluate every
+model on the unimodal benchmarks and tiny MCUB-2/3/4 -> print one table (and write it as JSON and a PNG).
+
+Every step writes its folder with a `.done` file holding the settings it was made with; a later run with the same
+settings reuses it, so reruns only evaluate.
+"""
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel
+
+from conversion import compose
+from modeling_composite.modeling_composite import CompositeMLLMForCausalLM
+from modeling_composite.processing_composite import CompositeMLLMProcessor
+from modeling_composite.tiny import (
+    tiny_audio_encoder,
+    tiny_feature_extractor,
+    tiny_image_processor,
+    tiny_point_encoder,
+    tiny_vision_encoder,
+)
+from training import SourceDataArguments, SourceModelArguments, SourceTrainingArguments, train_source
+
+from .base import train_base
+from .datasets import write_source_data
+from .evaluate import score
+from .questions import mcub_split, unimodal_split
+from .world import MODALITIES, make_concepts
+
+
+logger = logging.getLogger("tinyworld")
+KINDS = {"image": "image", "video": "video", "audio": "audio", "point": "point"}
+ENCODER_SETTINGS = {
+    "image": {"feature_layer": "-2", "feature_select": "patch"},
+    "video": {"feature_layer": "-2", "feature_select": "patch", "num_frames": 4},
+    "audio": {},
+    "point": {},
+}
+FAMILIES = {"damc": True, "naive": False}  # family -> decoupled
+# Part of every cache key: bump it when the code that makes an artifact changes what it makes.
+WORLD_VERSION = 3
+
+
+@dataclass
+class Settings:
+    """Everything a result depends on (a change retrains what it touches)."""
+
+    seed: int = 0
+    base_steps: int = 800
+    base_corpus: int = 30000
+    stage1_steps: int = 400
+    stage1_samples: int = 1200
+    stage2_steps: int = 250
+    stage2_samples: int = 2400
+    batch_size: int = 32
+    lora_rank: int = 8
+    prefix_tokens: int = 1
+    suffix_tokens: int = 1
+    mcub_questions: int = 200
+    unimodal_questions: int = 200
+
+
+def _cached(folder: Path, key: dict, build: Callable[[Path], object], label: str) -> Path:
+    """Run `build(folder)` unless `folder` was built with the same `key`; a failed build leaves no `.done`."""
+    marker = folder / ".done"
+    if marker.is_file() and json.loads(marker.read_text()) == key:
+        logger.info("%s: cached in %s", label, folder)
+        return folder
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    start = time.perf_counter()
+    build(folder)
+    marker.write_text(json.dumps(key))
+    logger.info("%s: %.1f s", label, time.perf_counter() - start)
+    return folder
+
+
+def _save_encoder(modality: str, folder: Path, seed: int) -> None:
+    """The frozen encoders are random (nothing can be downloaded here), seeded per modality."""
+    if modality == "image":
+        tiny_vision_encoder(seed=seed + 11).save_pretrained(folder)
+        tiny_image_processor().save_pretrained(folder)
+    elif modality == "video":
+        # 16-pixel patches: 4 features per frame keep a 4-frame clip at 16 positions (motion is coarse anyway).
+        torch.manual_seed(seed + 12)
+        config = AutoConfig.for_model("clip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, image_size=32, patch_size=16)
+        AutoModel.from_config(config).save_pretrained(folder)
+        tiny_image_processor().save_pretrained(folder)
+    elif modality == "audio":
+        tiny_audio_encoder(seed=seed + 13).save_pretrained(folder)
+        tiny_feature_extractor().save_pretrained(folder)
+    else:
+        tiny_point_encoder(seed=seed + 14).save_pretrained(folder)
+
+
+def _training_args(folder: Path, settings: Settings, stage: int, **overrides) -> SourceTrainingArguments:
+    return SourceTrainingArguments(
+        output_dir=str(folder),
+        stage=stage,
+        max_steps=settings.stage1_steps if stage == 1 else settings.stage2_steps,
+        per_device_train_batch_size=settings.batch_size,
+        lr_scheduler_type="cosine",
+        warmup_steps=10,
+        weight_decay=0.0,
+        logging_steps=50,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=settings.seed,
+        **overrides,
+    )
+
+
+def build_world(work: Path, settings: Settings) -> dict[str, Path]:
+    """Train (or reuse) the base, the encoders, the data and every source; returns name -> source folder."""
+    concepts = make_concepts(settings.seed)
+    key = {**asdict(settings), "version": WORLD_VERSION}
+    base = _cached(
+        work / "base",
+        {"seed": settings.seed, "steps": settings.base_steps, "corpus": settings.base_corpus},
+        lambda folder: train_base(folder, concepts, settings.seed, settings.base_steps, settings.base_corpus),
+        "base LLM",
+    )
+    sources = {}
+    for modality in MODALITIES:
+        encoder = _cached(work / "encoders" / modality, {"seed": settings.seed, "version": WORLD_VERSION},
+                          lambda folder, m=modality: _save_encoder(m, folder, settings.seed), f"{modality} encoder")
+        data = {}
+        for stage, count in ((1, settings.stage1_samples), (2, settings.stage2_samples)):
+            data[stage] = _cached(
+                work / "data" / f"{modality}-stage{stage}",
+                {"seed": settings.seed, "count": count, "version": WORLD_VERSION},
+                lambda folder, m=modality, s=stage, n=count: write_source_data(folder, concepts, m, s, n, settings.seed),
+                f"{modality} stage-{stage} data",
+            )
+        model_args = dict(modality=modality, kind=KINDS[modality], **ENCODER_SETTINGS[modality])
+        stage1 = _cached(
+            work / "sources" / f"{modality}-stage1",
+            {**key, "base": str(base)},
+            lambda folder, m=modality, d=data[1], e=encoder, a=model_args: train_source(
+                SourceModelArguments(base_model=str(base), encoder=str(e), **a),
+                SourceDataArguments(data_path=str(d / f"{m}-stage1.json"), media_root=str(d)),
+                _training_args(folder, settings, 1, learning_rate=3e-3),
+            ),
+            f"{modality} stage 1 (projector)",
+        )
+        for family, decoupled in FAMILIES.items():
+            sources[f"{modality}-{family}"] = _cached(
+                work / "sources" / f"{modality}-{family}",
+                {**key, "family": family},
+                lambda folder, m=modality, d=data[2], a=model_args, dec=decoupled: train_source(
+                    SourceModelArguments(
+                        init_from=str(stage1), decoupled=dec, lora_rank=settings.lora_rank,
+                        lora_alpha=2.0 * settings.lora_rank, prefix_tokens=settings.prefix_tokens,
+                        suffix_tokens=settings.suffix_tokens, **a,
+                    ),
+                    SourceDataArguments(data_path=str(d / f"{m}-stage2.json"), media_root=str(d)),
+                    _training_args(folder, settings, 2, learning_rate=3e-3, projector_learning_rate=1e-3,
+                                   text_lora_learning_rate=1e-3),
+                ),
+                f"{modality} stage 2 ({family})",
+            )
+    sources["base"] = base
+    return sources
+
+
+def compose_family(work: Path, sources: dict[str, Path], family: str, weights: dict[str, float] | None = None) -> Path:
+    """Compose the four sources of a family with the converter (linear rule; λ = 1/N unless given)."""
+    weights = weights or {modality: 1.0 / len(MODALITIES) for modality in MODALITIES}
+    recipe = {
+        "name": f"tinyworld-{family}",
+        "method": family,
+        "base": str(sources["base"]),
+        "merge": {"rule": "linear"},
+        "sources": [{"path": str(sources[f"{m}-{family}"]), "weight": weights[m]} for m in MODALITIES],
+        "dtype": "float32",
+    }
+    output = work / "composites" / family
+    marker = {"recipe": recipe, "sources": {m: (sources[f"{m}-{family}"] / ".done").read_text() for m in MODALITIES}}
+    return _cached(output.parent / f"{family}-built", marker,
+                   lambda folder: compose(recipe, folder / "model", force=True, verify=False),
+                   f"compose {family}") / "model"
+
+
+def load(folder: Path) -> tuple[CompositeMLLMForCausalLM, CompositeMLLMProcessor]:
+    model = CompositeMLLMForCausalLM.from_pretrained(folder).eval()
+    return model, CompositeMLLMProcessor.from_pretrained(folder, trust_remote_code=False)
+
+
+def evaluate_all(sources: dict[str, Path], composites: dict[str, Path], settings: Settings) -> dict[str, dict]:
+    """Rows: each single source (on its own modality), then each composite; columns: unimodal accuracy per modality
+    and tiny MCUB-2/3/4."""
+    concepts = make_concepts(settings.seed)
+    by_name = {concept.name: concept for concept in concepts}
+    unimodal = {m: unimodal_split(concepts, m, settings.unimodal_questions, settings.seed, "test") for m in MODALITIES}
+    rows: dict[str, dict] = {}
+    for family in FAMILIES:
+        for modality in MODALITIES:
+            model, processor = load(sources[f"{modality}-{family}"])
+            rows[f"{modality} source ({family})"] = {modality: score(model, processor, unimodal[modality], by_name, "test")}
+    for family, folder in composites.items():
+        rows[f"{family} composite"] = evaluate_composite(folder, settings)
+    return rows
+
+
+def evaluate_composite(folder: Path, settings: Settings) -> dict[str, float]:
+    """A composite's test accuracy: unimodal per modality and tiny MCUB-2/3/4."""
+    concepts = make_concepts(settings.seed)
+    by_name = {concept.name: concept for concept in concepts}
+    model, processor = load(folder)
+    row = {}
+    for modality in MODALITIES:
+        questions = unimodal_split(concepts, modality, settings.unimodal_questions, settings.seed, "test")
+        row[modality] = score(model, processor, questions, by_name, "test")
+    for k in (2, 3, 4):
+        questions = mcub_split(concepts, k, settings.mcub_questions, settings.seed, "test")
+        row[f"MCUB-{k}"] = score(model, processor, questions, by_name, "test")
+    return row
+
+
+def run(work: Path, settings: Settings) -> dict[str, dict]:
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    sources = build_world(work, settings)
+    composites = {family: compose_family(work, sources, family) for family in FAMILIES}
+    return evaluate_all(sources, composites, settings)
