@@ -1,7 +1,6 @@
 """The tiny world: deterministic concepts and questions, a benchmark that follows its own rules, a scorer checked on
 hand-made answers, and the whole pipeline (train -> compose -> evaluate) wired end to end at a few steps."""
 
-import itertools
 import json
 
 import pytest

@@ -2,7 +2,6 @@
 classes in a fresh process and composes with the converter."""
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np

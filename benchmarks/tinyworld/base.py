@@ -21,7 +21,7 @@ from .questions import (
     mcub_question,
     recall_question,
 )
-from .world import ATTRIBUTES, MODALITIES, NAMES, Concept
+from .world import ATTRIBUTES, NAMES, Concept
 
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
