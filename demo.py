@@ -11,8 +11,8 @@
    `pipeline("image-text-to-text", ...)`, and answers one prompt per modality mix (image through the pipeline;
    video, audio, point and all four through `generate()`).
 
-The weights are random, so the answers are noise; what the demo shows is the whole path working. (`make demo`, the tiny world,
-a later issue replaces this with a composite that has learned something.)
+The weights are random, so the answers are noise; what the demo shows is the whole conversion path working. (`make
+demo`, the tiny world, composes sources that have learned something.)
 
     python demo.py [--output outputs/tiny-composite]
 """

@@ -104,7 +104,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(composite, batch_all):
     def gradients(checkpointing: bool) -> dict[str, torch.Tensor]:
         copy_ = copy.deepcopy(model).train()
         if checkpointing:
-            copy_.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            copy_.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         copy_.zero_grad()
         copy_(**batch_all, labels=labels).loss.backward()
         return {name: p.grad.clone() for name, p in copy_.named_parameters() if "lora" in name and p.grad is not None}
@@ -125,7 +125,7 @@ def test_checkpoint_recompute_uses_its_own_forwards_routing(composite, batch_all
     def gradient(checkpointing: bool) -> torch.Tensor:
         copy_ = copy.deepcopy(model).train()
         if checkpointing:
-            copy_.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            copy_.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         loss = copy_(**batch_all, labels=labels).loss
         copy_(**text_only).logits.sum()  # a second forward, routed differently, before the backward
         loss.backward()

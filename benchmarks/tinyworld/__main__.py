@@ -29,15 +29,15 @@ def examples(folder: Path, settings: Settings, count: int = 3) -> None:
     """Test questions answered by the composite loaded in 4-bit with its remote code, the way a user loads it: image
     questions through `pipeline("image-text-to-text")` with chat messages, tiny MCUB-4 questions (four modalities at
     once, which that pipeline cannot pass) through `generate()`."""
-    from transformers import AutoModelForCausalLM, AutoProcessor, BitsAndBytesConfig, pipeline
+    from transformers import BitsAndBytesConfig, pipeline
 
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, quantization_config=quantization)
-    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    chat = pipeline("image-text-to-text", model=str(folder), trust_remote_code=True,
+                    model_kwargs={"quantization_config": quantization})
+    model, processor = chat.model, chat.processor
     layers = sum(type(module).__name__ == "Linear4bit" for module in model.modules())
     print(f"\nthe DAMC composite in 4-bit ({layers} Linear4bit layers), {folder}")
     concepts = {concept.name: concept for concept in make_concepts(settings.seed)}
-    chat = pipeline("image-text-to-text", model=model, processor=processor)
     for question in unimodal_split(list(concepts.values()), "image", 2 * count, settings.seed, "test")[1::2]:
         image = question_inputs(question, concepts, "test")["images"][0]
         text = question.prompt().split("> ", 1)[1]
@@ -62,7 +62,7 @@ def main() -> None:
                         help="also choose λ on a grid: by validation accuracy, and by agreement with the sources (no labels)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("transformers", "training", "conversion", "httpx"):
+    for noisy in ("transformers", "training", "conversion", "httpx", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from transformers.utils import logging as transformers_logging
 

@@ -2,8 +2,9 @@
 (NaiveMC) source per modality with the project's trainer -> compose each family with the converter -> evaluate every
 model on the unimodal benchmarks and tiny MCUB-2/3/4 -> print one table (and write it as JSON and a PNG).
 
-Every step writes its folder with a `.done` file holding the settings it was made with; a later run with the same
-settings reuses it, so reruns only evaluate.
+Every step writes its folder with a `.done` file holding the settings it was made with and the `.done` of what it was
+made from; a later run with the same settings reuses it (and rebuilds whatever depends on a rebuilt step), so reruns
+only evaluate. Keys hold no paths: a moved work folder stays valid.
 """
 
 import json
@@ -147,7 +148,7 @@ def build_world(work: Path, settings: Settings) -> dict[str, Path]:
         model_args = dict(modality=modality, kind=KINDS[modality], **ENCODER_SETTINGS[modality])
         stage1 = _cached(
             work / "sources" / f"{modality}-stage1",
-            {**key, "base": str(base)},
+            {**key, "base": (base / ".done").read_text(), "encoder": (encoder / ".done").read_text()},
             lambda folder, m=modality, d=data[1], e=encoder, a=model_args: train_source(
                 SourceModelArguments(base_model=str(base), encoder=str(e), **a),
                 SourceDataArguments(data_path=str(d / f"{m}-stage1.json"), media_root=str(d)),
@@ -158,7 +159,7 @@ def build_world(work: Path, settings: Settings) -> dict[str, Path]:
         for family, decoupled in FAMILIES.items():
             sources[f"{modality}-{family}"] = _cached(
                 work / "sources" / f"{modality}-{family}",
-                {**key, "family": family},
+                {**key, "family": family, "stage1": (stage1 / ".done").read_text()},
                 lambda folder, m=modality, d=data[2], a=model_args, dec=decoupled: train_source(
                     SourceModelArguments(
                         init_from=str(stage1), decoupled=dec, lora_rank=settings.lora_rank,
