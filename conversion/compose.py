@@ -1,6 +1,7 @@
 """`compose(recipe, output_dir)`: read and check every source, then stream the composite into a temporary folder,
 verify it in a fresh process, and move it into place."""
 
+import dataclasses
 import logging
 import shutil
 from pathlib import Path
@@ -71,11 +72,29 @@ def compose(
     output_dir = Path(output_dir)
     shard_bytes = parse_size(max_shard_size)
     check_destination(output_dir, force)  # before any source is read; atomic_output checks again before writing
+    search_result = None
+    if recipe.weight_search is not None:
+        from .weight_search import search_weights
+
+        chosen, scores = search_weights(
+            recipe, lambda candidate, folder: compose(candidate, folder, verify=False, max_shard_size=max_shard_size)
+        )
+        logger.info("weight search: λ = %g for every source (%s: %s)", chosen, recipe.weight_search.objective,
+                    ", ".join(f"{value:g} -> {score:.3f}" for value, score in scores.items()))
+        search_result = {"objective": recipe.weight_search.objective, "data": recipe.weight_search.data,
+                         "grid": recipe.weight_search.grid,
+                         "scores": {str(value): score for value, score in scores.items()}, "chosen": chosen}
+        recipe = dataclasses.replace(
+            recipe, sources=[dataclasses.replace(source, weight=chosen) for source in recipe.sources]
+        )
 
     base = BaseModel(locate(recipe.base, "base"))
     sources = [read_source(source, locate(source.path, source.label)) for source in recipe.sources]
     check_compatibility(base, sources, recipe)
-    plan = build_plan(base, sources, recipe, _composition(recipe, base.location, sources))
+    composition = _composition(recipe, base.location, sources)
+    if search_result is not None:
+        composition["weight_search"] = search_result
+    plan = build_plan(base, sources, recipe, composition)
     logger.info(
         "composite: %d modalities (%s), %d tensors", len(plan.modalities), ", ".join(plan.modalities), len(plan.producers)
     )

@@ -30,7 +30,9 @@ SOURCE_FORMATS = ("llava", "video_llava", "qwen2_audio", "modelcompose", "peft",
 DTYPES = ("float32", "float16", "bfloat16")
 MODALITY_KINDS = ("image", "video", "audio", "point")
 
-_TOP_LEVEL_KEYS = ("name", "method", "base", "merge", "sources", "dtype", "chat_template", "license")
+_TOP_LEVEL_KEYS = ("name", "method", "base", "merge", "sources", "dtype", "chat_template", "license", "weight_search")
+_WEIGHT_SEARCH_KEYS = ("grid", "objective", "data", "media_root", "max_samples")
+WEIGHT_SEARCH_OBJECTIVES = ("accuracy", "agreement")
 _MERGE_KEYS = ("rule", "density", "seed")
 _SOURCE_KEYS = (
     "path",
@@ -76,6 +78,19 @@ class SourceRecipe:
 
 
 @dataclass
+class WeightSearch:
+    """Choose one λ for every source from `grid`, on paper-format questions in `data`: by `accuracy` (the first word
+    of the greedy answer against the answer given) or, needing no answers, by `agreement` with each source alone on
+    the questions about that source's modalities."""
+
+    grid: list[float]
+    objective: str = "agreement"
+    data: str = ""
+    media_root: str | None = None
+    max_samples: int = 200
+
+
+@dataclass
 class Recipe:
     base: str
     sources: list[SourceRecipe]
@@ -85,6 +100,7 @@ class Recipe:
     dtype: str | None = None
     chat_template: str | None = None
     license: str | None = None
+    weight_search: WeightSearch | None = None
     text: str = ""
 
     def weights(self) -> list[float]:
@@ -217,8 +233,13 @@ def parse_recipe(raw: Any, text: str = "") -> Recipe:
         dtype=dtype,
         chat_template=chat_template,
         license=None if license_id is None else _require_str("license", license_id),
+        weight_search=_parse_weight_search(raw.get("weight_search")),
         text=text,
     )
+    if recipe.weight_search is not None and any(source.weight is not None for source in recipe.sources):
+        raise ConversionError(
+            "weight_search chooses the weight of every source; remove the sources' `weight` keys or the weight_search."
+        )
     if recipe.merge.rule in ("ties", "dare_ties") and any(weight < 0 for weight in recipe.weights()):
         raise ConversionError(
             f"merge.rule {recipe.merge.rule} weighs sources relative to each other and needs weights >= 0; use "
@@ -231,6 +252,32 @@ def parse_recipe(raw: Any, text: str = "") -> Recipe:
             "linear}` or `method: naive`."
         )
     return recipe
+
+
+def _parse_weight_search(raw: Any) -> WeightSearch | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ConversionError(f"weight_search must be a mapping with grid, objective and data, got {raw!r}.")
+    _unknown_keys("weight_search", raw, _WEIGHT_SEARCH_KEYS)
+    grid = raw.get("grid")
+    if (not isinstance(grid, list) or not grid
+            or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in grid)):
+        raise ConversionError(f"weight_search.grid must be a non-empty list of numbers (λ candidates), got {grid!r}.")
+    objective = raw.get("objective", "agreement")
+    if objective not in WEIGHT_SEARCH_OBJECTIVES:
+        raise ConversionError(f"weight_search.objective {objective!r} is unknown; use one of {list(WEIGHT_SEARCH_OBJECTIVES)}.")
+    max_samples = raw.get("max_samples", 200)
+    if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
+        raise ConversionError(f"weight_search.max_samples must be a positive integer, got {max_samples!r}.")
+    media_root = raw.get("media_root")
+    return WeightSearch(
+        grid=[float(value) for value in grid],
+        objective=objective,
+        data=_require_str("weight_search.data", raw.get("data")),
+        media_root=None if media_root is None else _require_str("weight_search.media_root", media_root),
+        max_samples=max_samples,
+    )
 
 
 def load_recipe(recipe: "str | Path | dict | Recipe") -> Recipe:

@@ -194,3 +194,69 @@ def test_command_line_reports_bad_arguments_in_one_line(world, capsys):
                        "--output_dir", str(world / "cli"), "--stage", "1", "--use_cpu", "true", "--report_to", "none"])
     assert code == 2
     assert capsys.readouterr().err.strip().startswith("error: Without --init_from, both --base_model and --encoder")
+
+
+def test_weight_search_picks_and_records_lambda(world, stage2, tmp_path):
+    """Agreement with the source: with one source, λ = 1 reproduces it exactly, so it scores 1.0; the composite is
+    written with the winner, which the config records with every score."""
+    recipe = {
+        "name": "searched",
+        "method": "damc",
+        "base": str(world / "base"),
+        "sources": [{"path": str(stage2)}],
+        "weight_search": {"grid": [0.0, 1.0], "objective": "agreement", "data": str(world / "data.json"),
+                          "media_root": str(world), "max_samples": 6},
+        "dtype": "float32",
+    }
+    output = compose(recipe, tmp_path / "searched", verify=False)
+    composition = json.loads((output / "config.json").read_text())["composition"]
+    search = composition["weight_search"]
+    assert search["scores"]["1.0"] == 1.0
+    assert search["grid"] == [0.0, 1.0]
+    assert search["chosen"] == max(search["grid"], key=lambda value: search["scores"][str(value)])
+    assert [source["weight"] for source in composition["sources"]] == [search["chosen"]]
+    # The written composite is the plain composition at the chosen λ.
+    plain = compose({**{k: v for k, v in recipe.items() if k != "weight_search"},
+                     "sources": [{"path": str(stage2), "weight": search["chosen"]}]}, tmp_path / "plain", verify=False)
+    searched_state = CompositeMLLMForCausalLM.from_pretrained(output).state_dict()
+    plain_state = CompositeMLLMForCausalLM.from_pretrained(plain).state_dict()
+    assert searched_state.keys() == plain_state.keys()
+    assert all(torch.equal(searched_state[key], plain_state[key]) for key in plain_state)
+
+
+def test_weight_search_accuracy_scores_against_the_given_answers(world, stage2, tmp_path):
+    from conversion.recipe import load_recipe
+    from conversion.weight_search import answer_questions, search_weights
+
+    recipe = load_recipe({
+        "method": "naive", "base": str(world / "base"), "sources": [{"path": str(stage2)}],
+        "weight_search": {"grid": [0.5, 1.0], "objective": "accuracy", "data": str(world / "data.json"),
+                          "media_root": str(world), "max_samples": 6},
+    })
+    folders = {}
+
+    def compose_candidate(candidate, folder):
+        folders[candidate.sources[0].weight] = compose(candidate, folder, verify=False)
+        answers = answer_questions(folders[candidate.sources[0].weight], load_samples(world / "data.json")[:6], str(world))
+        expected_scores[candidate.sources[0].weight] = sum(
+            answers[i] == ("red" if i % 2 == 0 else "blue") for i in range(6)) / 6
+        return folders[candidate.sources[0].weight]
+
+    expected_scores: dict[float, float] = {}
+    chosen, scores = search_weights(recipe, compose_candidate)
+    assert scores == expected_scores and set(scores) == {0.5, 1.0}
+    assert scores[chosen] == max(scores.values())
+
+
+def test_weight_search_recipe_errors(world, stage2):
+    from conversion.errors import ConversionError
+    from conversion.recipe import load_recipe
+
+    base = {"method": "naive", "base": str(world / "base")}
+    search = {"grid": [0.5], "data": str(world / "data.json")}
+    with pytest.raises(ConversionError, match="remove the sources' `weight` keys"):
+        load_recipe({**base, "sources": [{"path": str(stage2), "weight": 1.0}], "weight_search": search})
+    with pytest.raises(ConversionError, match="weight_search.grid must be a non-empty list"):
+        load_recipe({**base, "sources": [{"path": str(stage2)}], "weight_search": {**search, "grid": []}})
+    with pytest.raises(ConversionError, match="weight_search.objective 'loss' is unknown"):
+        load_recipe({**base, "sources": [{"path": str(stage2)}], "weight_search": {**search, "objective": "loss"}})

@@ -110,6 +110,25 @@ class ConversationDataset(Dataset):
             done = prompt + answer
         return pieces
 
+    def prompt_and_answer(self, index: int) -> tuple[str, str]:
+        """The conversation up to its last answer, rendered with the generation prompt, and that answer (what an
+        evaluation asks the model and compares with)."""
+        messages = self._messages(index)
+        last = max(position for position, message in enumerate(messages) if message["role"] == "assistant")
+        tokenizer = self.processor.tokenizer
+        prompt = tokenizer.apply_chat_template(
+            messages[:last], chat_template=self.processor.chat_template, tokenize=False, add_generation_prompt=True
+        )
+        return prompt, messages[last]["content"]
+
+    def modality_names(self, index: int) -> set[str]:
+        """The modalities a sample gives inputs for."""
+        return {self._modality_of_key(index, key) for key in (self.samples[index].get("modal_inputs") or {})}
+
+    def modality_inputs(self, index: int) -> dict[str, torch.Tensor]:
+        """The sample's inputs as model tensors, by modality name."""
+        return self._modality_inputs(index)
+
     def _modality_inputs(self, index: int) -> dict[str, torch.Tensor]:
         raw = self.samples[index].get("modal_inputs") or {}
         inputs = {}
