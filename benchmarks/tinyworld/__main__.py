@@ -77,7 +77,13 @@ def main() -> None:
           f"({settings.unimodal_questions} unimodal questions per modality, {settings.mcub_questions} per MCUB split)")
     print(table)
     (work / "results.json").write_text(json.dumps({"settings": vars(settings), "rows": rows}, indent=1))
-    plot = plot_table(rows, COLUMNS, work / "results.png", "tiny world: single sources vs composites")
+    # One bar per family in the plot: each source fills its own modality's column.
+    plotted = {f"sources ({family})": {} for family in ("damc", "naive")}
+    for label, row in rows.items():
+        family = label.split("(")[-1].rstrip(")")
+        target = f"sources ({family})" if "source (" in label else label
+        plotted.setdefault(target, {}).update(row)
+    plot = plot_table(plotted, COLUMNS, work / "results.png", "tiny world: each source alone vs the composites")
     print(f"wrote {work / 'results.json'} and {plot} ({time.perf_counter() - start:.0f} s)")
     if args.search_lambda:
         report_lambda_search(work, settings, rows)

@@ -80,7 +80,7 @@ def plot_table(
     axes.set_ylim(0, 100)
     axes.set_ylabel("accuracy (%)")
     axes.set_title(title)
-    axes.legend(fontsize="small")
+    axes.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(len(rows) + 1, 5))
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
