@@ -118,6 +118,17 @@ def test_stage2_trains_both_loras_and_the_loss_falls(world, stage1, stage2):
                        model.model.encoders["image"].state_dict()["embeddings.patch_embedding.weight"])
 
 
+def test_training_does_not_depend_on_what_the_process_did_before(world, stage1, tmp_path):
+    data = SourceDataArguments(data_path=str(world / "data.json"), media_root=str(world))
+    args = _model_args(world, base_model=None, encoder=None, init_from=str(stage1), lora_rank=4, prefix_tokens=1)
+    states = []
+    for run in range(2):
+        torch.rand(run + 1)  # a different global generator state before each run
+        output = train_source(args, data, _training_args(tmp_path / f"run{run}", 2, 2))
+        states.append(CompositeMLLMForCausalLM.from_pretrained(output).state_dict())
+    assert all(torch.equal(states[0][key], states[1][key]) for key in states[0])
+
+
 def test_naive_variant_has_one_shared_lora(world, stage1, tmp_path):
     data = SourceDataArguments(data_path=str(world / "data.json"), media_root=str(world))
     args = _model_args(world, base_model=None, encoder=None, init_from=str(stage1), decoupled=False, lora_rank=4)

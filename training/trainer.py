@@ -4,7 +4,7 @@
 import logging
 from pathlib import Path
 
-from transformers import Trainer
+from transformers import Trainer, set_seed
 
 from modeling_composite.builder import register_composite_auto_classes
 
@@ -53,6 +53,9 @@ def train_source(
 ) -> Path:
     """Train one stage and write the source to `training_args.output_dir`: a one-modality composite folder that
     loads with the auto classes and that the converter takes as a source (`format: composite`)."""
+    # Seed before the model exists: fresh projectors, LoRA factors and tokens are drawn from the global generator, so
+    # a run must not depend on what the process did before it.
+    set_seed(training_args.seed)
     model, processor = build_source_model(model_args, training_args.stage)
     # Every save (checkpoints included) writes a loadable composite folder: remote code, auto_map, processor.
     register_composite_auto_classes(model, processor)

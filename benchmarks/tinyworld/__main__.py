@@ -62,8 +62,11 @@ def main() -> None:
                         help="also choose λ on a grid: by validation accuracy, and by agreement with the sources (no labels)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("transformers", "training", "conversion", "httpx", "bitsandbytes"):
+    for noisy in ("transformers", "training", "httpx", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Rank-8 deltas on a width-128 LLM are large next to its weights: the converter's "is it really fine-tuned from
+    # this base?" warning is expected here.
+    logging.getLogger("conversion").setLevel(logging.ERROR)
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.set_verbosity_error()
@@ -87,6 +90,7 @@ def main() -> None:
     print(f"wrote {work / 'results.json'} and {plot} ({time.perf_counter() - start:.0f} s)")
     if args.search_lambda:
         report_lambda_search(work, settings, rows)
+    logging.getLogger().setLevel(logging.ERROR)  # bitsandbytes' notice about optional CPU kernels
     examples(work / "composites" / "damc-built" / "model", settings)
 
 
