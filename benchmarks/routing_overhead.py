@@ -1,0 +1,191 @@
+"""Routing overhead: the LLM of a DAMC composite (routed layers, folded text delta) against the same plain LLM, and
+against the reference implementation's scheme (every adapter on every token, then masked; the MLP once per adapter),
+re-implemented here as the baseline. Random weights, CPU; medians of repeated runs after warm-up, all in one process.
+
+    python -m benchmarks.routing_overhead [--hidden 1024 --layers 8 --tokens 1024 --modalities 4 --rank 64]
+
+Prints a table and writes its figures to `--output` (JSON). Peak memory is not measured here (CPU allocations are not
+tracked per call in one process).
+"""
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import DynamicCache, LlamaConfig, LlamaModel
+
+from modeling_composite.routing import ROUTING_KWARG, ModalityRouting, RoutingState, inject_routed_layers
+
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class _Masks:
+    """The reference scheme's one-hot masks over all tokens, `(adapters, tokens, 1)`: row 0 is text."""
+
+    value: torch.Tensor | None = None
+
+
+class ReferenceLinear(nn.Module):
+    """Base output once, plus every adapter's low-rank delta on every token, then summed under the masks."""
+
+    def __init__(self, base: nn.Linear, adapters: list[list[tuple[torch.Tensor, torch.Tensor]]], masks: _Masks):
+        super().__init__()
+        self.base, self.adapters, self.masks = base, adapters, masks
+
+    def delta(self, flat: torch.Tensor, slot: int) -> torch.Tensor:
+        return sum((flat @ a.t()) @ b.t() for a, b in self.adapters[slot])
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        base = self.base(flat)
+        out = sum(self.masks.value[slot] * (base + self.delta(flat, slot)) for slot in range(len(self.adapters)))
+        return out.view(*hidden_states.shape[:-1], -1)
+
+
+class ReferenceMLP(nn.Module):
+    """SwiGLU once per adapter (its own gate/up/down deltas), summed under the masks: `down_proj`'s dense matmul runs
+    once per adapter, as in the reference."""
+
+    def __init__(self, mlp: nn.Module, gate: ReferenceLinear, up: ReferenceLinear, down: ReferenceLinear, masks: _Masks):
+        super().__init__()
+        self.mlp, self.gate, self.up, self.down, self.masks = mlp, gate, up, down, masks
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        gate, up = self.gate.base(flat), self.up.base(flat)
+        out = 0
+        for slot in range(len(self.gate.adapters)):
+            inner = self.mlp.act_fn(gate + self.gate.delta(flat, slot)) * (up + self.up.delta(flat, slot))
+            out = out + self.masks.value[slot] * (self.down.base(inner) + self.down.delta(inner, slot))
+        return out.view_as(hidden_states)
+
+
+def _factors(rank: int, width_in: int, width_out: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.randn(rank, width_in, dtype=dtype) * 0.02, torch.randn(width_out, rank, dtype=dtype) * 0.02)
+
+
+def build(hidden: int, layers: int, modalities: int, rank: int, dtype: torch.dtype):
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 11 // 4 // 64 * 64, num_hidden_layers=layers,
+                         num_attention_heads=max(hidden // 64, 1), num_key_value_heads=max(hidden // 64, 1),
+                         vocab_size=1024, max_position_embeddings=8192)
+    plain = LlamaModel(config).to(dtype).eval()
+    names = [f"m{index}" for index in range(modalities)]
+
+    routed = copy.deepcopy(plain)
+    state = RoutingState()
+    inject_routed_layers(routed, state, TARGETS, {name: (rank, 2.0 * rank) for name in names}, rank * modalities,
+                         2.0 * rank * modalities, True, 0.0)
+    with torch.no_grad():
+        for module in routed.modules():
+            if hasattr(module, "factor_parameters"):
+                for factor in module.factor_parameters():
+                    factor.copy_(torch.randn_like(factor) * 0.02)
+
+    reference = copy.deepcopy(plain)
+    masks = _Masks()
+    for layer in reference.layers:
+        def wrap(linear: nn.Linear) -> ReferenceLinear:
+            # Slot 0 (text): the N text LoRAs of the sources ('default-{m}'); slot i: modality i's LoRA.
+            text = [_factors(rank, linear.in_features, linear.out_features, dtype) for _ in names]
+            own = [[_factors(rank, linear.in_features, linear.out_features, dtype)] for _ in names]
+            return ReferenceLinear(linear, [text, *own], masks)
+
+        attention = layer.self_attn
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(attention, name, wrap(getattr(attention, name)))
+        mlp = layer.mlp
+        layer.mlp = ReferenceMLP(mlp, wrap(mlp.gate_proj), wrap(mlp.up_proj), wrap(mlp.down_proj), masks)
+    return plain, routed, reference, names, masks
+
+
+def _median_seconds(run, repeats: int) -> float:
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(hidden: int, layers: int, tokens: int, modalities: int, rank: int, dtype: torch.dtype, repeats: int) -> dict:
+    plain, routed, reference, names, masks = build(hidden, layers, modalities, rank, dtype)
+    embeds = torch.randn(1, tokens, hidden, dtype=dtype)
+    figures: dict = {}
+    with torch.inference_mode():
+        for fraction in (0.0, 0.25, 0.5, 0.9):
+            # The first `fraction` of the sequence is modality tokens, split evenly across the modalities.
+            index = torch.zeros(tokens, dtype=torch.long)
+            count = int(tokens * fraction)
+            if count:
+                index[:count] = torch.arange(count) * modalities // count + 1
+            routing = ModalityRouting.from_modality_index(index[None], names)
+            masks.value = torch.stack([(index == slot) for slot in range(modalities + 1)]).to(dtype)[..., None]
+            plain_time = _median_seconds(lambda: plain(inputs_embeds=embeds), repeats)
+            ours = _median_seconds(lambda: routed(inputs_embeds=embeds, **{ROUTING_KWARG: routing}), repeats)
+            theirs = _median_seconds(lambda: reference(inputs_embeds=embeds), repeats)
+            figures[f"prefill {int(fraction * 100)}% modality"] = {
+                "plain_s": plain_time, "composite_s": ours, "reference_s": theirs,
+                "composite/plain": ours / plain_time, "reference/composite": theirs / ours,
+            }
+        # One decode step (a text token) on a cache of `tokens` positions.
+        masks.value = torch.ones(modalities + 1, 1, 1, dtype=dtype)
+        masks.value[1:] = 0
+        step = torch.randn(1, 1, hidden, dtype=dtype)
+        results = {}
+        for label, model, extra in (("plain", plain, {}), ("composite", routed, {ROUTING_KWARG: None}),
+                                    ("reference", reference, {})):
+            cache = DynamicCache()
+            model(inputs_embeds=embeds, past_key_values=cache, use_cache=True, **extra)
+
+            def decode(model=model, cache=cache, extra=extra) -> None:
+                model(inputs_embeds=step, past_key_values=cache, use_cache=True, **extra)
+                cache.crop(-1)  # drop the step again: every timed step sees the same cache
+
+            results[label] = _median_seconds(decode, repeats * 4)
+        figures["decode step"] = {
+            "plain_s": results["plain"], "composite_s": results["composite"], "reference_s": results["reference"],
+            "composite/plain": results["composite"] / results["plain"],
+            "reference/composite": results["reference"] / results["composite"],
+        }
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--modalities", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--output", default="outputs/benchmarks/routing_overhead.json")
+    args = parser.parse_args()
+    report = {"settings": vars(args), "threads": torch.get_num_threads(), "results": {}}
+    print(f"routing overhead: hidden {args.hidden}, {args.layers} layers, {args.tokens} tokens, {args.modalities} "
+          f"modalities, rank {args.rank}, CPU with {torch.get_num_threads()} threads (medians of {args.repeats})")
+    for dtype_name in args.dtypes.split(","):
+        figures = measure(args.hidden, args.layers, args.tokens, args.modalities, args.rank,
+                          getattr(torch, dtype_name), args.repeats)
+        report["results"][dtype_name] = figures
+        print(f"\n{dtype_name}")
+        print(f"{'workload':<24} {'plain ms':>9} {'ours ms':>9} {'ref ms':>9} {'ours/plain':>11} {'ref/ours':>9}")
+        for label, row in figures.items():
+            print(f"{label:<24} {row['plain_s'] * 1e3:>9.1f} {row['composite_s'] * 1e3:>9.1f} "
+                  f"{row['reference_s'] * 1e3:>9.1f} {row['composite/plain']:>11.3f} {row['reference/composite']:>9.2f}")
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=1))
+    print(f"\nwrote {output}")
+
+
+if __name__ == "__main__":
+    main()
