@@ -9,7 +9,6 @@ import json
 import random
 from pathlib import Path
 
-from .base import render_conversation
 from .questions import (
     TEXT,
     Question,
@@ -74,5 +73,3 @@ def write_source_data(
     path.write_text(json.dumps(samples, indent=1))
     return path
 
-
-__all__ = ["render_conversation", "source_questions", "write_source_data"]
