@@ -48,10 +48,7 @@ def answer_questions(folder: Path, samples: list[dict], media_root: str | None) 
         except DataError:
             continue  # a question about a modality this model does not have
         prompt, _ = dataset.prompt_and_answer(index)
-        text = prompt
-        for entry in processor.modalities.values():
-            text = text.replace(entry["placeholder"], entry["placeholder"] * entry["positions_per_item"])
-        inputs = processor.tokenizer(text, return_tensors="pt")
+        inputs = processor.tokenizer(processor.expand_placeholders(prompt), return_tensors="pt")
         modality_inputs = dataset.modality_inputs(index)
         output = model.generate(**inputs, modality_inputs=modality_inputs or None, max_new_tokens=8, do_sample=False)
         answers[index] = _first_word(processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))

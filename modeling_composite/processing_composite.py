@@ -138,10 +138,7 @@ class CompositeMLLMProcessor(ProcessorMixin):
         kwargs.pop("images_kwargs", None), kwargs.pop("videos_kwargs", None), kwargs.pop("audio_kwargs", None)
         # Built per call rather than kept on the instance: ProcessorMixin saves instance attributes, and `modalities`
         # may be edited after construction.
-        placeholders = {entry["placeholder"]: name for name, entry in self.modalities.items()}
-        # Longest first, so that a placeholder which is a prefix of another never matches inside it (the tokenizer's
-        # special-token split also takes the longest match).
-        pattern = re.compile("|".join(re.escape(token) for token in sorted(placeholders, key=len, reverse=True)))
+        placeholders, pattern = self._placeholder_pattern()
         slots = [placeholders[token] for sample in texts for token in pattern.findall(sample)] if placeholders else []
         data: dict[str, Any] = {}
         by_name: dict[str, Any] = {}
@@ -169,18 +166,35 @@ class CompositeMLLMProcessor(ProcessorMixin):
                     data[_OUTPUT_NAME_BY_KIND[kind]] = processed
                 else:
                     by_name[name] = processed
-        if placeholders:
-            def expand(match: re.Match) -> str:
-                entry = self.modalities[placeholders[match.group(0)]]
-                return entry["placeholder"] * entry["positions_per_item"]
-
-            texts = [pattern.sub(expand, sample) for sample in texts]
+        texts = [self.expand_placeholders(sample) for sample in texts]
         text_inputs = self.tokenizer(texts, return_tensors=return_tensors, **kwargs)
         batch = CompositeBatchFeature(data={**text_inputs, **data}, tensor_type=return_tensors)
         if by_name:
             # BatchFeature skips dict values when it converts to tensors, so the inner arrays are converted here.
             batch["modality_inputs"] = dict(BatchFeature(data=by_name, tensor_type=return_tensors))
         return batch
+
+    def _placeholder_pattern(self) -> tuple[dict[str, str], "re.Pattern | None"]:
+        """Placeholder -> modality name, and a pattern matching any placeholder (None when there are none)."""
+        placeholders = {entry["placeholder"]: name for name, entry in self.modalities.items()}
+        if not placeholders:
+            return placeholders, None
+        # Longest first, so that a placeholder which is a prefix of another never matches inside it (the tokenizer's
+        # special-token split also takes the longest match).
+        return placeholders, re.compile("|".join(re.escape(token) for token in sorted(placeholders, key=len, reverse=True)))
+
+    def expand_placeholders(self, text: str) -> str:
+        """`text` with every placeholder repeated once per position the model fills for one item (prefix + features +
+        suffix): the token sequence the model expects, for callers that tokenize text themselves."""
+        placeholders, pattern = self._placeholder_pattern()
+        if pattern is None:
+            return text
+
+        def expand(match: re.Match) -> str:
+            entry = self.modalities[placeholders[match.group(0)]]
+            return entry["placeholder"] * entry["positions_per_item"]
+
+        return pattern.sub(expand, text)
 
     def _count_message(self, kind: str, owners: list[str], found: int, given: int) -> str:
         if len(owners) == 1:

@@ -87,18 +87,13 @@ class ConversationDataset(Dataset):
         """The rendered conversation cut into (text, is_answer) pieces with the chat template: each answer is what
         rendering it adds after the generation prompt of its question."""
         messages = self._messages(index)
-        tokenizer, template = self.processor.tokenizer, self.processor.chat_template
-
-        def render(conversation: list[dict[str, str]], **kwargs: Any) -> str:
-            return tokenizer.apply_chat_template(conversation, chat_template=template, **kwargs)
-
         pieces: list[tuple[str, bool]] = []
         done = ""
         for position, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            prompt = render(messages[:position], tokenize=False, add_generation_prompt=True)
-            full = render(messages[: position + 1], tokenize=False)
+            prompt = self._render(messages[:position], add_generation_prompt=True)
+            full = self._render(messages[: position + 1])
             if not prompt.startswith(done) or not full.startswith(prompt):
                 raise DataError(
                     f"Sample {self._sample_id(index)}: the chat template does not render the conversation as a "
@@ -115,11 +110,13 @@ class ConversationDataset(Dataset):
         evaluation asks the model and compares with)."""
         messages = self._messages(index)
         last = max(position for position, message in enumerate(messages) if message["role"] == "assistant")
-        tokenizer = self.processor.tokenizer
-        prompt = tokenizer.apply_chat_template(
-            messages[:last], chat_template=self.processor.chat_template, tokenize=False, add_generation_prompt=True
+        return self._render(messages[:last], add_generation_prompt=True), messages[last]["content"]
+
+    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        """Text of `messages` by the processor's chat template (what the composite sees at inference)."""
+        return self.processor.tokenizer.apply_chat_template(
+            messages, chat_template=self.processor.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
         )
-        return prompt, messages[last]["content"]
 
     def modality_names(self, index: int) -> set[str]:
         """The modalities a sample gives inputs for."""
@@ -167,17 +164,12 @@ class ConversationDataset(Dataset):
         candidate = Path(path)
         return candidate if candidate.is_absolute() or self.media_root is None else self.media_root / candidate
 
-    def _expand(self, text: str) -> str:
-        for entry in self.modalities.values():
-            text = text.replace(entry["placeholder"], entry["placeholder"] * entry["positions_per_item"])
-        return text
-
     def __getitem__(self, index: int) -> dict[str, Any]:
         tokenizer = self.processor.tokenizer
         input_ids: list[int] = []
         labels: list[int] = []
         for number, (text, is_answer) in enumerate(self._pieces(index)):
-            ids = tokenizer(self._expand(text), add_special_tokens=number == 0)["input_ids"]
+            ids = tokenizer(self.processor.expand_placeholders(text), add_special_tokens=number == 0)["input_ids"]
             input_ids += ids
             labels += ids if is_answer else [IGNORE_INDEX] * len(ids)
         if len(input_ids) > self.model_max_length:
