@@ -6,7 +6,7 @@ split only reports the choice.
 
 from pathlib import Path
 
-from .evaluate import first_tokens, score
+from .evaluate import first_tokens, is_correct, score
 from .questions import mcub_split, unimodal_split
 from .run import FAMILIES, Settings, compose_family, load
 from .world import MODALITIES, make_concepts
@@ -38,13 +38,14 @@ def search(work: Path, sources: dict[str, Path], settings: Settings, grid: tuple
         for value in grid:
             folder = compose_family(work / f"lambda-{value}", sources, family, dict.fromkeys(MODALITIES, value))
             model, processor = load(folder)
-            accuracies = [score(model, processor, unimodal[m], by_name, "val") for m in MODALITIES]
-            accuracies += [score(model, processor, mcub[k], by_name, "val") for k in mcub]
-            agreement = []
+            accuracies, agreement = [], []
             for modality in MODALITIES:
+                # One pass answers both criteria: scored against the labels, and against the source's answers.
                 answers = first_tokens(model, processor, unimodal[modality], by_name, "val")
+                accuracies.append(sum(map(is_correct, unimodal[modality], answers)) / len(answers))
                 same = sum(a == b for a, b in zip(answers, reference[family][modality]))
                 agreement.append(same / len(answers))
+            accuracies += [score(model, processor, mcub[k], by_name, "val") for k in mcub]
             table[value] = {"validation": sum(accuracies) / len(accuracies), "agreement": sum(agreement) / len(agreement),
                             "folder": str(folder)}
         results[family] = {
