@@ -41,7 +41,7 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
-    PretrainedConfig,
+    PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Qwen2AudioConfig,
@@ -142,7 +142,7 @@ def _add_special_tokens(tokenizer: PreTrainedTokenizerBase, tokens: list[str]) -
     return ids
 
 
-def _tiny_clip_vision_config() -> PretrainedConfig:
+def _tiny_clip_vision_config() -> PreTrainedConfig:
     """The CLIP vision config of `tiny.tiny_vision_encoder` (32x32 images, 8x8 patches, width 64, 2 layers)."""
     config = tiny_vision_encoder().config
     config.architectures = None
@@ -172,6 +172,24 @@ def _load_llm(model: PreTrainedModel, llm_state: dict[str, torch.Tensor]) -> Non
         model.lm_head.load_state_dict(head, strict=True)
 
 
+def _save_fine_tuned(
+    path: Path,
+    model_class: type,
+    config: PreTrainedConfig,
+    llm_state: dict[str, torch.Tensor],
+    seed: int,
+    legacy_prefixes: list[tuple[str, str]] | None,
+) -> None:
+    """A transformers multimodal model with fresh (seeded) towers and projector around the fine-tuned LLM, saved in
+    the v5 key layout, or renamed to the older Hub layout given by `legacy_prefixes`."""
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    _load_llm(model, llm_state)
+    model.save_pretrained(path, save_original_format=False)  # v5 keys; transformers' default writes legacy ones
+    if legacy_prefixes is not None:
+        _rename_saved_weights(path, legacy_prefixes)
+
+
 def _rename_saved_weights(folder: Path, prefixes: list[tuple[str, str]]) -> None:
     """Rewrites every `*.safetensors` file in `folder` (and a shard index, if any) with key prefixes renamed; the
     first matching (old, new) pair wins. Used to write the older llava-hf Hub key layout."""
@@ -194,7 +212,7 @@ def _rename_saved_weights(folder: Path, prefixes: list[tuple[str, str]]) -> None
         index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def _lora_shapes(config: PretrainedConfig) -> dict[str, tuple[int, int]]:
+def _lora_shapes(config: PreTrainedConfig) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of each of the 7 projections of a Llama/Qwen2 decoder layer."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     hidden, inner = config.hidden_size, config.intermediate_size
@@ -224,7 +242,7 @@ def _mlp2x_projector(prefix: str, in_features: int, hidden: int, generator: torc
     }
 
 
-def _base_config(base_folder: str | os.PathLike | None) -> PretrainedConfig:
+def _base_config(base_folder: str | os.PathLike | None) -> PreTrainedConfig:
     return AutoConfig.from_pretrained(base_folder) if base_folder is not None else tiny_llm("llama").config
 
 
@@ -277,12 +295,7 @@ def save_tiny_llava(
         multimodal_projector_bias=True,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    _load_llm(model, llm_state)
-    model.save_pretrained(path, save_original_format=False)  # v5 keys; transformers' default writes legacy ones
-    if legacy_layout:
-        _rename_saved_weights(path, LLAVA_LEGACY_PREFIXES)
+    _save_fine_tuned(path, LlavaForConditionalGeneration, config, llm_state, seed, LLAVA_LEGACY_PREFIXES if legacy_layout else None)
     processor = LlavaProcessor(
         image_processor=tiny_image_processor(),
         tokenizer=tokenizer,
@@ -344,12 +357,7 @@ def save_tiny_video_llava(
         multimodal_projector_bias=True,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    model = VideoLlavaForConditionalGeneration(config).eval()
-    _load_llm(model, llm_state)
-    model.save_pretrained(path, save_original_format=False)  # v5 keys; transformers' default writes legacy ones
-    if legacy_layout:
-        _rename_saved_weights(path, VIDEO_LLAVA_LEGACY_PREFIXES)
+    _save_fine_tuned(path, VideoLlavaForConditionalGeneration, config, llm_state, seed, VIDEO_LLAVA_LEGACY_PREFIXES if legacy_layout else None)
 
     tokenizer.save_pretrained(path)
     image_processor = _video_llava_image_processor()
@@ -451,12 +459,7 @@ def save_tiny_qwen2_audio(
         text_config=AutoConfig.from_pretrained(base_folder).to_dict(),
         audio_token_index=audio_token_id,
     )
-    torch.manual_seed(seed)
-    model = Qwen2AudioForConditionalGeneration(config).eval()
-    _load_llm(model, llm_state)
-    model.save_pretrained(path, save_original_format=False)  # v5 keys; transformers' default writes legacy ones
-    if legacy_layout:
-        _rename_saved_weights(path, QWEN2_AUDIO_LEGACY_PREFIXES)
+    _save_fine_tuned(path, Qwen2AudioForConditionalGeneration, config, llm_state, seed, QWEN2_AUDIO_LEGACY_PREFIXES if legacy_layout else None)
     Qwen2AudioProcessor(feature_extractor=tiny_feature_extractor(), tokenizer=tokenizer).save_pretrained(path)
     return path
 
