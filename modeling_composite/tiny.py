@@ -31,25 +31,28 @@ MEL_BINS = 16
 POINTS = 64
 
 
+# Ids 0-3 of every tiny vocabulary, the ids `tiny_llm`'s config names.
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
+
+
+def wrap_tokenizer(backend: Tokenizer, **kwargs) -> PreTrainedTokenizerFast:
+    """A transformers tokenizer around a `tokenizers` backend whose vocabulary starts with `SPECIAL_TOKENS`;
+    left padding, for batched generation."""
+    unk, bos, eos, pad = SPECIAL_TOKENS
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk, padding_side="left", **kwargs
+    )
+
+
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level tokenizer (every byte is a token, no merges) with BOS/EOS/PAD/UNK: any text round-trips."""
     # `alphabet()` comes from a hash set, in no fixed order: sort it, so every call builds the same vocabulary.
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    specials = ["<unk>", "<s>", "</s>", "<pad>"]
-    vocab = {token: index for index, token in enumerate(specials)}
-    vocab.update({token: index + len(specials) for index, token in enumerate(alphabet)})
+    vocab = {token: index for index, token in enumerate([*SPECIAL_TOKENS, *alphabet])}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        padding_side="left",
-        model_input_names=["input_ids", "attention_mask"],
-    )
+    return wrap_tokenizer(backend, model_input_names=["input_ids", "attention_mask"])
 
 
 def tiny_llm(model_type: str = "llama", vocab_size: int = 320, seed: int = 0, **overrides) -> PreTrainedModel:

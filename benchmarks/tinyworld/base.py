@@ -9,6 +9,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
 
+from modeling_composite.tiny import SPECIAL_TOKENS, wrap_tokenizer
 from training.data import IGNORE_INDEX, ConversationCollator
 
 from .questions import (
@@ -24,26 +25,17 @@ from .questions import (
 from .world import ATTRIBUTES, NAMES, Concept
 
 
-SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
 TEMPLATE_WORDS = ["USER:", "ASSISTANT:", "which", "fits", "all", "?", "what", "is", "it", *ATTRIBUTES]
 
 
 def world_tokenizer() -> PreTrainedTokenizerFast:
     """One token per word of the world (names, attribute values, template words, option letters); BOS first."""
     words = [*TEMPLATE_WORDS, *LETTERS, *NAMES, *(value for values in ATTRIBUTES.values() for value in values)]
-    vocab = {token: index for index, token in enumerate([*SPECIALS, *words])}
+    vocab = {token: index for index, token in enumerate([*SPECIAL_TOKENS, *words])}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        padding_side="left",
-        clean_up_tokenization_spaces=False,
-    )
+    return wrap_tokenizer(backend, clean_up_tokenization_spaces=False)
 
 
 def base_llm(tokenizer: PreTrainedTokenizerFast, seed: int) -> torch.nn.Module:
