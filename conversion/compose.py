@@ -11,10 +11,11 @@ from transformers import GenerationConfig, WhisperFeatureExtractor
 
 import modeling_composite
 from modeling_composite.builder import (
+    CHAT_TEMPLATE_NAMES,
     CLIP_IMAGE_SETTINGS,
     clip_image_processor,
     composite_auto_map,
-    default_chat_template,
+    named_chat_template,
     placeholder_suppression,
     processor_modalities,
 )
@@ -186,6 +187,14 @@ def _generation_config(base: BaseModel, plan: Plan) -> GenerationConfig:
     return generation
 
 
+def _chat_template(template: str | None, modalities: dict[str, dict]) -> str:
+    """The recipe's `chat_template`: a name of [`CHAT_TEMPLATE_NAMES`] (`vicuna_v1` for the paper's composites), a
+    Jinja template, or nothing (the default template)."""
+    if template is None or template in CHAT_TEMPLATE_NAMES:
+        return named_chat_template(template or "default", modalities)
+    return template
+
+
 def _processor(plan: Plan, recipe: Recipe) -> CompositeMLLMProcessor:
     """One image processor (the first image/video source's) and one feature extractor (the first audio source's);
     modalities whose own image processor differs get their settings as per-modality overrides."""
@@ -214,7 +223,7 @@ def _processor(plan: Plan, recipe: Recipe) -> CompositeMLLMProcessor:
         feature_extractor=feature_extractor,
         tokenizer=plan.tokenizer,
         modalities=modalities,
-        chat_template=recipe.chat_template or default_chat_template(modalities),
+        chat_template=_chat_template(recipe.chat_template, modalities),
     )
 
 

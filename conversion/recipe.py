@@ -10,6 +10,7 @@ A recipe is YAML (or the same structure as a dict)::
       - path: llava-hf/llava-1.5-7b-hf
         weight: 0.5
     dtype: bfloat16
+    chat_template: vicuna_v1     # default | vicuna_v1 (the paper's, with its system line) | a Jinja template
 
 Every key is checked here, before any file is read, so that a typo fails in a second with a message that names it.
 """
