@@ -92,6 +92,7 @@ def read_composite(recipe: SourceRecipe, location: Location) -> Source:
             encoder_weights=encoders[name],
             projector=entry["projector"],
             projector_bias=entry["projector_bias"],
+            projector_options=entry["projector_options"],
             projector_weights=projector,
             feature_layer=entry["feature_layer"],
             feature_select=entry["feature_select"],

@@ -153,6 +153,7 @@ def _modality_entry(part: ModalityPart, placeholder: str, placeholder_id: int, d
         "feature_select": part.feature_select,
         "projector": part.projector,
         "projector_bias": part.projector_bias,
+        "projector_options": part.projector_options,
         "placeholder": placeholder,
         "placeholder_id": placeholder_id,
         "tokens_per_item": tokens,

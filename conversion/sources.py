@@ -64,6 +64,7 @@ class ModalityPart:
     projector: str
     projector_bias: bool
     projector_weights: dict[str, Lazy]
+    projector_options: dict[str, int] | None = None
     feature_layer: int | str = "last"
     feature_select: str = "full"
     num_frames: int | None = None

@@ -49,6 +49,7 @@ class ModalitySpec:
     encoder: PreTrainedModel
     projector: str = "mlp2x_gelu"
     projector_bias: bool = True
+    projector_options: dict[str, int] | None = None
     projector_state_dict: dict[str, torch.Tensor] | None = None
     placeholder: str | None = None
     feature_layer: int | str = "last"
@@ -224,6 +225,7 @@ def compose(
             "feature_select": spec.feature_select,
             "projector": spec.projector,
             "projector_bias": spec.projector_bias,
+            "projector_options": spec.projector_options,
             "placeholder": placeholders[name],
             "placeholder_id": token_ids[placeholders[name]],
             "tokens_per_item": tokens,

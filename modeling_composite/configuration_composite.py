@@ -16,6 +16,9 @@ MODALITY_KINDS = ("image", "video", "audio", "point")
 FEATURE_SELECTIONS = ("patch", "full")
 DEFAULT_LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _PROJECTOR_PATTERN = re.compile(r"^(linear|mlp(\d+)x_gelu)$")
+_QFORMER_SPEC = re.compile(r"^qformer_(\d+)N_(\d+)L$")
+# Settings a Q-Former projector takes beside its spec (the paper's audio projector: 1024 positions, BERT-base).
+QFORMER_OPTIONS = ("num_positions", "hidden_size", "num_attention_heads", "intermediate_size")
 _MODALITY_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 # Fields of one modality entry and their defaults. `None` marks a field without a default (it must be given).
@@ -29,6 +32,7 @@ _MODALITY_FIELDS: dict[str, Any] = {
     "feature_select": "full",
     "projector": "mlp2x_gelu",
     "projector_bias": True,
+    "projector_options": None,
     "num_frames": None,
     "prefix_tokens": 0,
     "suffix_tokens": 0,
@@ -40,8 +44,46 @@ def parse_projector_spec(spec: str) -> int:
     """Number of linear layers in a projector spec: `linear` is 1, `mlp{N}x_gelu` is N (linear layers joined by GELU)."""
     match = _PROJECTOR_PATTERN.match(spec) if isinstance(spec, str) else None
     if match is None or (match.group(2) is not None and int(match.group(2)) < 1):
-        raise ValueError(f"Unknown projector spec {spec!r}: use 'linear' or 'mlp{{N}}x_gelu' with N >= 1 (e.g. 'mlp2x_gelu').")
+        raise ValueError(
+            f"Unknown projector spec {spec!r}: use 'linear', 'mlp{{N}}x_gelu' with N >= 1 (e.g. 'mlp2x_gelu') or "
+            "'qformer_{{Q}}N_{{L}}L' (e.g. 'qformer_32N_2L')."
+        )
     return 1 if match.group(2) is None else int(match.group(2))
+
+
+def parse_qformer_spec(spec: str) -> tuple[int, int] | None:
+    """`(queries, layers)` of a projector spec `qformer_{Q}N_{L}L` (e.g. `qformer_32N_2L` -> `(32, 2)`); None for a
+    spec of another family (`linear`, `mlp2x_gelu`, ...). A spec that starts with `qformer` but is not of that form,
+    or asks for zero queries or layers, raises ValueError."""
+    if not isinstance(spec, str) or not spec.startswith("qformer"):
+        return None
+    match = _QFORMER_SPEC.match(spec)
+    if match is None:
+        raise ValueError(f"Malformed Q-Former projector spec {spec!r}: write 'qformer_{{Q}}N_{{L}}L', e.g. 'qformer_32N_2L'.")
+    queries, layers = int(match.group(1)), int(match.group(2))
+    if queries < 1 or layers < 1:
+        raise ValueError(f"Q-Former projector spec {spec!r} needs at least 1 query and 1 layer.")
+    return queries, layers
+
+
+def _check_projector(name: str, spec: str, options: Any) -> None:
+    try:
+        is_qformer = parse_qformer_spec(spec) is not None
+        if not is_qformer:
+            parse_projector_spec(spec)
+    except ValueError as error:
+        raise ValueError(f"Modality {name!r}: {error}") from None
+    if options is None:
+        return
+    if not is_qformer:
+        raise ValueError(f"Modality {name!r}: projector_options only apply to Q-Former projectors, not {spec!r}.")
+    if not isinstance(options, dict) or set(options) - set(QFORMER_OPTIONS):
+        raise ValueError(
+            f"Modality {name!r}: projector_options must be a dict with keys among {list(QFORMER_OPTIONS)}, got {options!r}."
+        )
+    for key, value in options.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"Modality {name!r}: projector_options[{key!r}] must be a positive integer, got {value!r}.")
 
 
 def build_encoder_config(encoder: dict[str, Any] | PreTrainedConfig) -> PreTrainedConfig:
@@ -86,7 +128,7 @@ def normalize_modality(name: str, entry: dict[str, Any], vocab_size: int | None 
         raise ValueError(f"Modality {name!r}: unknown fields {sorted(unknown)}; allowed: {sorted(_MODALITY_FIELDS)}.")
     normalized = {key: copy.deepcopy(entry.get(key, default)) for key, default in _MODALITY_FIELDS.items()}
     missing = [key for key, default in _MODALITY_FIELDS.items() if default is None and normalized[key] is None]
-    missing = [key for key in missing if key not in ("num_frames", "lora")]
+    missing = [key for key in missing if key not in ("num_frames", "lora", "projector_options")]
     if missing:
         raise ValueError(f"Modality {name!r}: missing required fields {missing}.")
     if normalized["kind"] not in MODALITY_KINDS:
@@ -106,10 +148,7 @@ def normalize_modality(name: str, entry: dict[str, Any], vocab_size: int | None 
     layer = normalized["feature_layer"]
     if layer != "last" and (not isinstance(layer, int) or isinstance(layer, bool)):
         raise ValueError(f"Modality {name!r}: feature_layer must be 'last' or an index into hidden states, got {layer!r}.")
-    try:
-        parse_projector_spec(normalized["projector"])
-    except ValueError as error:
-        raise ValueError(f"Modality {name!r}: {error}") from None
+    _check_projector(name, normalized["projector"], normalized["projector_options"])
     for field in ("tokens_per_item", "prefix_tokens", "suffix_tokens", "placeholder_id"):
         value = normalized[field]
         if not isinstance(value, int) or value < (1 if field == "tokens_per_item" else 0):
@@ -130,6 +169,15 @@ def normalize_modality(name: str, entry: dict[str, Any], vocab_size: int | None 
             )
     elif normalized["num_frames"] is not None:
         raise ValueError(f"Modality {name!r}: num_frames only applies to video modalities, not {normalized['kind']!r}.")
+    if parse_qformer_spec(normalized["projector"]) is not None:
+        if not normalized["projector_bias"]:
+            raise ValueError(f"Modality {name!r}: a Q-Former projector always has biases; set projector_bias to True.")
+        positions = (normalized["projector_options"] or {}).get("num_positions", 1024)
+        if normalized["tokens_per_item"] > positions:
+            raise ValueError(
+                f"Modality {name!r}: the Q-Former has position embeddings for {positions} encoder tokens but "
+                f"tokens_per_item is {normalized['tokens_per_item']}; raise projector_options['num_positions']."
+            )
     normalized["lora"] = _check_lora(f"Modality {name!r}: lora", normalized["lora"])
     return normalized
 
@@ -149,9 +197,13 @@ class CompositeMLLMConfig(PreTrainedConfig):
             - `feature_layer` (`int` or `"last"`, default `"last"`): `"last"` takes the encoder's `last_hidden_state`
               (after its final norm or pooling); an integer indexes its `hidden_states` (LLaVA uses -2).
             - `feature_select` (`patch` | `full`, default `full`): `patch` drops the first (CLS) token.
-            - `projector` (`linear` | `mlp{N}x_gelu`, default `mlp2x_gelu`) and `projector_bias` (default True).
+            - `projector` (`linear` | `mlp{N}x_gelu` | `qformer_{Q}N_{L}L`, default `mlp2x_gelu`) and
+              `projector_bias` (default True). A Q-Former (the paper's audio projector) turns the features of an item
+              into Q tokens; `projector_options` may set its `num_positions` (default 1024), `hidden_size`,
+              `num_attention_heads` and `intermediate_size` (BERT-base by default).
             - `placeholder` / `placeholder_id`: the token the processor expands, and its id.
-            - `tokens_per_item`: encoder features per item after selection (for video: frames x per-frame tokens).
+            - `tokens_per_item`: encoder features per item after selection (for video: frames x per-frame tokens); the
+              projector keeps that many, except a Q-Former, which makes Q of them.
             - `num_frames`: frames per video (video only).
             - `prefix_tokens` / `suffix_tokens` (default 0): learnable tokens placed around each item's features.
             - `lora` (`{"r": int, "alpha": float}` or None): this modality's routed low-rank delta (DAMC).
@@ -197,10 +249,16 @@ class CompositeMLLMConfig(PreTrainedConfig):
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True
 
-    def positions_per_item(self, modality: str) -> int:
-        """Sequence positions one item of `modality` fills: prefix + features + suffix."""
+    def projected_tokens_per_item(self, modality: str) -> int:
+        """Tokens the projector makes of one item: its features, or a Q-Former's queries."""
         entry = self.modalities[modality]
-        return entry["prefix_tokens"] + entry["tokens_per_item"] + entry["suffix_tokens"]
+        qformer = parse_qformer_spec(entry["projector"])
+        return qformer[0] if qformer else entry["tokens_per_item"]
+
+    def positions_per_item(self, modality: str) -> int:
+        """Sequence positions one item of `modality` fills: prefix + projected tokens + suffix."""
+        entry = self.modalities[modality]
+        return entry["prefix_tokens"] + self.projected_tokens_per_item(modality) + entry["suffix_tokens"]
 
     def encoder_config(self, modality: str) -> PreTrainedConfig:
         """The encoder config of `modality`, rebuilt from its dict form."""

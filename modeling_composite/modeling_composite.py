@@ -12,9 +12,10 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
 
-from .configuration_composite import CompositeMLLMConfig, parse_projector_spec
+from .configuration_composite import CompositeMLLMConfig, parse_projector_spec, parse_qformer_spec
 from .configuration_point_encoder import CompositePointEncoderConfig
 from .modeling_point_encoder import CompositePointEncoder
+from .modeling_qformer_projector import QFormerProjector
 from .routing import ROUTING_KWARG, ModalityRouting, RoutedLinear, RoutingState, inject_routed_layers
 
 
@@ -71,9 +72,21 @@ class CompositeMLLMProjector(nn.Module):
     """Projects encoder features into the LLM's embedding space (`linear`, or `mlp{N}x_gelu`: N linears with GELU in
     between), and places the modality's learnable prefix and suffix tokens around each item."""
 
-    def __init__(self, in_features: int, out_features: int, spec: str, bias: bool, prefix: int, suffix: int):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        spec: str,
+        bias: bool,
+        prefix: int,
+        suffix: int,
+        options: dict[str, int] | None = None,
+    ):
         super().__init__()
-        depth = parse_projector_spec(spec)
+        qformer = parse_qformer_spec(spec)
+        # A Q-Former (the paper's audio projector) replaces the linears; its parameters live under `qformer.`.
+        self.qformer = QFormerProjector(in_features, out_features, *qformer, **(options or {})) if qformer else None
+        depth = 0 if qformer else parse_projector_spec(spec)
         self.act = nn.GELU()
         for index in range(1, depth + 1):
             width_in = in_features if index == 1 else out_features
@@ -83,7 +96,10 @@ class CompositeMLLMProjector(nn.Module):
         self.suffix = nn.Parameter(torch.zeros(suffix, out_features)) if suffix else None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.linear_1(features)
+        if self.qformer is not None:
+            hidden_states = self.qformer(features)
+        else:
+            hidden_states = self.linear_1(features)
         for index in range(2, self.depth + 1):
             hidden_states = getattr(self, f"linear_{index}")(self.act(hidden_states))
         items = hidden_states.shape[0]
@@ -117,6 +133,8 @@ class CompositeMLLMPreTrainedModel(PreTrainedModel):
             for token in (module.prefix, module.suffix):
                 if token is not None:
                     init.normal_(token, mean=0.0, std=std)
+        if isinstance(module, QFormerProjector):
+            module.init_query_tokens()
         if isinstance(module, CompositeMLLMModel):
             # Routed layers sit inside the text model, whose own init does not know them: initialise their factors
             # here (A Kaiming-uniform, B zero, as PEFT's LoRA); `init.*` leaves tensors loaded from a checkpoint alone.
@@ -148,6 +166,7 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
                 entry["projector_bias"],
                 entry["prefix_tokens"],
                 entry["suffix_tokens"],
+                entry["projector_options"],
             )
         # Encoders live in a ModuleDict, which post_init does not search for `_no_split_modules`.
         self._no_split_modules = sorted(no_split)
@@ -182,7 +201,11 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
         return self.get_input_embeddings().weight.dtype
 
     def get_modality_features(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
-        """Encode and project the items of one modality: `(items, prefix + tokens_per_item + suffix, hidden)`."""
+        """Encode and project the items of one modality: `(items, positions_per_item, hidden)`.
+
+        Video encoders see frames as images (`(items * frames, channels, height, width)`), unless they model time
+        themselves (class attribute `takes_whole_videos`, e.g. LanguageBind's): those get the videos whole and return
+        per-frame tokens, frame-major, as `(items * frames, tokens, width)`."""
         entry = self.config.modalities[modality]
         encoder = self.encoders[modality]
         self._check_input_shape(modality, inputs)
@@ -191,7 +214,8 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
             frames = inputs.shape[1]
             if frames != entry["num_frames"]:
                 raise ValueError(f"Modality {modality!r}: videos must have {entry['num_frames']} frames, got {frames}.")
-            inputs = inputs.flatten(0, 1)
+            if not getattr(encoder, "takes_whole_videos", False):
+                inputs = inputs.flatten(0, 1)
         inputs = inputs.to(device=next(encoder.parameters()).device, dtype=self._compute_dtype)
         layer = entry["feature_layer"]
         outputs = encoder(inputs, output_hidden_states=layer != "last", return_dict=True)
