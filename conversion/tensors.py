@@ -33,6 +33,19 @@ class TensorStore:
             else:
                 self._index_pickle(path)
 
+    @classmethod
+    def from_state_dict(cls, state: object, source: Path, label: str) -> "TensorStore":
+        """A store over a state dict already in memory (e.g. the `model` entry of a checkpoint that nests its tensors
+        beside other data); `source` is the file it came from, named in messages."""
+        if not isinstance(state, dict) or not all(
+            isinstance(key, str) and torch.is_tensor(value) for key, value in state.items()
+        ):
+            raise ConversionError(f"{label}: {source.name} does not hold a flat dict of name -> tensor where expected.")
+        store = cls([], label)
+        for key, value in state.items():
+            store._add(key, source, value)
+        return store
+
     def _index_safetensors(self, path: Path) -> None:
         try:
             handle = safe_open(str(path), framework="pt")
