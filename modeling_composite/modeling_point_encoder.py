@@ -11,8 +11,14 @@ from .configuration_point_encoder import CompositePointEncoderConfig
 
 
 def farthest_point_sample(xyz: torch.Tensor, num_samples: int) -> torch.Tensor:
-    """Indices `(batch, num_samples)` of points chosen greedily to be far from those already chosen, starting at
-    point 0 so that the result is deterministic."""
+    """Indices `(batch, num_samples)` of points chosen greedily, each the farthest (squared Euclidean distance) from
+    those already chosen; ties go to the lowest index.
+
+    This is the algorithm of PointBERT's `misc.fps` as PointLLM and the paper run it (pure torch, not the pointnet2
+    CUDA kernel), with one deliberate difference: the paper starts every cloud at a random point
+    (`torch.randint`), so its centres change from call to call; we start at point 0 so that the result is
+    deterministic. Given the same start, the chosen points are identical.
+    """
     batch, num_points, _ = xyz.shape
     chosen = torch.zeros(batch, num_samples, dtype=torch.long, device=xyz.device)
     distance = torch.full((batch, num_points), float("inf"), device=xyz.device, dtype=xyz.dtype)
@@ -22,22 +28,35 @@ def farthest_point_sample(xyz: torch.Tensor, num_samples: int) -> torch.Tensor:
         chosen[:, step] = farthest
         centre = xyz[batch_index, farthest].unsqueeze(1)
         distance = torch.minimum(distance, ((xyz - centre) ** 2).sum(-1))
-        farthest = distance.argmax(-1)
+        farthest = distance.argmax(-1)  # the first index among equal maxima
     return chosen
+
+
+def squared_distances(queries: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances `(batch, Q, N)` between `queries` `(batch, Q, 3)` and `points` `(batch, N, 3)`.
+
+    Computed as |q|^2 + |p|^2 - 2 q.p, the way PointBERT's kNN does: the rounding of this form decides which of two
+    almost equally near points joins a group, so using it keeps our groups identical to the paper's."""
+    distances = -2 * torch.matmul(queries, points.transpose(1, 2))
+    distances = distances + (queries**2).sum(-1).unsqueeze(-1)
+    return distances + (points**2).sum(-1).unsqueeze(1)
 
 
 def group_points(points: torch.Tensor, num_groups: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Split clouds `(batch, N, C)` into `num_groups` neighbourhoods of `group_size` points.
 
-    Returns the neighbourhoods `(batch, G, K, C)` with xyz relative to their centre, and the centres `(batch, G, 3)`.
+    Centres are chosen by farthest-point sampling; each neighbourhood holds its centre's `group_size` nearest points
+    (the centre itself included) in no particular order (the mini-PointNet that reads them is order-invariant).
+    Returns the neighbourhoods `(batch, G, K, C)` with xyz relative to their centre and any further channels (colour)
+    untouched, and the centres `(batch, G, 3)`, all in the dtype of `points`.
     """
-    xyz = points[..., :3].float()
+    xyz = points[..., :3]
     batch_index = torch.arange(points.shape[0], device=points.device).unsqueeze(-1)
     centres = xyz[batch_index, farthest_point_sample(xyz, num_groups)]
-    neighbours = torch.cdist(centres, xyz).topk(group_size, dim=-1, largest=False).indices
+    neighbours = squared_distances(centres, xyz).topk(group_size, dim=-1, largest=False, sorted=False).indices
     groups = points[batch_index.unsqueeze(-1), neighbours]
-    relative_xyz = groups[..., :3] - centres.unsqueeze(2).to(groups.dtype)
-    return torch.cat([relative_xyz, groups[..., 3:]], dim=-1), centres.to(points.dtype)
+    relative_xyz = groups[..., :3] - centres.unsqueeze(2)
+    return torch.cat([relative_xyz, groups[..., 3:]], dim=-1), centres
 
 
 class PointCoordinateLinear(nn.Linear):
@@ -111,7 +130,11 @@ class PointBlock(nn.Module):
 
 class CompositePointEncoder(PreTrainedModel):
     """Point-cloud encoder. Input `point_clouds` `(batch, num_points, point_dims)`; output `num_groups + 1` tokens
-    (CLS first) of width `hidden_size` per cloud."""
+    (CLS first) of width `hidden_size` per cloud, after the final LayerNorm.
+
+    This is PointLLM's PointBERT v1.2 (`PointTransformer` with `use_max_pool=False`, as the paper feeds its projector:
+    513 x 384), up to float rounding when the farthest-point sampling starts at the same point (see
+    `farthest_point_sample`). `conversion/encoder_pointbert.py` reads its published weights."""
 
     config: CompositePointEncoderConfig
     config_class = CompositePointEncoderConfig
@@ -148,7 +171,10 @@ class CompositePointEncoder(PreTrainedModel):
                 f"{point_clouds.shape[1]}."
             )
         dtype = self.cls_token.dtype  # never quantized, unlike the linears
-        groups, centres = group_points(point_clouds.to(dtype), config.num_groups, config.group_size)
+        # Grouping runs in float32 whatever the model's dtype: in bfloat16, coordinates keep 8 bits of mantissa and
+        # distinct points would tie. (The paper ran everything, grouping included, in float16.)
+        groups, centres = group_points(point_clouds.float(), config.num_groups, config.group_size)
+        groups, centres = groups.to(dtype), centres.to(dtype)
         tokens = self.reduce_dim(self.encoder(groups))
         batch = tokens.shape[0]
         hidden_states = torch.cat([self.cls_token.expand(batch, -1, -1), tokens], dim=1)
