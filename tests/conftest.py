@@ -1,15 +1,25 @@
 """Tiny random composites shared by the tests (built once per session; no downloads)."""
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-import pytest
-import torch
 
-from modeling_composite.builder import save_composite
-from modeling_composite.tiny import build_tiny_composite, tiny_inputs
+# Set before transformers is imported: every test runs offline, and remote code loaded in-process (composites saved by
+# the tests) lands in a throwaway Hugging Face home, never in the user's cache.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="composite-tests-hf-")
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from modeling_composite.builder import save_composite  # noqa: E402
+from modeling_composite.tiny import build_tiny_composite, tiny_inputs  # noqa: E402
 
 
 PROMPT_ALL = "USER: <image> <video> <audio> <point> What do they share? ASSISTANT:"
