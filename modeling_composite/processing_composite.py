@@ -26,12 +26,12 @@ def _as_list(value: Any) -> list:
 
 
 def sample_frame_indices(total_frames: int, num_frames: int) -> list[int]:
-    """Indices of `num_frames` frames spread uniformly over a clip (the centre of each of `num_frames` equal
-    segments); clips shorter than `num_frames` repeat frames."""
+    """Indices of `num_frames` frames spread evenly over a clip, first and last frame included and rounded down, as
+    Video-LLaVA and LanguageBind (the paper's video encoder) sample them; clips shorter than `num_frames` repeat
+    frames."""
     if total_frames < 1:
         raise ValueError("A video must have at least one frame.")
-    segment = total_frames / num_frames
-    return [min(total_frames - 1, int(segment * index + segment / 2)) for index in range(num_frames)]
+    return np.linspace(0, total_frames - 1, num_frames, dtype=int).tolist()
 
 
 def normalize_point_cloud(points: Any, num_points: int, point_dims: int) -> np.ndarray:

@@ -70,10 +70,13 @@ def test_input_for_a_missing_modality_is_refused():
         processor(text="<audio>", audio=[np.zeros(100, dtype=np.float32)])
 
 
-def test_frame_sampling_is_uniform_and_repeats_short_clips():
-    assert sample_frame_indices(8, 4) == [1, 3, 5, 7]
-    assert sample_frame_indices(2, 4) == [0, 0, 1, 1]
-    assert sample_frame_indices(100, 1) == [50]
+def test_frame_sampling_spans_the_clip_and_repeats_short_clips():
+    # LanguageBind's and Video-LLaVA's rule: np.linspace(0, N - 1, frames) rounded down, both ends included.
+    assert sample_frame_indices(100, 8) == [0, 14, 28, 42, 56, 70, 84, 99]
+    assert sample_frame_indices(8, 4) == [0, 2, 4, 7]
+    assert sample_frame_indices(3, 8) == [0, 0, 0, 0, 1, 1, 1, 2]
+    assert sample_frame_indices(1, 8) == [0] * 8
+    assert sample_frame_indices(100, 1) == [0]
 
 
 def test_point_normalisation_centres_scales_and_resamples():
