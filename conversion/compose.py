@@ -18,6 +18,7 @@ from modeling_composite.builder import (
     named_chat_template,
     placeholder_suppression,
     processor_modalities,
+    register_processor_auto_classes,
 )
 from modeling_composite.processing_composite import CompositeMLLMProcessor
 
@@ -35,13 +36,10 @@ from .writer import ShardedWriter, atomic_output, check_destination, parse_size
 logger = logging.getLogger(__name__)
 
 # The files of `modeling_composite` that travel inside every composite folder as remote code.
-REMOTE_CODE_FILES = (
-    "configuration_composite.py",
-    "configuration_point_encoder.py",
-    "modeling_composite.py",
-    "modeling_point_encoder.py",
-    "processing_composite.py",
-    "routing.py",
+# Every file of the package travels as remote code, except the builder and tiny models (installed package only).
+_NOT_REMOTE_CODE = ("__init__.py", "builder.py", "tiny.py")
+REMOTE_CODE_FILES = tuple(
+    sorted(path.name for path in Path(modeling_composite.__file__).parent.glob("*.py") if path.name not in _NOT_REMOTE_CODE)
 )
 RECIPE_FILE = "composite_recipe.yaml"
 
@@ -163,8 +161,8 @@ def _write_metadata(plan: Plan, processor: CompositeMLLMProcessor, folder: Path,
     config.auto_map = composite_auto_map()
     config.save_pretrained(folder)
     _generation_config(base, plan).save_pretrained(folder)
-    # Records `auto_map` in the processor files, so that AutoProcessor finds the remote class.
-    type(processor).register_for_auto_class()
+    # Records `auto_map` in the processor files, so that AutoProcessor finds the remote classes.
+    register_processor_auto_classes(processor)
     processor.save_pretrained(folder)
     package = Path(modeling_composite.__file__).parent
     for name in REMOTE_CODE_FILES:

@@ -1,6 +1,7 @@
 """Encoders that live in a folder of their own (the recipe's `encoder:`), for source formats that only name them: the
-paper's checkpoints and PEFT adapters. Vision towers of CLIP and SigLIP checkpoints are supported; the encoders
-transformers lacks (BEATs, LanguageBind video, PointBERT) come with a later release and are refused clearly."""
+paper's checkpoints and PEFT adapters. This file reads vision towers of CLIP and SigLIP checkpoints; the paper's
+encoders that transformers lacks have readers of their own (`encoder_beats.py`, `encoder_languagebind.py`,
+`encoder_pointbert.py`)."""
 
 import copy
 from dataclasses import dataclass
@@ -19,27 +20,12 @@ _VISION_MODEL_TYPES = {"clip": "clip_vision_model", "siglip": "siglip_vision_mod
 _VISION_TOWER_TYPES = ("clip_vision_model", "siglip_vision_model")
 # Parts of a two-tower checkpoint that a vision encoder does not use.
 _TEXT_TOWER_PREFIXES = ("text_model.", "text_projection.", "visual_projection.", "logit_scale", "logit_bias")
-UNSUPPORTED_ENCODERS = {
-    "audio": "BEATs (the paper's audio encoder)",
-    "video": "LanguageBind video (the paper's video encoder)",
-    "point": "PointBERT (the paper's point-cloud encoder)",
-}
-
-
 @dataclass
 class Encoder:
     location: Location
     config: PreTrainedConfig
     weights: dict[str, Lazy]
     image_processor: Any
-
-
-def unsupported_encoder(kind: str, label: str) -> ConversionError:
-    return ConversionError(
-        f"{label}: the {kind} modality needs {UNSUPPORTED_ENCODERS[kind]}, which transformers does not have; support "
-        "for the paper's own encoders comes in a later release. Leave this source out or use `modalities:` to take "
-        "its other modalities."
-    )
 
 
 def read_vision_encoder(reference: str | None, label: str) -> Encoder:

@@ -16,12 +16,24 @@ LoRA), `same` (NaiveMC: one LoRA for all tokens), `modal` (modality LoRA only, t
 import logging
 import re
 
-from .encoders import read_vision_encoder, unsupported_encoder
+from .encoder_beats import read_beats_encoder
+from .encoder_languagebind import read_languagebind_video_encoder
+from .encoder_pointbert import read_pointbert_encoder
+from .encoders import read_vision_encoder
+from .projector_qformer import check_qformer_spec, infer_qformer_shape, qformer_projector_weights
 from .errors import ConversionError
 from .locate import Location
 from .recipe import SourceRecipe
 from .sources import LowRank, ModalityPart, Source, read_json, select_modalities
 from .tensors import Lazy, TensorStore
+
+
+_ENCODER_READERS = {
+    "image": read_vision_encoder,
+    "audio": read_beats_encoder,
+    "video": read_languagebind_video_encoder,
+    "point": read_pointbert_encoder,
+}
 
 
 logger = logging.getLogger(__name__)
@@ -30,6 +42,8 @@ PAPER_KINDS = {"vision": "image", "audio": "audio", "video": "video", "point": "
 _LORA_KEY = re.compile(r"^(model\.layers\.\d+\.(?:self_attn|mlp)\.\w+)\.lora_([AB])\.([\w-]+)\.weight$")
 _PROJECTOR_KEY = re.compile(r"^model\.modal_projectors\.(\w+)\.(?:(\d+)\.)?(weight|bias)$")
 _TOKENS_KEY = re.compile(r"^(prefix|suffix)_tokens\.(\w+)$")
+# The audio Q-Former's tensors are named `model.modal_projectors.audio.audio_{Qformer,query_tokens,...}`.
+_QFORMER_KEY = re.compile(r"^model\.modal_projectors\.(\w+)\.((?:audio_Qformer|audio_query_tokens|audio_llama_proj|audio_position_embedding)\b.*)$")
 # Config fields naming the projector type and the feature selection per paper modality.
 _PROJECTOR_FIELD = {"vision": "mm_projector_type", "audio": "mm_audio_projector_type", "video": "mm_video_projector_type",
                     "point": "mm_point_projector_type"}
@@ -76,11 +90,14 @@ def read_modelcompose(recipe: SourceRecipe, location: Location) -> Source:
     factors: dict[str, dict[str, dict[str, str]]] = {}  # adapter -> module -> {"A": key, "B": key}
     projectors: dict[str, dict[int | None, dict[str, str]]] = {}
     tokens: dict[str, dict[str, str]] = {}
+    qformers: dict[str, dict[str, str]] = {}  # modality -> {key after `model.modal_projectors.<m>.`: key}
     unknown = []
     for key in store.keys():
         if match := _LORA_KEY.match(key):
             module, side, adapter = match.groups()
             factors.setdefault(adapter, {}).setdefault(f"{module}.weight", {})[side] = key
+        elif match := _QFORMER_KEY.match(key):
+            qformers.setdefault(match.group(1), {})[match.group(2)] = key
         elif match := _PROJECTOR_KEY.match(key):
             modality, index, kind = match.groups()
             projectors.setdefault(modality, {}).setdefault(None if index is None else int(index), {})[kind] = key
@@ -91,7 +108,7 @@ def read_modelcompose(recipe: SourceRecipe, location: Location) -> Source:
     merged = [adapter for adapter in factors if adapter.startswith("default-")]
     if merged:
         raise ConversionError(f"{label}: holds merged adapters {merged}; give the unimodal checkpoints it was made from.")
-    strange = sorted(set(factors) - {"default", *PAPER_KINDS} | set(projectors) - set(PAPER_KINDS))
+    strange = sorted(set(factors) - {"default", *PAPER_KINDS} | (set(projectors) | set(qformers)) - set(PAPER_KINDS))
     if unknown or strange:
         raise ConversionError(f"{label}: tensors this format does not know: {(unknown + strange)[:3]}.")
     for adapter, modules in factors.items():
@@ -105,58 +122,21 @@ def read_modelcompose(recipe: SourceRecipe, location: Location) -> Source:
             for module, sides in factors.get(adapter, {}).items()
         }
 
-    parts = {}
-    for modality, layers in projectors.items():
-        kind = PAPER_KINDS[modality]
-        if kind != "image":
-            # Build nothing for a modality we cannot encode, but only fail if the recipe takes it.
-            if recipe.modalities is None or kind in recipe.modalities:
-                raise unsupported_encoder(kind, label)
-            continue
-        encoder = read_vision_encoder(recipe.encoder, label)
-        spec, _ = _projector_spec(config, modality, list(layers), label)
-        projector_weights = {}
-        for index, tensors in layers.items():
-            linear = 1 if index is None else index // 2 + 1
-            for kind_name, key in tensors.items():
-                projector_weights[f"linear_{linear}.{kind_name}"] = Lazy(store, key)
-        side_tokens = {
-            side: Lazy(store, key, lambda t: t.reshape(-1, t.shape[-1]), shape=tuple(store.shape(key)[1:]))
-            for side, key in tokens.get(modality, {}).items()
-        }
-        layer = config.get("mm_vision_select_layer", -2)
-        select = config.get("mm_vision_select_feature", "patch")
-        if select not in ("patch", "cls_patch"):
-            raise ConversionError(f"{label}: mm_vision_select_feature {select!r} is not supported (patch | cls_patch).")
-        modality_lora = low_rank(modality) if strategy in ("modal+language", "modal") else {}
-        rank = next(iter(modality_lora.values())).rank if modality_lora else None
-        # Named by kind (`image`, with placeholder `<image>`, as the paper's prompts write it), not `vision`.
-        parts[kind] = ModalityPart(
-            name=kind,
-            kind=kind,
-            encoder_config=encoder.config,
-            encoder_weights=encoder.weights,
-            projector=spec,
-            projector_bias="bias" in next(iter(layers.values())),
-            projector_weights=projector_weights,
-            feature_layer=recipe.feature_layer if recipe.feature_layer is not None else layer,
-            feature_select=recipe.feature_select or ("patch" if select == "patch" else "full"),
-            prefix=side_tokens.get("prefix"),
-            suffix=side_tokens.get("suffix"),
-            lora={"r": rank, "alpha": scaling * rank} if rank else None,
-            lora_factors=modality_lora,
-            image_processor=encoder.image_processor,
-        )
-        if config.get("image_aspect_ratio") == "pad":
-            logger.warning(
-                "%s: the paper pads images to a square (mean colour) before resizing; the composite's processor "
-                "resizes and centre-crops. Pad images yourself to match the paper exactly.", label
-            )
-    if not parts:
+    if not projectors and not qformers:
         raise ConversionError(f"{label}: no modality projector found (model.modal_projectors.*).")
+    parts = {}
+    for modality in sorted(set(projectors) | set(qformers)):
+        kind = PAPER_KINDS[modality]
+        if recipe.modalities is not None and kind not in recipe.modalities:
+            continue  # not taken: its encoder is never read
+        modality_lora = low_rank(modality) if strategy in ("modal+language", "modal") else {}
+        parts[kind] = _modality_part(
+            recipe, config, modality, projectors.get(modality), qformers.get(modality), store, tokens, modality_lora,
+            scaling, label,
+        )
     used = {"default"} if strategy in ("modal+language", "same") else set()
     if strategy in ("modal+language", "modal"):
-        used |= {modality for modality in projectors if PAPER_KINDS[modality] in parts}
+        used |= set(projectors) | set(qformers)
     unused = sorted(set(factors) - used)
     if unused:
         raise ConversionError(
@@ -173,3 +153,91 @@ def read_modelcompose(recipe: SourceRecipe, location: Location) -> Source:
         text_lora=text_lora,
         decoupled=decoupled,
     )
+
+
+def _modality_part(
+    recipe: SourceRecipe,
+    config: dict,
+    modality: str,
+    layers: dict[int | None, dict[str, str]] | None,
+    qformer_keys: dict[str, str] | None,
+    store: TensorStore,
+    tokens: dict[str, dict[str, str]],
+    modality_lora: dict[str, LowRank],
+    scaling: float,
+    label: str,
+) -> ModalityPart:
+    """One modality of a paper checkpoint: its encoder (read from the recipe's `encoder:`), projector, learnable
+    tokens and (DAMC) LoRA, with the feature selection the paper's code applies to that modality."""
+    kind = PAPER_KINDS[modality]
+    if layers is not None and qformer_keys is not None:
+        raise ConversionError(f"{label}: the {modality} projector mixes Q-Former and linear tensors.")
+    encoder = _ENCODER_READERS[kind](recipe.encoder, label)
+    projector_options = None
+    if qformer_keys is not None:
+        shape = infer_qformer_shape(store, qformer_keys, label)
+        check_qformer_spec(shape, config.get(_PROJECTOR_FIELD[modality]) or "", label)
+        spec, bias = shape.spec, True
+        projector_weights = {f"qformer.{name}": lazy for name, lazy in qformer_projector_weights(store, qformer_keys, label).items()}
+        projector_options = {"num_positions": shape.num_positions, "hidden_size": shape.hidden_size,
+                             "intermediate_size": shape.intermediate_size}
+    else:
+        spec, bias = _projector_spec(config, modality, list(layers), label)
+        bias = "bias" in next(iter(layers.values()))
+        projector_weights = {}
+        for index, tensors in layers.items():
+            linear = 1 if index is None else index // 2 + 1
+            for kind_name, key in tensors.items():
+                projector_weights[f"linear_{linear}.{kind_name}"] = Lazy(store, key)
+    side_tokens = {
+        side: Lazy(store, key, lambda t: t.reshape(-1, t.shape[-1]), shape=tuple(store.shape(key)[1:]))
+        for side, key in tokens.get(modality, {}).items()
+    }
+    layer, select, num_frames, tokens_per_item = _feature_selection(kind, config, encoder, label)
+    rank = next(iter(modality_lora.values())).rank if modality_lora else None
+    if kind == "image" and config.get("image_aspect_ratio") == "pad":
+        logger.warning(
+            "%s: the paper pads images to a square (mean colour) before resizing; the composite's processor "
+            "resizes and centre-crops. Pad images yourself to match the paper exactly.", label
+        )
+    # Named by kind (`image`, with placeholder `<image>`, as the paper's prompts write it), not `vision`.
+    return ModalityPart(
+        name=kind,
+        kind=kind,
+        encoder_config=encoder.config,
+        encoder_weights=encoder.weights,
+        projector=spec,
+        projector_bias=bias,
+        projector_weights=projector_weights,
+        projector_options=projector_options,
+        feature_layer=recipe.feature_layer if recipe.feature_layer is not None else layer,
+        feature_select=recipe.feature_select or select,
+        num_frames=num_frames,
+        tokens_per_item=tokens_per_item,
+        prefix=side_tokens.get("prefix"),
+        suffix=side_tokens.get("suffix"),
+        lora={"r": rank, "alpha": scaling * rank} if rank else None,
+        lora_factors=modality_lora,
+        image_processor=encoder.image_processor if kind in ("image", "video") else None,
+        feature_extractor=encoder.image_processor if kind == "audio" else None,
+    )
+
+
+def _feature_selection(kind: str, config: dict, encoder, label: str) -> tuple[int | str, str, int | None, int | None]:
+    """(feature layer, feature select, frames, tokens per item) as the paper's encoder wrappers take features:
+    images from `mm_vision_select_layer` without CLS (`patch`); videos from `mm_video_select_layer` with every token
+    of every frame (its wrapper ignores `mm_video_select_feature`); BEATs and PointBERT their final output, whole."""
+    if kind == "image":
+        select = config.get("mm_vision_select_feature", "patch")
+        if select not in ("patch", "cls_patch"):
+            raise ConversionError(f"{label}: mm_vision_select_feature {select!r} is not supported (patch | cls_patch).")
+        return config.get("mm_vision_select_layer", -2), "patch" if select == "patch" else "full", None, None
+    if kind == "video":
+        frames = encoder.config.num_frames
+        per_frame = (encoder.config.image_size // encoder.config.patch_size) ** 2 + 1
+        return config.get("mm_video_select_layer", -2), "full", frames, frames * per_frame
+    if kind == "audio":
+        extractor = encoder.image_processor
+        patch = encoder.config.patch_size
+        return "last", "full", None, (extractor.max_length // patch) * (encoder.config.num_mel_bins // patch)
+    return "last", "full", None, None

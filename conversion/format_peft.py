@@ -9,7 +9,7 @@ import math
 import re
 from pathlib import Path
 
-from .encoders import read_vision_encoder, unsupported_encoder
+from .encoders import read_vision_encoder
 from .errors import ConversionError
 from .locate import Location
 from .recipe import SourceRecipe
@@ -99,7 +99,10 @@ def read_peft(recipe: SourceRecipe, location: Location) -> Source:
 
     kind = recipe.kind or "image"
     if kind != "image":
-        raise unsupported_encoder(kind, label)
+        raise ConversionError(
+            f"{label}: a PEFT source is read as a LLaVA-style image model (a LoRA plus an image projector); kind "
+            f"{kind!r} is not supported for this format. Leave `kind` out, or convert the source to a composite first."
+        )
     encoder = read_vision_encoder(recipe.encoder, label)
     spec, bias, projector = _projector(_projector_file(recipe, location), label)
     part = ModalityPart(

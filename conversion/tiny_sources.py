@@ -12,6 +12,8 @@ folder, returns it as a `Path` and is deterministic given its seed.
 - `save_tiny_qwen2_audio`: Qwen2-Audio layout and a `Qwen2AudioProcessor`;
 - `save_tiny_modelcompose`: the paper's `adapter_model.bin` (torch pickle) and `config.json`;
 - `save_tiny_clip`: a full `CLIPModel` and `CLIPImageProcessor` (the paper's vision encoder);
+- `save_tiny_beats`, `save_tiny_languagebind_video`, `save_tiny_pointbert`: the paper's other encoders as they are
+  published (a BEATs `.pt`, a LanguageBindVideo folder, PointLLM's `point_bert_v1.2.pt`);
 - `save_tiny_peft`: a PEFT LoRA (`adapter_config.json`, `adapter_model.safetensors`) and an original-LLaVA projector.
 
 Video-LLaVA's video processor needs torchvision in transformers 5.x, and `VideoLlavaProcessor` cannot even be
@@ -38,6 +40,8 @@ from transformers import (
     BatchFeature,
     CLIPConfig,
     CLIPModel,
+    CLIPTextConfig,
+    CLIPTextModel,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
@@ -74,6 +78,10 @@ AUDIO_TOKEN, AUDIO_BOS, AUDIO_EOS = "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
 
+# PointBERT's width must divide into its 6 heads (the reader cannot see the head count and takes PointLLM's).
+TINY_POINTBERT_WIDTH = 48
+# Widths of the tiny encoders behind each paper modality (the projector's input).
+_PAPER_ENCODER_WIDTH = {"image": HIDDEN, "video": HIDDEN, "audio": HIDDEN, "point": TINY_POINTBERT_WIDTH}
 # The paper's modality names (ModelCompose `infer_modals`), keyed by our kinds.
 PAPER_MODALITY = {"image": "vision", "audio": "audio", "video": "video", "point": "point"}
 _FAKE_ROOT = "/yeesuanAI05/thumt/dyy/model"
@@ -90,7 +98,7 @@ _PAPER_ENCODER_FIELDS = {
     "audio": {
         "mm_audio_encoder": f"{_FAKE_ROOT}/BEATs/BEATs_iter3_plus_AS2M.pt",
         "mm_audio_hidden_size": HIDDEN,
-        "mm_audio_projector_type": "mlp2x_gelu",
+        "mm_audio_projector_type": "qformer_4N_1L",
     },
     "video": {
         "mm_video_encoder": f"{_FAKE_ROOT}/LanguageBind/LanguageBind_Video_merge",
@@ -101,7 +109,7 @@ _PAPER_ENCODER_FIELDS = {
     },
     "point": {
         "mm_point_encoder": f"{_FAKE_ROOT}/PointLLM/point_bert_v1.2.pt",
-        "mm_point_hidden_size": HIDDEN,
+        "mm_point_hidden_size": TINY_POINTBERT_WIDTH,
         "mm_point_projector_type": "mlp2x_gelu",
     },
 }
@@ -242,6 +250,45 @@ def _mlp2x_projector(prefix: str, in_features: int, hidden: int, generator: torc
     }
 
 
+def qformer_projector_shapes(
+    encoder_width: int,
+    out_features: int,
+    num_queries: int = 4,
+    num_layers: int = 1,
+    num_positions: int = 1024,
+    hidden_size: int = 48,
+    intermediate_size: int = 64,
+) -> dict[str, tuple[int, ...]]:
+    """The paper's audio Q-Former projector tensors (relative to `model.modal_projectors.audio.`) and their shapes:
+    learned queries and position embedding, a BLIP-2 BERT without its text path, and the projection into the LLM.
+    The width must divide into the paper's 12 heads, which no tensor shape records."""
+    hidden, ffn = hidden_size, intermediate_size
+    shapes = {
+        "audio_query_tokens": (1, num_queries, hidden),
+        "audio_position_embedding.weight": (num_positions, encoder_width),
+        "audio_llama_proj.weight": (out_features, hidden),
+        "audio_llama_proj.bias": (out_features,),
+        "audio_Qformer.bert.embeddings.LayerNorm.weight": (hidden,),
+        "audio_Qformer.bert.embeddings.LayerNorm.bias": (hidden,),
+    }
+    for layer in range(num_layers):
+        base = f"audio_Qformer.bert.encoder.layer.{layer}."
+        for block in ("attention", "crossattention"):
+            width_in = encoder_width if block == "crossattention" else hidden
+            for name, in_features in (("query", hidden), ("key", width_in), ("value", width_in)):
+                shapes[f"{base}{block}.self.{name}.weight"] = (hidden, in_features)
+                shapes[f"{base}{block}.self.{name}.bias"] = (hidden,)
+            for name, shape in (("dense.weight", (hidden, hidden)), ("dense.bias", (hidden,)),
+                                ("LayerNorm.weight", (hidden,)), ("LayerNorm.bias", (hidden,))):
+                shapes[f"{base}{block}.output.{name}"] = shape
+        shapes[f"{base}intermediate_query.dense.weight"] = (ffn, hidden)
+        shapes[f"{base}intermediate_query.dense.bias"] = (ffn,)
+        for name, shape in (("dense.weight", (hidden, ffn)), ("dense.bias", (hidden,)),
+                            ("LayerNorm.weight", (hidden,)), ("LayerNorm.bias", (hidden,))):
+            shapes[f"{base}output_query.{name}"] = shape
+    return shapes
+
+
 def _base_config(base_folder: str | os.PathLike | None) -> PreTrainedConfig:
     return AutoConfig.from_pretrained(base_folder) if base_folder is not None else tiny_llm("llama").config
 
@@ -249,11 +296,11 @@ def _base_config(base_folder: str | os.PathLike | None) -> PreTrainedConfig:
 # --- 1. the base LLM ------------------------------------------------------------------------------------------------
 
 
-def save_tiny_base(folder: str | os.PathLike, model_type: str = "llama", seed: int = 0) -> Path:
-    """The shared base LLM: `tiny_llm(model_type, seed)` (LlamaForCausalLM or Qwen2ForCausalLM, 320 embedding rows)
-    and `tiny_tokenizer()` (260 tokens), saved with `save_pretrained`."""
+def save_tiny_base(folder: str | os.PathLike, model_type: str = "llama", seed: int = 0, **overrides) -> Path:
+    """The shared base LLM: `tiny_llm(model_type, seed, **overrides)` (LlamaForCausalLM or Qwen2ForCausalLM, 320
+    embedding rows) and `tiny_tokenizer()` (260 tokens), saved with `save_pretrained`."""
     path = _folder(folder)
-    tiny_llm(model_type, seed=seed).save_pretrained(path)
+    tiny_llm(model_type, seed=seed, **overrides).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
 
@@ -485,12 +532,13 @@ def save_tiny_modelcompose(
 
     - `model.layers.{i}.{self_attn.{q,k,v,o}_proj,mlp.{gate,up,down}_proj}.lora_{A,B}.default.weight`
       (A: (rank, in), B: (out, rank)), and for DAMC the same with `.{m}.` instead of `.default.`;
-    - `model.modal_projectors.{m}.{0,2}.{weight,bias}` (mlp2x_gelu: 64 -> hidden -> hidden);
+    - `model.modal_projectors.{m}.{0,2}.{weight,bias}` (mlp2x_gelu: encoder width -> hidden -> hidden), except for
+      audio: the Q-Former of `qformer_projector_shapes` (`qformer_4N_1L`, as the paper's `qformer_32N_2L`);
     - DAMC only: `prefix_tokens.{m}` (1, prefix_tokens, hidden) and `suffix_tokens.{m}` (1, suffix_tokens, hidden).
 
-    All tensors are random and non-zero (scale 0.1). The encoder paths in the config are fake absolute paths; only
-    kind "image" is meant to be fully usable (its encoder is `save_tiny_clip`). The audio projector is mlp2x_gelu
-    here, where the paper's audio checkpoints use a Q-Former (`qformer_32N_2L`)."""
+    All tensors are random and non-zero (scale 0.1). The encoder paths in the config are fake absolute paths, as in
+    the released configs; the tiny encoders they stand for are `save_tiny_clip`, `save_tiny_beats`,
+    `save_tiny_languagebind_video` and `save_tiny_pointbert`."""
     if kind not in PAPER_MODALITY:
         raise ValueError(f"kind must be one of {sorted(PAPER_MODALITY)}, not {kind!r}")
     if method not in ("damc", "naive"):
@@ -510,7 +558,12 @@ def save_tiny_modelcompose(
                 prefix = f"model.layers.{layer}.{projection}"
                 state[f"{prefix}.lora_A.{adapter}.weight"] = _random((rank, in_features), generator)
                 state[f"{prefix}.lora_B.{adapter}.weight"] = _random((out_features, rank), generator)
-    state.update(_mlp2x_projector(f"model.modal_projectors.{modality}", HIDDEN, base.hidden_size, generator))
+    projector = f"model.modal_projectors.{modality}"
+    if kind == "audio":  # the paper's audio projector is a Q-Former (`qformer_4N_1L` here, `qformer_32N_2L` there)
+        for key, shape in qformer_projector_shapes(HIDDEN, base.hidden_size).items():
+            state[f"{projector}.{key}"] = _random(shape, generator)
+    else:
+        state.update(_mlp2x_projector(projector, _PAPER_ENCODER_WIDTH[kind], base.hidden_size, generator))
     if method == "damc":
         state[f"prefix_tokens.{modality}"] = _random((1, prefix_tokens, base.hidden_size), generator)
         state[f"suffix_tokens.{modality}"] = _random((1, suffix_tokens, base.hidden_size), generator)
@@ -572,6 +625,155 @@ def save_tiny_clip(folder: str | os.PathLike, seed: int = 5) -> Path:
     torch.manual_seed(seed)
     CLIPModel(config).eval().save_pretrained(path)
     tiny_image_processor().save_pretrained(path)
+    return path
+
+
+# The paper's BEATs `cfg` (the `.pt`'s config dict) at a tiny size: 16 x 16 patches of the 1024 x 128 fbank give 512
+# tokens of width HIDDEN. Training-only fields are there as the released file has them.
+TINY_BEATS_CFG = {
+    "input_patch_size": 16, "embed_dim": 48, "conv_bias": False, "encoder_layers": 1, "encoder_embed_dim": HIDDEN,
+    "encoder_ffn_embed_dim": 128, "encoder_attention_heads": 2, "activation_fn": "gelu", "layer_norm_first": False,
+    "deep_norm": True, "conv_pos": 8, "conv_pos_groups": 4, "relative_position_embedding": True, "num_buckets": 32,
+    "max_distance": 64, "gru_rel_pos": True, "dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0,
+    "encoder_layerdrop": 0.05, "dropout_input": 0.0, "layer_wise_gradient_decay_ratio": 0.6, "finetuned_model": True,
+    "predictor_dropout": 0.0, "predictor_class": 5,
+}  # fmt: skip
+def beats_checkpoint_state(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random tensors under exactly the keys of the paper's BEATs module as a released `.pt` stores them: weight norm
+    as `weight_g` / `weight_v`, the shared relative position table under every layer, the AudioSet classifier."""
+    generator = torch.Generator().manual_seed(seed)
+    embed, width, ffn = cfg["embed_dim"], cfg["encoder_embed_dim"], cfg["encoder_ffn_embed_dim"]
+    heads, patch, kernel = cfg["encoder_attention_heads"], cfg["input_patch_size"], cfg["conv_pos"]
+    shapes = {
+        "patch_embedding.weight": (embed, 1, patch, patch),
+        "layer_norm.weight": (embed,), "layer_norm.bias": (embed,),
+        "post_extract_proj.weight": (width, embed), "post_extract_proj.bias": (width,),
+        "encoder.pos_conv.0.bias": (width,),
+        "encoder.pos_conv.0.weight_g": (1, 1, kernel),
+        "encoder.pos_conv.0.weight_v": (width, width // cfg["conv_pos_groups"], kernel),
+        "encoder.layer_norm.weight": (width,), "encoder.layer_norm.bias": (width,),
+        "predictor.weight": (cfg["predictor_class"], width), "predictor.bias": (cfg["predictor_class"],),
+    }  # fmt: skip
+    for layer in range(cfg["encoder_layers"]):
+        prefix = f"encoder.layers.{layer}."
+        for projection in ("k_proj", "v_proj", "q_proj", "out_proj"):
+            shapes[f"{prefix}self_attn.{projection}.weight"] = (width, width)
+            shapes[f"{prefix}self_attn.{projection}.bias"] = (width,)
+        shapes[f"{prefix}self_attn.grep_a"] = (1, heads, 1, 1)
+        shapes[f"{prefix}self_attn.grep_linear.weight"] = (8, width // heads)
+        shapes[f"{prefix}self_attn.grep_linear.bias"] = (8,)
+        for norm in ("self_attn_layer_norm", "final_layer_norm"):
+            shapes[f"{prefix}{norm}.weight"] = (width,)
+            shapes[f"{prefix}{norm}.bias"] = (width,)
+        shapes[f"{prefix}fc1.weight"], shapes[f"{prefix}fc1.bias"] = (ffn, width), (ffn,)
+        shapes[f"{prefix}fc2.weight"], shapes[f"{prefix}fc2.bias"] = (width, ffn), (width,)
+    state = {key: torch.randn(shape, generator=generator) for key, shape in shapes.items()}
+    table = torch.randn(cfg["num_buckets"], heads, generator=generator)
+    for layer in range(cfg["encoder_layers"]):  # one module shared by every layer, saved under each
+        state[f"encoder.layers.{layer}.self_attn.relative_attention_bias.weight"] = table.clone()
+    return state
+
+
+def save_tiny_beats(path: str | os.PathLike, cfg: dict | None = None, seed: int = 0) -> Path:
+    """A BEATs checkpoint as Microsoft releases it (e.g. BEATs_iter3_plus_AS2M.pt), in tiny: one `torch.save`d dict
+    `{"cfg": ..., "model": state dict}`. Returns the file's path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cfg = dict(cfg or TINY_BEATS_CFG)
+    torch.save({"cfg": cfg, "model": beats_checkpoint_state(cfg, seed)}, path)
+    return path
+
+
+def pointbert_checkpoint_state(
+    depth: int = 1, hidden: int = TINY_POINTBERT_WIDTH, encoder_dims: int = 16, point_dims: int = 6, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Random tensors under exactly the keys and shape pattern of PointLLM's `point_bert_v1.2.pt` (the state dict of
+    the paper's `PointTransformer`), at a tiny size; BatchNorm statistics are plausible (positive variances)."""
+    shapes = {}
+    for conv, (inputs, middle, hidden_out, out) in {
+        "first_conv": (point_dims, 128, 128, 256),
+        "second_conv": (512, 512, 512, encoder_dims),
+    }.items():
+        shapes[f"encoder.{conv}.0.weight"], shapes[f"encoder.{conv}.0.bias"] = (middle, inputs, 1), (middle,)
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"encoder.{conv}.1.{name}"] = (hidden_out,)
+        shapes[f"encoder.{conv}.1.num_batches_tracked"] = ()
+        shapes[f"encoder.{conv}.3.weight"], shapes[f"encoder.{conv}.3.bias"] = (out, hidden_out, 1), (out,)
+    shapes.update({
+        "reduce_dim.weight": (hidden, encoder_dims), "reduce_dim.bias": (hidden,),
+        "cls_token": (1, 1, hidden), "cls_pos": (1, 1, hidden),
+        "pos_embed.0.weight": (128, 3), "pos_embed.0.bias": (128,),
+        "pos_embed.2.weight": (hidden, 128), "pos_embed.2.bias": (hidden,),
+    })  # fmt: skip
+    for index in range(depth):
+        block = f"blocks.blocks.{index}"
+        shapes.update({
+            f"{block}.norm1.weight": (hidden,), f"{block}.norm1.bias": (hidden,),
+            f"{block}.attn.qkv.weight": (3 * hidden, hidden),
+            f"{block}.attn.proj.weight": (hidden, hidden), f"{block}.attn.proj.bias": (hidden,),
+            f"{block}.norm2.weight": (hidden,), f"{block}.norm2.bias": (hidden,),
+            f"{block}.mlp.fc1.weight": (4 * hidden, hidden), f"{block}.mlp.fc1.bias": (4 * hidden,),
+            f"{block}.mlp.fc2.weight": (hidden, 4 * hidden), f"{block}.mlp.fc2.bias": (hidden,),
+        })  # fmt: skip
+    shapes["norm.weight"], shapes["norm.bias"] = (hidden,), (hidden,)
+    generator = torch.Generator().manual_seed(seed)
+    state = {key: torch.randn(shape, generator=generator) * 0.1 for key, shape in shapes.items()}
+    for key in state:
+        if key.endswith("running_var"):
+            state[key] = state[key].abs() + 0.5
+        if key.endswith("num_batches_tracked"):
+            state[key] = torch.tensor(1000)
+    return state
+
+
+def save_tiny_pointbert(path: str | os.PathLike, seed: int = 0, **sizes: int) -> Path:
+    """PointLLM's `point_bert_v1.2.pt` in tiny: a flat `torch.save`d state dict. Returns the file's path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(pointbert_checkpoint_state(seed=seed, **sizes), path)
+    return path
+
+
+def save_tiny_languagebind_video(
+    folder: str | os.PathLike, seed: int = 0, num_frames: int = 2, extra: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """LanguageBind/LanguageBind_Video_merge in tiny: `config.json` (model_type `LanguageBindVideo`, text and vision
+    configs as LanguageBind's classes write them) and `model.safetensors` with both towers under their published names
+    (`vision_model.*` with the temporal attention, `text_model.*`, projections, `logit_scale`, the stale
+    `vision_model.embeddings.position_ids`). Every vision parameter is random and non-zero. `extra` adds tensors."""
+    from modeling_composite.configuration_languagebind_video import CompositeLanguageBindVideoConfig
+    from modeling_composite.modeling_languagebind_video import CompositeLanguageBindVideoEncoder
+
+    path = _folder(folder)
+    vision = {
+        "hidden_size": HIDDEN, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE, "hidden_act": "gelu", "layer_norm_eps": 1e-5,
+        "num_frames": num_frames, "add_time_attn": True,
+    }  # fmt: skip
+    text_config = CLIPTextConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=8, bos_token_id=1, eos_token_id=2,
+                                 pad_token_id=0)
+    vision_config = {
+        **vision, "model_type": "clip_vision_model", "num_channels": 3, "projection_dim": 16, "attention_dropout": 0.0,
+        "initializer_range": 0.02, "initializer_factor": 1.0, "force_patch_dropout": 0.0, "lora_r": 0,
+        "lora_alpha": 16, "lora_dropout": 0.0, "video_decode_backend": "decord",
+    }  # fmt: skip
+    config = {"model_type": "LanguageBindVideo", "architectures": ["LanguageBindVideo"], "projection_dim": 16,
+              "logit_scale_init_value": 2.6592, "text_config": text_config.to_dict(), "vision_config": vision_config}
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    torch.manual_seed(seed)
+    encoder = CompositeLanguageBindVideoEncoder(CompositeLanguageBindVideoConfig(**vision))
+    generator = torch.Generator().manual_seed(seed)
+    weights = {f"vision_model.{name}": tensor + _random(tensor.shape, generator, 0.05)
+               for name, tensor in encoder.state_dict().items()}
+    weights.update({f"text_model.{name}": tensor for name, tensor in CLIPTextModel(text_config).state_dict().items()})
+    tokens = (IMAGE_SIZE // PATCH_SIZE) ** 2 + 1
+    weights.update({
+        "text_projection.weight": _random((16, 16), generator), "visual_projection.weight": _random((16, HIDDEN), generator),
+        "logit_scale": torch.tensor(2.6592), "vision_model.embeddings.position_ids": torch.arange(tokens)[None],
+        **(extra or {}),
+    })  # fmt: skip
+    save_file({name: tensor.contiguous() for name, tensor in weights.items()}, str(path / "model.safetensors"))
     return path
 
 
@@ -643,5 +845,8 @@ __all__ = [
     "save_tiny_qwen2_audio",
     "save_tiny_modelcompose",
     "save_tiny_clip",
+    "save_tiny_beats",
+    "save_tiny_languagebind_video",
+    "save_tiny_pointbert",
     "save_tiny_peft",
 ]

@@ -15,6 +15,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, WhisperFeatur
 from transformers.utils import is_torchvision_available
 
 from .configuration_composite import CompositeMLLMConfig, MODALITY_KINDS
+from .configuration_beats import CompositeBeatsConfig
+from .configuration_languagebind_video import CompositeLanguageBindVideoConfig
 from .configuration_point_encoder import CompositePointEncoderConfig
 from .modeling_composite import CompositeMLLMForCausalLM
 from .processing_composite import CompositeMLLMProcessor
@@ -62,13 +64,20 @@ class ModalitySpec:
     tokens_per_item: int | None = None
 
 
-def count_encoder_tokens(encoder_config, kind: str, feature_select: str, num_frames: int | None) -> int:
-    """Features one item yields, from the encoder config: ViTs give a patch grid (+ CLS for CLIP), Whisper-style audio
-    encoders `max_source_positions // 2` after their average pooling, the point encoder its groups + CLS."""
+def count_encoder_tokens(
+    encoder_config, kind: str, feature_select: str, num_frames: int | None, audio_frames: int = 1024
+) -> int:
+    """Features one item yields, from the encoder config: ViTs give a patch grid (+ CLS for CLIP and LanguageBind),
+    Whisper-style audio encoders `max_source_positions // 2` after their average pooling, BEATs one token per 16 x 16
+    patch of its `audio_frames` x mel-bins fbank (the feature extractor's `max_length`), the point encoder its groups
+    + CLS."""
     model_type = encoder_config.model_type
-    if model_type in ("clip_vision_model", "siglip_vision_model"):
+    if model_type in ("clip_vision_model", "siglip_vision_model", CompositeLanguageBindVideoConfig.model_type):
         tokens = (encoder_config.image_size // encoder_config.patch_size) ** 2
-        tokens += 1 if model_type == "clip_vision_model" else 0
+        tokens += 1 if model_type != "siglip_vision_model" else 0
+    elif model_type == CompositeBeatsConfig.model_type:
+        patch = encoder_config.patch_size
+        tokens = (audio_frames // patch) * (encoder_config.num_mel_bins // patch)
     elif model_type == "qwen2_audio_encoder":
         tokens = encoder_config.max_source_positions // 2
     elif model_type == CompositePointEncoderConfig.model_type:
@@ -216,7 +225,8 @@ def compose(
         if spec.kind not in MODALITY_KINDS:
             raise ValueError(f"Modality {name!r}: kind {spec.kind!r} is not one of {list(MODALITY_KINDS)}.")
         tokens = spec.tokens_per_item or count_encoder_tokens(
-            spec.encoder.config, spec.kind, spec.feature_select, spec.num_frames
+            spec.encoder.config, spec.kind, spec.feature_select, spec.num_frames,
+            audio_frames=getattr(feature_extractor, "max_length", 1024),
         )
         config_entries[name] = {
             "kind": spec.kind,
@@ -370,5 +380,14 @@ def register_composite_auto_classes(model: CompositeMLLMForCausalLM, processor: 
     `Trainer` checkpoints need to be composites too."""
     type(model.config).register_for_auto_class()
     type(model).register_for_auto_class("AutoModelForCausalLM")
-    type(processor).register_for_auto_class()
+    register_processor_auto_classes(processor)
     model.config.auto_map = composite_auto_map()
+
+
+def register_processor_auto_classes(processor: CompositeMLLMProcessor) -> None:
+    """Make `processor.save_pretrained` record `auto_map` for the processor and, when it is one of ours (BEATs'
+    fbank), its feature extractor, so that `AutoProcessor` finds both as remote code."""
+    type(processor).register_for_auto_class()
+    feature_extractor = getattr(processor, "feature_extractor", None)
+    if feature_extractor is not None and type(feature_extractor).__module__.startswith(f"{__package__}."):
+        type(feature_extractor).register_for_auto_class("AutoFeatureExtractor")

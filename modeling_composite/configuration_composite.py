@@ -9,6 +9,8 @@ from typing import Any
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from .configuration_beats import CompositeBeatsConfig
+from .configuration_languagebind_video import CompositeLanguageBindVideoConfig
 from .configuration_point_encoder import CompositePointEncoderConfig
 
 
@@ -86,6 +88,13 @@ def _check_projector(name: str, spec: str, options: Any) -> None:
             raise ValueError(f"Modality {name!r}: projector_options[{key!r}] must be a positive integer, got {value!r}.")
 
 
+# Encoders transformers lacks (the paper's), written here; every other encoder config comes from `AutoConfig`.
+OWN_ENCODER_CONFIGS = {
+    config_class.model_type: config_class
+    for config_class in (CompositePointEncoderConfig, CompositeBeatsConfig, CompositeLanguageBindVideoConfig)
+}
+
+
 def build_encoder_config(encoder: dict[str, Any] | PreTrainedConfig) -> PreTrainedConfig:
     """Rebuild an encoder config from its dict form (which names its `model_type`)."""
     if isinstance(encoder, PreTrainedConfig):
@@ -94,8 +103,8 @@ def build_encoder_config(encoder: dict[str, Any] | PreTrainedConfig) -> PreTrain
     model_type = encoder.pop("model_type", None)
     if model_type is None:
         raise ValueError("An encoder config dict must name its `model_type` (e.g. 'clip_vision_model').")
-    if model_type == CompositePointEncoderConfig.model_type:
-        return CompositePointEncoderConfig(**encoder)
+    if model_type in OWN_ENCODER_CONFIGS:
+        return OWN_ENCODER_CONFIGS[model_type](**encoder)
     return AutoConfig.for_model(model_type, **encoder)
 
 

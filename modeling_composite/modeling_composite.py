@@ -12,8 +12,9 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
 
-from .configuration_composite import CompositeMLLMConfig, parse_projector_spec, parse_qformer_spec
-from .configuration_point_encoder import CompositePointEncoderConfig
+from .configuration_composite import OWN_ENCODER_CONFIGS, CompositeMLLMConfig, parse_projector_spec, parse_qformer_spec
+from .modeling_beats import CompositeBeatsEncoder
+from .modeling_languagebind_video import CompositeLanguageBindVideoEncoder
 from .modeling_point_encoder import CompositePointEncoder
 from .modeling_qformer_projector import QFormerProjector
 from .routing import ROUTING_KWARG, ModalityRouting, RoutedLinear, RoutingState, inject_routed_layers
@@ -61,10 +62,18 @@ def encoder_width(encoder_config) -> int:
     raise ValueError(f"Cannot tell the feature width of encoder {type(encoder_config).__name__}: no hidden_size/d_model.")
 
 
+# Encoders of ours, by their config's model type (see `OWN_ENCODER_CONFIGS`); the rest come from `AutoModel`.
+_OWN_ENCODERS = {
+    model_class.config_class.model_type: model_class
+    for model_class in (CompositePointEncoder, CompositeBeatsEncoder, CompositeLanguageBindVideoEncoder)
+}
+
+
 def build_encoder(encoder_config) -> PreTrainedModel:
     # Compare model types, not classes: remote code loads the config and model files as separate module copies.
-    if encoder_config.model_type == CompositePointEncoderConfig.model_type:
-        return CompositePointEncoder(CompositePointEncoderConfig(**encoder_config.to_diff_dict()))
+    model_class = _OWN_ENCODERS.get(encoder_config.model_type)
+    if model_class is not None:
+        return model_class(OWN_ENCODER_CONFIGS[encoder_config.model_type](**encoder_config.to_diff_dict()))
     return AutoModel.from_config(encoder_config)
 
 
@@ -216,7 +225,10 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
                 raise ValueError(f"Modality {modality!r}: videos must have {entry['num_frames']} frames, got {frames}.")
             if not getattr(encoder, "takes_whole_videos", False):
                 inputs = inputs.flatten(0, 1)
-        inputs = inputs.to(device=next(encoder.parameters()).device, dtype=self._compute_dtype)
+        # Point clouds stay in float32: the encoder groups points by distance in float32 itself, as the paper does,
+        # and coordinates rounded to bf16 would pick other neighbours.
+        dtype = torch.float32 if entry["kind"] == "point" else self._compute_dtype
+        inputs = inputs.to(device=next(encoder.parameters()).device, dtype=dtype)
         layer = entry["feature_layer"]
         outputs = encoder(inputs, output_hidden_states=layer != "last", return_dict=True)
         features = outputs.last_hidden_state if layer == "last" else outputs.hidden_states[layer]

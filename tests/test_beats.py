@@ -9,6 +9,7 @@ from torch import nn
 
 from conversion.encoder_beats import read_beats_encoder
 from conversion.errors import ConversionError
+from conversion.tiny_sources import beats_checkpoint_state
 from modeling_composite.configuration_beats import CompositeBeatsConfig
 from modeling_composite.feature_extraction_beats import CompositeBeatsFeatureExtractor, kaldi_mel_scale
 from modeling_composite.modeling_beats import BeatsGateLinear, CompositeBeatsEncoder
@@ -145,48 +146,13 @@ def test_config_refuses_inconsistent_sizes():
         CompositeBeatsConfig(relative_position_embedding=False)
 
 
-def released_state_dict(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random tensors under exactly the keys of the paper's BEATs module as the released .pt stores them."""
-    generator = torch.Generator().manual_seed(seed)
-    embed, width, ffn = cfg["embed_dim"], cfg["encoder_embed_dim"], cfg["encoder_ffn_embed_dim"]
-    heads, patch, kernel = cfg["encoder_attention_heads"], cfg["input_patch_size"], cfg["conv_pos"]
-    shapes = {
-        "patch_embedding.weight": (embed, 1, patch, patch),
-        "layer_norm.weight": (embed,), "layer_norm.bias": (embed,),
-        "post_extract_proj.weight": (width, embed), "post_extract_proj.bias": (width,),
-        "encoder.pos_conv.0.bias": (width,),
-        "encoder.pos_conv.0.weight_g": (1, 1, kernel),
-        "encoder.pos_conv.0.weight_v": (width, width // cfg["conv_pos_groups"], kernel),
-        "encoder.layer_norm.weight": (width,), "encoder.layer_norm.bias": (width,),
-        "predictor.weight": (cfg["predictor_class"], width), "predictor.bias": (cfg["predictor_class"],),
-    }
-    for layer in range(cfg["encoder_layers"]):
-        prefix = f"encoder.layers.{layer}."
-        for projection in ("k_proj", "v_proj", "q_proj", "out_proj"):
-            shapes[f"{prefix}self_attn.{projection}.weight"] = (width, width)
-            shapes[f"{prefix}self_attn.{projection}.bias"] = (width,)
-        shapes[f"{prefix}self_attn.grep_a"] = (1, heads, 1, 1)
-        shapes[f"{prefix}self_attn.grep_linear.weight"] = (8, width // heads)
-        shapes[f"{prefix}self_attn.grep_linear.bias"] = (8,)
-        for norm in ("self_attn_layer_norm", "final_layer_norm"):
-            shapes[f"{prefix}{norm}.weight"] = (width,)
-            shapes[f"{prefix}{norm}.bias"] = (width,)
-        shapes[f"{prefix}fc1.weight"], shapes[f"{prefix}fc1.bias"] = (ffn, width), (ffn,)
-        shapes[f"{prefix}fc2.weight"], shapes[f"{prefix}fc2.bias"] = (width, ffn), (width,)
-    state = {key: torch.randn(shape, generator=generator) for key, shape in shapes.items()}
-    table = torch.randn(cfg["num_buckets"], heads, generator=generator)
-    for layer in range(cfg["encoder_layers"]):  # one module shared by every layer, saved under each
-        state[f"encoder.layers.{layer}.self_attn.relative_attention_bias.weight"] = table.clone()
-    return state
-
-
 def save_checkpoint(path, cfg: dict, state: dict) -> str:
     torch.save({"cfg": cfg, "model": state}, path)
     return str(path)
 
 
 def test_released_layout_converts_completely_and_loads_strictly(tmp_path):
-    state = released_state_dict(TINY_CFG)
+    state = beats_checkpoint_state(TINY_CFG)
     assert len(state) == 5 + 5 + 20 * TINY_CFG["encoder_layers"] + 2
     encoder = read_beats_encoder(save_checkpoint(tmp_path / "BEATs_tiny.pt", TINY_CFG, state), "audio")
     assert isinstance(encoder.image_processor, CompositeBeatsFeatureExtractor)
@@ -215,15 +181,15 @@ def test_released_layout_converts_completely_and_loads_strictly(tmp_path):
     ],
 )
 def test_unexpected_missing_or_mismatched_tensors_fail(tmp_path, change, message):
-    state = released_state_dict(TINY_CFG)
+    state = beats_checkpoint_state(TINY_CFG)
     change(state)
     with pytest.raises(ConversionError, match=message):
         read_beats_encoder(save_checkpoint(tmp_path / "BEATs_tiny.pt", TINY_CFG, state), "audio")
 
 
 def test_reader_refuses_ambiguous_folders_and_non_beats_files(tmp_path):
-    save_checkpoint(tmp_path / "a.pt", TINY_CFG, released_state_dict(TINY_CFG))
-    save_checkpoint(tmp_path / "b.pt", TINY_CFG, released_state_dict(TINY_CFG))
+    save_checkpoint(tmp_path / "a.pt", TINY_CFG, beats_checkpoint_state(TINY_CFG))
+    save_checkpoint(tmp_path / "b.pt", TINY_CFG, beats_checkpoint_state(TINY_CFG))
     with pytest.raises(ConversionError, match="exactly one BEATs checkpoint"):
         read_beats_encoder(str(tmp_path), "audio")
     torch.save({"state_dict": {}}, tmp_path / "other.bin")

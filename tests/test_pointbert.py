@@ -6,6 +6,7 @@ import torch
 
 from conversion.encoder_pointbert import read_pointbert_encoder
 from conversion.errors import ConversionError
+from conversion.tiny_sources import pointbert_checkpoint_state
 from modeling_composite.modeling_composite import build_encoder
 from modeling_composite.modeling_point_encoder import farthest_point_sample, group_points
 
@@ -55,44 +56,9 @@ def test_groups_hold_the_nearest_points_relative_to_their_centre_with_colours_un
         assert groups[0, index, :, :3].norm(dim=-1).min() == 0  # the centre is its own nearest point
 
 
-def _published_layout(depth: int = 2, hidden: int = 24, encoder_dims: int = 16, point_dims: int = 6) -> dict:
-    """Random tensors under exactly the key names and shape pattern of `point_bert_v1.2.pt` (the state dict of the
-    paper's `PointTransformer`), at a tiny size."""
-    shapes = {}
-    for conv, (inputs, middle, hidden_out, out) in {
-        "first_conv": (point_dims, 128, 128, 256),
-        "second_conv": (512, 512, 512, encoder_dims),
-    }.items():
-        shapes[f"encoder.{conv}.0.weight"], shapes[f"encoder.{conv}.0.bias"] = (middle, inputs, 1), (middle,)
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            shapes[f"encoder.{conv}.1.{name}"] = (hidden_out,)
-        shapes[f"encoder.{conv}.1.num_batches_tracked"] = ()
-        shapes[f"encoder.{conv}.3.weight"], shapes[f"encoder.{conv}.3.bias"] = (out, hidden_out, 1), (out,)
-    shapes.update({
-        "reduce_dim.weight": (hidden, encoder_dims), "reduce_dim.bias": (hidden,),
-        "cls_token": (1, 1, hidden), "cls_pos": (1, 1, hidden),
-        "pos_embed.0.weight": (128, 3), "pos_embed.0.bias": (128,),
-        "pos_embed.2.weight": (hidden, 128), "pos_embed.2.bias": (hidden,),
-    })
-    for index in range(depth):
-        block = f"blocks.blocks.{index}"
-        shapes.update({
-            f"{block}.norm1.weight": (hidden,), f"{block}.norm1.bias": (hidden,),
-            f"{block}.attn.qkv.weight": (3 * hidden, hidden),
-            f"{block}.attn.proj.weight": (hidden, hidden), f"{block}.attn.proj.bias": (hidden,),
-            f"{block}.norm2.weight": (hidden,), f"{block}.norm2.bias": (hidden,),
-            f"{block}.mlp.fc1.weight": (4 * hidden, hidden), f"{block}.mlp.fc1.bias": (4 * hidden,),
-            f"{block}.mlp.fc2.weight": (hidden, 4 * hidden), f"{block}.mlp.fc2.bias": (hidden,),
-        })
-    shapes["norm.weight"], shapes["norm.bias"] = (hidden,), (hidden,)
-    generator = torch.Generator().manual_seed(0)
-    state = {key: torch.randn(shape, generator=generator) * 0.1 for key, shape in shapes.items()}
-    for key in state:
-        if key.endswith("running_var"):
-            state[key] = state[key].abs() + 0.5
-        if key.endswith("num_batches_tracked"):
-            state[key] = torch.tensor(1000)
-    return state
+def _published_layout(depth: int = 2, hidden: int = 24) -> dict:
+    """`point_bert_v1.2.pt`'s key names and shape pattern at a tiny size (see `conversion.tiny_sources`)."""
+    return pointbert_checkpoint_state(depth=depth, hidden=hidden, encoder_dims=16, point_dims=6, seed=0)
 
 
 def test_published_layout_converts_completely_and_loads_strictly(tmp_path):

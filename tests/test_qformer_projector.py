@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 from conversion.errors import ConversionError
 from conversion.projector_qformer import check_qformer_spec, infer_qformer_shape, qformer_projector_weights
 from conversion.tensors import TensorStore
+from conversion.tiny_sources import qformer_projector_shapes
 from modeling_composite.modeling_qformer_projector import QFormerProjector, parse_qformer_spec
 
 
@@ -22,35 +23,11 @@ def tiny_projector() -> QFormerProjector:
 
 
 def published_layout(layers: int = 2) -> dict[str, tuple[int, ...]]:
-    """The paper's audio projector tensors (relative to PREFIX) and their shapes, at the tiny sizes, written out by
-    hand from the published checkpoint's naming."""
-    hidden, encoder, ffn = TINY["hidden_size"], TINY["encoder_width"], TINY["intermediate_size"]
-    shapes = {
-        "audio_query_tokens": (1, TINY["num_queries"], hidden),
-        "audio_position_embedding.weight": (TINY["num_positions"], encoder),
-        "audio_llama_proj.weight": (TINY["out_features"], hidden),
-        "audio_llama_proj.bias": (TINY["out_features"],),
-        "audio_Qformer.bert.embeddings.LayerNorm.weight": (hidden,),
-        "audio_Qformer.bert.embeddings.LayerNorm.bias": (hidden,),
-    }
-    for layer in range(layers):
-        base = f"audio_Qformer.bert.encoder.layer.{layer}."
-        for block in ("attention", "crossattention"):
-            width_in = encoder if block == "crossattention" else hidden
-            for name, in_features in (("query", hidden), ("key", width_in), ("value", width_in)):
-                shapes[f"{base}{block}.self.{name}.weight"] = (hidden, in_features)
-                shapes[f"{base}{block}.self.{name}.bias"] = (hidden,)
-            shapes[f"{base}{block}.output.dense.weight"] = (hidden, hidden)
-            shapes[f"{base}{block}.output.dense.bias"] = (hidden,)
-            shapes[f"{base}{block}.output.LayerNorm.weight"] = (hidden,)
-            shapes[f"{base}{block}.output.LayerNorm.bias"] = (hidden,)
-        shapes[f"{base}intermediate_query.dense.weight"] = (ffn, hidden)
-        shapes[f"{base}intermediate_query.dense.bias"] = (ffn,)
-        shapes[f"{base}output_query.dense.weight"] = (hidden, ffn)
-        shapes[f"{base}output_query.dense.bias"] = (hidden,)
-        shapes[f"{base}output_query.LayerNorm.weight"] = (hidden,)
-        shapes[f"{base}output_query.LayerNorm.bias"] = (hidden,)
-    return shapes
+    """The paper's audio projector tensors (relative to PREFIX) and their shapes, at the tiny sizes."""
+    return qformer_projector_shapes(
+        TINY["encoder_width"], TINY["out_features"], TINY["num_queries"], layers, TINY["num_positions"],
+        TINY["hidden_size"], TINY["intermediate_size"],
+    )
 
 
 def store_of(

@@ -30,6 +30,8 @@ from conversion.tiny_sources import (
     save_tiny_base,
     save_tiny_clip,
     save_tiny_llava,
+    TINY_POINTBERT_WIDTH,
+    qformer_projector_shapes,
     save_tiny_modelcompose,
     save_tiny_peft,
     save_tiny_qwen2_audio,
@@ -207,7 +209,9 @@ def test_qwen2_audio_loads_and_runs_on_its_processors_inputs(sources, media):
     assert logits.shape == (1, batch["input_ids"].shape[1], 320)
 
 
-def _expected_modelcompose(method: str, modality: str, prefix: int = 2, suffix: int = 2) -> dict[str, tuple]:
+def _expected_modelcompose(
+    method: str, modality: str, prefix: int = 2, suffix: int = 2, encoder_width: int = HIDDEN
+) -> dict[str, tuple]:
     adapters = ["default", modality] if method == "damc" else ["default"]
     expected = {}
     for layer in range(LAYERS):
@@ -216,9 +220,14 @@ def _expected_modelcompose(method: str, modality: str, prefix: int = 2, suffix: 
             for adapter in adapters:
                 expected[f"model.layers.{layer}.{projection}.lora_A.{adapter}.weight"] = (4, in_features)
                 expected[f"model.layers.{layer}.{projection}.lora_B.{adapter}.weight"] = (out_features, 4)
-    for index in (0, 2):
-        expected[f"model.modal_projectors.{modality}.{index}.weight"] = (HIDDEN, HIDDEN)
-        expected[f"model.modal_projectors.{modality}.{index}.bias"] = (HIDDEN,)
+    if modality == "audio":
+        for key, shape in qformer_projector_shapes(encoder_width, HIDDEN).items():
+            expected[f"model.modal_projectors.audio.{key}"] = shape
+    else:
+        expected[f"model.modal_projectors.{modality}.0.weight"] = (HIDDEN, encoder_width)
+        expected[f"model.modal_projectors.{modality}.2.weight"] = (HIDDEN, HIDDEN)
+        for index in (0, 2):
+            expected[f"model.modal_projectors.{modality}.{index}.bias"] = (HIDDEN,)
     if method == "damc":
         expected[f"prefix_tokens.{modality}"] = (1, prefix, HIDDEN)
         expected[f"suffix_tokens.{modality}"] = (1, suffix, HIDDEN)
@@ -245,16 +254,19 @@ def test_modelcompose_vision_checkpoint_has_exactly_the_documented_keys(sources,
     assert (config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]) == (HIDDEN, LAYERS, 320)
 
 
-@pytest.mark.parametrize(("kind", "modality"), [("audio", "audio"), ("video", "video"), ("point", "point")])
-def test_modelcompose_other_kinds_use_the_papers_names(sources, tmp_path, kind, modality):
+@pytest.mark.parametrize(
+    ("kind", "width", "projector"),
+    [("audio", HIDDEN, "qformer_4N_1L"), ("video", HIDDEN, "mlp2x_gelu"), ("point", TINY_POINTBERT_WIDTH, "mlp2x_gelu")],
+)
+def test_modelcompose_other_kinds_use_the_papers_names(sources, tmp_path, kind, width, projector):
     folder = save_tiny_modelcompose(tmp_path / kind, kind=kind, base_folder=sources["base"], prefix_tokens=3)
     state = torch.load(folder / "adapter_model.bin", weights_only=True)
-    expected = _expected_modelcompose("damc", modality, prefix=3)
+    expected = _expected_modelcompose("damc", kind, prefix=3, encoder_width=width)
     assert {key: tuple(value.shape) for key, value in state.items()} == expected
     config = json.loads((folder / "config.json").read_text())
-    assert config[f"mm_{modality}_encoder"].startswith("/yeesuanAI05/")
-    assert config[f"mm_{modality}_hidden_size"] == 64
-    assert config[f"mm_{modality}_projector_type"] == "mlp2x_gelu"
+    assert config[f"mm_{kind}_encoder"].startswith("/yeesuanAI05/")
+    assert config[f"mm_{kind}_hidden_size"] == width
+    assert config[f"mm_{kind}_projector_type"] == projector
     assert "mm_vision_tower" not in config
 
 
