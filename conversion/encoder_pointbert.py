@@ -28,7 +28,7 @@ _KEY_MAP: tuple[tuple[re.Pattern[str], str], ...] = tuple(
     (re.compile(pattern), replacement)
     for pattern, replacement in (
         # mini-PointNet: Conv1d, BatchNorm (SyncBatchNorm in the paper, identical in eval), ReLU, Conv1d
-        (rf"encoder\.(first_conv|second_conv)\.([03])\.(weight|bias)", r"encoder.\1.\2.\3"),
+        (r"encoder\.(first_conv|second_conv)\.([03])\.(weight|bias)", r"encoder.\1.\2.\3"),
         (rf"encoder\.(first_conv|second_conv)\.1\.({_BATCH_NORM})", r"encoder.\1.1.\2"),
         (r"reduce_dim\.(weight|bias)", r"reduce_dim.\1"),
         (r"(cls_token|cls_pos)", r"\1"),
