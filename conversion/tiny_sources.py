@@ -78,8 +78,9 @@ AUDIO_TOKEN, AUDIO_BOS, AUDIO_EOS = "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
 
-# PointBERT's width must divide into its 6 heads (the reader cannot see the head count and takes PointLLM's).
-TINY_POINTBERT_WIDTH = 48
+# Tiny sizes of the paper's encoders fit bitsandbytes' CPU 4-bit kernels (linear inputs a multiple of 64); PointBERT's
+# width must also divide into its 6 heads (the reader cannot see the head count and takes PointLLM's).
+TINY_POINTBERT_WIDTH = 192
 # Widths of the tiny encoders behind each paper modality (the projector's input).
 _PAPER_ENCODER_WIDTH = {"image": HIDDEN, "video": HIDDEN, "audio": HIDDEN, "point": TINY_POINTBERT_WIDTH}
 # The paper's modality names (ModelCompose `infer_modals`), keyed by our kinds.
@@ -256,7 +257,7 @@ def qformer_projector_shapes(
     num_queries: int = 4,
     num_layers: int = 1,
     num_positions: int = 1024,
-    hidden_size: int = 48,
+    hidden_size: int = 192,
     intermediate_size: int = 64,
 ) -> dict[str, tuple[int, ...]]:
     """The paper's audio Q-Former projector tensors (relative to `model.modal_projectors.audio.`) and their shapes:
@@ -631,7 +632,7 @@ def save_tiny_clip(folder: str | os.PathLike, seed: int = 5) -> Path:
 # The paper's BEATs `cfg` (the `.pt`'s config dict) at a tiny size: 16 x 16 patches of the 1024 x 128 fbank give 512
 # tokens of width HIDDEN. Training-only fields are there as the released file has them.
 TINY_BEATS_CFG = {
-    "input_patch_size": 16, "embed_dim": 48, "conv_bias": False, "encoder_layers": 1, "encoder_embed_dim": HIDDEN,
+    "input_patch_size": 16, "embed_dim": 128, "conv_bias": False, "encoder_layers": 1, "encoder_embed_dim": HIDDEN,
     "encoder_ffn_embed_dim": 128, "encoder_attention_heads": 2, "activation_fn": "gelu", "layer_norm_first": False,
     "deep_norm": True, "conv_pos": 8, "conv_pos_groups": 4, "relative_position_embedding": True, "num_buckets": 32,
     "max_distance": 64, "gru_rel_pos": True, "dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0,
@@ -685,7 +686,7 @@ def save_tiny_beats(path: str | os.PathLike, cfg: dict | None = None, seed: int 
 
 
 def pointbert_checkpoint_state(
-    depth: int = 1, hidden: int = TINY_POINTBERT_WIDTH, encoder_dims: int = 16, point_dims: int = 6, seed: int = 0
+    depth: int = 1, hidden: int = TINY_POINTBERT_WIDTH, encoder_dims: int = 64, point_dims: int = 6, seed: int = 0
 ) -> dict[str, torch.Tensor]:
     """Random tensors under exactly the keys and shape pattern of PointLLM's `point_bert_v1.2.pt` (the state dict of
     the paper's `PointTransformer`), at a tiny size; BatchNorm statistics are plausible (positive variances)."""

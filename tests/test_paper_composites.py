@@ -134,6 +134,36 @@ print(type(processor.feature_extractor).__name__, (logits - saved["logits"]).abs
     assert extractor == "CompositeBeatsFeatureExtractor" and float(difference) == 0.0
 
 
+FOUR_BIT = """
+import sys, torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+folder, saved = sys.argv[1], torch.load(sys.argv[2])
+batch = {name: value.to(torch.bfloat16) if value.is_floating_point() else value for name, value in saved["batch"].items()}
+quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, quantization_config=quantization)
+full = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.bfloat16)
+quantized = sorted({".".join(name.split(".")[:2]) for name, module in model.model.named_modules()
+                    if type(module).__name__ == "Linear4bit" and name.startswith(("encoders.", "projectors."))})
+with torch.no_grad():
+    a, b = model(**batch).logits.float().flatten(), full(**batch).logits.float().flatten()
+new = model.generate(**batch, max_new_tokens=3, do_sample=False).shape[1] - batch["input_ids"].shape[1]
+print(",".join(quantized), torch.nn.functional.cosine_similarity(a, b, dim=0).item(), new)
+"""
+
+
+def test_four_modality_composite_loads_and_generates_in_4bit(paper_world, tmp_path):
+    output = tmp_path / "composite"
+    model, processor = _convert(_recipe(paper_world, "damc"), output)
+    torch.save({"batch": dict(_inputs(processor))}, tmp_path / "batch.pt")
+    quantized, cosine, new_tokens = run_fresh_python(
+        FOUR_BIT, str(output), str(tmp_path / "batch.pt"), hf_home=tmp_path
+    ).split()
+    # Every encoder and projector has 4-bit linears (BEATs, the Q-Former, LanguageBind, PointBERT, CLIP, MLPs).
+    assert quantized == ",".join(f"{part}.{kind}" for part in ("encoders", "projectors")
+                                 for kind in ("audio", "image", "point", "video"))
+    assert float(cosine) > 0.9 and int(new_tokens) == 3
+
+
 def test_each_modality_reaches_the_llm_as_the_papers_pipeline_makes_it(paper_world, tmp_path):
     """Composite features of each modality == its encoder (read straight from the released file) -> the paper's
     feature selection -> its projector (read straight from the unimodal checkpoint) -> prefix / suffix."""
