@@ -8,7 +8,7 @@ with quotes or pipes, or a recipe with a code fence inside, cannot break the car
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
@@ -74,6 +74,7 @@ class CardInfo:
     recipe_yaml: str  # the recipe text, verbatim
     repo_id: str | None = None  # where it will be pushed (for the usage snippet); else the name stands in as a path
     license: str | None = None
+    notes: list[str] = field(default_factory=list)  # Markdown paragraphs for the end of the Limitations section
 
 
 def template_path() -> Path:
@@ -167,6 +168,7 @@ def _template_values(info: CardInfo) -> dict:
         "python_fence": python_fence,
         "recipe_fence": _fence(recipe_text),
         "recipe_text": recipe_text,
+        "notes": [_normalize_newlines(note) for note in info.notes],
     }
 
 

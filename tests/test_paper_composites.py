@@ -17,6 +17,7 @@ from conversion.encoder_beats import read_beats_encoder
 from conversion.encoder_languagebind import read_languagebind_video_encoder
 from conversion.encoder_pointbert import read_pointbert_encoder
 from conversion.errors import ConversionError
+from conversion.paper_cards import CARDS, render_cards
 from conversion.recipe import load_recipe
 from modeling_composite.builder import VICUNA_V1_SYSTEM
 from modeling_composite.modeling_composite import CompositeMLLMForCausalLM, build_encoder
@@ -225,3 +226,16 @@ def test_a_recipe_without_the_encoder_of_a_paper_modality_fails_naming_it(paper_
     with pytest.raises(ConversionError, match="BEATs"):
         compose(recipe, tmp_path / "out", verify=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_paper_composites_model_cards_are_current():
+    """model_cards/paper/ is rendered from the recipes; `python -m conversion.paper_cards` rewrites it."""
+    cards = render_cards()
+    assert len(cards) == 10
+    for path, text in cards.items():
+        assert path.is_file() and path.read_text() == text, f"{path.name} is stale: run python -m conversion.paper_cards"
+    damc = cards[CARDS / "damc-image-audio-video-point.md"]
+    assert "| `video` | video | `composite_languagebind_video` | `<video>` | 2066 | 128 |" in damc
+    assert "| `audio` | audio | `composite_beats` | `<audio>` | 42 | 128 |" in damc
+    naive = cards[CARDS / "naivemc-image-audio-video.md"]
+    assert "| `image` | image | `clip_vision_model` | `<image>` | 576 | - |" in naive and "point" not in naive.split("## Sources")[0]
