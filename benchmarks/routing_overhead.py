@@ -4,14 +4,24 @@ re-implemented here as the baseline. Random weights, CPU; medians of repeated ru
 
     python -m benchmarks.routing_overhead [--hidden 1024 --layers 8 --tokens 1024 --modalities 4 --rank 64]
 
-Prints a table and writes its figures to `--output` (JSON). Peak memory is not measured here (CPU allocations are not
-tracked per call in one process).
+Prints a table and writes its figures to `--output` (JSON), for float32 and bfloat16 (`--dtypes`).
+
+Peak memory of a prefill: each variant (plain, ours, reference) runs in a fresh subprocess, which builds the models,
+runs one warm-up prefill, then for every workload resets the kernel's resident-set high-water mark (`5` written to
+/proc/self/clear_refs), runs one prefill and reads `VmHWM` from /proc/self/status. The figure is that peak minus the
+resident set just before the prefill: the memory the prefill itself needs on top of the weights (activations,
+attention scores, the reference's per-adapter copies). The child runs with glibc's `MALLOC_MMAP_THRESHOLD_=65536`, so
+freed blocks leave the resident set instead of being kept for reuse. `--no-memory` skips it.
 """
 
 import argparse
 import copy
 import json
+import os
+import re
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -115,19 +125,28 @@ def _median_seconds(run, repeats: int) -> float:
     return statistics.median(times)
 
 
+FRACTIONS = (0.0, 0.25, 0.5, 0.9)
+
+
+def _workload(fraction: float, tokens: int, names: list[str], masks: _Masks, dtype: torch.dtype):
+    """The routing of a prefill whose first `fraction` of tokens are modality tokens, split evenly across the
+    modalities; also sets the reference scheme's masks to match."""
+    modalities = len(names)
+    index = torch.zeros(tokens, dtype=torch.long)
+    count = int(tokens * fraction)
+    if count:
+        index[:count] = torch.arange(count) * modalities // count + 1
+    masks.value = torch.stack([(index == slot) for slot in range(modalities + 1)]).to(dtype)[..., None]
+    return ModalityRouting.from_modality_index(index[None], names)
+
+
 def measure(hidden: int, layers: int, tokens: int, modalities: int, rank: int, dtype: torch.dtype, repeats: int) -> dict:
     plain, routed, reference, names, masks = build(hidden, layers, modalities, rank, dtype)
     embeds = torch.randn(1, tokens, hidden, dtype=dtype)
     figures: dict = {}
     with torch.inference_mode():
-        for fraction in (0.0, 0.25, 0.5, 0.9):
-            # The first `fraction` of the sequence is modality tokens, split evenly across the modalities.
-            index = torch.zeros(tokens, dtype=torch.long)
-            count = int(tokens * fraction)
-            if count:
-                index[:count] = torch.arange(count) * modalities // count + 1
-            routing = ModalityRouting.from_modality_index(index[None], names)
-            masks.value = torch.stack([(index == slot) for slot in range(modalities + 1)]).to(dtype)[..., None]
+        for fraction in FRACTIONS:
+            routing = _workload(fraction, tokens, names, masks, dtype)
             plain_time = _median_seconds(lambda: plain(inputs_embeds=embeds), repeats)
             ours = _median_seconds(lambda: routed(inputs_embeds=embeds, **{ROUTING_KWARG: routing}), repeats)
             theirs = _median_seconds(lambda: reference(inputs_embeds=embeds), repeats)
@@ -158,6 +177,53 @@ def measure(hidden: int, layers: int, tokens: int, modalities: int, rank: int, d
     return figures
 
 
+def _memory_kib(field: str) -> int:
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE).group(1))
+
+
+def prefill_peak_memory(hidden: int, layers: int, tokens: int, modalities: int, rank: int, dtype: torch.dtype,
+                        variant: str) -> dict[str, int]:
+    """Bytes a prefill of `variant` (plain | composite | reference) needs above the resident set before it, per
+    workload; meant to run alone in a fresh process (see the module docstring)."""
+    plain, routed, reference, names, masks = build(hidden, layers, modalities, rank, dtype)
+    model = {"plain": plain, "composite": routed, "reference": reference}[variant]
+    embeds = torch.randn(1, tokens, hidden, dtype=dtype)
+    peaks = {}
+    with torch.inference_mode():
+        for fraction in FRACTIONS:
+            routing = _workload(fraction, tokens, names, masks, dtype)
+            extra = {ROUTING_KWARG: routing} if variant == "composite" else {}
+            model(inputs_embeds=embeds, **extra)  # warm-up: one-time allocations are not the prefill's
+            before = _memory_kib("VmRSS")
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+            model(inputs_embeds=embeds, **extra)
+            peaks[f"prefill {int(fraction * 100)}% modality"] = (_memory_kib("VmHWM") - before) * 1024
+    return peaks
+
+
+def measure_memory(args: argparse.Namespace, dtype_name: str) -> dict:
+    """Peak prefill memory of every variant, each in a fresh subprocess."""
+    by_variant = {}
+    for variant in ("plain", "composite", "reference"):
+        command = [sys.executable, "-m", "benchmarks.routing_overhead", "--memory-child", variant, "--dtypes", dtype_name,
+                   "--hidden", str(args.hidden), "--layers", str(args.layers), "--tokens", str(args.tokens),
+                   "--modalities", str(args.modalities), "--rank", str(args.rank)]
+        # A fixed mmap threshold: glibc then returns every block of 64 KiB or more to the system when it is freed
+        # (its default threshold grows with use, so a warm-up's freed activations would stay resident and hide the
+        # next prefill's peak).
+        environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        output = subprocess.run(command, check=True, capture_output=True, text=True, env=environment).stdout
+        by_variant[variant] = json.loads(output.strip().splitlines()[-1])
+    return {
+        workload: {
+            "plain_bytes": by_variant["plain"][workload], "composite_bytes": by_variant["composite"][workload],
+            "reference_bytes": by_variant["reference"][workload],
+            "composite/plain": by_variant["composite"][workload] / max(by_variant["plain"][workload], 1),
+        }
+        for workload in by_variant["plain"]
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=1024)
@@ -168,7 +234,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--output", default="outputs/benchmarks/routing_overhead.json")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--memory-child", choices=("plain", "composite", "reference"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child:  # one variant's peak prefill memory, as JSON on the last line
+        peaks = prefill_peak_memory(args.hidden, args.layers, args.tokens, args.modalities, args.rank,
+                                    getattr(torch, args.dtypes), args.memory_child)
+        print(json.dumps(peaks))
+        return
     report = {"settings": vars(args), "threads": torch.get_num_threads(), "results": {}}
     print(f"routing overhead: hidden {args.hidden}, {args.layers} layers, {args.tokens} tokens, {args.modalities} "
           f"modalities, rank {args.rank}, CPU with {torch.get_num_threads()} threads (medians of {args.repeats})")
@@ -181,6 +254,15 @@ def main() -> None:
         for label, row in figures.items():
             print(f"{label:<24} {row['plain_s'] * 1e3:>9.1f} {row['composite_s'] * 1e3:>9.1f} "
                   f"{row['reference_s'] * 1e3:>9.1f} {row['composite/plain']:>11.3f} {row['reference/composite']:>9.2f}")
+        if not args.no_memory:
+            memory = measure_memory(args, dtype_name)
+            report["results"][dtype_name + " peak prefill memory"] = memory
+            mib = 2**20
+            print(f"\n{dtype_name} peak prefill memory (above the resident set before it; fresh process per variant)")
+            print(f"{'workload':<24} {'plain MiB':>10} {'ours MiB':>9} {'ref MiB':>9} {'ours/plain':>11}")
+            for label, row in memory.items():
+                print(f"{label:<24} {row['plain_bytes'] / mib:>10.1f} {row['composite_bytes'] / mib:>9.1f} "
+                      f"{row['reference_bytes'] / mib:>9.1f} {row['composite/plain']:>11.3f}")
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=1))
