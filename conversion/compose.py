@@ -143,13 +143,10 @@ def _composition(recipe: Recipe, base: Location, sources: list[Source]) -> dict:
 
 
 def _write_weights(plan: Plan, folder: Path, shard_bytes: int) -> None:
-    writer = ShardedWriter(folder, shard_bytes)
+    writer = ShardedWriter(folder, shard_bytes, plan.shapes)
     for key, produce in tqdm(plan.producers.items(), desc="writing tensors", unit="tensor", leave=False):
         tensor = produce()
-        if tuple(tensor.shape) != plan.shapes[key]:
-            raise ConversionError(f"Tensor {key!r} came out with shape {tuple(tensor.shape)}, expected {plan.shapes[key]}.")
-        # A copy: tensors read from one safetensors file can share its memory map, which safetensors refuses to save.
-        writer.add(key, tensor.to(plan.dtype if tensor.is_floating_point() else tensor.dtype, copy=True))
+        writer.add(key, tensor.to(plan.dtype) if tensor.is_floating_point() else tensor)
     files = writer.close()
     logger.info("wrote %.1f MB of weights in %s", writer.total_bytes / 1e6, ", ".join(files))
 

@@ -239,15 +239,19 @@ def _plan_llm(plan: Plan, base: BaseModel, sources: list[Source], weights: list[
     routed = set(plan.config.lora_target_modules) if plan.config.has_routed_deltas else set()
 
     warned: set[int] = set()
+    checked = [0] * len(sources)
 
     def merged(key: str) -> torch.Tensor:
         # Every row of the base's embedding / LM head merges like any tensor (rows a source has beyond the base's
         # are its own added tokens: dropped, except its placeholder's row, which `_vocab_rows` places).
-        base_tensor = base.get(key).float()
-        deltas = [source.text_delta(key, base_tensor) for source in sources]
-        _warn_implausible(deltas, base_tensor, key, sources, warned)
-        delta = merge_deltas(deltas, weights, rule, density=density, seed=seed, name=key)
-        merged_tensor = base_tensor if delta is None else base_tensor + delta
+        if rule == "linear":
+            merged_tensor = _linear_merge(key, base.get(key), sources, weights, warned, checked)
+        else:
+            base_tensor = base.get(key).float()
+            deltas = [source.text_delta(key, base_tensor) for source in sources]
+            _warn_implausible(deltas, base_tensor, key, sources, warned)
+            delta = merge_deltas(deltas, weights, rule, density=density, seed=seed, name=key)
+            merged_tensor = base_tensor if delta is None else base_tensor + delta
         return _vocab_rows(merged_tensor, key, rows, vocab, plan) if key in VOCAB_KEYS else merged_tensor
 
     for key in base.keys():
@@ -269,12 +273,38 @@ def _plan_llm(plan: Plan, base: BaseModel, sources: list[Source], weights: list[
 # A fine-tune moves weights by a few percent of their norm; a delta as large as the weight itself means the source
 # was most likely not trained from this base (same shapes, other weights).
 _IMPLAUSIBLE_RELATIVE_DELTA = 0.5
+# The linear merge checks that on a source's first few tensors only: one norm per tensor is a full extra pass.
+_PLAUSIBILITY_CHECKS = 4
+
+
+def _linear_merge(key: str, base_tensor: torch.Tensor, sources: list[Source], weights: list[float], warned: set[int],
+                  checked: list[int]) -> torch.Tensor:
+    """`W0 + Σ λ_i (W_i - W0)` (and `+ λ_i s_i B_i A_i` for low-rank deltas), accumulated in one float32 tensor
+    from each source's tensor in its own dtype: memory holds the accumulator and one source tensor, whatever the
+    number of sources (the general rules need every delta at once)."""
+    merged = base_tensor.float().clone()
+    for index, (source, weight) in enumerate(zip(sources, weights)):
+        if source.full_weights is not None:
+            tensor = source.full_weights[key].load()
+            if key in VOCAB_KEYS:
+                tensor = tensor[: base_tensor.shape[0]]
+            if checked[index] < _PLAUSIBILITY_CHECKS and key not in VOCAB_KEYS:
+                checked[index] += 1
+                _warn_implausible([tensor.float() - base_tensor.float()], base_tensor.float(), key, [source], warned,
+                                  index)
+            merged.add_(tensor, alpha=weight).sub_(base_tensor, alpha=weight)
+        low_rank = source.text_lora.get(key)
+        if low_rank is not None and (source.full_weights is None or source.text_lora_unfolded):
+            merged.add_(low_rank.dense(), alpha=weight)
+    return merged
 
 
 def _warn_implausible(deltas: list[torch.Tensor | None], base_tensor: torch.Tensor, key: str, sources: list[Source],
-                      warned: set[int]) -> None:
+                      warned: set[int], first_index: int = 0) -> None:
+    """Warn once per source whose delta is implausibly large (`first_index`: the index of `sources[0]` in `warned`)."""
     base_norm = float(base_tensor.norm())
-    for index, delta in enumerate(deltas):
+    for offset, delta in enumerate(deltas):
+        index = first_index + offset
         if delta is None or index in warned or base_norm == 0:
             continue
         ratio = float(delta.norm()) / base_norm
@@ -282,7 +312,7 @@ def _warn_implausible(deltas: list[torch.Tensor | None], base_tensor: torch.Tens
             warned.add(index)
             logger.warning(
                 "%s: its %s differs from the base's by %.0f%% of the base's norm; is it really fine-tuned from this "
-                "base?", sources[index].label, key, 100 * ratio
+                "base?", sources[offset].label, key, 100 * ratio
             )
 
 

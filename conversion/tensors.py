@@ -1,24 +1,97 @@
 """Read the tensors of a checkpoint one at a time, without loading the whole checkpoint into memory.
 
-safetensors files are opened with `safe_open` (memory-mapped: a tensor is read when it is asked for). Pickled `.bin`
-files are only ever read with `torch.load(weights_only=True)` (which refuses anything but plain tensors and
-containers) and memory-mapped where the file format allows it.
+safetensors files are read with positioned reads, not memory maps: only the header is parsed up front, and a tensor
+is read into memory of its own when it is asked for, so a tensor that has been used and dropped leaves nothing
+resident (pages of a memory map that were touched would stay in the process's RSS until the map is closed, which for
+a 7B source is its whole size). Pickled `.bin` files are only ever read with `torch.load(weights_only=True)` (which
+refuses anything but plain tensors and containers) and memory-mapped where the file format allows it.
 """
 
 import json
 import logging
+import math
 import pickle
+import struct
 import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from .errors import ConversionError
 
 
 logger = logging.getLogger(__name__)
+
+# safetensors' dtype names.
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+# safetensors refuses headers beyond 100 MB; so do we, before reading one.
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+class SafetensorsFile:
+    """The tensors of one safetensors file, read with positioned reads (see the module docstring)."""
+
+    def __init__(self, path: Path, label: str):
+        self.path = path
+        self.label = label
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            header_bytes = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
+            if not 0 < header_bytes <= min(_MAX_HEADER_BYTES, size - 8):
+                self._invalid("its header length is out of range")
+            try:
+                header = json.loads(handle.read(header_bytes))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                self._invalid("its header is not JSON")
+        if not isinstance(header, dict):
+            self._invalid("its header is not a JSON object")
+        header.pop("__metadata__", None)
+        data_start, data_bytes = 8 + header_bytes, size - 8 - header_bytes
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for key, entry in header.items():
+            try:
+                dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+                shape = tuple(int(dim) for dim in entry["shape"])
+                begin, end = (int(offset) for offset in entry["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                self._invalid(f"tensor {key!r} has a malformed or unknown entry {entry!r}")
+            expected = math.prod(shape) * dtype.itemsize
+            if min(shape, default=0) < 0 or not 0 <= begin <= end <= data_bytes or end - begin != expected:
+                self._invalid(f"tensor {key!r} has offsets {[begin, end]} that do not fit its shape or the file")
+            self.entries[key] = (dtype, shape, data_start + begin, end - begin)
+
+    def _invalid(self, reason: str):
+        raise ConversionError(
+            f"{self.label}: {self.path.name} is not a valid safetensors file ({reason}); re-download or re-save it."
+        )
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.entries[key][1]
+
+    def get(self, key: str) -> torch.Tensor:
+        dtype, shape, offset, length = self.entries[key]
+        if length == 0:
+            return torch.empty(shape, dtype=dtype)
+        buffer = bytearray(length)
+        try:
+            with open(self.path, "rb", buffering=0) as handle:
+                handle.seek(offset)
+                view, done = memoryview(buffer), 0
+                while done < length:
+                    count = handle.readinto(view[done:])
+                    if not count:
+                        raise OSError("the file ends early")
+                    done += count
+        except OSError as error:
+            raise ConversionError(f"{self.label}: cannot read {key!r} from {self.path.name} ({error}); the file is damaged.") from None
+        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+
 
 class TensorStore:
     """The tensors of one checkpoint (one or several files), by key."""
@@ -26,7 +99,6 @@ class TensorStore:
     def __init__(self, files: Iterable[Path], label: str):
         self.label = label
         self._location: dict[str, tuple[Path, object]] = {}
-        self._handles: dict[Path, object] = {}
         for path in files:
             if path.suffix == ".safetensors":
                 self._index_safetensors(path)
@@ -47,15 +119,8 @@ class TensorStore:
         return store
 
     def _index_safetensors(self, path: Path) -> None:
-        try:
-            handle = safe_open(str(path), framework="pt")
-            keys = list(handle.keys())
-        except (SafetensorError, OSError, ValueError) as error:
-            raise ConversionError(
-                f"{self.label}: {path.name} is not a valid safetensors file ({error}); re-download or re-save it."
-            ) from None
-        self._handles[path] = handle
-        for key in keys:
+        handle = SafetensorsFile(path, self.label)
+        for key in handle.entries:
             self._add(key, path, handle)
 
     def _index_pickle(self, path: Path) -> None:
@@ -97,18 +162,18 @@ class TensorStore:
 
     def shape(self, key: str) -> tuple[int, ...]:
         path, holder = self._location[key]
-        if torch.is_tensor(holder):
-            return tuple(holder.shape)
-        return tuple(holder.get_slice(key).get_shape())
+        return tuple(holder.shape) if torch.is_tensor(holder) else holder.shape(key)
 
     def get(self, key: str) -> torch.Tensor:
         """The tensor `key`, read now (a copy in memory; the store keeps nothing)."""
         if key not in self._location:
             raise ConversionError(f"{self.label}: the checkpoint has no tensor {key!r}.")
         path, holder = self._location[key]
+        if not torch.is_tensor(holder):
+            return holder.get(key)
         try:
-            return holder.clone() if torch.is_tensor(holder) else holder.get_tensor(key)
-        except (SafetensorError, OSError, RuntimeError) as error:
+            return holder.clone()
+        except RuntimeError as error:
             raise ConversionError(f"{self.label}: cannot read {key!r} from {path.name} ({error}); the file is damaged.") from None
 
 
