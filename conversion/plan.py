@@ -245,7 +245,7 @@ def _plan_llm(plan: Plan, base: BaseModel, sources: list[Source], weights: list[
         # Every row of the base's embedding / LM head merges like any tensor (rows a source has beyond the base's
         # are its own added tokens: dropped, except its placeholder's row, which `_vocab_rows` places).
         if rule == "linear":
-            merged_tensor = _linear_merge(key, base.get(key), sources, weights, warned, checked)
+            merged_tensor = _linear_merge(key, base, sources, weights, warned, checked)
         else:
             base_tensor = base.get(key).float()
             deltas = [source.text_delta(key, base_tensor) for source in sources]
@@ -277,22 +277,31 @@ _IMPLAUSIBLE_RELATIVE_DELTA = 0.5
 _PLAUSIBILITY_CHECKS = 4
 
 
-def _linear_merge(key: str, base_tensor: torch.Tensor, sources: list[Source], weights: list[float], warned: set[int],
+def _linear_merge(key: str, base: BaseModel, sources: list[Source], weights: list[float], warned: set[int],
                   checked: list[int]) -> torch.Tensor:
-    """`W0 + Σ λ_i (W_i - W0)` (and `+ λ_i s_i B_i A_i` for low-rank deltas), accumulated in one float32 tensor
-    from each source's tensor in its own dtype: memory holds the accumulator and one source tensor, whatever the
-    number of sources (the general rules need every delta at once)."""
-    merged = base_tensor.float().clone()
-    for index, (source, weight) in enumerate(zip(sources, weights)):
-        if source.full_weights is not None:
-            tensor = source.full_weights[key].load()
-            if key in VOCAB_KEYS:
-                tensor = tensor[: base_tensor.shape[0]]
-            if checked[index] < _PLAUSIBILITY_CHECKS and key not in VOCAB_KEYS:
-                checked[index] += 1
-                _warn_implausible([tensor.float() - base_tensor.float()], base_tensor.float(), key, [source], warned,
-                                  index)
-            merged.add_(tensor, alpha=weight).sub_(base_tensor, alpha=weight)
+    """`W0 + Σ λ_i (W_i - W0) + Σ λ_j s_j B_j A_j`, computed as `(1 - Σ λ_i) W0 + Σ λ_i W_i + ...` (i: sources with
+    full weights, j: low-rank ones) in one float32 accumulator fed by each source's tensor in its own dtype, so that
+    memory holds the accumulator and one source tensor whatever the number of sources (the other rules need every
+    delta at once). With weights summing to 1 (the default 1/N) the base is not read at all."""
+    rows = base.shape(key)[0] if key in VOCAB_KEYS else None
+    full = [(index, source, weight) for index, (source, weight) in enumerate(zip(sources, weights))
+            if source.full_weights is not None]
+    base_weight = 1.0 - sum(weight for _, _, weight in full)
+    needs_base = abs(base_weight) > 1e-9 or any(checked[index] < _PLAUSIBILITY_CHECKS for index, _, _ in full)
+    base_tensor = base.get(key) if needs_base or not full else None
+    merged = base_tensor.float() * base_weight if full and abs(base_weight) > 1e-9 else None
+    if not full:
+        merged = base_tensor.float()  # a tensor of its own (the store reads a fresh one), safe to add into
+    for index, source, weight in full:
+        tensor = source.full_weights[key].load()
+        tensor = tensor[:rows] if rows is not None else tensor
+        if checked[index] < _PLAUSIBILITY_CHECKS and key not in VOCAB_KEYS:
+            checked[index] += 1
+            base_float = base_tensor.float()
+            _warn_implausible([tensor.float() - base_float], base_float, key, [source], warned, index)
+        # `float()` gives a tensor of its own (the store reads a fresh one each time), safe to scale in place.
+        merged = tensor.float().mul_(weight) if merged is None else merged.add_(tensor, alpha=weight)
+    for source, weight in zip(sources, weights):
         low_rank = source.text_lora.get(key)
         if low_rank is not None and (source.full_weights is None or source.text_lora_unfolded):
             merged.add_(low_rank.dense(), alpha=weight)

@@ -78,11 +78,12 @@ class SafetensorsFile:
         dtype, shape, offset, length = self.entries[key]
         if length == 0:
             return torch.empty(shape, dtype=dtype)
-        buffer = bytearray(length)
+        # torch.empty, not bytearray: the bytes are read straight into memory that is never zeroed first.
+        buffer = torch.empty(length, dtype=torch.uint8)
         try:
             with open(self.path, "rb", buffering=0) as handle:
                 handle.seek(offset)
-                view, done = memoryview(buffer), 0
+                view, done = memoryview(buffer.numpy()), 0
                 while done < length:
                     count = handle.readinto(view[done:])
                     if not count:
@@ -90,7 +91,7 @@ class SafetensorsFile:
                     done += count
         except OSError as error:
             raise ConversionError(f"{self.label}: cannot read {key!r} from {self.path.name} ({error}); the file is damaged.") from None
-        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+        return buffer.view(dtype).reshape(shape)
 
 
 class TensorStore:
