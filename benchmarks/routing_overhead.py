@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaModel
 
+from modeling_composite.modeling_composite import CACHE_NAME
 from modeling_composite.routing import ROUTING_KWARG, ModalityRouting, RoutingState, inject_routed_layers
 
 
@@ -162,10 +163,10 @@ def measure(hidden: int, layers: int, tokens: int, modalities: int, rank: int, d
         for label, model, extra in (("plain", plain, {}), ("composite", routed, {ROUTING_KWARG: None}),
                                     ("reference", reference, {})):
             cache = DynamicCache()
-            model(inputs_embeds=embeds, past_key_values=cache, use_cache=True, **extra)
+            model(inputs_embeds=embeds, use_cache=True, **{CACHE_NAME: cache}, **extra)
 
             def decode(model=model, cache=cache, extra=extra) -> None:
-                model(inputs_embeds=step, past_key_values=cache, use_cache=True, **extra)
+                model(inputs_embeds=step, use_cache=True, **{CACHE_NAME: cache}, **extra)
                 cache.crop(-1)  # drop the step again: every timed step sees the same cache
 
             results[label] = _median_seconds(decode, repeats * 4)

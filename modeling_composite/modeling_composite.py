@@ -10,7 +10,7 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_composite import OWN_ENCODER_CONFIGS, CompositeMLLMConfig, parse_projector_spec, parse_qformer_spec
 from .modeling_beats import CompositeBeatsEncoder
@@ -30,27 +30,32 @@ INPUT_NAME_BY_KIND = {
 _INPUTS_ONLY_AT_PREFILL = ("point_clouds", "modality_inputs")
 
 
+# transformers 5.24 renamed the key-value cache `past_key_values` -> `cache` in forward arguments, model outputs and
+# generate(). Remote code runs under whichever version its user has, so the name is read from transformers itself.
+CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def take_cache(past_key_values: Cache | None, kwargs: dict) -> Cache | None:
+    """The cache of a forward call, given as `past_key_values` (transformers < 5.24) or `cache` (5.24 and later,
+    which then arrives among the keyword arguments)."""
+    cache = kwargs.pop("cache", None)
+    if cache is not None and past_key_values is not None:
+        raise ValueError("Pass the key-value cache once: as `cache` or as `past_key_values`, not both.")
+    return cache if cache is not None else past_key_values
+
+
 @dataclass
-class CompositeMLLMModelOutput(ModelOutput):
+class CompositeMLLMModelOutput(BaseModelOutputWithPast):
     """Output of [`CompositeMLLMModel`]: the LLM's outputs plus the modality index used for routing."""
 
-    last_hidden_state: torch.Tensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
     modality_index: torch.LongTensor | None = None
 
 
 @dataclass
-class CompositeMLLMCausalLMOutput(ModelOutput):
+class CompositeMLLMCausalLMOutput(CausalLMOutputWithPast):
     """Output of [`CompositeMLLMForCausalLM`]. `modality_index` is `(batch, seq)`: 0 for text, i for the i-th modality
     of `config.modalities`."""
 
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
     modality_index: torch.LongTensor | None = None
 
 
@@ -125,7 +130,7 @@ class CompositeMLLMPreTrainedModel(PreTrainedModel):
     config_class = CompositeMLLMConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_attention_backend = True
@@ -322,6 +327,7 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
             modality_inputs (`dict[str, torch.Tensor]`, *optional*):
                 Inputs by modality name, for composites with several modalities of one kind.
         """
+        past_key_values = take_cache(past_key_values, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
@@ -367,9 +373,9 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            **{CACHE_NAME: past_key_values},
             **kwargs,
         )
         if self.routed_parents and self.routing_state.deliveries != self.routed_parents:
@@ -379,10 +385,10 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
             )
         return CompositeMLLMModelOutput(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
             hidden_states=getattr(outputs, "hidden_states", None),
             attentions=getattr(outputs, "attentions", None),
             modality_index=modality_index,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
 
     def _check_length(self, new_tokens: int, past_key_values: Cache | None) -> None:
@@ -445,7 +451,7 @@ class CompositeMLLMForCausalLM(CompositeMLLMPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=take_cache(past_key_values, kwargs),
             inputs_embeds=inputs_embeds,
             pixel_values=pixel_values,
             pixel_values_videos=pixel_values_videos,
@@ -466,10 +472,10 @@ class CompositeMLLMForCausalLM(CompositeMLLMPreTrainedModel, GenerationMixin):
         return CompositeMLLMCausalLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             modality_index=outputs.modality_index,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
 
     def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs) -> dict:

@@ -13,6 +13,31 @@ def test_generation_with_cache_equals_generation_without(composite, batch_all):
     torch.testing.assert_close(with_cache, without_cache, rtol=0, atol=0)
 
 
+def test_the_cache_may_be_passed_under_either_transformers_name(composite, batch_all):
+    """transformers 5.24 renamed `past_key_values` to `cache`; remote code must accept both, and a decode step must
+    see the prefill's cache under either name."""
+    from transformers import DynamicCache
+
+    from modeling_composite.modeling_composite import CACHE_NAME
+
+    model, _ = composite
+    steps = {}
+    for name in ("past_key_values", "cache"):
+        cache = DynamicCache(config=model.config.get_text_config())
+        with torch.no_grad():
+            prefill = model(**batch_all, use_cache=True, **{name: cache})
+            assert getattr(prefill, CACHE_NAME) is cache and cache.get_seq_length() == batch_all["input_ids"].shape[1]
+            next_token = prefill.logits[:, -1:].argmax(-1)
+            steps[name] = model(input_ids=next_token, use_cache=True, **{name: cache}).logits
+    with torch.no_grad():
+        full = model(**{**batch_all, "input_ids": torch.cat([batch_all["input_ids"], next_token], dim=1),
+                        "attention_mask": torch.ones(1, batch_all["input_ids"].shape[1] + 1, dtype=torch.long)}).logits
+    torch.testing.assert_close(steps["cache"], steps["past_key_values"], rtol=0, atol=0)
+    torch.testing.assert_close(steps["cache"][:, -1], full[:, -1], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="once"):
+        model(**batch_all, past_key_values=DynamicCache(), cache=DynamicCache())
+
+
 def test_left_padded_batch_equals_rows_alone(composite, raw_inputs):
     model, processor = composite
     prompts = ["USER: <image> <audio> hi? ASSISTANT:", "USER: tell me about <point> please, at some length. ASSISTANT:"]
