@@ -23,6 +23,7 @@ from modeling_composite.builder import (
 from modeling_composite.processing_composite import CompositeMLLMProcessor
 
 from .card import CardInfo, CardSource, render_model_card
+from .paper_cards import paper_notes
 from .detect import read_source
 from .errors import ConversionError
 from .locate import Location, locate
@@ -247,4 +248,7 @@ def _card_info(plan: Plan, recipe: Recipe, repo_id: str | None) -> CardInfo:
         recipe_yaml=recipe.text,
         repo_id=repo_id,
         license=recipe.license,
+        # Modalities from the paper's checkpoints: say what their encoders are and where preprocessing differs.
+        notes=paper_notes([kind for source in composition["sources"] if source["format"] == "modelcompose"
+                           for kind in source["modalities"].values()]),
     )

@@ -80,8 +80,14 @@ def card_info(recipe: Recipe) -> CardInfo:
         modalities=modalities,
         recipe_yaml=recipe.text,
         license=recipe.license,
-        notes=[ENCODER_NOTE, *(PREPROCESSING_NOTES[kind] for kind in modalities)],
+        notes=paper_notes(list(modalities)),
     )
+
+
+def paper_notes(kinds: list[str]) -> list[str]:
+    """The card's notes on a composite with modalities of these kinds taken from the paper's checkpoints: its encoders,
+    and where the composite's preprocessing differs from the paper's."""
+    return [ENCODER_NOTE, *(PREPROCESSING_NOTES[kind] for kind in kinds)] if kinds else []
 
 
 def _kind_of(path: str) -> str:

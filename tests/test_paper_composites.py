@@ -17,7 +17,7 @@ from conversion.encoder_beats import read_beats_encoder
 from conversion.encoder_languagebind import read_languagebind_video_encoder
 from conversion.encoder_pointbert import read_pointbert_encoder
 from conversion.errors import ConversionError
-from conversion.paper_cards import CARDS, render_cards
+from conversion.paper_cards import CARDS, paper_notes, render_cards
 from conversion.recipe import load_recipe
 from modeling_composite.builder import VICUNA_V1_SYSTEM
 from modeling_composite.modeling_composite import CompositeMLLMForCausalLM, build_encoder
@@ -130,6 +130,9 @@ with torch.no_grad():
     logits = model(**saved["batch"]).logits
 print(type(processor.feature_extractor).__name__, (logits - saved["logits"]).abs().max().item())
 """
+    # The converted composite's card says what the paper's encoders are and where preprocessing differs.
+    card = (output / "README.md").read_text()
+    assert all(note in card for note in paper_notes(["image", "audio", "video", "point"]))
     out = run_fresh_python(script, str(output), str(tmp_path / "reference.pt"), hf_home=tmp_path)
     extractor, difference = out.split()
     assert extractor == "CompositeBeatsFeatureExtractor" and float(difference) == 0.0
