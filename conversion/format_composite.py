@@ -8,7 +8,10 @@ give the same `T` in low-rank form (needed to route a new DAMC composite) and ea
 import copy
 import re
 
+from transformers import AutoFeatureExtractor
+
 from modeling_composite.configuration_composite import CompositeMLLMConfig, build_encoder_config
+from modeling_composite.feature_extraction_beats import CompositeBeatsFeatureExtractor
 from modeling_composite.processing_composite import CompositeMLLMProcessor
 
 from .errors import ConversionError
@@ -59,6 +62,9 @@ def read_composite(recipe: SourceRecipe, location: Location) -> Source:
     text_lora = {
         module: LowRank(Lazy(store, pair["A"]), Lazy(store, pair["B"]), text_scaling) for module, pair in text_factors.items()
     }
+    # A composite's own feature extractor (BEATs' fbank) is remote code of its folder; the installed package has the
+    # same class, registered so that the processor loads it from here without running the folder's code.
+    AutoFeatureExtractor.register(CompositeMLLMConfig, CompositeBeatsFeatureExtractor, exist_ok=True)
     try:
         processor = CompositeMLLMProcessor.from_pretrained(location.folder, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as error:

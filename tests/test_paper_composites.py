@@ -242,3 +242,20 @@ def test_the_paper_composites_model_cards_are_current():
     assert "| `audio` | audio | `composite_beats` | `<audio>` | 42 | 128 |" in damc
     naive = cards[CARDS / "naivemc-image-audio-video.md"]
     assert "| `image` | image | `clip_vision_model` | `<image>` | 576 | - |" in naive and "point" not in naive.split("## Sources")[0]
+
+
+def test_a_composite_with_the_papers_audio_grows_by_another_source(paper_world, tmp_path):
+    """A converted composite (its processor holds BEATs' feature extractor, remote code of its folder) is itself a
+    source: the installed package reads it without running that code, and its audio path carries over unchanged."""
+    root, base, encoders, sources = paper_world
+    first, _ = _convert(_recipe(paper_world, "damc", kinds=("audio",)), tmp_path / "first")
+    vision = {"path": str(sources["image", "damc"]), "format": "modelcompose", "encoder": str(encoders["image"])}
+    grown, processor = _convert(
+        {"method": "damc", "base": str(base), "sources": [{"path": str(tmp_path / "first")}, vision]}, tmp_path / "grown"
+    )
+    assert list(grown.config.modalities) == ["audio", "image"]
+    features = processor.feature_extractor([np.zeros(8000, dtype=np.float32)], sampling_rate=16000,
+                                           return_tensors="pt")["input_features"]
+    with torch.no_grad():
+        torch.testing.assert_close(grown.model.get_modality_features("audio", features),
+                                   first.model.get_modality_features("audio", features), rtol=0, atol=0)
