@@ -29,7 +29,7 @@ from modeling_composite.modeling_beats import CompositeBeatsEncoder
 
 from .encoders import Encoder
 from .errors import ConversionError
-from .locate import Location, locate
+from .locate import locate_checkpoint_file
 from .tensors import Lazy, TensorStore
 
 
@@ -106,20 +106,6 @@ def beats_config(cfg: object, label: str) -> CompositeBeatsConfig:
         raise ConversionError(f"{label}: the checkpoint's cfg gives an unusable BEATs config ({error}).") from None
 
 
-def _checkpoint_file(reference: str, label: str) -> tuple[Location, Path]:
-    path = Path(reference).expanduser()
-    if path.is_file():
-        return Location(reference=reference, folder=path.resolve().parent), path.resolve()
-    location = locate(reference, label)
-    candidates = sorted(p for p in location.folder.iterdir() if p.suffix in (".pt", ".bin") and p.is_file())
-    if len(candidates) != 1:
-        raise ConversionError(
-            f"{label}: expected exactly one BEATs checkpoint (.pt or .bin) in {location.folder}, found "
-            f"{[p.name for p in candidates]}; give the file's path instead."
-        )
-    return location, candidates[0]
-
-
 def _load_checkpoint(path: Path, label: str) -> dict:
     logger.info("%s: reading %s with torch.load(weights_only=True)", label, path.name)
     try:
@@ -191,7 +177,7 @@ def read_beats_encoder(reference: str | None, label: str) -> Encoder:
             "checkpoint it was trained with (e.g. a folder holding BEATs_iter3_plus_AS2M.pt)."
         )
     encoder_label = f"{label} encoder ({reference})"
-    location, path = _checkpoint_file(reference, encoder_label)
+    location, path = locate_checkpoint_file(reference, encoder_label, "BEATs", "BEATs_iter3_plus_AS2M.pt")
     checkpoint = _load_checkpoint(path, encoder_label)
     config = beats_config(checkpoint["cfg"], encoder_label)
     store = TensorStore.from_state_dict(checkpoint["model"], path, encoder_label)

@@ -8,7 +8,6 @@ inference (BatchNorm's `num_batches_tracked` is kept: our BatchNorm holds it too
 """
 
 import re
-from pathlib import Path
 
 import torch
 
@@ -17,11 +16,10 @@ from modeling_composite.modeling_point_encoder import CompositePointEncoder
 
 from .encoders import Encoder
 from .errors import ConversionError
-from .locate import Location, locate
+from .locate import locate_checkpoint_file
 from .tensors import Lazy, TensorStore
 
 
-_CHECKPOINT_SUFFIXES = (".pt", ".bin")
 _BATCH_NORM = r"(?:weight|bias|running_mean|running_var|num_batches_tracked)"
 # The paper's key layout, one pattern per tensor family; the replacement gives our name. Anything else is an error.
 _KEY_MAP: tuple[tuple[re.Pattern[str], str], ...] = tuple(
@@ -50,24 +48,6 @@ def _our_name(key: str) -> str | None:
         if pattern.fullmatch(key):
             return pattern.sub(replacement, key)
     return None
-
-
-def _checkpoint_file(reference: str, label: str) -> tuple[Location, Path]:
-    """The checkpoint `reference` names: a `.pt` / `.bin` file, or a folder (local or Hub) holding exactly one."""
-    path = Path(reference).expanduser()
-    if path.is_file():
-        if path.suffix not in _CHECKPOINT_SUFFIXES:
-            raise ConversionError(f"{label}: {reference!r} is not a .pt or .bin checkpoint (PointBERT's point_bert_v1.2.pt).")
-        return Location(reference=reference, folder=path.resolve().parent), path.resolve()
-    location = locate(reference, label)
-    candidates = sorted(file for file in location.folder.iterdir() if file.is_file() and file.suffix in _CHECKPOINT_SUFFIXES)
-    if len(candidates) != 1:
-        found = [file.name for file in candidates] or "none"
-        raise ConversionError(
-            f"{label}: the folder {reference!r} must hold exactly one .pt / .bin checkpoint (found {found}); give the "
-            "path of the file itself (e.g. .../point_bert_v1.2.pt)."
-        )
-    return location, candidates[0]
 
 
 def _config_from_shapes(store: TensorStore, label: str) -> CompositePointEncoderConfig:
@@ -104,7 +84,7 @@ def read_pointbert_encoder(reference: str | None, label: str) -> Encoder:
             "PointBERT checkpoint (point_bert_v1.2.pt, or a folder holding it)."
         )
     encoder_label = f"{label} encoder ({reference})"
-    location, checkpoint = _checkpoint_file(reference, encoder_label)
+    location, checkpoint = locate_checkpoint_file(reference, encoder_label, "PointBERT", "point_bert_v1.2.pt")
     store = TensorStore([checkpoint], encoder_label)
     config = _config_from_shapes(store, encoder_label)
 

@@ -64,3 +64,25 @@ def locate(reference: str, what: str) -> Location:
         raise ConversionError(f"{what}: the Hub repository {repo_id!r} has no folder {sub_folder!r}.")
     logger.info("%s: %s at %s", what, reference, folder)
     return Location(reference=reference, folder=folder, hub_id=repo_id, revision=snapshot.name)
+
+
+CHECKPOINT_SUFFIXES = (".pt", ".bin")
+
+
+def locate_checkpoint_file(reference: str, what: str, encoder: str, example: str) -> tuple[Location, Path]:
+    """The single-file checkpoint `reference` names (the paper's BEATs and PointBERT encoders are published as one
+    `.pt`): the file itself, or a folder (local or Hub) holding exactly one `.pt` / `.bin`. `encoder` and `example`
+    (its published file name) are for the messages."""
+    path = Path(reference).expanduser()
+    if path.is_file():
+        if path.suffix not in CHECKPOINT_SUFFIXES:
+            raise ConversionError(f"{what}: {reference!r} is not a .pt or .bin checkpoint ({encoder}'s is {example}).")
+        return Location(reference=reference, folder=path.resolve().parent), path.resolve()
+    location = locate(reference, what)
+    candidates = sorted(file for file in location.folder.iterdir() if file.is_file() and file.suffix in CHECKPOINT_SUFFIXES)
+    if len(candidates) != 1:
+        raise ConversionError(
+            f"{what}: expected exactly one {encoder} checkpoint (.pt or .bin) in {location.folder}, found "
+            f"{[file.name for file in candidates]}; give the path of the file itself (e.g. .../{example})."
+        )
+    return location, candidates[0]
