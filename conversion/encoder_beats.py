@@ -16,9 +16,7 @@ with `torch.load(weights_only=True)`. Key map (checkpoint -> ours):
 """
 
 import logging
-import pickle
 import re
-import zipfile
 from pathlib import Path
 
 import torch
@@ -30,7 +28,7 @@ from modeling_composite.modeling_beats import CompositeBeatsEncoder
 from .encoders import Encoder
 from .errors import ConversionError
 from .locate import locate_checkpoint_file
-from .tensors import Lazy, TensorStore
+from .tensors import Lazy, TensorStore, load_pickle
 
 
 logger = logging.getLogger(__name__)
@@ -107,15 +105,7 @@ def beats_config(cfg: object, label: str) -> CompositeBeatsConfig:
 
 
 def _load_checkpoint(path: Path, label: str) -> dict:
-    logger.info("%s: reading %s with torch.load(weights_only=True)", label, path.name)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConversionError(
-            f"{label}: {path.name} is not a plain BEATs checkpoint (torch.load with weights_only=True refused it: "
-            f"{first_line})."
-        ) from None
+    checkpoint = load_pickle(path, label)
     if not isinstance(checkpoint, dict) or "cfg" not in checkpoint or "model" not in checkpoint:
         found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ConversionError(

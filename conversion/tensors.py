@@ -94,6 +94,26 @@ class SafetensorsFile:
         return buffer.view(dtype).reshape(shape)
 
 
+def load_pickle(path: Path, label: str) -> object:
+    """A pickled checkpoint, read only with `torch.load(weights_only=True)` (plain tensors and containers, never
+    arbitrary objects), memory-mapped where the file's format allows it."""
+    logger.info("%s: reading the pickled checkpoint %s with torch.load(weights_only=True)", label, path.name)
+    if not zipfile.is_zipfile(path):
+        logger.warning(
+            "%s: %s uses torch's legacy (pre-1.6) format, which cannot be memory-mapped: it is read into memory "
+            "whole. Re-save it (or convert it to safetensors) for large checkpoints.", label, path.name
+        )
+    try:
+        # mmap keeps tensors on disk until used; only the zip format (torch >= 1.6) supports it.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConversionError(
+            f"{label}: {path.name} is not a plain checkpoint of tensors (torch.load with weights_only=True refused "
+            f"it: {first_line}); only tensors in plain containers are accepted, never arbitrary pickles."
+        ) from None
+
+
 class TensorStore:
     """The tensors of one checkpoint (one or several files), by key."""
 
@@ -125,21 +145,7 @@ class TensorStore:
             self._add(key, path, handle)
 
     def _index_pickle(self, path: Path) -> None:
-        logger.info("%s: reading the pickled checkpoint %s with torch.load(weights_only=True)", self.label, path.name)
-        if not zipfile.is_zipfile(path):
-            logger.warning(
-                "%s: %s uses torch's legacy (pre-1.6) format, which cannot be memory-mapped: it is read into memory "
-                "whole. Re-save it (or convert it to safetensors) for large checkpoints.", self.label, path.name
-            )
-        try:
-            # mmap keeps tensors on disk until used; only the zip format (torch >= 1.6) supports it.
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ConversionError(
-                f"{self.label}: {path.name} is not a plain checkpoint of tensors (torch.load with weights_only=True "
-                f"refused it: {first_line}); only state dicts of tensors are accepted, never arbitrary pickles."
-            ) from None
+        state = load_pickle(path, self.label)
         if not isinstance(state, dict) or not all(
             isinstance(key, str) and torch.is_tensor(value) for key, value in state.items()
         ):
