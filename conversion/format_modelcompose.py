@@ -57,7 +57,7 @@ def _weights_file(location: Location, label: str):
     raise ConversionError(f"{label}: no adapter_model.bin / adapter_model.safetensors in {location.folder}.")
 
 
-def _projector_spec(config: dict, modality: str, indices: list[int | None], label: str) -> tuple[str, bool]:
+def _projector_spec(config: dict, modality: str, indices: list[int | None], label: str) -> str:
     spec = config.get(_PROJECTOR_FIELD[modality]) or "linear"
     match = re.match(r"^mlp(\d+)x_gelu$", spec)
     if spec == "linear":
@@ -68,7 +68,7 @@ def _projector_spec(config: dict, modality: str, indices: list[int | None], labe
         raise ConversionError(f"{label}: projector type {spec!r} of {modality} is not supported (linear | mlpNx_gelu).")
     if sorted(indices, key=lambda i: -1 if i is None else i) != expected:
         raise ConversionError(f"{label}: the {modality} projector's tensors do not match its type {spec!r}.")
-    return spec, True
+    return spec
 
 
 def read_modelcompose(recipe: SourceRecipe, location: Location) -> Source:
@@ -182,7 +182,7 @@ def _modality_part(
         projector_options = {"num_positions": shape.num_positions, "hidden_size": shape.hidden_size,
                              "intermediate_size": shape.intermediate_size}
     else:
-        spec, bias = _projector_spec(config, modality, list(layers), label)
+        spec = _projector_spec(config, modality, list(layers), label)
         bias = "bias" in next(iter(layers.values()))
         projector_weights = {}
         for index, tensors in layers.items():
@@ -193,7 +193,7 @@ def _modality_part(
         side: Lazy(store, key, lambda t: t.reshape(-1, t.shape[-1]), shape=tuple(store.shape(key)[1:]))
         for side, key in tokens.get(modality, {}).items()
     }
-    layer, select, num_frames, tokens_per_item = _feature_selection(kind, config, encoder, label)
+    layer, select, num_frames = _feature_selection(kind, config, encoder, label)
     rank = next(iter(modality_lora.values())).rank if modality_lora else None
     if kind == "image" and config.get("image_aspect_ratio") == "pad":
         logger.warning(
@@ -213,7 +213,6 @@ def _modality_part(
         feature_layer=recipe.feature_layer if recipe.feature_layer is not None else layer,
         feature_select=recipe.feature_select or select,
         num_frames=num_frames,
-        tokens_per_item=tokens_per_item,
         prefix=side_tokens.get("prefix"),
         suffix=side_tokens.get("suffix"),
         lora={"r": rank, "alpha": scaling * rank} if rank else None,
@@ -223,21 +222,16 @@ def _modality_part(
     )
 
 
-def _feature_selection(kind: str, config: dict, encoder, label: str) -> tuple[int | str, str, int | None, int | None]:
-    """(feature layer, feature select, frames, tokens per item) as the paper's encoder wrappers take features:
-    images from `mm_vision_select_layer` without CLS (`patch`); videos from `mm_video_select_layer` with every token
-    of every frame (its wrapper ignores `mm_video_select_feature`); BEATs and PointBERT their final output, whole."""
+def _feature_selection(kind: str, config: dict, encoder, label: str) -> tuple[int | str, str, int | None]:
+    """(feature layer, feature select, frames) as the paper's encoder wrappers take features: images from
+    `mm_vision_select_layer` without CLS (`patch`); videos from `mm_video_select_layer` with every token of every frame
+    (its wrapper ignores `mm_video_select_feature`); BEATs and PointBERT their final output, whole. The tokens per
+    item follow from these and the encoder (`count_encoder_tokens`)."""
     if kind == "image":
         select = config.get("mm_vision_select_feature", "patch")
         if select not in ("patch", "cls_patch"):
             raise ConversionError(f"{label}: mm_vision_select_feature {select!r} is not supported (patch | cls_patch).")
-        return config.get("mm_vision_select_layer", -2), "patch" if select == "patch" else "full", None, None
+        return config.get("mm_vision_select_layer", -2), "patch" if select == "patch" else "full", None
     if kind == "video":
-        frames = encoder.config.num_frames
-        per_frame = (encoder.config.image_size // encoder.config.patch_size) ** 2 + 1
-        return config.get("mm_video_select_layer", -2), "full", frames, frames * per_frame
-    if kind == "audio":
-        extractor = encoder.image_processor
-        patch = encoder.config.patch_size
-        return "last", "full", None, (extractor.max_length // patch) * (encoder.config.num_mel_bins // patch)
-    return "last", "full", None, None
+        return config.get("mm_video_select_layer", -2), "full", encoder.config.num_frames
+    return "last", "full", None

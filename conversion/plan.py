@@ -145,7 +145,10 @@ def _check_text_tensors(base: BaseModel, source: Source) -> None:
 
 
 def _modality_entry(part: ModalityPart, placeholder: str, placeholder_id: int, damc: bool) -> dict:
-    tokens = part.tokens_per_item or count_encoder_tokens(part.encoder_config, part.kind, part.feature_select, part.num_frames)
+    tokens = part.tokens_per_item or count_encoder_tokens(
+        part.encoder_config, part.kind, part.feature_select, part.num_frames,
+        audio_frames=getattr(part.feature_extractor, "max_length", 1024),
+    )
     return {
         "kind": part.kind,
         "encoder": part.encoder_config.to_dict(),
