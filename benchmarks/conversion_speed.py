@@ -45,6 +45,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from benchmarks import write_figures
+
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 MERGEKIT_VENV = REPOSITORY / "benchmarks" / ".mergekit-venv"
@@ -550,10 +552,7 @@ def main() -> None:
                       for label in ("ours naive-linear", "ours damc")))
     print(f"same merge: max |ours - mergekit| over sampled LLM tensors = "
           f"{results['check']['max_abs_diff_ours_vs_mergekit']:.2e}")
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=1))
-    print(f"wrote {output}")
+    print(f"wrote {write_figures(report, args.output)}")
 
 
 if __name__ == "__main__":

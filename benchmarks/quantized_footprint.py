@@ -19,7 +19,6 @@ is one prefill of an image, a clip and `--tokens` text tokens (medians of `--rep
 """
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModel, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, WhisperFeatureExtractor
 
+from benchmarks import write_figures
 from modeling_composite import ModalitySpec, compose, save_composite
 from modeling_composite.builder import clip_image_processor
 from modeling_composite.modeling_composite import CompositeMLLMForCausalLM
@@ -221,10 +221,7 @@ def main() -> None:
           f"{'met' if ratios['by hand 4-bit/bf16'] <= 0.35 else 'missed'} ({ratios['by hand 4-bit/bf16']:.3f})")
     print("largest tensors left unquantized in 4-bit: " + ", ".join(
         f"{name} {size / mib:.1f} MiB" for name, size in quantized["largest_unquantized"]))
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=1))
-    print(f"wrote {output}")
+    print(f"wrote {write_figures(report, args.output)}")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaModel
 
+from benchmarks import write_figures
 from modeling_composite.modeling_composite import CACHE_NAME
 from modeling_composite.routing import ROUTING_KWARG, ModalityRouting, RoutingState, inject_routed_layers
 
@@ -264,10 +265,7 @@ def main() -> None:
             for label, row in memory.items():
                 print(f"{label:<24} {row['plain_bytes'] / mib:>10.1f} {row['composite_bytes'] / mib:>9.1f} "
                       f"{row['reference_bytes'] / mib:>9.1f} {row['composite/plain']:>11.3f}")
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=1))
-    print(f"\nwrote {output}")
+    print(f"\nwrote {write_figures(report, args.output)}")
 
 
 if __name__ == "__main__":
