@@ -12,7 +12,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .configuration_composite import OWN_ENCODER_CONFIGS, CompositeMLLMConfig, parse_projector_spec, parse_qformer_spec
+from .configuration_composite import CompositeMLLMConfig, parse_projector_spec, parse_qformer_spec
 from .modeling_beats import CompositeBeatsEncoder
 from .modeling_languagebind_video import CompositeLanguageBindVideoEncoder
 from .modeling_point_encoder import CompositePointEncoder
@@ -67,7 +67,7 @@ def encoder_width(encoder_config) -> int:
     raise ValueError(f"Cannot tell the feature width of encoder {type(encoder_config).__name__}: no hidden_size/d_model.")
 
 
-# Encoders of ours, by their config's model type (see `OWN_ENCODER_CONFIGS`); the rest come from `AutoModel`.
+# Encoders of ours, by their config's model type (configs: `OWN_ENCODER_CONFIGS`); the rest come from `AutoModel`.
 _OWN_ENCODERS = {
     model_class.config_class.model_type: model_class
     for model_class in (CompositePointEncoder, CompositeBeatsEncoder, CompositeLanguageBindVideoEncoder)
@@ -78,7 +78,7 @@ def build_encoder(encoder_config) -> PreTrainedModel:
     # Compare model types, not classes: remote code loads the config and model files as separate module copies.
     model_class = _OWN_ENCODERS.get(encoder_config.model_type)
     if model_class is not None:
-        return model_class(OWN_ENCODER_CONFIGS[encoder_config.model_type](**encoder_config.to_diff_dict()))
+        return model_class(model_class.config_class(**encoder_config.to_diff_dict()))
     return AutoModel.from_config(encoder_config)
 
 
