@@ -286,28 +286,30 @@ def _linear_merge(key: str, base: BaseModel, sources: list[Source], weights: lis
     full weights, j: low-rank ones) in one float32 accumulator fed by each source's tensor in its own dtype, so that
     memory holds the accumulator and one source tensor whatever the number of sources (the other rules need every
     delta at once). With weights summing to 1 (the default 1/N) the base is not read at all."""
-    rows = base.shape(key)[0] if key in VOCAB_KEYS else None
     full = [(index, source, weight) for index, (source, weight) in enumerate(zip(sources, weights))
             if source.full_weights is not None]
-    base_weight = 1.0 - sum(weight for _, _, weight in full)
-    needs_base = abs(base_weight) > 1e-9 or any(checked[index] < _PLAUSIBILITY_CHECKS for index, _, _ in full)
-    base_tensor = base.get(key) if needs_base or not full else None
-    merged = base_tensor.float() * base_weight if full and abs(base_weight) > 1e-9 else None
-    if not full:
-        merged = base_tensor.float()  # a tensor of its own (the store reads a fresh one), safe to add into
-    for index, source, weight in full:
-        tensor = source.full_weights[key].load()
-        tensor = tensor[:rows] if rows is not None else tensor
-        if checked[index] < _PLAUSIBILITY_CHECKS and key not in VOCAB_KEYS:
-            checked[index] += 1
-            base_float = base_tensor.float()
-            _warn_implausible([tensor.float() - base_float], base_float, key, [source], warned, index)
-        # `float()` gives a tensor of its own (the store reads a fresh one each time), safe to scale in place.
-        merged = tensor.float().mul_(weight) if merged is None else merged.add_(tensor, alpha=weight)
+    if not full:  # low-rank sources only
+        merged = base.get(key).float()  # a tensor of its own (the store reads a fresh one), safe to add into
+    else:
+        rows = base.shape(key)[0] if key in VOCAB_KEYS else None
+        base_weight = 1.0 - sum(weight for _, _, weight in full)
+        weighs_base = abs(base_weight) > 1e-9
+        checking = key not in VOCAB_KEYS and any(checked[index] < _PLAUSIBILITY_CHECKS for index, _, _ in full)
+        base_tensor = base.get(key) if weighs_base or checking else None
+        merged = base_tensor.float() * base_weight if weighs_base else None
+        for index, source, weight in full:
+            tensor = source.full_weights[key].load()
+            tensor = tensor[:rows] if rows is not None else tensor
+            if checking and checked[index] < _PLAUSIBILITY_CHECKS:
+                checked[index] += 1
+                base_float = base_tensor.float()
+                _warn_implausible([tensor.float() - base_float], base_float, key, [source], warned, index)
+            # `float()` gives a tensor of its own (the store reads a fresh one each time), safe to scale in place.
+            merged = tensor.float().mul_(weight) if merged is None else merged.add_(tensor, alpha=weight)
     for source, weight in zip(sources, weights):
-        low_rank = source.text_lora.get(key)
-        if low_rank is not None and (source.full_weights is None or source.text_lora_unfolded):
-            merged.add_(low_rank.dense(), alpha=weight)
+        low_rank = source.low_rank_delta(key)
+        if low_rank is not None:
+            merged.add_(low_rank, alpha=weight)
     return merged
 
 

@@ -103,14 +103,22 @@ class Source:
     def text_delta(self, key: str, base_tensor: torch.Tensor) -> torch.Tensor | None:
         """This source's change to LLM tensor `key` (float32, the shape of `base_tensor`: for the embedding and LM head,
         the base's rows), or None where it changed nothing."""
+        low_rank = self.low_rank_delta(key)
+        if self.full_weights is None:
+            return low_rank
+        tensor = self.full_weights[key].load()
+        if key in VOCAB_KEYS:
+            tensor = tensor[: base_tensor.shape[0]]
+        delta = tensor.float() - base_tensor.float()
+        return delta if low_rank is None else delta + low_rank
+
+    def low_rank_delta(self, key: str) -> torch.Tensor | None:
+        """The dense `s B A` of this source's text LoRA on `key` where its full weights (if any) do not already hold
+        it (they do unless `text_lora_unfolded`), else None."""
         low_rank = self.text_lora.get(key)
-        if self.full_weights is not None:
-            tensor = self.full_weights[key].load()
-            if key in VOCAB_KEYS:
-                tensor = tensor[: base_tensor.shape[0]]
-            delta = tensor.float() - base_tensor.float()
-            return delta + low_rank.dense() if self.text_lora_unfolded and low_rank is not None else delta
-        return None if low_rank is None else low_rank.dense()
+        if low_rank is None or (self.full_weights is not None and not self.text_lora_unfolded):
+            return None
+        return low_rank.dense()
 
 
 class BaseModel:
