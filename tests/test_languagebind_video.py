@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
+from transformers.models.clip.modeling_clip import CLIPAttention
 
 from conversion.encoder_languagebind import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, read_languagebind_video_encoder
 from conversion.errors import ConversionError
@@ -108,6 +109,19 @@ def test_temporal_attention_changes_the_features():
         other_frame = model(changed, output_hidden_states=True).hidden_states[-2][1]
     assert (ours - per_frame).abs().max() > 1e-2
     assert (other_frame - ours[1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frame_attention_is_clip_attention_on_the_same_weights(dtype):
+    """The attention across frames is CLIP's attention (transformers' class as the oracle), only laid out differently."""
+    model = tiny_encoder().to(dtype)
+    ours = model.encoder.layers[0].temporal_attn
+    clip = CLIPAttention(CLIPVisionConfig(hidden_size=32, num_attention_heads=4)).to(dtype).eval()
+    clip.load_state_dict(ours.state_dict(), strict=True)
+    sequences = torch.randn(5, FRAMES, 32, dtype=dtype)
+    with torch.no_grad():
+        expected, _ = clip(sequences, attention_mask=None)
+        torch.testing.assert_close(ours(sequences), expected)
 
 
 def test_single_frame_video_and_bad_inputs():
