@@ -13,6 +13,11 @@ one dense matmul. Only the rows of a modality get the two low-rank products `M_m
 computed and added back, nothing computed for other rows. When training (`folded=False`), the base holds `W0` and the
 text delta is added to every row, then taken off the rows of modalities that have their own delta.
 
+Trading memory for speed (`materialize_original_weights`): a wrapper may also keep a dense copy of `W0`, so that
+the rows of modality m cost one dense matmul with `W0` plus only `M_m`, instead of the dense matmul with `W_text`
+plus the two low-rank products, the text one of rank `Σ r_i`. Text rows then go through `W_text` and modality rows
+through `W0`, each row through one dense matmul, as in the plain LLM. The copy is never saved.
+
 The rows of each modality reach the wrappers as the `modality_routing` keyword argument of the LLM's forward: every
 decoder layer passes its keyword arguments on to its attention module, where a pre-hook reads (and removes) it and
 stores it in the shared `RoutingState` used by that layer's projections. Because the argument travels with each
@@ -35,6 +40,30 @@ class ModalityRouting:
 
     def __init__(self, rows: dict[str, torch.Tensor]):
         self.rows = rows
+        # Derived row sets, computed by the first layer that asks and shared by the others in the same forward.
+        self._grouped: dict[tuple[str, ...], tuple[torch.Tensor, list[tuple[str, int, int]]]] = {}
+        self._outside: dict[tuple[int, tuple[str, ...]], torch.Tensor] = {}
+
+    def grouped_rows(self, names: tuple[str, ...]) -> tuple[torch.Tensor, list[tuple[str, int, int]]]:
+        """The rows of the modalities `names` one after another, and each one's `(name, start, stop)` span in them:
+        one gather, then one matmul over all of them where the weights are shared."""
+        if names not in self._grouped:
+            spans, start = [], 0
+            for name in names:
+                spans.append((name, start, start + self.rows[name].numel()))
+                start += self.rows[name].numel()
+            self._grouped[names] = (torch.cat([self.rows[name] for name in names]), spans)
+        return self._grouped[names]
+
+    def rows_outside(self, total_rows: int, names: tuple[str, ...]) -> torch.Tensor:
+        """Rows of `range(total_rows)` in none of the modalities `names`."""
+        key = (total_rows, names)
+        if key not in self._outside:
+            rows, _ = self.grouped_rows(names)
+            outside = torch.ones(total_rows, dtype=torch.bool, device=rows.device)
+            outside[rows] = False
+            self._outside[key] = outside.nonzero().squeeze(-1)
+        return self._outside[key]
 
     @classmethod
     def from_modality_index(cls, modality_index: torch.Tensor, names: list[str]) -> "ModalityRouting | None":
@@ -96,6 +125,8 @@ class RoutedLinear(nn.Module):
             self.text_lora_A = self.text_lora_B = None
             self.text_scaling = 0.0
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # W0 as a dense tensor, only after materialize_original_weight(); a non-persistent buffer, never saved.
+        self.register_buffer("original_weight", None, persistent=False)
         self.reset_lora_parameters()
 
     @property
@@ -130,38 +161,107 @@ class RoutedLinear(nn.Module):
             nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
             nn.init.zeros_(lora_b)
 
-    def _text_delta(self, rows: torch.Tensor) -> torch.Tensor:
-        return (self.dropout(rows) @ self.text_lora_A.t()) @ self.text_lora_B.t() * self.text_scaling
+    @torch.no_grad()
+    def materialize_original_weight(self) -> None:
+        """Keep `W0 = W_text - Σ λ_i T_i` densely (see the module doc). A no-op without a text delta, where the base
+        already is `W0`."""
+        if self.text_lora_A is None or self.original_weight is not None:
+            return
+        if not self.text_folded:
+            raise ValueError(
+                "materialize_original_weights() needs the text delta folded into the base weights (a converted "
+                "composite); while training, the base already holds the original weights."
+            )
+        weight = self.base_layer.weight
+        if type(self.base_layer) is not nn.Linear or not weight.dtype.is_floating_point:
+            raise ValueError(
+                f"materialize_original_weights() needs 16- or 32-bit base weights, but {type(self.base_layer).__name__} "
+                f"holds {weight.dtype}: a dense copy would undo the quantization. Load the model unquantized, or keep "
+                "the default low-rank routing."
+            )
+        text_delta = (self.text_lora_B.float() @ self.text_lora_A.float()) * self.text_scaling
+        original = (weight.float() - text_delta.to(weight.device)).to(weight.dtype)
+        self.original_weight = original
+
+    def release_original_weight(self) -> None:
+        """Drop the dense `W0` again (back to the low-rank correction on modality rows)."""
+        self.original_weight = None
+
+    # Low-rank products are taken as (x @ A^T * scaling) @ B^T: the scaling multiplies the narrow intermediate, and
+    # the second product can accumulate straight into its target (`_add_product`), with no separate add.
+
+    def _text_hidden(self, rows: torch.Tensor) -> torch.Tensor:
+        return (self.dropout(rows) @ self.text_lora_A.t()) * self.text_scaling
+
+    def _modality_hidden(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        return (self.dropout(rows) @ self.lora_A[name].t()) * self.scaling[name]
+
+    @staticmethod
+    def _add_product(target: torch.Tensor, hidden: torch.Tensor, factor_b: torch.Tensor, alpha: float = 1.0) -> None:
+        """`target += alpha * hidden @ factor_b^T`, in place, fused into the matmul when the dtypes agree."""
+        if target.dtype == hidden.dtype:
+            target.addmm_(hidden, factor_b.t(), alpha=alpha)
+        else:
+            target.add_((hidden @ factor_b.t()).to(target.dtype), alpha=alpha)
+
+    def _factor_dtype(self) -> torch.dtype:
+        return self.lora_B[next(iter(self.lora_B))].dtype if self.lora_B else self.text_lora_B.dtype
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        output = self.base_layer(hidden_states)
         routing = self.state.routing
+        # A modality without its own delta uses the text weights, like text.
+        routed = () if routing is None else tuple(name for name in routing.rows if name in self.lora_A)
+        if routed and self.original_weight is not None:
+            return self._forward_with_original_weight(hidden_states, routing, routed)
+        output = self.base_layer(hidden_states)
         unfolded_text = self.text_lora_A is not None and not self.text_folded
-        if not unfolded_text and (routing is None or not self.lora_A):
+        if not unfolded_text and not routed:
             return output
-        factor_dtype = self.lora_B[next(iter(self.lora_B))].dtype if self.lora_B else self.text_lora_B.dtype
-        flat_input = hidden_states.reshape(-1, hidden_states.shape[-1]).to(factor_dtype)
+        flat_input = hidden_states.reshape(-1, hidden_states.shape[-1]).to(self._factor_dtype())
         flat_output = output.reshape(-1, output.shape[-1])
-        text_delta = None
+        text_hidden = None
         if unfolded_text:
-            text_delta = self._text_delta(flat_input)
-            flat_output = flat_output + text_delta.to(flat_output.dtype)
-        if routing is not None:
-            for name, rows in routing.rows.items():
-                if name not in self.lora_A:
-                    continue  # a modality without its own delta uses the text weights
-                selected = flat_input.index_select(0, rows)
-                delta = (self.dropout(selected) @ self.lora_A[name].t()) @ self.lora_B[name].t() * self.scaling[name]
+            text_hidden = self._text_hidden(flat_input)
+            flat_output = flat_output + (text_hidden @ self.text_lora_B.t()).to(flat_output.dtype)
+        if routed:
+            rows, spans = routing.grouped_rows(routed)
+            selected = flat_input.index_select(0, rows)
+            if self.text_lora_A is not None:
+                # Modality rows take the text delta off again (all of them in one product; with the same dropout
+                # mask as the text delta added above when it is not folded).
+                text_of_rows = text_hidden.index_select(0, rows) if unfolded_text else self._text_hidden(selected)
+            for name, start, stop in spans:
+                delta = self._modality_hidden(name, selected[start:stop]) @ self.lora_B[name].t()
                 if self.text_lora_A is not None:
-                    text_part = text_delta.index_select(0, rows) if unfolded_text else self._text_delta(selected)
-                    delta = delta - text_part
-                flat_output = flat_output.index_add(0, rows, delta.to(flat_output.dtype))
+                    self._add_product(delta, text_of_rows[start:stop], self.text_lora_B, alpha=-1.0)
+                flat_output.index_add_(0, rows[start:stop], delta.to(flat_output.dtype))
         return flat_output.view(output.shape)
+
+    def _forward_with_original_weight(
+        self, hidden_states: torch.Tensor, routing: ModalityRouting, routed: tuple[str, ...]
+    ) -> torch.Tensor:
+        """Text rows through the base (`W_text`); the rows of every routed modality through the dense `W0` in one
+        matmul, plus each modality's own delta."""
+        flat_input = hidden_states.reshape(-1, hidden_states.shape[-1])
+        rows, spans = routing.grouped_rows(routed)
+        selected = flat_input.index_select(0, rows)
+        modality_part = nn.functional.linear(selected, self.original_weight, self.base_layer.bias)
+        factor_input = selected.to(self._factor_dtype())
+        for name, start, stop in spans:
+            self._add_product(modality_part[start:stop], self._modality_hidden(name, factor_input[start:stop]),
+                              self.lora_B[name])
+        flat_output = modality_part.new_empty(flat_input.shape[0], modality_part.shape[-1])
+        flat_output.index_copy_(0, rows, modality_part)
+        text_rows = routing.rows_outside(flat_input.shape[0], routed)
+        if text_rows.numel():
+            flat_output.index_copy_(0, text_rows, self.base_layer(flat_input.index_select(0, text_rows)))
+        return flat_output.view(*hidden_states.shape[:-1], flat_output.shape[-1])
 
     def extra_repr(self) -> str:
         ranks = {name: tuple(self.lora_A[name].shape)[0] for name in self.lora_A}
         text_rank = 0 if self.text_lora_A is None else self.text_lora_A.shape[0]
-        return f"modality_ranks={ranks}, text_rank={text_rank}, text_folded={self.text_folded}"
+        dense = ", original_weight=dense" if self.original_weight is not None else ""
+        return f"modality_ranks={ranks}, text_rank={text_rank}, text_folded={self.text_folded}{dense}"
 
 
 def _accepts_var_keywords(module: nn.Module) -> bool:
