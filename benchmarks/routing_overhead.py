@@ -1,6 +1,7 @@
 """Routing overhead: the LLM of a DAMC composite (routed layers, folded text delta) against the same plain LLM, and
 against the reference implementation's scheme (every adapter on every token, then masked; the MLP once per adapter),
-re-implemented here as the baseline. Random weights, CPU; medians of repeated runs after warm-up, all in one process.
+re-implemented here as the baseline. Random weights, CPU; medians of repeated runs after warm-up, all in one process,
+the variants taking turns within each round so that a slow spell of the machine skews no ratio.
 
     python -m benchmarks.routing_overhead [--hidden 1024 --layers 8 --tokens 1024 --modalities 4 --rank 64]
 
@@ -23,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,7 +33,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaModel
 
 from benchmarks import write_figures
 from modeling_composite.modeling_composite import CACHE_NAME
-from modeling_composite.routing import ROUTING_KWARG, ModalityRouting, RoutingState, inject_routed_layers
+from modeling_composite.routing import ROUTING_KWARG, ModalityRouting, RoutedLinear, RoutingState, inject_routed_layers
 
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -100,6 +102,12 @@ def build(hidden: int, layers: int, modalities: int, rank: int, dtype: torch.dty
                 for factor in module.factor_parameters():
                     factor.copy_(torch.randn_like(factor) * 0.02)
 
+    # The same composite trading memory for speed: a dense copy of W0 for modality rows.
+    dense = copy.deepcopy(routed)
+    for module in dense.modules():
+        if isinstance(module, RoutedLinear):
+            module.materialize_original_weight()
+
     reference = copy.deepcopy(plain)
     masks = _Masks()
     for layer in reference.layers:
@@ -114,17 +122,21 @@ def build(hidden: int, layers: int, modalities: int, rank: int, dtype: torch.dty
             setattr(attention, name, wrap(getattr(attention, name)))
         mlp = layer.mlp
         layer.mlp = ReferenceMLP(mlp, wrap(mlp.gate_proj), wrap(mlp.up_proj), wrap(mlp.down_proj), masks)
-    return plain, routed, reference, names, masks
+    return plain, routed, dense, reference, names, masks
 
 
-def _median_seconds(run, repeats: int) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def _interleaved_medians(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Median seconds of each run. The runs take turns (one round = each once, after one warm-up round), so that
+    a slow spell of the machine hits every variant alike instead of skewing the ratios between them."""
+    for run in runs.values():
         run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {label: [] for label in runs}
+    for _ in range(repeats):
+        for label, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[label].append(time.perf_counter() - start)
+    return {label: statistics.median(values) for label, values in times.items()}
 
 
 FRACTIONS = (0.0, 0.25, 0.5, 0.9)
@@ -143,26 +155,27 @@ def _workload(fraction: float, tokens: int, names: list[str], masks: _Masks, dty
 
 
 def measure(hidden: int, layers: int, tokens: int, modalities: int, rank: int, dtype: torch.dtype, repeats: int) -> dict:
-    plain, routed, reference, names, masks = build(hidden, layers, modalities, rank, dtype)
+    plain, routed, dense, reference, names, masks = build(hidden, layers, modalities, rank, dtype)
     embeds = torch.randn(1, tokens, hidden, dtype=dtype)
-    figures: dict = {}
+    figures: dict = {"weights_bytes": {label: weight_bytes(model) for label, model in (
+        ("plain", plain), ("composite", routed), ("composite_dense", dense), ("reference", reference))}}
     with torch.inference_mode():
         for fraction in FRACTIONS:
             routing = _workload(fraction, tokens, names, masks, dtype)
-            plain_time = _median_seconds(lambda: plain(inputs_embeds=embeds), repeats)
-            ours = _median_seconds(lambda: routed(inputs_embeds=embeds, **{ROUTING_KWARG: routing}), repeats)
-            theirs = _median_seconds(lambda: reference(inputs_embeds=embeds), repeats)
-            figures[f"prefill {int(fraction * 100)}% modality"] = {
-                "plain_s": plain_time, "composite_s": ours, "reference_s": theirs,
-                "composite/plain": ours / plain_time, "reference/composite": theirs / ours,
-            }
+            seconds = _interleaved_medians({
+                "plain": lambda: plain(inputs_embeds=embeds),
+                "composite": lambda: routed(inputs_embeds=embeds, **{ROUTING_KWARG: routing}),
+                "composite_dense": lambda: dense(inputs_embeds=embeds, **{ROUTING_KWARG: routing}),
+                "reference": lambda: reference(inputs_embeds=embeds),
+            }, repeats)
+            figures[f"prefill {int(fraction * 100)}% modality"] = _row(seconds)
         # One decode step (a text token) on a cache of `tokens` positions.
         masks.value = torch.ones(modalities + 1, 1, 1, dtype=dtype)
         masks.value[1:] = 0
         step = torch.randn(1, 1, hidden, dtype=dtype)
-        results = {}
+        decodes = {}
         for label, model, extra in (("plain", plain, {}), ("composite", routed, {ROUTING_KWARG: None}),
-                                    ("reference", reference, {})):
+                                    ("composite_dense", dense, {ROUTING_KWARG: None}), ("reference", reference, {})):
             cache = DynamicCache()
             model(inputs_embeds=embeds, use_cache=True, **{CACHE_NAME: cache}, **extra)
 
@@ -170,13 +183,24 @@ def measure(hidden: int, layers: int, tokens: int, modalities: int, rank: int, d
                 model(inputs_embeds=step, use_cache=True, **{CACHE_NAME: cache}, **extra)
                 cache.crop(-1)  # drop the step again: every timed step sees the same cache
 
-            results[label] = _median_seconds(decode, repeats * 4)
-        figures["decode step"] = {
-            "plain_s": results["plain"], "composite_s": results["composite"], "reference_s": results["reference"],
-            "composite/plain": results["composite"] / results["plain"],
-            "reference/composite": results["reference"] / results["composite"],
-        }
+            decodes[label] = decode
+        figures["decode step"] = _row(_interleaved_medians(decodes, repeats * 8))
     return figures
+
+
+def _row(seconds: dict[str, float]) -> dict[str, float]:
+    plain, ours, ours_dense, reference = (seconds[label] for label in VARIANTS)
+    return {
+        "plain_s": plain, "composite_s": ours, "composite_dense_s": ours_dense, "reference_s": reference,
+        "composite/plain": ours / plain, "composite_dense/plain": ours_dense / plain,
+        "reference/composite": reference / ours, "reference/composite_dense": reference / ours_dense,
+    }
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Parameters and buffers (the dense W0 copies are buffers), each tensor counted once."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _memory_kib(field: str) -> int:
@@ -187,14 +211,14 @@ def prefill_peak_memory(hidden: int, layers: int, tokens: int, modalities: int, 
                         variant: str) -> dict[str, int]:
     """Bytes a prefill of `variant` (plain | composite | reference) needs above the resident set before it, per
     workload; meant to run alone in a fresh process (see the module docstring)."""
-    plain, routed, reference, names, masks = build(hidden, layers, modalities, rank, dtype)
-    model = {"plain": plain, "composite": routed, "reference": reference}[variant]
+    plain, routed, dense, reference, names, masks = build(hidden, layers, modalities, rank, dtype)
+    model = {"plain": plain, "composite": routed, "composite_dense": dense, "reference": reference}[variant]
     embeds = torch.randn(1, tokens, hidden, dtype=dtype)
     peaks = {}
     with torch.inference_mode():
         for fraction in FRACTIONS:
             routing = _workload(fraction, tokens, names, masks, dtype)
-            extra = {ROUTING_KWARG: routing} if variant == "composite" else {}
+            extra = {ROUTING_KWARG: routing} if variant.startswith("composite") else {}
             model(inputs_embeds=embeds, **extra)  # warm-up: one-time allocations are not the prefill's
             before = _memory_kib("VmRSS")
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
@@ -203,10 +227,13 @@ def prefill_peak_memory(hidden: int, layers: int, tokens: int, modalities: int, 
     return peaks
 
 
+VARIANTS = ("plain", "composite", "composite_dense", "reference")
+
+
 def measure_memory(args: argparse.Namespace, dtype_name: str) -> dict:
     """Peak prefill memory of every variant, each in a fresh subprocess."""
     by_variant = {}
-    for variant in ("plain", "composite", "reference"):
+    for variant in VARIANTS:
         command = [sys.executable, "-m", "benchmarks.routing_overhead", "--memory-child", variant, "--dtypes", dtype_name,
                    "--hidden", str(args.hidden), "--layers", str(args.layers), "--tokens", str(args.tokens),
                    "--modalities", str(args.modalities), "--rank", str(args.rank)]
@@ -218,9 +245,9 @@ def measure_memory(args: argparse.Namespace, dtype_name: str) -> dict:
         by_variant[variant] = json.loads(output.strip().splitlines()[-1])
     return {
         workload: {
-            "plain_bytes": by_variant["plain"][workload], "composite_bytes": by_variant["composite"][workload],
-            "reference_bytes": by_variant["reference"][workload],
+            **{f"{variant}_bytes": by_variant[variant][workload] for variant in VARIANTS},
             "composite/plain": by_variant["composite"][workload] / max(by_variant["plain"][workload], 1),
+            "composite_dense/plain": by_variant["composite_dense"][workload] / max(by_variant["plain"][workload], 1),
         }
         for workload in by_variant["plain"]
     }
@@ -237,7 +264,7 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--output", default="outputs/benchmarks/routing_overhead.json")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    parser.add_argument("--memory-child", choices=("plain", "composite", "reference"), help=argparse.SUPPRESS)
+    parser.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:  # one variant's peak prefill memory, as JSON on the last line
         peaks = prefill_peak_memory(args.hidden, args.layers, args.tokens, args.modalities, args.rank,
@@ -252,19 +279,28 @@ def main() -> None:
                           getattr(torch, dtype_name), args.repeats)
         report["results"][dtype_name] = figures
         print(f"\n{dtype_name}")
-        print(f"{'workload':<24} {'plain ms':>9} {'ours ms':>9} {'ref ms':>9} {'ours/plain':>11} {'ref/ours':>9}")
+        print(f"{'workload':<22} {'plain ms':>9} {'ours ms':>9} {'dense ms':>9} {'ref ms':>9} {'ours/plain':>11} "
+              f"{'dense/plain':>12} {'ref/ours':>9} {'ref/dense':>10}")
         for label, row in figures.items():
-            print(f"{label:<24} {row['plain_s'] * 1e3:>9.1f} {row['composite_s'] * 1e3:>9.1f} "
-                  f"{row['reference_s'] * 1e3:>9.1f} {row['composite/plain']:>11.3f} {row['reference/composite']:>9.2f}")
+            if label == "weights_bytes":
+                continue
+            print(f"{label:<22} {row['plain_s'] * 1e3:>9.1f} {row['composite_s'] * 1e3:>9.1f} "
+                  f"{row['composite_dense_s'] * 1e3:>9.1f} {row['reference_s'] * 1e3:>9.1f} "
+                  f"{row['composite/plain']:>11.3f} {row['composite_dense/plain']:>12.3f} "
+                  f"{row['reference/composite']:>9.2f} {row['reference/composite_dense']:>10.2f}")
+        weights = figures["weights_bytes"]
+        print("weights MiB: " + ", ".join(f"{label} {size / 2**20:.0f}" for label, size in weights.items()))
         if not args.no_memory:
             memory = measure_memory(args, dtype_name)
             report["results"][dtype_name + " peak prefill memory"] = memory
             mib = 2**20
             print(f"\n{dtype_name} peak prefill memory (above the resident set before it; fresh process per variant)")
-            print(f"{'workload':<24} {'plain MiB':>10} {'ours MiB':>9} {'ref MiB':>9} {'ours/plain':>11}")
+            print(f"{'workload':<22} {'plain MiB':>10} {'ours MiB':>9} {'dense MiB':>10} {'ref MiB':>9} "
+                  f"{'ours/plain':>11} {'dense/plain':>12}")
             for label, row in memory.items():
-                print(f"{label:<24} {row['plain_bytes'] / mib:>10.1f} {row['composite_bytes'] / mib:>9.1f} "
-                      f"{row['reference_bytes'] / mib:>9.1f} {row['composite/plain']:>11.3f}")
+                print(f"{label:<22} {row['plain_bytes'] / mib:>10.1f} {row['composite_bytes'] / mib:>9.1f} "
+                      f"{row['composite_dense_bytes'] / mib:>10.1f} {row['reference_bytes'] / mib:>9.1f} "
+                      f"{row['composite/plain']:>11.3f} {row['composite_dense/plain']:>12.3f}")
     print(f"\nwrote {write_figures(report, args.output)}")
 
 

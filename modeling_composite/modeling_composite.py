@@ -11,6 +11,7 @@ from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import logging
 
 from .configuration_composite import CompositeMLLMConfig, parse_projector_spec, parse_qformer_spec
 from .modeling_beats import CompositeBeatsEncoder
@@ -18,6 +19,9 @@ from .modeling_languagebind_video import CompositeLanguageBindVideoEncoder
 from .modeling_point_encoder import CompositePointEncoder
 from .modeling_qformer_projector import QFormerProjector
 from .routing import ROUTING_KWARG, ModalityRouting, RoutedLinear, RoutingState, inject_routed_layers
+
+
+logger = logging.get_logger(__name__)
 
 
 # The standard input name of each modality kind; `generate()` drops the first three after prefill by itself.
@@ -139,6 +143,27 @@ class CompositeMLLMPreTrainedModel(PreTrainedModel):
     def input_modalities(self) -> tuple[str, ...]:
         kinds = {entry["kind"] for entry in self.config.modalities.values()}
         return ("text", *(kind for kind in ("image", "video", "audio") if kind in kinds))
+
+    def materialize_original_weights(self) -> int:
+        """Trade memory for speed on modality tokens: every routed projection keeps a dense copy of its original
+        weights `W0`, so that a token of modality m costs one dense matmul plus its own low-rank delta, instead of
+        also the stacked text correction (rank Σ r_i). Text tokens are unchanged. Costs one more copy of the routed
+        projections' weights; the copy is never saved, and `release_original_weights()` drops it. Needs unquantized
+        base weights. Returns the bytes added."""
+        added = 0
+        for layer in self.modules():
+            if isinstance(layer, RoutedLinear):
+                layer.materialize_original_weight()
+                if layer.original_weight is not None:
+                    added += layer.original_weight.numel() * layer.original_weight.element_size()
+        logger.info("Dense original weights kept for modality tokens: %.1f MiB.", added / 2**20)
+        return added
+
+    def release_original_weights(self) -> None:
+        """Undo `materialize_original_weights()`: modality tokens go back to the low-rank correction."""
+        for layer in self.modules():
+            if isinstance(layer, RoutedLinear):
+                layer.release_original_weight()
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

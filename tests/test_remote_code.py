@@ -31,6 +31,11 @@ if len(sys.argv) > 3:
     assert type(q_proj.base_layer).__name__ == "Linear4bit", type(q_proj.base_layer)
     assert all(factor.dtype == torch.float32 for factor in q_proj.factor_parameters())
     assert type(quantized.model.encoders["image"].encoder.layers[0].mlp.fc1).__name__ == "Linear4bit"
+    try:
+        quantized.materialize_original_weights()
+        raise AssertionError("a dense copy of 4-bit weights was made")
+    except ValueError as error:
+        assert "Linear4bit" in str(error) and "quantization" in str(error), error
     with torch.no_grad():
         logits = quantized(**reference["batch"]).logits
     cosine = torch.nn.functional.cosine_similarity(logits.flatten(), reference["logits"].flatten(), dim=0)

@@ -132,3 +132,58 @@ def test_checkpoint_recompute_uses_its_own_forwards_routing(composite, batch_all
         return copy_.model.routed_layers()[0].lora_B["image"].grad.clone()
 
     torch.testing.assert_close(gradient(True), gradient(False))
+
+
+@pytest.mark.parametrize("present", ["all", "some"])
+def test_dense_original_weights_route_like_the_low_rank_correction(composite, present):
+    """materialize_original_weight(): text rows through W_text, modality rows through the dense W0 + M_m; the same
+    outputs as the naive reference, also when a modality has no delta of its own."""
+    model, _ = composite
+    layer = copy.deepcopy(model.model.routed_layers()[0])
+    names = model.model.modality_names
+    del layer.lora_A[names[0]], layer.lora_B[names[0]]  # this modality uses the text weights
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 11, layer.in_features, generator=generator)
+    top = len(names) + 1 if present == "all" else 3
+    index = torch.randint(0, top, (2, 11), generator=generator)
+    layer.state.routing = ModalityRouting.from_modality_index(index, names)
+    with torch.no_grad():
+        expected = _naive_routed_output(layer, hidden, index, names)
+        layer.materialize_original_weight()
+        assert "original_weight" not in layer.state_dict()
+        folded_text = layer.text_lora_B @ layer.text_lora_A * layer.text_scaling
+        torch.testing.assert_close(layer.original_weight + folded_text, layer.base_layer.weight)
+        torch.testing.assert_close(layer(hidden), expected)
+        # Text-only forwards (decode steps) never touch the copy.
+        layer.state.routing = None
+        torch.testing.assert_close(layer(hidden), layer.base_layer(hidden), rtol=0, atol=0)
+
+
+def test_materialized_original_weights_keep_the_model_outputs_and_are_never_saved(composite, batch_all, tmp_path):
+    model, _ = composite
+    dense = copy.deepcopy(model)
+    with torch.no_grad():
+        expected = model(**batch_all).logits
+        added = dense.materialize_original_weights()
+        routed = dense.model.routed_layers()
+        assert added == sum(layer.base_layer.weight.numel() * 4 for layer in routed)
+        torch.testing.assert_close(dense(**batch_all).logits, expected, rtol=1e-4, atol=1e-4)
+        greedy = dict(max_new_tokens=4, do_sample=False)
+        torch.testing.assert_close(dense.generate(**batch_all, **greedy), model.generate(**batch_all, **greedy),
+                                   rtol=0, atol=0)
+        dense.save_pretrained(tmp_path / "saved")
+        dense.release_original_weights()
+        assert all(layer.original_weight is None for layer in routed)
+        torch.testing.assert_close(dense(**batch_all).logits, expected, rtol=0, atol=0)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "saved" / "model.safetensors"), "pt") as saved:
+        assert not any("original_weight" in key for key in saved.keys())
+
+
+def test_original_weights_need_the_folded_text_delta(composite):
+    model, _ = composite
+    layer = copy.deepcopy(model.model.routed_layers()[0])
+    layer.text_folded = False
+    with pytest.raises(ValueError, match="folded"):
+        layer.materialize_original_weight()
