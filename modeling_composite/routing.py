@@ -9,14 +9,18 @@ For one linear layer with original weight `W0`, text deltas `T_i` merged with we
 The wrapper keeps the original `nn.Linear` as its `base_layer` child (bitsandbytes quantizes modules whose type is
 exactly `nn.Linear`) and the low-rank factors as plain parameters (never quantized). In a composite the text delta is
 folded into `base_layer` (`text_lora.folded=True`), so text tokens, which include every decoded token, cost exactly
-one dense matmul. Only the rows of a modality get the two low-rank products `M_m` and `-Σ λ_i T_i`: gathered,
-computed and added back, nothing computed for other rows. When training (`folded=False`), the base holds `W0` and the
+one dense matmul. Only the rows of a modality get the two low-rank products `M_m` and `-Σ λ_i T_i`, nothing is
+computed for other rows. Without autograd, and when the rows come in long blocks (placeholders expand into runs of
+hundreds of tokens), the products accumulate into the output's rows in place; otherwise the rows of all modalities
+are gathered once, corrected, and added back. When training (`folded=False`), the base holds `W0` and the
 text delta is added to every row, then taken off the rows of modalities that have their own delta.
 
 Trading memory for speed (`materialize_original_weights`): a wrapper may also keep a dense copy of `W0`, so that
 the rows of modality m cost one dense matmul with `W0` plus only `M_m`, instead of the dense matmul with `W_text`
 plus the two low-rank products, the text one of rank `Σ r_i`. Text rows then go through `W_text` and modality rows
-through `W0`, each row through one dense matmul, as in the plain LLM. The copy is never saved.
+through `W0`, each row through one dense matmul, as in the plain LLM: one matmul per block of consecutive rows that
+share a weight (matmuls over a few hundred rows cost more per row on CPU), or per gathered group. The copy is never
+saved.
 
 The rows of each modality reach the wrappers as the `modality_routing` keyword argument of the LLM's forward: every
 decoder layer passes its keyword arguments on to its attention module, where a pre-hook reads (and removes) it and
@@ -27,12 +31,27 @@ forward pass has returned.
 
 import inspect
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 
 ROUTING_KWARG = "modality_routing"
+# Fewest rows per block, on average, for which the dense-W0 path computes blocks in place (see
+# ModalityRouting.contiguous_blocks). On CPU a matmul over a few hundred rows already costs 15-40% more per row than
+# one over a thousand, so blocks (not one matmul per modality run) and a floor on their size.
+MIN_MEAN_BLOCK = 64
+
+
+@dataclass
+class RowBlock:
+    """Consecutive rows `[start, stop)` that one dense weight serves: text rows (`spans` None) or rows of routed
+    modalities, whose own runs `spans` lists as `(name, start, stop)`."""
+
+    start: int
+    stop: int
+    spans: list[tuple[str, int, int]] | None
 
 
 class ModalityRouting:
@@ -43,6 +62,7 @@ class ModalityRouting:
         # Derived row sets, computed by the first layer that asks and shared by the others in the same forward.
         self._grouped: dict[tuple[str, ...], tuple[torch.Tensor, list[tuple[str, int, int]]]] = {}
         self._outside: dict[tuple[int, tuple[str, ...]], torch.Tensor] = {}
+        self._blocks: dict[tuple[int, tuple[str, ...]], list[RowBlock] | None] = {}
 
     def grouped_rows(self, names: tuple[str, ...]) -> tuple[torch.Tensor, list[tuple[str, int, int]]]:
         """The rows of the modalities `names` one after another, and each one's `(name, start, stop)` span in them:
@@ -64,6 +84,29 @@ class ModalityRouting:
             outside[rows] = False
             self._outside[key] = outside.nonzero().squeeze(-1)
         return self._outside[key]
+
+    def contiguous_blocks(self, total_rows: int, names: tuple[str, ...]) -> list[RowBlock] | None:
+        """`range(total_rows)` cut into blocks of consecutive rows that share one dense weight: text rows (`spans`
+        None), or rows of the modalities `names` (`spans`: each modality's runs in the block, as `(name, start,
+        stop)`). None when the blocks would average fewer than `MIN_MEAN_BLOCK` rows, where gathering the rows beats
+        that many small matmuls. Placeholders expand into long runs, so a prompt has few blocks."""
+        key = (total_rows, names)
+        if key not in self._blocks:
+            rows, _ = self.grouped_rows(names)
+            labels = torch.zeros(total_rows, dtype=torch.long, device=rows.device)
+            for slot, name in enumerate(names, start=1):
+                labels[self.rows[name]] = slot
+            starts = [0, *((labels[1:] != labels[:-1]).nonzero().squeeze(-1) + 1).tolist()]
+            runs = zip(labels[starts].tolist(), starts, [*starts[1:], total_rows])
+            blocks: list[RowBlock] = []
+            for slot, start, stop in runs:
+                if slot and blocks and blocks[-1].spans is not None:  # extends the modality block before it
+                    blocks[-1].spans.append((names[slot - 1], start, stop))
+                    blocks[-1].stop = stop
+                else:
+                    blocks.append(RowBlock(start, stop, [(names[slot - 1], start, stop)] if slot else None))
+            self._blocks[key] = blocks if total_rows >= MIN_MEAN_BLOCK * len(blocks) else None
+        return self._blocks[key]
 
     @classmethod
     def from_modality_index(cls, modality_index: torch.Tensor, names: list[str]) -> "ModalityRouting | None":
@@ -224,18 +267,53 @@ class RoutedLinear(nn.Module):
             text_hidden = self._text_hidden(flat_input)
             flat_output = flat_output + (text_hidden @ self.text_lora_B.t()).to(flat_output.dtype)
         if routed:
-            rows, spans = routing.grouped_rows(routed)
-            selected = flat_input.index_select(0, rows)
-            if self.text_lora_A is not None:
-                # Modality rows take the text delta off again (all of them in one product; with the same dropout
-                # mask as the text delta added above when it is not folded).
-                text_of_rows = text_hidden.index_select(0, rows) if unfolded_text else self._text_hidden(selected)
-            for name, start, stop in spans:
-                delta = self._modality_hidden(name, selected[start:stop]) @ self.lora_B[name].t()
-                if self.text_lora_A is not None:
-                    self._add_product(delta, text_of_rows[start:stop], self.text_lora_B, alpha=-1.0)
-                flat_output.index_add_(0, rows[start:stop], delta.to(flat_output.dtype))
+            # In place only without autograd, and with the text delta folded (so no dropout mask has to be matched).
+            in_place = not torch.is_grad_enabled() and not unfolded_text
+            blocks = routing.contiguous_blocks(flat_output.shape[0], routed) if in_place else None
+            if blocks is not None:
+                self._correct_blocks_in_place(flat_input, flat_output, blocks)
+            else:
+                self._correct_gathered_rows(flat_input, flat_output, routing, routed, text_hidden)
         return flat_output.view(output.shape)
+
+    def _correct_blocks_in_place(
+        self, flat_input: torch.Tensor, flat_output: torch.Tensor, blocks: list[RowBlock]
+    ) -> None:
+        """Without autograd, rows in long blocks: each modality block takes the text delta off in one product and
+        each of its runs adds its modality's delta, all accumulated into the output's rows in place."""
+        for block in blocks:
+            if block.spans is None:
+                continue
+            if self.text_lora_A is not None:
+                hidden = self._text_hidden(flat_input[block.start : block.stop])
+                self._add_product(flat_output[block.start : block.stop], hidden, self.text_lora_B, alpha=-1.0)
+            for name, start, stop in block.spans:
+                hidden = self._modality_hidden(name, flat_input[start:stop])
+                self._add_product(flat_output[start:stop], hidden, self.lora_B[name])
+
+    def _correct_gathered_rows(
+        self,
+        flat_input: torch.Tensor,
+        flat_output: torch.Tensor,
+        routing: ModalityRouting,
+        routed: tuple[str, ...],
+        text_hidden: torch.Tensor | None,
+    ) -> None:
+        """The general case: gather the rows of every routed modality, compute their deltas, add them back."""
+        rows, spans = routing.grouped_rows(routed)
+        selected = flat_input.index_select(0, rows)
+        if self.text_lora_A is not None:
+            # All modality rows take the text delta off in one product; when it is not folded, with the same
+            # dropout mask as the text delta that the caller added.
+            text_of_rows = text_hidden.index_select(0, rows) if text_hidden is not None else self._text_hidden(selected)
+            delta = (-text_of_rows) @ self.text_lora_B.t()
+            for name, start, stop in spans:
+                self._add_product(delta[start:stop], self._modality_hidden(name, selected[start:stop]), self.lora_B[name])
+        else:
+            delta = torch.cat([
+                self._modality_hidden(name, selected[start:stop]) @ self.lora_B[name].t() for name, start, stop in spans
+            ])
+        flat_output.index_add_(0, rows, delta.to(flat_output.dtype))
 
     def _forward_with_original_weight(
         self, hidden_states: torch.Tensor, routing: ModalityRouting, routed: tuple[str, ...]
@@ -243,6 +321,10 @@ class RoutedLinear(nn.Module):
         """Text rows through the base (`W_text`); the rows of every routed modality through the dense `W0` in one
         matmul, plus each modality's own delta."""
         flat_input = hidden_states.reshape(-1, hidden_states.shape[-1])
+        if not torch.is_grad_enabled() and flat_input.dtype == self.original_weight.dtype:
+            blocks = routing.contiguous_blocks(flat_input.shape[0], routed)
+            if blocks is not None:
+                return self._write_blocks(flat_input.contiguous(), blocks).view(*hidden_states.shape[:-1], -1)
         rows, spans = routing.grouped_rows(routed)
         selected = flat_input.index_select(0, rows)
         modality_part = nn.functional.linear(selected, self.original_weight, self.base_layer.bias)
@@ -256,6 +338,24 @@ class RoutedLinear(nn.Module):
         if text_rows.numel():
             flat_output.index_copy_(0, text_rows, self.base_layer(flat_input.index_select(0, text_rows)))
         return flat_output.view(*hidden_states.shape[:-1], flat_output.shape[-1])
+
+    def _write_blocks(self, flat_input: torch.Tensor, blocks: list[RowBlock]) -> torch.Tensor:
+        """Without autograd, when the rows come in long blocks: every block's matmul writes straight into its rows of
+        the output (no gather, no scatter), then each modality run adds its own delta in place."""
+        bias = self.base_layer.bias
+        flat_output = flat_input.new_empty(flat_input.shape[0], self.out_features)
+        factor_dtype = self._factor_dtype()
+        for block in blocks:
+            source, target = flat_input[block.start : block.stop], flat_output[block.start : block.stop]
+            weight = self.base_layer.weight if block.spans is None else self.original_weight
+            if bias is None:
+                torch.mm(source, weight.t(), out=target)
+            else:
+                torch.addmm(bias, source, weight.t(), out=target)
+            for name, start, stop in block.spans or ():
+                hidden = self._modality_hidden(name, flat_input[start:stop].to(factor_dtype))
+                self._add_product(flat_output[start:stop], hidden, self.lora_B[name])
+        return flat_output
 
     def extra_repr(self) -> str:
         ranks = {name: tuple(self.lora_A[name].shape)[0] for name in self.lora_A}

@@ -134,6 +134,39 @@ def test_checkpoint_recompute_uses_its_own_forwards_routing(composite, batch_all
     torch.testing.assert_close(gradient(True), gradient(False))
 
 
+def _block_index(names: list[str], generator: torch.Generator) -> torch.Tensor:
+    """A `(2, 300)` modality index made of long runs (as placeholders expand), with text between modality blocks and
+    two modalities back to back."""
+    slots = [0, 1, 2, 0, len(names), 0, 3, 1]
+    lengths = torch.randint(60, 90, (len(slots),), generator=generator).tolist()
+    flat = torch.cat([torch.full((length,), slot) for slot, length in zip(slots, lengths)])
+    return flat[:600].reshape(2, 300)
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["low_rank", "dense_w0"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_long_runs_of_rows_are_corrected_in_place_like_gathered_rows(composite, dense, grad):
+    """Without autograd, rows in long blocks are corrected in place (no gather/scatter); with autograd they are
+    gathered. Both give the naive reference's output."""
+    model, _ = composite
+    layer = copy.deepcopy(model.model.routed_layers()[0])
+    names = model.model.modality_names
+    del layer.lora_A[names[1]], layer.lora_B[names[1]]  # this modality uses the text weights
+    generator = torch.Generator().manual_seed(2)
+    index = _block_index(names, generator)
+    hidden = torch.randn(2, 300, layer.in_features, generator=generator)
+    routing = ModalityRouting.from_modality_index(index, names)
+    routed = tuple(name for name in routing.rows if name in layer.lora_A)
+    assert len(routing.contiguous_blocks(600, routed)) >= 5  # the in-place path applies here
+    layer.state.routing = routing
+    with torch.no_grad():
+        expected = _naive_routed_output(layer, hidden, index, names)
+        if dense:
+            layer.materialize_original_weight()
+    with torch.set_grad_enabled(grad):
+        torch.testing.assert_close(layer(hidden), expected)
+
+
 @pytest.mark.parametrize("present", ["all", "some"])
 def test_dense_original_weights_route_like_the_low_rank_correction(composite, present):
     """materialize_original_weight(): text rows through W_text, modality rows through the dense W0 + M_m; the same
