@@ -1,7 +1,8 @@
 """Routing overhead: the LLM of a DAMC composite (routed layers, folded text delta) against the same plain LLM, and
 against the reference implementation's scheme (every adapter on every token, then masked; the MLP once per adapter),
 re-implemented here as the baseline. Random weights, CPU; medians of repeated runs after warm-up, all in one process,
-the variants taking turns within each round so that a slow spell of the machine skews no ratio.
+the variants taking turns within each round so that a slow spell of the machine skews no ratio; each ratio is the
+median of its per-round ratios.
 
     python -m benchmarks.routing_overhead [--hidden 1024 --layers 8 --tokens 1024 --modalities 4 --rank 64]
 
@@ -125,9 +126,9 @@ def build(hidden: int, layers: int, modalities: int, rank: int, dtype: torch.dty
     return plain, routed, dense, reference, names, masks
 
 
-def _interleaved_medians(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    """Median seconds of each run. The runs take turns (one round = each once, after one warm-up round), so that
-    a slow spell of the machine hits every variant alike instead of skewing the ratios between them."""
+def _interleaved_times(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each run per round. The runs take turns (one round = each once, after one warm-up round), so that
+    a slow spell of the machine hits every variant of a round alike; ratios are then taken round by round."""
     for run in runs.values():
         run()
     times: dict[str, list[float]] = {label: [] for label in runs}
@@ -136,10 +137,9 @@ def _interleaved_medians(runs: dict[str, Callable[[], None]], repeats: int) -> d
             start = time.perf_counter()
             run()
             times[label].append(time.perf_counter() - start)
-    return {label: statistics.median(values) for label, values in times.items()}
+    return times
 
 
-FRACTIONS = (0.0, 0.25, 0.5, 0.9)
 
 
 def _workload(fraction: float, tokens: int, names: list[str], masks: _Masks, dtype: torch.dtype):
@@ -154,15 +154,16 @@ def _workload(fraction: float, tokens: int, names: list[str], masks: _Masks, dty
     return ModalityRouting.from_modality_index(index[None], names)
 
 
-def measure(hidden: int, layers: int, tokens: int, modalities: int, rank: int, dtype: torch.dtype, repeats: int) -> dict:
+def measure(hidden: int, layers: int, tokens: int, modalities: int, rank: int, dtype: torch.dtype, repeats: int,
+            fractions: list[float]) -> dict:
     plain, routed, dense, reference, names, masks = build(hidden, layers, modalities, rank, dtype)
     embeds = torch.randn(1, tokens, hidden, dtype=dtype)
     figures: dict = {"weights_bytes": {label: weight_bytes(model) for label, model in (
         ("plain", plain), ("composite", routed), ("composite_dense", dense), ("reference", reference))}}
     with torch.inference_mode():
-        for fraction in FRACTIONS:
+        for fraction in fractions:
             routing = _workload(fraction, tokens, names, masks, dtype)
-            seconds = _interleaved_medians({
+            seconds = _interleaved_times({
                 "plain": lambda: plain(inputs_embeds=embeds),
                 "composite": lambda: routed(inputs_embeds=embeds, **{ROUTING_KWARG: routing}),
                 "composite_dense": lambda: dense(inputs_embeds=embeds, **{ROUTING_KWARG: routing}),
@@ -184,16 +185,22 @@ def measure(hidden: int, layers: int, tokens: int, modalities: int, rank: int, d
                 cache.crop(-1)  # drop the step again: every timed step sees the same cache
 
             decodes[label] = decode
-        figures["decode step"] = _row(_interleaved_medians(decodes, repeats * 8))
+        figures["decode step"] = _row(_interleaved_times(decodes, repeats * 8))
     return figures
 
 
-def _row(seconds: dict[str, float]) -> dict[str, float]:
-    plain, ours, ours_dense, reference = (seconds[label] for label in VARIANTS)
+def _row(times: dict[str, list[float]]) -> dict[str, float]:
+    """Median seconds of each variant, and each ratio as the median of its per-round ratios (a paired estimate:
+    both sides of a ratio ran back to back)."""
+
+    def ratio(numerator: str, denominator: str) -> float:
+        return statistics.median(a / b for a, b in zip(times[numerator], times[denominator]))
+
     return {
-        "plain_s": plain, "composite_s": ours, "composite_dense_s": ours_dense, "reference_s": reference,
-        "composite/plain": ours / plain, "composite_dense/plain": ours_dense / plain,
-        "reference/composite": reference / ours, "reference/composite_dense": reference / ours_dense,
+        **{f"{label}_s": statistics.median(times[label]) for label in VARIANTS},
+        "composite/plain": ratio("composite", "plain"), "composite_dense/plain": ratio("composite_dense", "plain"),
+        "reference/composite": ratio("reference", "composite"),
+        "reference/composite_dense": ratio("reference", "composite_dense"),
     }
 
 
@@ -208,7 +215,7 @@ def _memory_kib(field: str) -> int:
 
 
 def prefill_peak_memory(hidden: int, layers: int, tokens: int, modalities: int, rank: int, dtype: torch.dtype,
-                        variant: str) -> dict[str, int]:
+                        variant: str, fractions: list[float]) -> dict[str, int]:
     """Bytes a prefill of `variant` (plain | composite | reference) needs above the resident set before it, per
     workload; meant to run alone in a fresh process (see the module docstring)."""
     plain, routed, dense, reference, names, masks = build(hidden, layers, modalities, rank, dtype)
@@ -216,7 +223,7 @@ def prefill_peak_memory(hidden: int, layers: int, tokens: int, modalities: int, 
     embeds = torch.randn(1, tokens, hidden, dtype=dtype)
     peaks = {}
     with torch.inference_mode():
-        for fraction in FRACTIONS:
+        for fraction in fractions:
             routing = _workload(fraction, tokens, names, masks, dtype)
             extra = {ROUTING_KWARG: routing} if variant.startswith("composite") else {}
             model(inputs_embeds=embeds, **extra)  # warm-up: one-time allocations are not the prefill's
@@ -236,7 +243,7 @@ def measure_memory(args: argparse.Namespace, dtype_name: str) -> dict:
     for variant in VARIANTS:
         command = [sys.executable, "-m", "benchmarks.routing_overhead", "--memory-child", variant, "--dtypes", dtype_name,
                    "--hidden", str(args.hidden), "--layers", str(args.layers), "--tokens", str(args.tokens),
-                   "--modalities", str(args.modalities), "--rank", str(args.rank)]
+                   "--modalities", str(args.modalities), "--rank", str(args.rank), "--fractions", args.fractions]
         # A fixed mmap threshold: glibc then returns every block of 64 KiB or more to the system when it is freed
         # (its default threshold grows with use, so a warm-up's freed activations would stay resident and hide the
         # next prefill's peak).
@@ -262,13 +269,15 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--fractions", default="0,0.25,0.5,0.9", help="shares of modality tokens in the prefills")
     parser.add_argument("--output", default="outputs/benchmarks/routing_overhead.json")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    fractions = [float(share) for share in args.fractions.split(",")]
     if args.memory_child:  # one variant's peak prefill memory, as JSON on the last line
         peaks = prefill_peak_memory(args.hidden, args.layers, args.tokens, args.modalities, args.rank,
-                                    getattr(torch, args.dtypes), args.memory_child)
+                                    getattr(torch, args.dtypes), args.memory_child, fractions)
         print(json.dumps(peaks))
         return
     report = {"settings": vars(args), "threads": torch.get_num_threads(), "results": {}}
@@ -276,7 +285,7 @@ def main() -> None:
           f"modalities, rank {args.rank}, CPU with {torch.get_num_threads()} threads (medians of {args.repeats})")
     for dtype_name in args.dtypes.split(","):
         figures = measure(args.hidden, args.layers, args.tokens, args.modalities, args.rank,
-                          getattr(torch, dtype_name), args.repeats)
+                          getattr(torch, dtype_name), args.repeats, fractions)
         report["results"][dtype_name] = figures
         print(f"\n{dtype_name}")
         print(f"{'workload':<22} {'plain ms':>9} {'ours ms':>9} {'dense ms':>9} {'ref ms':>9} {'ours/plain':>11} "
