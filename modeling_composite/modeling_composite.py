@@ -148,8 +148,9 @@ class CompositeMLLMPreTrainedModel(PreTrainedModel):
         """Trade memory for speed on modality tokens: every routed projection keeps a dense copy of its original
         weights `W0`, so that a token of modality m costs one dense matmul plus its own low-rank delta, instead of
         also the stacked text correction (rank Σ r_i). Text tokens are unchanged. Costs one more copy of the routed
-        projections' weights; the copy is never saved, and `release_original_weights()` drops it. Needs unquantized
-        base weights. Returns the bytes added."""
+        projections' weights; the copy is never saved, and `release_original_weights()` drops it (release and
+        materialize again after changing any weights). Needs unquantized base weights in memory. Returns the bytes
+        added."""
         added = 0
         for layer in self.modules():
             if isinstance(layer, RoutedLinear):

@@ -216,6 +216,11 @@ class RoutedLinear(nn.Module):
                 "composite); while training, the base already holds the original weights."
             )
         weight = self.base_layer.weight
+        if weight.device.type == "meta":
+            raise ValueError(
+                "materialize_original_weights() needs the base weights in memory, but they are offloaded (meta "
+                "device); load the model without offloading to disk or CPU."
+            )
         if type(self.base_layer) is not nn.Linear or not weight.dtype.is_floating_point:
             raise ValueError(
                 f"materialize_original_weights() needs 16- or 32-bit base weights, but {type(self.base_layer).__name__} "

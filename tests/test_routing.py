@@ -214,9 +214,13 @@ def test_materialized_original_weights_keep_the_model_outputs_and_are_never_save
         assert not any("original_weight" in key for key in saved.keys())
 
 
-def test_original_weights_need_the_folded_text_delta(composite):
+def test_original_weights_need_the_folded_text_delta_and_weights_in_memory(composite):
     model, _ = composite
     layer = copy.deepcopy(model.model.routed_layers()[0])
     layer.text_folded = False
     with pytest.raises(ValueError, match="folded"):
+        layer.materialize_original_weight()
+    layer.text_folded = True
+    layer.base_layer.to("meta")
+    with pytest.raises(ValueError, match="offloaded"):
         layer.materialize_original_weight()
