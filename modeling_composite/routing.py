@@ -38,9 +38,9 @@ from torch import nn
 
 
 ROUTING_KWARG = "modality_routing"
-# Fewest rows per block, on average, for which the dense-W0 path computes blocks in place (see
-# ModalityRouting.contiguous_blocks). On CPU a matmul over a few hundred rows already costs 15-40% more per row than
-# one over a thousand, so blocks (not one matmul per modality run) and a floor on their size.
+# Fewest rows per block, on average, for which routed layers work on blocks of consecutive rows in place rather than
+# gather the rows (see ModalityRouting.contiguous_blocks). On CPU a matmul over a few hundred rows already costs 15-40%
+# more per row than one over a thousand: hence blocks (not one matmul per modality run), and a floor on their size.
 MIN_MEAN_BLOCK = 64
 
 
