@@ -121,6 +121,7 @@ def test_image_only_composite_is_image_text_to_text_with_a_pipeline_example():
     assert 'pipeline("image-text-to-text", model="org/vision-audio-composite", trust_remote_code=True)' in card.text
     assert "Routed delta rank" in card.text and "| 578 | - |" in card.text  # NaiveMC: no routed deltas
     assert "**NaiveMC**" in card.text and "**DAMC**" not in card.text
+    assert "materialize_original_weights" not in card.text  # only routed (DAMC) composites have the option
 
 
 def test_no_pipeline_example_without_an_image_modality():
@@ -169,6 +170,11 @@ def test_recipe_appears_verbatim(card):
     assert f"```yaml\n{RECIPE}```" in section(card.text, "Recipe")
 
 
+def test_damc_usage_offers_the_dense_original_weights(card):
+    usage = section(card.text, "Usage")
+    assert "model.materialize_original_weights()" in [block.strip() for _, block in python_blocks(usage)]
+
+
 def test_usage_snippet_loads_with_remote_code_and_uses_the_placeholders(card):
     usage = section(card.text, "Usage")
     assert 'AutoModelForCausalLM.from_pretrained("org/vision-audio-composite", trust_remote_code=True)' in usage
@@ -177,7 +183,7 @@ def test_usage_snippet_loads_with_remote_code_and_uses_the_placeholders(card):
     assert 'text="USER: <image> <audio> What do these have in common? ASSISTANT:"' in usage
     assert "images=[image]" in usage and "audio=[audio]" in usage and "model.generate(**batch" in usage
     blocks = python_blocks(usage)
-    assert len(blocks) == 3
+    assert len(blocks) == 4  # full precision, 4-bit, the dense original weights (DAMC), the pipeline
     for _, code in blocks:
         ast.parse(code)
 
@@ -213,6 +219,8 @@ def test_user_strings_cannot_break_the_card(tmp_path):
     assert len(re.split(r"(?<!\\)\|", row)) == 7
     # The name is a valid Python string in every snippet.
     for _, code in python_blocks(section(loaded.text, "Usage")):
+        if code.strip() == "model.materialize_original_weights()":
+            continue  # the one snippet that names no model
         assert name in {node.value for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Constant)}
 
 
