@@ -92,8 +92,7 @@ class ModalityRouting:
         that many small matmuls. Placeholders expand into long runs, so a prompt has few blocks."""
         key = (total_rows, names)
         if key not in self._blocks:
-            rows, _ = self.grouped_rows(names)
-            labels = torch.zeros(total_rows, dtype=torch.long, device=rows.device)
+            labels = torch.zeros(total_rows, dtype=torch.long, device=self.rows[names[0]].device)
             for slot, name in enumerate(names, start=1):
                 labels[self.rows[name]] = slot
             starts = [0, *((labels[1:] != labels[:-1]).nonzero().squeeze(-1) + 1).tolist()]
@@ -252,6 +251,13 @@ class RoutedLinear(nn.Module):
         else:
             target.add_((hidden @ factor_b.t()).to(target.dtype), alpha=alpha)
 
+    def _add_modality_deltas(
+        self, target: torch.Tensor, source: torch.Tensor, spans: list[tuple[str, int, int]]
+    ) -> None:
+        """Each modality's own delta, computed on its span of `source`, added in place to the same span of `target`."""
+        for name, start, stop in spans:
+            self._add_product(target[start:stop], self._modality_hidden(name, source[start:stop]), self.lora_B[name])
+
     def _factor_dtype(self) -> torch.dtype:
         return self.lora_B[next(iter(self.lora_B))].dtype if self.lora_B else self.text_lora_B.dtype
 
@@ -292,9 +298,7 @@ class RoutedLinear(nn.Module):
             if self.text_lora_A is not None:
                 hidden = self._text_hidden(flat_input[block.start : block.stop])
                 self._add_product(flat_output[block.start : block.stop], hidden, self.text_lora_B, alpha=-1.0)
-            for name, start, stop in block.spans:
-                hidden = self._modality_hidden(name, flat_input[start:stop])
-                self._add_product(flat_output[start:stop], hidden, self.lora_B[name])
+            self._add_modality_deltas(flat_output, flat_input, block.spans)
 
     def _correct_gathered_rows(
         self,
@@ -312,8 +316,7 @@ class RoutedLinear(nn.Module):
             # dropout mask as the text delta that the caller added.
             text_of_rows = text_hidden.index_select(0, rows) if text_hidden is not None else self._text_hidden(selected)
             delta = (-text_of_rows) @ self.text_lora_B.t()
-            for name, start, stop in spans:
-                self._add_product(delta[start:stop], self._modality_hidden(name, selected[start:stop]), self.lora_B[name])
+            self._add_modality_deltas(delta, selected, spans)
         else:
             delta = torch.cat([
                 self._modality_hidden(name, selected[start:stop]) @ self.lora_B[name].t() for name, start, stop in spans
@@ -333,10 +336,7 @@ class RoutedLinear(nn.Module):
         rows, spans = routing.grouped_rows(routed)
         selected = flat_input.index_select(0, rows)
         modality_part = nn.functional.linear(selected, self.original_weight, self.base_layer.bias)
-        factor_input = selected.to(self._factor_dtype())
-        for name, start, stop in spans:
-            self._add_product(modality_part[start:stop], self._modality_hidden(name, factor_input[start:stop]),
-                              self.lora_B[name])
+        self._add_modality_deltas(modality_part, selected.to(self._factor_dtype()), spans)
         flat_output = modality_part.new_empty(flat_input.shape[0], modality_part.shape[-1])
         flat_output.index_copy_(0, rows, modality_part)
         text_rows = routing.rows_outside(flat_input.shape[0], routed)
@@ -349,7 +349,7 @@ class RoutedLinear(nn.Module):
         the output (no gather, no scatter), then each modality run adds its own delta in place."""
         bias = self.base_layer.bias
         flat_output = flat_input.new_empty(flat_input.shape[0], self.out_features)
-        factor_dtype = self._factor_dtype()
+        factor_input = flat_input.to(self._factor_dtype())
         for block in blocks:
             source, target = flat_input[block.start : block.stop], flat_output[block.start : block.stop]
             weight = self.base_layer.weight if block.spans is None else self.original_weight
@@ -357,9 +357,7 @@ class RoutedLinear(nn.Module):
                 torch.mm(source, weight.t(), out=target)
             else:
                 torch.addmm(bias, source, weight.t(), out=target)
-            for name, start, stop in block.spans or ():
-                hidden = self._modality_hidden(name, flat_input[start:stop].to(factor_dtype))
-                self._add_product(flat_output[start:stop], hidden, self.lora_B[name])
+            self._add_modality_deltas(flat_output, factor_input, block.spans or [])
         return flat_output
 
     def extra_repr(self) -> str:
