@@ -144,6 +144,10 @@ class CompositeMLLMPreTrainedModel(PreTrainedModel):
         kinds = {entry["kind"] for entry in self.config.modalities.values()}
         return ("text", *(kind for kind in ("image", "video", "audio") if kind in kinds))
 
+    def routed_layers(self) -> list[RoutedLinear]:
+        """The routed projections of the LLM (none in a NaiveMC composite)."""
+        return [module for module in self.modules() if isinstance(module, RoutedLinear)]
+
     def materialize_original_weights(self) -> int:
         """Trade memory for speed on modality tokens: every routed projection keeps a dense copy of its original
         weights `W0`, so that a token of modality m costs one dense matmul plus its own low-rank delta, instead of
@@ -152,19 +156,17 @@ class CompositeMLLMPreTrainedModel(PreTrainedModel):
         materialize again after changing any weights). Needs unquantized base weights in memory. Returns the bytes
         added."""
         added = 0
-        for layer in self.modules():
-            if isinstance(layer, RoutedLinear):
-                layer.materialize_original_weight()
-                if layer.original_weight is not None:
-                    added += layer.original_weight.numel() * layer.original_weight.element_size()
+        for layer in self.routed_layers():
+            layer.materialize_original_weight()
+            if layer.original_weight is not None:
+                added += layer.original_weight.numel() * layer.original_weight.element_size()
         logger.info("Dense original weights kept for modality tokens: %.1f MiB.", added / 2**20)
         return added
 
     def release_original_weights(self) -> None:
         """Undo `materialize_original_weights()`: modality tokens go back to the low-rank correction."""
-        for layer in self.modules():
-            if isinstance(layer, RoutedLinear):
-                layer.release_original_weight()
+        for layer in self.routed_layers():
+            layer.release_original_weight()
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -225,9 +227,6 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
                 config.lora_dropout,
             )
         self.post_init()
-
-    def routed_layers(self) -> list[RoutedLinear]:
-        return [module for module in self.language_model.modules() if isinstance(module, RoutedLinear)]
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
