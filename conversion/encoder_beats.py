@@ -25,7 +25,7 @@ from modeling_composite.configuration_beats import CompositeBeatsConfig
 from modeling_composite.feature_extraction_beats import CompositeBeatsFeatureExtractor
 from modeling_composite.modeling_beats import CompositeBeatsEncoder
 
-from .encoders import Encoder
+from .encoders import Encoder, require_encoder_reference
 from .errors import ConversionError
 from .locate import locate_checkpoint_file
 from .tensors import Lazy, TensorStore, load_pickle
@@ -161,12 +161,10 @@ def map_beats_keys(store: TensorStore, config: CompositeBeatsConfig, label: str)
 def read_beats_encoder(reference: str | None, label: str) -> Encoder:
     """BEATs from its `.pt` checkpoint: a file path, or a folder (local or Hub) holding exactly one `.pt` / `.bin`.
     The feature extractor (BEATs' fbank front end) travels in the `image_processor` field."""
-    if reference is None:
-        raise ConversionError(
-            f"{label}: this format does not include its audio encoder; set `encoder:` on the source to the BEATs "
-            "checkpoint it was trained with (e.g. a folder holding BEATs_iter3_plus_AS2M.pt)."
-        )
-    encoder_label = f"{label} encoder ({reference})"
+    encoder_label = require_encoder_reference(
+        reference, label, "audio",
+        "the BEATs checkpoint it was trained with (e.g. a folder holding BEATs_iter3_plus_AS2M.pt)",
+    )
     location, path = locate_checkpoint_file(reference, encoder_label, "BEATs", "BEATs_iter3_plus_AS2M.pt")
     checkpoint = _load_checkpoint(path, encoder_label)
     config = beats_config(checkpoint["cfg"], encoder_label)

@@ -16,7 +16,7 @@ from modeling_composite.builder import clip_image_processor
 from modeling_composite.configuration_languagebind_video import CompositeLanguageBindVideoConfig
 from modeling_composite.modeling_languagebind_video import CompositeLanguageBindVideoEncoder
 
-from .encoders import Encoder
+from .encoders import Encoder, require_encoder_reference
 from .errors import ConversionError
 from .locate import locate
 from .sources import map_keys, read_json
@@ -55,13 +55,11 @@ _BILINEAR = 2  # PIL.Image.BILINEAR: pytorchvideo's ShortSideScale interpolates 
 def read_languagebind_video_encoder(reference: str | None, label: str) -> Encoder:
     """LanguageBind's video tower (our `CompositeLanguageBindVideoConfig` and its weights, lazily read) and the image
     processor for its frames, from a local folder or Hub id such as `LanguageBind/LanguageBind_Video_merge`."""
-    if reference is None:
-        raise ConversionError(
-            f"{label}: this format does not include its video encoder; set `encoder:` on the source to the LanguageBind "
-            "video model it was trained with (LanguageBind/LanguageBind_Video_merge)."
-        )
+    encoder_label = require_encoder_reference(
+        reference, label, "video",
+        "the LanguageBind video model it was trained with (LanguageBind/LanguageBind_Video_merge)",
+    )
     location = locate(reference, f"{label} encoder")
-    encoder_label = f"{label} encoder ({reference})"
     config = languagebind_video_config(_read_vision_config(location.folder, encoder_label), encoder_label)
     store = open_model_weights(location.folder, encoder_label)
     groups = map_keys(store, [(_VISION_PREFIX, "vision")], encoder_label, dropped=_DROPPED_PREFIXES)

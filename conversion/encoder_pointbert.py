@@ -14,7 +14,7 @@ import torch
 from modeling_composite.configuration_point_encoder import CompositePointEncoderConfig
 from modeling_composite.modeling_point_encoder import CompositePointEncoder
 
-from .encoders import Encoder
+from .encoders import Encoder, require_encoder_reference
 from .errors import ConversionError
 from .locate import locate_checkpoint_file
 from .tensors import Lazy, TensorStore
@@ -78,12 +78,9 @@ def read_pointbert_encoder(reference: str | None, label: str) -> Encoder:
     weights under our names. `reference` is the `.pt` file, or a folder (local or Hub) holding exactly one `.pt` /
     `.bin`; `label` names the source in errors. Every tensor of the file must map to one of ours and every one of ours
     must be there, with the same shape; otherwise `ConversionError` names the tensors."""
-    if reference is None:
-        raise ConversionError(
-            f"{label}: this format does not include its point-cloud encoder; set `encoder:` on the source to PointLLM's "
-            "PointBERT checkpoint (point_bert_v1.2.pt, or a folder holding it)."
-        )
-    encoder_label = f"{label} encoder ({reference})"
+    encoder_label = require_encoder_reference(
+        reference, label, "point-cloud", "PointLLM's PointBERT checkpoint (point_bert_v1.2.pt, or a folder holding it)"
+    )
     location, checkpoint = locate_checkpoint_file(reference, encoder_label, "PointBERT", "point_bert_v1.2.pt")
     store = TensorStore([checkpoint], encoder_label)
     config = _config_from_shapes(store, encoder_label)

@@ -28,15 +28,23 @@ class Encoder:
     image_processor: Any
 
 
-def read_vision_encoder(reference: str | None, label: str) -> Encoder:
-    """A CLIP / SigLIP vision tower (and its image processor) from a local folder or Hub id."""
+def require_encoder_reference(reference: str | None, label: str, modality: str, checkpoint_hint: str) -> str:
+    """For a source format that holds no encoder of its own: refuse a missing `encoder:` reference, saying which
+    checkpoint (`checkpoint_hint`) to name; return the label that errors about that encoder use."""
     if reference is None:
         raise ConversionError(
-            f"{label}: this format does not include its vision encoder; set `encoder:` on the source to the vision "
-            "tower it was trained with (e.g. openai/clip-vit-large-patch14-336)."
+            f"{label}: this format does not include its {modality} encoder; set `encoder:` on the source to "
+            f"{checkpoint_hint}."
         )
+    return f"{label} encoder ({reference})"
+
+
+def read_vision_encoder(reference: str | None, label: str) -> Encoder:
+    """A CLIP / SigLIP vision tower (and its image processor) from a local folder or Hub id."""
+    encoder_label = require_encoder_reference(
+        reference, label, "vision", "the vision tower it was trained with (e.g. openai/clip-vit-large-patch14-336)"
+    )
     location = locate(reference, f"{label} encoder")
-    encoder_label = f"{label} encoder ({reference})"
     config = load_config(location.folder, encoder_label)
     if config.model_type in _VISION_MODEL_TYPES:
         config = copy.deepcopy(config.vision_config)
