@@ -140,8 +140,6 @@ def _interleaved_times(runs: dict[str, Callable[[], None]], repeats: int) -> dic
     return times
 
 
-
-
 def _workload(fraction: float, tokens: int, names: list[str], masks: _Masks, dtype: torch.dtype):
     """The routing of a prefill whose first `fraction` of tokens are modality tokens, split evenly across the
     modalities; also sets the reference scheme's masks to match."""
