@@ -271,3 +271,19 @@ def test_weight_search_recipe_errors(world, stage2):
         load_recipe({**base, "sources": [{"path": str(stage2)}], "weight_search": {**search, "grid": []}})
     with pytest.raises(ConversionError, match="weight_search.objective 'loss' is unknown"):
         load_recipe({**base, "sources": [{"path": str(stage2)}], "weight_search": {**search, "objective": "loss"}})
+
+
+def test_zero_text_lora_learning_rate_freezes_the_text_lora(world, stage1, tmp_path):
+    """0 is a rate, not "unset": the text LoRA stays at its zero start while the modality LoRA trains."""
+    data = SourceDataArguments(data_path=str(world / "data.json"), media_root=str(world))
+    args = _model_args(world, base_model=None, encoder=None, init_from=str(stage1), lora_rank=4)
+    output = train_source(args, data, _training_args(tmp_path / "frozen-text", 2, 3, text_lora_learning_rate=0.0))
+    layer = CompositeMLLMForCausalLM.from_pretrained(output).model.routed_layers()[0]
+    assert layer.text_lora_B.abs().sum() == 0 and layer.lora_B["image"].abs().sum() > 0
+
+
+def test_negative_group_learning_rate_is_refused(world, stage1, tmp_path):
+    data = SourceDataArguments(data_path=str(world / "data.json"), media_root=str(world))
+    args = _model_args(world, base_model=None, encoder=None, init_from=str(stage1), lora_rank=4)
+    with pytest.raises(ValueError, match="--projector_learning_rate must be >= 0"):
+        train_source(args, data, _training_args(tmp_path / "negative", 2, 1, projector_learning_rate=-1e-3))

@@ -16,6 +16,28 @@ from .model import build_source_model, trainable_parameter_groups
 logger = logging.getLogger(__name__)
 
 
+def group_learning_rates(args: SourceTrainingArguments, groups: dict[str, list]) -> dict[str, float]:
+    """The learning rate of each parameter group. An unset group rate falls back to `learning_rate`; 0 freezes the
+    group (for example `--text_lora_learning_rate 0`: a decoupled source whose text tokens see the base LLM
+    unchanged). A shared (NaiveMC) LoRA is the source's only LoRA and always trains at the main rate."""
+    def rate(value: float | None, name: str) -> float:
+        if value is None:
+            return args.learning_rate
+        if value < 0:
+            raise ValueError(f"--{name} must be >= 0 (0 freezes that group), got {value}.")
+        return value
+
+    rates = {
+        "projector": rate(args.projector_learning_rate, "projector_learning_rate"),
+        "tokens": args.learning_rate,
+        "modality_lora": args.learning_rate,
+        "text_lora": rate(args.text_lora_learning_rate, "text_lora_learning_rate"),
+    }
+    if not groups.get("modality_lora"):
+        rates["text_lora"] = args.learning_rate
+    return rates
+
+
 class SourceTrainer(Trainer):
     """`Trainer` whose optimizer gives the projector, the modality parameters and the text LoRA their own learning
     rates (the paper trains the projector and the text LoRA slower than the modality LoRA)."""
@@ -27,15 +49,7 @@ class SourceTrainer(Trainer):
     def create_optimizer(self, model=None):
         if self.optimizer is None and self.parameter_groups:
             args = self.args
-            rates = {
-                "projector": args.projector_learning_rate or args.learning_rate,
-                "tokens": args.learning_rate,
-                "modality_lora": args.learning_rate,
-                "text_lora": args.text_lora_learning_rate or args.learning_rate,
-            }
-            if not self.parameter_groups.get("modality_lora"):
-                # A shared (NaiveMC) LoRA is the source's only LoRA: it trains at the main rate.
-                rates["text_lora"] = args.learning_rate
+            rates = group_learning_rates(args, self.parameter_groups)
             decay = set(self.get_decay_parameter_names(self.model))
             groups = []
             for group, members in self.parameter_groups.items():
@@ -66,6 +80,12 @@ def train_source(
         "stage": training_args.stage,
     }
     groups = trainable_parameter_groups(model, model_args.modality, training_args.stage)
+    for group, rate in group_learning_rates(training_args, groups).items():
+        if rate == 0 and groups.get(group):
+            # Frozen, not merely unstepped: no gradient is computed for it, and it stays exactly as initialised.
+            for _, parameter in groups.pop(group):
+                parameter.requires_grad_(False)
+            logger.info("learning rate 0: %s frozen", group)
     dataset = ConversationDataset(
         load_samples(data_args.data_path),
         processor,
