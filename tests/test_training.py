@@ -278,8 +278,18 @@ def test_zero_text_lora_learning_rate_freezes_the_text_lora(world, stage1, tmp_p
     data = SourceDataArguments(data_path=str(world / "data.json"), media_root=str(world))
     args = _model_args(world, base_model=None, encoder=None, init_from=str(stage1), lora_rank=4)
     output = train_source(args, data, _training_args(tmp_path / "frozen-text", 2, 3, text_lora_learning_rate=0.0))
-    layer = CompositeMLLMForCausalLM.from_pretrained(output).model.routed_layers()[0]
+    source = CompositeMLLMForCausalLM.from_pretrained(output).eval()
+    layer = source.model.routed_layers()[0]
     assert layer.text_lora_B.abs().sum() == 0 and layer.lora_B["image"].abs().sum() > 0
+    # So whatever λ its text delta gets, a DAMC composite answers this modality's inputs exactly as the source does.
+    recipe = {"method": "damc", "base": str(world / "base"), "sources": [{"path": str(output), "weight": 0.25}],
+              "dtype": "float32"}
+    composite = CompositeMLLMForCausalLM.from_pretrained(compose(recipe, tmp_path / "composite", verify=False)).eval()
+    processor = CompositeMLLMProcessor.from_pretrained(output, trust_remote_code=False)
+    image = Image.fromarray(np.full((32, 32, 3), COLOURS["red"], dtype=np.uint8))
+    batch = processor(text="USER: <image>\nWhat colour? ASSISTANT:", images=[image])
+    with torch.no_grad():
+        torch.testing.assert_close(composite(**batch).logits, source(**batch).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_negative_group_learning_rate_is_refused(world, stage1, tmp_path):

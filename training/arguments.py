@@ -67,11 +67,11 @@ class SourceTrainingArguments(TrainingArguments):
                   "projector (instructions)."},
     )
     projector_learning_rate: float | None = field(
-        default=None, metadata={"help": "Learning rate of the projector (default: learning_rate)."}
+        default=None, metadata={"help": "Learning rate of the projector (default: learning_rate; 0 freezes it)."}
     )
     text_lora_learning_rate: float | None = field(
         default=None,
-        metadata={"help": "Learning rate of the text LoRA of a decoupled source (default: learning_rate); the paper "
-                  "trains it at the projector's rate."},
+        metadata={"help": "Learning rate of the text LoRA of a decoupled source (default: learning_rate; 0 freezes it, so "
+                  "that text tokens see the base LLM unchanged); the paper trains it at the projector's rate."},
     )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the batch has modality inputs."})

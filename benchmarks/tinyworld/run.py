@@ -63,6 +63,8 @@ class Settings:
     stage2_samples: int = 2400
     batch_size: int = 32
     lora_rank: int = 8
+    # Of the DAMC sources' text LoRA (NaiveMC's shared LoRA trains at the main rate); 0 freezes it.
+    text_lora_learning_rate: float = 1e-3
     prefix_tokens: int = 1
     suffix_tokens: int = 1
     mcub_questions: int = 200
@@ -168,7 +170,7 @@ def build_world(work: Path, settings: Settings) -> dict[str, Path]:
                     ),
                     SourceDataArguments(data_path=str(d / f"{m}-stage2.json"), media_root=str(d)),
                     _training_args(folder, settings, 2, learning_rate=3e-3, projector_learning_rate=1e-3,
-                                   text_lora_learning_rate=1e-3),
+                                   text_lora_learning_rate=settings.text_lora_learning_rate),
                 ),
                 f"{modality} stage 2 ({family})",
             )
