@@ -164,23 +164,22 @@ print("ok")
     assert output.strip().endswith("ok")
 
 
-def test_trained_source_composes_as_a_damc_source(world, stage2, tmp_path):
-    recipe = {
-        "name": "trained",
-        "method": "damc",
-        "base": str(world / "base"),
-        "sources": [{"path": str(stage2), "weight": 1.0}],
-        "dtype": "float32",
-    }
-    output = compose(recipe, tmp_path / "composite", verify=False)
-    composite = CompositeMLLMForCausalLM.from_pretrained(output).eval()
-    source = CompositeMLLMForCausalLM.from_pretrained(stage2).eval()
-    processor = CompositeMLLMProcessor.from_pretrained(stage2, trust_remote_code=False)
+def _assert_damc_composite_answers_like_the_source(world: Path, source_folder: Path, weight: float, output: Path) -> None:
+    """A one-source DAMC composite at `weight` gives the source's logits on an image question."""
+    recipe = {"method": "damc", "base": str(world / "base"), "sources": [{"path": str(source_folder), "weight": weight}],
+              "dtype": "float32"}
+    composite = CompositeMLLMForCausalLM.from_pretrained(compose(recipe, output, verify=False)).eval()
+    source = CompositeMLLMForCausalLM.from_pretrained(source_folder).eval()
+    processor = CompositeMLLMProcessor.from_pretrained(source_folder, trust_remote_code=False)
     image = Image.fromarray(np.full((32, 32, 3), COLOURS["blue"], dtype=np.uint8))
     batch = processor(text="USER: <image>\nWhat colour? ASSISTANT:", images=[image])
     with torch.no_grad():
-        # One source at weight 1: the composite (text delta folded in) equals the trained source (unfolded).
         torch.testing.assert_close(composite(**batch).logits, source(**batch).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_trained_source_composes_as_a_damc_source(world, stage2, tmp_path):
+    # One source at weight 1: the composite (text delta folded in) equals the trained source (unfolded).
+    _assert_damc_composite_answers_like_the_source(world, stage2, 1.0, tmp_path / "composite")
 
 
 def test_bad_inputs_give_clear_errors(world, stage1, tmp_path):
@@ -278,18 +277,10 @@ def test_zero_text_lora_learning_rate_freezes_the_text_lora(world, stage1, tmp_p
     data = SourceDataArguments(data_path=str(world / "data.json"), media_root=str(world))
     args = _model_args(world, base_model=None, encoder=None, init_from=str(stage1), lora_rank=4)
     output = train_source(args, data, _training_args(tmp_path / "frozen-text", 2, 3, text_lora_learning_rate=0.0))
-    source = CompositeMLLMForCausalLM.from_pretrained(output).eval()
-    layer = source.model.routed_layers()[0]
+    layer = CompositeMLLMForCausalLM.from_pretrained(output).model.routed_layers()[0]
     assert layer.text_lora_B.abs().sum() == 0 and layer.lora_B["image"].abs().sum() > 0
     # So whatever λ its text delta gets, a DAMC composite answers this modality's inputs exactly as the source does.
-    recipe = {"method": "damc", "base": str(world / "base"), "sources": [{"path": str(output), "weight": 0.25}],
-              "dtype": "float32"}
-    composite = CompositeMLLMForCausalLM.from_pretrained(compose(recipe, tmp_path / "composite", verify=False)).eval()
-    processor = CompositeMLLMProcessor.from_pretrained(output, trust_remote_code=False)
-    image = Image.fromarray(np.full((32, 32, 3), COLOURS["red"], dtype=np.uint8))
-    batch = processor(text="USER: <image>\nWhat colour? ASSISTANT:", images=[image])
-    with torch.no_grad():
-        torch.testing.assert_close(composite(**batch).logits, source(**batch).logits, atol=1e-5, rtol=1e-5)
+    _assert_damc_composite_answers_like_the_source(world, output, 0.25, tmp_path / "composite")
 
 
 def test_negative_group_learning_rate_is_refused(world, stage1, tmp_path):
