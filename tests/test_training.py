@@ -17,7 +17,8 @@ from modeling_composite.processing_composite import CompositeMLLMProcessor
 from modeling_composite.tiny import tiny_image_processor, tiny_vision_encoder
 from training import SourceDataArguments, SourceModelArguments, SourceTrainingArguments, train_source
 from training.__main__ import main as train_main
-from training.data import IGNORE_INDEX, ConversationDataset, DataError, load_samples
+from training.data import IGNORE_INDEX, ConversationCollator, ConversationDataset, DataError, load_samples
+from training.distillation import aligned_positions, hidden_state_distillation_loss, load_text_teacher
 from training.model import SourceModelError, build_source_model, trainable_parameter_groups
 
 
@@ -39,6 +40,9 @@ def world(tmp_path_factory) -> Path:
             "id": f"s{index}",
             "conversations": [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": colour}],
             "modal_inputs": {"vision": [f"{index}.png"]},  # the paper's key for images
+            # The same conversation with the image written as text (for distillation from the base LLM).
+            "text_conversations": [{"from": "human", "value": f"a {colour} square\nWhat colour?"},
+                                   {"from": "gpt", "value": colour}],
         })
     (root / "data.json").write_text(json.dumps(samples))
     return root
@@ -288,3 +292,86 @@ def test_negative_group_learning_rate_is_refused(world, stage1, tmp_path):
     args = _model_args(world, base_model=None, encoder=None, init_from=str(stage1), lora_rank=4)
     with pytest.raises(ValueError, match="--projector_learning_rate must be >= 0"):
         train_source(args, data, _training_args(tmp_path / "negative", 2, 1, projector_learning_rate=-1e-3))
+
+
+def test_text_version_shares_every_token_after_the_last_input(world):
+    model, processor = build_source_model(_model_args(world), stage=1)
+    dataset = ConversationDataset(load_samples(world / "data.json"), processor, media_root=world, with_text_version=True)
+    item = dataset[1]
+    placeholder_id = model.config.modalities["image"]["placeholder_id"]
+    last_input = max(position for position, token in enumerate(item["input_ids"]) if token == placeholder_id)
+    version = item["text_version"]
+    assert version["aligned"] == len(item["input_ids"]) - last_input - 1
+    assert version["input_ids"][-version["aligned"]:] == item["input_ids"][last_input + 1:]
+    assert processor.tokenizer.decode(version["input_ids"]).endswith("USER: a blue square\nWhat colour? ASSISTANT: blue</s>")
+    first = dataset[0]
+    batch = ConversationCollator(processor.tokenizer.pad_token_id)([first, item])
+    ends = batch["text_version"]["attention_mask"].sum(-1)
+    rows, positions = aligned_positions(ends, batch["text_version"]["aligned"])
+    count = first["text_version"]["aligned"]
+    assert rows.tolist() == [0] * count + [1] * version["aligned"]
+    # Each row's aligned positions run up to its last real token, not into the padding.
+    assert positions[:count].tolist() == list(range(ends[0] - count, ends[0]))
+    assert positions[count:].tolist() == list(range(ends[1] - version["aligned"], ends[1]))
+
+
+def test_text_version_errors_name_the_sample(world, tmp_path):
+    _, processor = build_source_model(_model_args(world), stage=1)
+    sample = json.loads((world / "data.json").read_text())[0]
+    cases = [
+        ({k: v for k, v in sample.items() if k != "text_conversations"}, "no `text_conversations` list"),
+        ({**sample, "text_conversations": [{"from": "human", "value": "a red square\nWhich colour?"},
+                                           {"from": "gpt", "value": "red"}]}, "text after its last input differs"),
+        ({**sample, "text_conversations": sample["conversations"]}, "still has a modality placeholder"),
+    ]
+    for bad, message in cases:
+        dataset = ConversationDataset([bad], processor, media_root=world, with_text_version=True)
+        with pytest.raises(DataError, match=f"Sample s0: .*{message}"):
+            dataset[0]
+
+
+def test_distillation_loss_compares_only_the_aligned_positions():
+    torch.manual_seed(0)
+    teacher = tuple(torch.randn(2, 6, 4) for _ in range(3))
+    teacher_mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    aligned = torch.tensor([2, 3])
+    # The student is longer (its input spans more positions) and differs everywhere except the aligned tail.
+    student = tuple(torch.randn(2, 8, 4) for _ in range(3))
+    student_mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+    for layer_s, layer_t in zip(student, teacher):
+        layer_s[0, 3:5], layer_s[1, 5:8] = layer_t[0, 2:4], layer_t[1, 3:6]
+    assert hidden_state_distillation_loss(student, student_mask, teacher, teacher_mask, aligned) == 0
+    student[2][1, 7] += 1.0
+    assert hidden_state_distillation_loss(student, student_mask, teacher, teacher_mask, aligned) > 0
+    with pytest.raises(ValueError, match="must be the base LLM the source was built from"):
+        hidden_state_distillation_loss(student[:2], student_mask, teacher, teacher_mask, aligned)
+
+
+def _distillation_gap(world: Path, source: Path) -> float:
+    """The distillation loss of a trained source over the data: how far it is from the base reading the text."""
+    model = CompositeMLLMForCausalLM.from_pretrained(source).eval()
+    processor = CompositeMLLMProcessor.from_pretrained(source, trust_remote_code=False)
+    dataset = ConversationDataset(load_samples(world / "data.json"), processor, media_root=world, with_text_version=True)
+    batch = ConversationCollator(processor.tokenizer.pad_token_id)([dataset[index] for index in range(len(dataset))])
+    version = batch.pop("text_version")
+    teacher = load_text_teacher(str(world / "base"), "cpu")
+    with torch.no_grad():
+        student = model(**batch, output_hidden_states=True).hidden_states
+        reference = teacher(input_ids=version["input_ids"], attention_mask=version["attention_mask"],
+                            output_hidden_states=True).hidden_states
+    return hidden_state_distillation_loss(student, batch["attention_mask"], reference, version["attention_mask"],
+                                          version["aligned"]).item()
+
+
+def test_text_distillation_pulls_the_source_towards_the_base_reading_text(world, stage1, tmp_path):
+    data = SourceDataArguments(data_path=str(world / "data.json"), media_root=str(world))
+    args = _model_args(world, base_model=None, encoder=None, init_from=str(stage1), lora_rank=4, prefix_tokens=1)
+    gaps = {}
+    for weight in (0.0, 5.0):
+        # The teacher defaults to the base recorded in the source's composition (the stage-1 --base_model).
+        output = train_source(args, data, _training_args(tmp_path / f"weight-{weight}", 2, 8,
+                                                         text_distillation_weight=weight))
+        gaps[weight] = _distillation_gap(world, output)
+    assert gaps[5.0] < 0.25 * gaps[0.0]
+    with pytest.raises(ValueError, match="--text_distillation_weight must be >= 0"):
+        train_source(args, data, _training_args(tmp_path / "negative", 2, 1, text_distillation_weight=-1.0))

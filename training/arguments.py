@@ -74,4 +74,16 @@ class SourceTrainingArguments(TrainingArguments):
         metadata={"help": "Learning rate of the text LoRA of a decoupled source (default: learning_rate; 0 freezes it, so "
                   "that text tokens see the base LLM unchanged); the paper trains it at the projector's rate."},
     )
+    text_distillation_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of an extra loss (0: off; beyond the paper) that pulls the source's hidden states, at "
+                  "every position after a sample's last input, towards those of the base LLM reading the sample's "
+                  "`text_conversations` (the same conversation with every input written as text). Needs that field "
+                  "in every sample."},
+    )
+    text_distillation_teacher: str | None = field(
+        default=None,
+        metadata={"help": "The base LLM to distil from (default: the base the source was built from, as recorded in "
+                  "its config's `composition.base`)."},
+    )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the batch has modality inputs."})

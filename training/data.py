@@ -9,6 +9,9 @@ A sample:
 `modal_inputs` keys are modality names; the paper's `vision` is accepted for an image modality. The conversation is
 rendered with the processor's chat template (the same text the composite sees at inference), and every assistant
 answer, up to and including its end-of-sequence token, is the only part with labels.
+
+A sample may also carry `text_conversations`, the same conversation with every input written as text; with
+`with_text_version`, the dataset tokenizes it too, for distillation from the base LLM (see `distillation.py`).
 """
 
 import json
@@ -55,8 +58,10 @@ class ConversationDataset(Dataset):
         media_root: str | Path | None = None,
         system_prompt: str | None = None,
         model_max_length: int = 2048,
+        with_text_version: bool = False,
     ):
         self.samples = samples
+        self.with_text_version = with_text_version
         self.processor = processor
         self.media_root = Path(media_root) if media_root else None
         self.system_prompt = system_prompt
@@ -69,9 +74,9 @@ class ConversationDataset(Dataset):
     def _sample_id(self, index: int) -> str:
         return str(self.samples[index].get("id", f"#{index}"))
 
-    def _messages(self, index: int) -> list[dict[str, str]]:
+    def _messages(self, index: int, key: str = "conversations") -> list[dict[str, str]]:
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        for turn in self.samples[index]["conversations"]:
+        for turn in self.samples[index][key]:
             role = ROLES.get(turn.get("from"))
             if role is None or not isinstance(turn.get("value"), str):
                 raise DataError(
@@ -83,10 +88,10 @@ class ConversationDataset(Dataset):
             raise DataError(f"Sample {self._sample_id(index)}: no assistant (`gpt`) turn, so nothing to learn.")
         return messages
 
-    def _pieces(self, index: int) -> list[tuple[str, bool]]:
+    def _pieces(self, index: int, key: str = "conversations") -> list[tuple[str, bool]]:
         """The rendered conversation cut into (text, is_answer) pieces with the chat template: each answer is what
         rendering it adds after the generation prompt of its question."""
-        messages = self._messages(index)
+        messages = self._messages(index, key)
         pieces: list[tuple[str, bool]] = []
         done = ""
         for position, message in enumerate(messages):
@@ -177,7 +182,37 @@ class ConversationDataset(Dataset):
                 f"Sample {self._sample_id(index)}: {len(input_ids)} tokens (modality positions included) exceed "
                 f"model_max_length {self.model_max_length}; shorten it or raise the limit."
             )
-        return {"input_ids": input_ids, "labels": labels, "modality_inputs": self._modality_inputs(index)}
+        item = {"input_ids": input_ids, "labels": labels, "modality_inputs": self._modality_inputs(index)}
+        if self.with_text_version:
+            item["text_version"] = self._text_version(index, input_ids)
+        return item
+
+    def _text_version(self, index: int, input_ids: list[int]) -> dict[str, Any]:
+        """The token ids of the sample's `text_conversations`, and how many final tokens it shares with `input_ids`:
+        every token after the last modality position (none for a sample without inputs)."""
+        if not isinstance(self.samples[index].get("text_conversations"), list):
+            raise DataError(
+                f"Sample {self._sample_id(index)}: no `text_conversations` list (the conversation with every input "
+                "written as text), which distillation from the base LLM needs."
+            )
+        tokenizer = self.processor.tokenizer
+        text_ids: list[int] = []
+        for number, (text, _) in enumerate(self._pieces(index, "text_conversations")):
+            text_ids += tokenizer(text, add_special_tokens=number == 0)["input_ids"]
+        placeholder_ids = set(tokenizer.convert_tokens_to_ids([entry["placeholder"] for entry in self.modalities.values()]))
+        if placeholder_ids.intersection(text_ids):
+            raise DataError(
+                f"Sample {self._sample_id(index)}: `text_conversations` still has a modality placeholder; write every "
+                "input as text there."
+            )
+        inputs = [position for position, token in enumerate(input_ids) if token in placeholder_ids]
+        aligned = len(input_ids) - inputs[-1] - 1 if inputs else 0
+        if aligned and (aligned >= len(text_ids) or text_ids[-aligned:] != input_ids[-aligned:]):
+            raise DataError(
+                f"Sample {self._sample_id(index)}: the text after its last input differs between `conversations` and "
+                "`text_conversations`; only the inputs themselves may be rewritten as text."
+            )
+        return {"input_ids": text_ids, "aligned": aligned}
 
 
 class ConversationCollator:
@@ -203,4 +238,17 @@ class ConversationCollator:
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         if grouped:
             batch["modality_inputs"] = {name: torch.cat(tensors) for name, tensors in grouped.items()}
+        if "text_version" in features[0]:
+            versions = [feature["text_version"] for feature in features]
+            text_length = max(len(version["input_ids"]) for version in versions)
+            text_ids = torch.full((len(versions), text_length), self.pad_token_id, dtype=torch.long)
+            text_mask = torch.zeros((len(versions), text_length), dtype=torch.long)
+            for row, version in enumerate(versions):
+                text_ids[row, : len(version["input_ids"])] = torch.tensor(version["input_ids"])
+                text_mask[row, : len(version["input_ids"])] = 1
+            batch["text_version"] = {
+                "input_ids": text_ids,
+                "attention_mask": text_mask,
+                "aligned": torch.tensor([version["aligned"] for version in versions]),
+            }
         return batch

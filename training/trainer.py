@@ -4,13 +4,15 @@
 import logging
 from pathlib import Path
 
+import torch
 from transformers import Trainer, set_seed
 
 from modeling_composite.builder import register_composite_auto_classes
 
 from .arguments import SourceDataArguments, SourceModelArguments, SourceTrainingArguments
 from .data import ConversationCollator, ConversationDataset, load_samples
-from .model import build_source_model, trainable_parameter_groups
+from .distillation import hidden_state_distillation_loss, load_text_teacher
+from .model import SourceModelError, build_source_model, trainable_parameter_groups
 
 
 logger = logging.getLogger(__name__)
@@ -42,9 +44,29 @@ class SourceTrainer(Trainer):
     """`Trainer` whose optimizer gives the projector, the modality parameters and the text LoRA their own learning
     rates (the paper trains the projector and the text LoRA slower than the modality LoRA)."""
 
-    def __init__(self, *args, parameter_groups: dict[str, list] | None = None, **kwargs):
+    def __init__(self, *args, parameter_groups: dict[str, list] | None = None, text_teacher=None, **kwargs):
         self.parameter_groups = parameter_groups or {}
+        # The frozen base LLM that reads the samples' text versions (`--text_distillation_weight`), or None.
+        self.text_teacher = text_teacher
         super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        text_version = inputs.pop("text_version", None)
+        if self.text_teacher is None or text_version is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, outputs = super().compute_loss(
+            model, {**inputs, "output_hidden_states": True}, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        with torch.no_grad():
+            teacher = self.text_teacher(
+                input_ids=text_version["input_ids"], attention_mask=text_version["attention_mask"], output_hidden_states=True
+            )
+        distillation = hidden_state_distillation_loss(
+            outputs.hidden_states, inputs["attention_mask"], teacher.hidden_states, text_version["attention_mask"],
+            text_version["aligned"],
+        )
+        loss = loss + self.args.text_distillation_weight * distillation.to(loss.dtype)
+        return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model=None):
         if self.optimizer is None and self.parameter_groups:
@@ -86,13 +108,26 @@ def train_source(
             for _, parameter in groups.pop(group):
                 parameter.requires_grad_(False)
             logger.info("learning rate 0: %s frozen", group)
+    if training_args.text_distillation_weight < 0:
+        raise ValueError(f"--text_distillation_weight must be >= 0, got {training_args.text_distillation_weight}.")
+    distilling = training_args.text_distillation_weight > 0
     dataset = ConversationDataset(
         load_samples(data_args.data_path),
         processor,
         media_root=data_args.media_root,
         system_prompt=data_args.system_prompt,
         model_max_length=data_args.model_max_length,
+        with_text_version=distilling,
     )
+    text_teacher = None
+    if distilling:
+        location = training_args.text_distillation_teacher or (model.config.composition or {}).get("base")
+        if not location:
+            raise SourceModelError(
+                "--text_distillation_weight needs the base LLM: pass --text_distillation_teacher (the source's config "
+                "records no composition.base)."
+            )
+        text_teacher = load_text_teacher(location, training_args.device, model.get_input_embeddings().weight.dtype)
     if getattr(training_args, "activation_checkpointing", False) or training_args.gradient_checkpointing:
         # The frozen embeddings give no gradient to checkpointed layers' inputs; this makes them require one.
         model.enable_input_require_grads()
@@ -103,6 +138,7 @@ def train_source(
         data_collator=ConversationCollator(processor.tokenizer.pad_token_id),
         processing_class=processor,
         parameter_groups=groups,
+        text_teacher=text_teacher,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
