@@ -3,6 +3,7 @@ compose each family with the converter, evaluate, print the table, write it as J
 MCUB questions through `pipeline()` with the DAMC composite loaded in 4-bit.
 
     python -m benchmarks.tinyworld [--work outputs/tinyworld] [--seed 0] [--text-lora-learning-rate 1e-3]
+        [--text-distillation-weight 5]
 
 Artifacts are cached under --work: a rerun with the same settings only evaluates.
 """
@@ -60,6 +61,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--text-lora-learning-rate", type=float, default=Settings.text_lora_learning_rate,
                         help="learning rate of the DAMC sources' text LoRA; 0 freezes it (use another --work)")
+    parser.add_argument("--text-distillation-weight", type=float, default=Settings.text_distillation_weight,
+                        help="weight of the sources' distillation from the base LLM reading each input's name (0: off)")
     parser.add_argument("--search-lambda", action="store_true",
                         help="also choose λ on a grid: by validation accuracy, and by agreement with the sources (no labels)")
     args = parser.parse_args()
@@ -74,7 +77,8 @@ def main() -> None:
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     work = Path(args.work)
-    settings = Settings(seed=args.seed, text_lora_learning_rate=args.text_lora_learning_rate)
+    settings = Settings(seed=args.seed, text_lora_learning_rate=args.text_lora_learning_rate,
+                        text_distillation_weight=args.text_distillation_weight)
     start = time.perf_counter()
     rows = run(work, settings)
     table = format_table(rows, COLUMNS)

@@ -3,6 +3,8 @@
 Stage 1 (projector pre-training): captions, `<image>` -> the concept's name. Stage 2 (instructions): captions,
 open questions, "what is it", and "which fits all" questions about the input, alone or with concepts named in
 text. Every sample gets its own rendering; no sample shows two modality inputs, and none uses a held-out concept set.
+Every sample also has its text version (`text_conversations`: the input written as its concept's name), which the
+trainer's distillation from the base LLM reads.
 """
 
 import json
@@ -12,6 +14,7 @@ from pathlib import Path
 from .questions import (
     TEXT,
     Question,
+    as_text,
     attribute_question,
     caption_question,
     identify_question,
@@ -61,12 +64,15 @@ def write_source_data(
                 continue
             array = render(item_modality, by_name[name], instance_rng("train", question.id, index))
             media.append(save_media(item_modality, array, folder / "media" / f"{question.id}-{index}").relative_to(folder))
-        prompt = question.prompt()
         samples.append(
             {
                 "id": question.id,
-                "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": question.answer}],
+                "conversations": [{"from": "human", "value": question.prompt()}, {"from": "gpt", "value": question.answer}],
                 "modal_inputs": {modality: [str(path) for path in media]},
+                # The input written as its concept's name: what the base LLM reads for distillation.
+                "text_conversations": [
+                    {"from": "human", "value": as_text(question).prompt()}, {"from": "gpt", "value": question.answer}
+                ],
             }
         )
     path = folder / f"{modality}-stage{stage}.json"

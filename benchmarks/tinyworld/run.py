@@ -47,7 +47,7 @@ ENCODER_SETTINGS = {
 }
 FAMILIES = {"damc": True, "naive": False}  # family -> decoupled
 # Part of every cache key: bump it when the code that makes an artifact changes what it makes.
-WORLD_VERSION = 4
+WORLD_VERSION = 5
 
 
 @dataclass
@@ -65,6 +65,8 @@ class Settings:
     lora_rank: int = 8
     # Of the DAMC sources' text LoRA (NaiveMC's shared LoRA trains at the main rate); 0 freezes it.
     text_lora_learning_rate: float = 1e-3
+    # Stage 2 of both families: pull each source towards the base LLM reading the input's name (0: the paper's loss).
+    text_distillation_weight: float = 5.0
     prefix_tokens: int = 1
     suffix_tokens: int = 1
     mcub_questions: int = 200
@@ -170,7 +172,8 @@ def build_world(work: Path, settings: Settings) -> dict[str, Path]:
                     ),
                     SourceDataArguments(data_path=str(d / f"{m}-stage2.json"), media_root=str(d)),
                     _training_args(folder, settings, 2, learning_rate=3e-3, projector_learning_rate=1e-3,
-                                   text_lora_learning_rate=settings.text_lora_learning_rate),
+                                   text_lora_learning_rate=settings.text_lora_learning_rate,
+                                   text_distillation_weight=settings.text_distillation_weight),
                 ),
                 f"{modality} stage 2 ({family})",
             )
