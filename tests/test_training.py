@@ -375,3 +375,14 @@ def test_text_distillation_pulls_the_source_towards_the_base_reading_text(world,
     assert gaps[5.0] < 0.25 * gaps[0.0]
     with pytest.raises(ValueError, match="--text_distillation_weight must be >= 0"):
         train_source(args, data, _training_args(tmp_path / "negative", 2, 1, text_distillation_weight=-1.0))
+
+
+def test_cached_samples_are_built_once_and_equal_the_uncached(world):
+    _, processor = build_source_model(_model_args(world), stage=1)
+    samples = load_samples(world / "data.json")
+    cached = ConversationDataset(samples, processor, media_root=world, cache_samples=True, with_text_version=True)
+    plain = ConversationDataset(samples, processor, media_root=world, with_text_version=True)
+    first = cached[3]
+    assert cached[3] is first and plain[3] is not plain[3]
+    assert first["input_ids"] == plain[3]["input_ids"] and first["text_version"] == plain[3]["text_version"]
+    assert torch.equal(first["modality_inputs"]["image"], plain[3]["modality_inputs"]["image"])

@@ -55,6 +55,12 @@ class SourceDataArguments:
     media_root: str | None = field(default=None, metadata={"help": "Folder that relative media paths start from."})
     system_prompt: str | None = field(default=None, metadata={"help": "System message put before every conversation."})
     model_max_length: int = field(default=2048, metadata={"help": "Longer samples are refused with their id."})
+    cache_samples: bool = field(
+        default=False,
+        metadata={"help": "Keep every sample's tokens and processed inputs in memory after its first epoch (memory "
+                  "grows with the dataset): for small datasets trained over many epochs, where loading and "
+                  "preprocessing the media again each epoch would cost more than the model's steps."},
+    )
 
 
 @dataclass

@@ -59,9 +59,12 @@ class ConversationDataset(Dataset):
         system_prompt: str | None = None,
         model_max_length: int = 2048,
         with_text_version: bool = False,
+        cache_samples: bool = False,
     ):
         self.samples = samples
         self.with_text_version = with_text_version
+        # Index -> the finished item, when caching (each dataloader worker keeps its own).
+        self._cache: dict[int, dict[str, Any]] | None = {} if cache_samples else None
         self.processor = processor
         self.media_root = Path(media_root) if media_root else None
         self.system_prompt = system_prompt
@@ -170,6 +173,13 @@ class ConversationDataset(Dataset):
         return candidate if candidate.is_absolute() or self.media_root is None else self.media_root / candidate
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        if self._cache is None:
+            return self._build_item(index)
+        if index not in self._cache:
+            self._cache[index] = self._build_item(index)
+        return self._cache[index]
+
+    def _build_item(self, index: int) -> dict[str, Any]:
         tokenizer = self.processor.tokenizer
         input_ids: list[int] = []
         labels: list[int] = []

@@ -118,6 +118,7 @@ def train_source(
         system_prompt=data_args.system_prompt,
         model_max_length=data_args.model_max_length,
         with_text_version=distilling,
+        cache_samples=data_args.cache_samples,
     )
     text_teacher = None
     if distilling:

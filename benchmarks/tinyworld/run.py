@@ -155,7 +155,7 @@ def build_world(work: Path, settings: Settings) -> dict[str, Path]:
             {**key, "base": (base / ".done").read_text(), "encoder": (encoder / ".done").read_text()},
             lambda folder, m=modality, d=data[1], e=encoder, a=model_args: train_source(
                 SourceModelArguments(base_model=str(base), encoder=str(e), **a),
-                SourceDataArguments(data_path=str(d / f"{m}-stage1.json"), media_root=str(d)),
+                SourceDataArguments(data_path=str(d / f"{m}-stage1.json"), media_root=str(d), cache_samples=True),
                 _training_args(folder, settings, 1, learning_rate=3e-3),
             ),
             f"{modality} stage 1 (projector)",
@@ -170,7 +170,7 @@ def build_world(work: Path, settings: Settings) -> dict[str, Path]:
                         lora_alpha=2.0 * settings.lora_rank, prefix_tokens=settings.prefix_tokens,
                         suffix_tokens=settings.suffix_tokens, **a,
                     ),
-                    SourceDataArguments(data_path=str(d / f"{m}-stage2.json"), media_root=str(d)),
+                    SourceDataArguments(data_path=str(d / f"{m}-stage2.json"), media_root=str(d), cache_samples=True),
                     _training_args(folder, settings, 2, learning_rate=3e-3, projector_learning_rate=1e-3,
                                    text_lora_learning_rate=settings.text_lora_learning_rate,
                                    text_distillation_weight=settings.text_distillation_weight),
