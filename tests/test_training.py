@@ -55,10 +55,10 @@ def _model_args(world: Path, **overrides) -> SourceModelArguments:
 
 
 def _training_args(output: Path, stage: int, steps: int, **overrides) -> SourceTrainingArguments:
-    return SourceTrainingArguments(
-        output_dir=str(output), stage=stage, max_steps=steps, per_device_train_batch_size=8, learning_rate=3e-3,
-        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0, **overrides,
-    )
+    settings = dict(output_dir=str(output), stage=stage, max_steps=steps, per_device_train_batch_size=8,
+                    learning_rate=3e-3, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                    disable_tqdm=True, seed=0)
+    return SourceTrainingArguments(**{**settings, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -386,3 +386,19 @@ def test_cached_samples_are_built_once_and_equal_the_uncached(world):
     assert cached[3] is first and plain[3] is not plain[3]
     assert first["input_ids"] == plain[3]["input_ids"] and first["text_version"] == plain[3]["text_version"]
     assert torch.equal(first["modality_inputs"]["image"], plain[3]["modality_inputs"]["image"])
+
+
+def test_text_distillation_with_gradient_accumulation_matches_one_big_batch(world, stage1, tmp_path):
+    """Plain SGD without clipping, one step over the same 8 samples: 2 micro-batches of 4 must move the weights as
+    one batch of 8 (up to the per-micro-batch normalisation of the distillation term), not count it twice."""
+    data = SourceDataArguments(data_path=str(world / "data.json"), media_root=str(world))
+    args = _model_args(world, base_model=None, encoder=None, init_from=str(stage1), lora_rank=4)
+    moved = {}
+    for accumulation in (1, 2):
+        training = _training_args(tmp_path / f"accumulate-{accumulation}", 2, 1, optim="sgd", learning_rate=0.5,
+                                  lr_scheduler_type="constant", max_grad_norm=0.0, text_distillation_weight=5.0,
+                                  gradient_accumulation_steps=accumulation, per_device_train_batch_size=8 // accumulation)
+        output = train_source(args, data, training)
+        moved[accumulation] = CompositeMLLMForCausalLM.from_pretrained(output).model.routed_layers()[0].lora_B["image"]
+    assert moved[1].abs().sum() > 0
+    assert (moved[2] - moved[1]).norm() < 0.05 * moved[1].norm()

@@ -65,7 +65,16 @@ class SourceTrainer(Trainer):
             outputs.hidden_states, inputs["attention_mask"], teacher.hidden_states, text_version["attention_mask"],
             text_version["aligned"],
         )
-        loss = loss + self.args.text_distillation_weight * distillation.to(loss.dtype)
+        # The distillation term is a mean over this micro-batch. When `Trainer` leaves the language-model loss
+        # unscaled for gradient accumulation (it was normalised by the tokens of all micro-batches instead), the
+        # term takes its share here, as `Trainer` would otherwise have divided the sum.
+        scaled_for_accumulation = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled_for_accumulation is None:
+            scaled_for_accumulation = (
+                self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            ) or self.compute_loss_func is not None
+        share = 1.0 / getattr(self, "current_gradient_accumulation_steps", 1) if scaled_for_accumulation else 1.0
+        loss = loss + self.args.text_distillation_weight * share * distillation.to(loss.dtype)
         return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model=None):
