@@ -296,14 +296,16 @@ def test_negative_group_learning_rate_is_refused(world, stage1, tmp_path):
 
 def test_text_version_shares_every_token_after_the_last_input(world):
     model, processor = build_source_model(_model_args(world), stage=1)
-    dataset = ConversationDataset(load_samples(world / "data.json"), processor, media_root=world, with_text_version=True)
+    samples = load_samples(world / "data.json")
+    dataset = ConversationDataset(samples, processor, media_root=world, with_text_version=True)
     item = dataset[1]
     placeholder_id = model.config.modalities["image"]["placeholder_id"]
     last_input = max(position for position, token in enumerate(item["input_ids"]) if token == placeholder_id)
     version = item["text_version"]
     assert version["aligned"] == len(item["input_ids"]) - last_input - 1
     assert version["input_ids"][-version["aligned"]:] == item["input_ids"][last_input + 1:]
-    assert processor.tokenizer.decode(version["input_ids"]).endswith("USER: a blue square\nWhat colour? ASSISTANT: blue</s>")
+    text = processor.tokenizer.decode(version["input_ids"])
+    assert text.endswith("USER: a blue square\nWhat colour? ASSISTANT: blue</s>")
     first = dataset[0]
     batch = ConversationCollator(processor.tokenizer.pad_token_id)([first, item])
     ends = batch["text_version"]["attention_mask"].sum(-1)
@@ -351,7 +353,8 @@ def _distillation_gap(world: Path, source: Path) -> float:
     """The distillation loss of a trained source over the data: how far it is from the base reading the text."""
     model = CompositeMLLMForCausalLM.from_pretrained(source).eval()
     processor = CompositeMLLMProcessor.from_pretrained(source, trust_remote_code=False)
-    dataset = ConversationDataset(load_samples(world / "data.json"), processor, media_root=world, with_text_version=True)
+    samples = load_samples(world / "data.json")
+    dataset = ConversationDataset(samples, processor, media_root=world, with_text_version=True)
     batch = ConversationCollator(processor.tokenizer.pad_token_id)([dataset[index] for index in range(len(dataset))])
     version = batch.pop("text_version")
     teacher = load_text_teacher(str(world / "base"), "cpu")
@@ -397,7 +400,8 @@ def test_text_distillation_with_gradient_accumulation_matches_one_big_batch(worl
     for accumulation in (1, 2):
         training = _training_args(tmp_path / f"accumulate-{accumulation}", 2, 1, optim="sgd", learning_rate=0.5,
                                   lr_scheduler_type="constant", max_grad_norm=0.0, text_distillation_weight=5.0,
-                                  gradient_accumulation_steps=accumulation, per_device_train_batch_size=8 // accumulation)
+                                  gradient_accumulation_steps=accumulation,
+                                  per_device_train_batch_size=8 // accumulation)
         output = train_source(args, data, training)
         moved[accumulation] = CompositeMLLMForCausalLM.from_pretrained(output).model.routed_layers()[0].lora_B["image"]
     assert moved[1].abs().sum() > 0

@@ -77,13 +77,13 @@ class SourceTrainingArguments(TrainingArguments):
     )
     text_lora_learning_rate: float | None = field(
         default=None,
-        metadata={"help": "Learning rate of the text LoRA of a decoupled source (default: learning_rate; 0 freezes it, so "
-                  "that text tokens see the base LLM unchanged); the paper trains it at the projector's rate."},
+        metadata={"help": "Learning rate of the text LoRA of a decoupled source (default: learning_rate; 0 freezes "
+                  "it, so that text tokens see the base LLM unchanged); the paper trains it at the projector's rate."},
     )
     text_distillation_weight: float = field(
         default=0.0,
-        metadata={"help": "Weight of an extra loss (0: off; beyond the paper) that pulls the source's hidden states, at "
-                  "every position after a sample's last input, towards those of the base LLM reading the sample's "
+        metadata={"help": "Weight of an extra loss (0: off; beyond the paper) that pulls the source's hidden states, "
+                  "at every position after a sample's last input, towards those of the base LLM reading the sample's "
                   "`text_conversations` (the same conversation with every input written as text). Needs that field "
                   "in every sample."},
     )

@@ -209,7 +209,8 @@ class ConversationDataset(Dataset):
         text_ids: list[int] = []
         for number, (text, _) in enumerate(self._pieces(index, "text_conversations")):
             text_ids += tokenizer(text, add_special_tokens=number == 0)["input_ids"]
-        placeholder_ids = set(tokenizer.convert_tokens_to_ids([entry["placeholder"] for entry in self.modalities.values()]))
+        placeholders = [entry["placeholder"] for entry in self.modalities.values()]
+        placeholder_ids = set(tokenizer.convert_tokens_to_ids(placeholders))
         if placeholder_ids.intersection(text_ids):
             raise DataError(
                 f"Sample {self._sample_id(index)}: `text_conversations` still has a modality placeholder; write every "

@@ -35,12 +35,13 @@ def hidden_state_distillation_loss(
     teacher_mask: torch.Tensor,
     aligned: torch.Tensor,
 ) -> torch.Tensor:
-    """Mean over the decoder layers of the relative squared error `Σ‖h_s - h_t‖² / Σ‖h_t‖²` at the aligned positions
-    (the last `aligned[b]` tokens of row b in both right-padded batches). The embedding output (index 0) is left out:
-    the text after the inputs is the same tokens in both, so it matches by construction."""
+    """Mean over the decoder layers of the relative squared error `Σ‖h_s - h_t‖² / Σ‖h_t‖²` at the aligned
+    positions (the last `aligned[b]` tokens of row b in both right-padded batches). The embedding output (index 0)
+    is left out: the text after the inputs is the same tokens in both, so it matches by construction."""
     if len(student_hidden) != len(teacher_hidden):
         raise ValueError(
-            f"The source's LLM has {len(student_hidden) - 1} layers but the text teacher has {len(teacher_hidden) - 1}; "
+            f"The source's LLM has {len(student_hidden) - 1} layers but the text teacher has "
+            f"{len(teacher_hidden) - 1}; "
             "--text_distillation_teacher must be the base LLM the source was built from."
         )
     student_rows, student_positions = aligned_positions(student_mask.sum(-1), aligned)

@@ -59,7 +59,9 @@ class SourceTrainer(Trainer):
         )
         with torch.no_grad():
             teacher = self.text_teacher(
-                input_ids=text_version["input_ids"], attention_mask=text_version["attention_mask"], output_hidden_states=True
+                input_ids=text_version["input_ids"],
+                attention_mask=text_version["attention_mask"],
+                output_hidden_states=True,
             )
         distillation = hidden_state_distillation_loss(
             outputs.hidden_states, inputs["attention_mask"], teacher.hidden_states, text_version["attention_mask"],

@@ -62,7 +62,8 @@ def main() -> None:
     parser.add_argument("--text-lora-learning-rate", type=float, default=Settings.text_lora_learning_rate,
                         help="learning rate of the DAMC sources' text LoRA; 0 freezes it (use another --work)")
     parser.add_argument("--text-distillation-weight", type=float, default=Settings.text_distillation_weight,
-                        help="weight of the sources' distillation from the base LLM reading each input's name (0: off)")
+                        help="weight of the sources' distillation from the base LLM reading each input's name "
+                        "(0: off)")
     parser.add_argument("--search-lambda", action="store_true",
                         help="also choose λ on a grid: by validation accuracy, and by agreement with the sources (no labels)")
     args = parser.parse_args()

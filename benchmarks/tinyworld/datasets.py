@@ -67,7 +67,9 @@ def write_source_data(
         samples.append(
             {
                 "id": question.id,
-                "conversations": [{"from": "human", "value": question.prompt()}, {"from": "gpt", "value": question.answer}],
+                "conversations": [
+                    {"from": "human", "value": question.prompt()}, {"from": "gpt", "value": question.answer}
+                ],
                 "modal_inputs": {modality: [str(path) for path in media]},
                 # The input written as its concept's name: what the base LLM reads for distillation.
                 "text_conversations": [
