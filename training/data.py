@@ -70,6 +70,8 @@ class ConversationDataset(Dataset):
         self.system_prompt = system_prompt
         self.model_max_length = model_max_length
         self.modalities = processor.modalities
+        placeholders = [entry["placeholder"] for entry in self.modalities.values()]
+        self._placeholder_ids = set(processor.tokenizer.convert_tokens_to_ids(placeholders))
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -179,14 +181,20 @@ class ConversationDataset(Dataset):
             self._cache[index] = self._build_item(index)
         return self._cache[index]
 
-    def _build_item(self, index: int) -> dict[str, Any]:
-        tokenizer = self.processor.tokenizer
+    def _token_ids(self, index: int, key: str = "conversations") -> tuple[list[int], list[int]]:
+        """Token ids of the conversation under `key` (placeholders expanded), and labels: the answers' ids."""
         input_ids: list[int] = []
         labels: list[int] = []
-        for number, (text, is_answer) in enumerate(self._pieces(index)):
-            ids = tokenizer(self.processor.expand_placeholders(text), add_special_tokens=number == 0)["input_ids"]
+        for number, (text, is_answer) in enumerate(self._pieces(index, key)):
+            ids = self.processor.tokenizer(
+                self.processor.expand_placeholders(text), add_special_tokens=number == 0
+            )["input_ids"]
             input_ids += ids
             labels += ids if is_answer else [IGNORE_INDEX] * len(ids)
+        return input_ids, labels
+
+    def _build_item(self, index: int) -> dict[str, Any]:
+        input_ids, labels = self._token_ids(index)
         if len(input_ids) > self.model_max_length:
             raise DataError(
                 f"Sample {self._sample_id(index)}: {len(input_ids)} tokens (modality positions included) exceed "
@@ -205,18 +213,13 @@ class ConversationDataset(Dataset):
                 f"Sample {self._sample_id(index)}: no `text_conversations` list (the conversation with every input "
                 "written as text), which distillation from the base LLM needs."
             )
-        tokenizer = self.processor.tokenizer
-        text_ids: list[int] = []
-        for number, (text, _) in enumerate(self._pieces(index, "text_conversations")):
-            text_ids += tokenizer(text, add_special_tokens=number == 0)["input_ids"]
-        placeholders = [entry["placeholder"] for entry in self.modalities.values()]
-        placeholder_ids = set(tokenizer.convert_tokens_to_ids(placeholders))
-        if placeholder_ids.intersection(text_ids):
+        text_ids, _ = self._token_ids(index, "text_conversations")
+        if self._placeholder_ids.intersection(text_ids):
             raise DataError(
                 f"Sample {self._sample_id(index)}: `text_conversations` still has a modality placeholder; write every "
                 "input as text there."
             )
-        inputs = [position for position, token in enumerate(input_ids) if token in placeholder_ids]
+        inputs = [position for position, token in enumerate(input_ids) if token in self._placeholder_ids]
         aligned = len(input_ids) - inputs[-1] - 1 if inputs else 0
         if aligned and (aligned >= len(text_ids) or text_ids[-aligned:] != input_ids[-aligned:]):
             raise DataError(
