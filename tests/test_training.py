@@ -208,6 +208,12 @@ def test_command_line_reports_bad_arguments_in_one_line(world, capsys):
                        "--output_dir", str(world / "cli"), "--stage", "1", "--use_cpu", "true", "--report_to", "none"])
     assert code == 2
     assert capsys.readouterr().err.strip().startswith("error: Without --init_from, both --base_model and --encoder")
+    code = train_main(["--modality", "image", "--kind", "image", "--data_path", str(world / "data.json"),
+                       "--output_dir", str(world / "cli"), "--text_lora_learning_rate", "-1", "--use_cpu", "true"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --text_lora_learning_rate must be >= 0 (0 freezes that group), got -1.0."
+    )
 
 
 def test_weight_search_picks_and_records_lambda(world, stage2, tmp_path):

@@ -25,12 +25,16 @@ from .trainer import train_source
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = HfArgumentParser((SourceModelArguments, SourceDataArguments, SourceTrainingArguments))
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(argv[0])
-    elif len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        model_args, data_args, training_args = parser.parse_yaml_file(argv[0])
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
+    try:
+        if len(argv) == 1 and argv[0].endswith(".json"):
+            model_args, data_args, training_args = parser.parse_json_file(argv[0])
+        elif len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+            model_args, data_args, training_args = parser.parse_yaml_file(argv[0])
+        else:
+            model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
+    except ValueError as error:  # argument checks (ours and `TrainingArguments`'), raised while parsing
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=training_args.get_process_log_level())
     try:
         output = train_source(model_args, data_args, training_args)

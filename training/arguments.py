@@ -93,3 +93,12 @@ class SourceTrainingArguments(TrainingArguments):
                   "its config's `composition.base`)."},
     )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the batch has modality inputs."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("projector_learning_rate", "text_lora_learning_rate"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"--{name} must be >= 0 (0 freezes that group), got {value}.")
+        if self.text_distillation_weight < 0:
+            raise ValueError(f"--text_distillation_weight must be >= 0, got {self.text_distillation_weight}.")

@@ -22,18 +22,14 @@ def group_learning_rates(args: SourceTrainingArguments, groups: dict[str, list])
     """The learning rate of each parameter group. An unset group rate falls back to `learning_rate`; 0 freezes the
     group (for example `--text_lora_learning_rate 0`: a decoupled source whose text tokens see the base LLM
     unchanged). A shared (NaiveMC) LoRA is the source's only LoRA and always trains at the main rate."""
-    def rate(value: float | None, name: str) -> float:
-        if value is None:
-            return args.learning_rate
-        if value < 0:
-            raise ValueError(f"--{name} must be >= 0 (0 freezes that group), got {value}.")
-        return value
+    def rate(value: float | None) -> float:
+        return args.learning_rate if value is None else value
 
     rates = {
-        "projector": rate(args.projector_learning_rate, "projector_learning_rate"),
+        "projector": rate(args.projector_learning_rate),
         "tokens": args.learning_rate,
         "modality_lora": args.learning_rate,
-        "text_lora": rate(args.text_lora_learning_rate, "text_lora_learning_rate"),
+        "text_lora": rate(args.text_lora_learning_rate),
     }
     if not groups.get("modality_lora"):
         rates["text_lora"] = args.learning_rate
@@ -119,8 +115,6 @@ def train_source(
             for _, parameter in groups.pop(group):
                 parameter.requires_grad_(False)
             logger.info("learning rate 0: %s frozen", group)
-    if training_args.text_distillation_weight < 0:
-        raise ValueError(f"--text_distillation_weight must be >= 0, got {training_args.text_distillation_weight}.")
     distilling = training_args.text_distillation_weight > 0
     dataset = ConversationDataset(
         load_samples(data_args.data_path),
