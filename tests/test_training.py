@@ -122,6 +122,25 @@ def test_stage2_trains_both_loras_and_the_loss_falls(world, stage1, stage2):
                        model.model.encoders["image"].state_dict()["embeddings.patch_embedding.weight"])
 
 
+def test_q_former_projector_trains_through_both_stages(world, tmp_path):
+    """The paper's audio projector (`qformer_{Q}N_{L}L`, here sized down with projector_options) has no linears of
+    its own: stage 1 trains the Q-Former, and stage 2 adds prefix/suffix tokens around its queries."""
+    data = SourceDataArguments(data_path=str(world / "data.json"), media_root=str(world))
+    projector = dict(projector="qformer_2N_1L",
+                     projector_options='{"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128}')
+    first = train_source(_model_args(world, **projector), data, _training_args(tmp_path / "s1", 1, 2))
+    model, _ = build_source_model(_model_args(world, **projector), stage=1)
+    trainable = {name for name, _ in trainable_parameter_groups(model, "image", stage=1)["projector"]}
+    assert "model.projectors.image.qformer.query_tokens" in trainable
+    assert model.model.projectors["image"].qformer.query_tokens.shape == (1, 2, 64)
+    args = _model_args(world, base_model=None, encoder=None, init_from=str(first), prefix_tokens=1, suffix_tokens=1,
+                       lora_rank=4)
+    second = train_source(args, data, _training_args(tmp_path / "s2", 2, 2))
+    loaded = CompositeMLLMForCausalLM.from_pretrained(second)
+    assert loaded.config.positions_per_item("image") == 1 + 2 + 1
+    assert loaded.model.projectors["image"].prefix.shape == (1, loaded.config.get_text_config().hidden_size)
+
+
 def test_training_does_not_depend_on_what_the_process_did_before(world, stage1, tmp_path):
     data = SourceDataArguments(data_path=str(world / "data.json"), media_root=str(world))
     args = _model_args(world, base_model=None, encoder=None, init_from=str(stage1), lora_rank=4, prefix_tokens=1)
@@ -191,6 +210,10 @@ def test_bad_inputs_give_clear_errors(world, stage1, tmp_path):
         build_source_model(SourceModelArguments(modality="image", kind="image"), stage=1)
     with pytest.raises(SourceModelError, match="not 'sound' of kind 'audio'"):
         build_source_model(SourceModelArguments(modality="sound", kind="audio", init_from=str(stage1)), stage=2)
+    with pytest.raises(SourceModelError, match="--projector_options must be a JSON object"):
+        build_source_model(_model_args(world, projector="qformer_1N_1L", projector_options="hidden_size=64"), stage=1)
+    with pytest.raises(ValueError, match="projector_options must be a dict with keys among"):
+        build_source_model(_model_args(world, projector="qformer_1N_1L", projector_options='{"width": 64}'), stage=1)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"id": "x", "conversations": [{"from": "human", "value": "<image> hi"}],
                                 "modal_inputs": {"image": ["missing.png"]}}]))

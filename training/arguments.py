@@ -27,7 +27,12 @@ class SourceModelArguments:
         metadata={"help": "Folder with the image processor / feature extractor for the encoder (default: `encoder`)."},
     )
     placeholder: str | None = field(default=None, metadata={"help": "Placeholder token (default `<image>`, ... by kind)."})
-    projector: str = field(default="mlp2x_gelu", metadata={"help": "`linear` or `mlp{N}x_gelu`."})
+    projector: str = field(default="mlp2x_gelu", metadata={"help": "`linear`, `mlp{N}x_gelu` or `qformer_{Q}N_{L}L`."})
+    projector_options: str | None = field(
+        default=None,
+        metadata={"help": "JSON object sizing a Q-Former projector: any of `hidden_size`, `num_attention_heads`, "
+                  "`intermediate_size`, `num_positions` (default: BERT-base, as the paper's)."},
+    )
     feature_layer: str = field(default="last", metadata={"help": "`last`, or an index into the encoder's hidden states."})
     feature_select: str = field(default="full", metadata={"help": "`patch` drops the CLS feature, `full` keeps all."})
     num_frames: int | None = field(default=None, metadata={"help": "Frames per video (video only)."})

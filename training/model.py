@@ -85,6 +85,16 @@ def _feature_layer(value: str | int) -> str | int:
         raise SourceModelError(f"--feature_layer must be 'last' or an integer, got {value!r}.") from None
 
 
+def _projector_options(text: str | None) -> dict[str, int] | None:
+    if text is None:
+        return None
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SourceModelError(f"--projector_options must be a JSON object, got {text!r} ({error}).") from None
+    return options
+
+
 def build_base_source(args: SourceModelArguments) -> tuple[CompositeMLLMForCausalLM, CompositeMLLMProcessor]:
     """Base LLM + encoder + a fresh projector, as a one-modality composite without low-rank deltas."""
     if args.base_model is None or args.encoder is None:
@@ -100,6 +110,7 @@ def build_base_source(args: SourceModelArguments) -> tuple[CompositeMLLMForCausa
         feature_layer=_feature_layer(args.feature_layer),
         feature_select=args.feature_select,
         num_frames=args.num_frames,
+        projector_options=_projector_options(args.projector_options),
     )
     preprocessors = _preprocessor(args.kind, args.processor or args.encoder)
     return compose(
@@ -161,7 +172,7 @@ def add_low_rank(
     )
     projector = inner.projectors[args.modality]
     width = config.get_text_config().hidden_size
-    reference = projector.linear_1.weight
+    reference = next(projector.parameters())  # its dtype and device (linears or a Q-Former)
     for name, count in (("prefix", args.prefix_tokens), ("suffix", args.suffix_tokens)):
         if count:
             setattr(projector, name, nn.Parameter(torch.zeros(count, width, dtype=reference.dtype, device=reference.device)))
