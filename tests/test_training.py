@@ -323,7 +323,7 @@ def test_negative_group_learning_rate_is_refused(world, stage1, tmp_path):
         train_source(args, data, _training_args(tmp_path / "negative", 2, 1, projector_learning_rate=-1e-3))
 
 
-def test_text_version_shares_every_token_after_the_last_input(world):
+def test_text_version_aligns_the_input_end_and_every_token_after_it(world):
     model, processor = build_source_model(_model_args(world), stage=1)
     samples = load_samples(world / "data.json")
     dataset = ConversationDataset(samples, processor, media_root=world, with_text_version=True)
@@ -331,10 +331,14 @@ def test_text_version_shares_every_token_after_the_last_input(world):
     placeholder_id = model.config.modalities["image"]["placeholder_id"]
     last_input = max(position for position, token in enumerate(item["input_ids"]) if token == placeholder_id)
     version = item["text_version"]
-    assert version["aligned"] == len(item["input_ids"]) - last_input - 1
-    assert version["input_ids"][-version["aligned"]:] == item["input_ids"][last_input + 1:]
+    # The input's last position (its last feature) stands against the last token of its text ("a blue square"); every
+    # token after it is the same in both versions.
+    assert version["aligned"] == len(item["input_ids"]) - last_input
+    assert version["input_ids"][1 - version["aligned"]:] == item["input_ids"][last_input + 1:]
     text = processor.tokenizer.decode(version["input_ids"])
     assert text.endswith("USER: a blue square\nWhat colour? ASSISTANT: blue</s>")
+    input_end = len(version["input_ids"]) - version["aligned"] + 1
+    assert processor.tokenizer.decode(version["input_ids"][:input_end]).endswith("a blue square")
     first = dataset[0]
     batch = ConversationCollator(processor.tokenizer.pad_token_id)([first, item])
     ends = batch["text_version"]["attention_mask"].sum(-1)

@@ -88,9 +88,9 @@ class SourceTrainingArguments(TrainingArguments):
     text_distillation_weight: float = field(
         default=0.0,
         metadata={"help": "Weight of an extra loss (0: off; beyond the paper) that pulls the source's hidden states, "
-                  "at every position after a sample's last input, towards those of the base LLM reading the sample's "
-                  "`text_conversations` (the same conversation with every input written as text). Needs that field "
-                  "in every sample."},
+                  "at a sample's last input position and every position after it, towards those of the base LLM "
+                  "reading the sample's `text_conversations` (the same conversation with every input written as "
+                  "text). Needs that field in every sample."},
     )
     text_distillation_teacher: str | None = field(
         default=None,

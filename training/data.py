@@ -206,8 +206,10 @@ class ConversationDataset(Dataset):
         return item
 
     def _text_version(self, index: int, input_ids: list[int]) -> dict[str, Any]:
-        """The token ids of the sample's `text_conversations`, and how many final tokens it shares with `input_ids`:
-        every token after the last modality position (none for a sample without inputs)."""
+        """The token ids of the sample's `text_conversations`, and how many final positions of the two line up
+        (`aligned`; 0 for a sample without inputs): every token after the last modality input, which must be the same
+        in both, and before them the last input's final position (its suffix token, or its last feature) against the
+        last token of that input's text (a name, the end of a caption): both close the input."""
         if not isinstance(self.samples[index].get("text_conversations"), list):
             raise DataError(
                 f"Sample {self._sample_id(index)}: no `text_conversations` list (the conversation with every input "
@@ -220,13 +222,16 @@ class ConversationDataset(Dataset):
                 "input as text there."
             )
         inputs = [position for position, token in enumerate(input_ids) if token in self._placeholder_ids]
-        aligned = len(input_ids) - inputs[-1] - 1 if inputs else 0
-        if aligned and (aligned >= len(text_ids) or text_ids[-aligned:] != input_ids[-aligned:]):
+        if not inputs:
+            return {"input_ids": text_ids, "aligned": 0}
+        after = len(input_ids) - inputs[-1] - 1
+        # The text version needs the same `after` tokens, the input's text before them, and BOS or a prompt before it.
+        if after + 1 >= len(text_ids) or text_ids[len(text_ids) - after :] != input_ids[len(input_ids) - after :]:
             raise DataError(
                 f"Sample {self._sample_id(index)}: the text after its last input differs between `conversations` and "
                 "`text_conversations`; only the inputs themselves may be rewritten as text."
             )
-        return {"input_ids": text_ids, "aligned": aligned}
+        return {"input_ids": text_ids, "aligned": after + 1}
 
 
 class ConversationCollator:

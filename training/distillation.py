@@ -2,8 +2,9 @@
 
 A sample may carry `text_conversations`: the same conversation with every modality input written as text (a caption,
 an object's name). The base LLM reads that version; the source reads the real one. Every position after the sample's
-last modality input holds the same tokens in both, and there the source is pulled towards the base LLM's hidden
-states, layer by layer. The source then learns to hand the LLM what the LLM already knows how to reason with (the
+last modality input holds the same tokens in both, and the input's own last position stands against the last token of
+its text (both close the input): at those positions the source is pulled towards the base LLM's hidden states, layer
+by layer. The source then learns to hand the LLM what the LLM already knows how to reason with (the
 concept behind the input), rather than only the answers of its own training questions, which is what a composite
 needs when it meets questions that mix inputs no source saw together.
 """
@@ -37,7 +38,8 @@ def hidden_state_distillation_loss(
 ) -> torch.Tensor:
     """Mean over the decoder layers of the relative squared error `Σ‖h_s - h_t‖² / Σ‖h_t‖²` at the aligned
     positions (the last `aligned[b]` tokens of row b in both right-padded batches). The embedding output (index 0)
-    is left out: the text after the inputs is the same tokens in both, so it matches by construction."""
+    is left out: the source's input embeddings are not meant to equal the text's token embeddings, and the text after
+    the inputs is the same tokens in both."""
     if len(student_hidden) != len(teacher_hidden):
         raise ValueError(
             f"The source's LLM has {len(student_hidden) - 1} layers but the text teacher has "
