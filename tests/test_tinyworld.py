@@ -2,6 +2,7 @@
 hand-made answers, and the whole pipeline (train -> compose -> evaluate) wired end to end at a few steps."""
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -113,3 +114,7 @@ def test_pipeline_runs_end_to_end_at_a_few_steps(tmp_path):
     stamps = {path: path.stat().st_mtime for path in tmp_path.glob("**/.done")}
     assert run(tmp_path, settings) == rows
     assert {path: path.stat().st_mtime for path in tmp_path.glob("**/.done")} == stamps
+    # A stage-2 setting retrains the stage-2 sources and what follows, and reuses the base and stage 1.
+    run(tmp_path, replace(settings, text_distillation_weight=0.0))
+    changed = {path.parent.name for path in tmp_path.glob("**/.done") if path.stat().st_mtime != stamps.get(path)}
+    assert changed == {f"{m}-{f}" for m in MODALITIES for f in ("damc", "naive")} | {"damc-built", "naive-built"}

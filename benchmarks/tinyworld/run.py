@@ -81,6 +81,12 @@ class Settings:
     unimodal_questions: int = 200
 
 
+STAGE1_SETTINGS = (
+    "seed", "stage1_steps", "stage1_samples", "stage1_learning_rate", "projector", "projector_options", "batch_size",
+    "version",
+)
+
+
 def _cached(folder: Path, key: dict, build: Callable[[Path], object], label: str) -> Path:
     """Run `build(folder)` unless `folder` was built with the same `key`; a failed build leaves no `.done`."""
     marker = folder / ".done"
@@ -139,6 +145,8 @@ def build_world(work: Path, settings: Settings) -> dict[str, Path]:
     """Train (or reuse) the base, the encoders, the data and every source; returns name -> source folder."""
     concepts = make_concepts(settings.seed)
     key = {**asdict(settings), "version": WORLD_VERSION}
+    # Stage 1 depends on these settings only, so that a change to stage 2 (a distillation weight, a rate) reuses it.
+    stage1_key = {name: key[name] for name in STAGE1_SETTINGS}
     base = _cached(
         work / "base",
         {"seed": settings.seed, "steps": settings.base_steps, "corpus": settings.base_corpus},
@@ -160,7 +168,7 @@ def build_world(work: Path, settings: Settings) -> dict[str, Path]:
         model_args = dict(modality=modality, kind=KINDS[modality], **ENCODER_SETTINGS[modality])
         stage1 = _cached(
             work / "sources" / f"{modality}-stage1",
-            {**key, "base": (base / ".done").read_text(), "encoder": (encoder / ".done").read_text()},
+            {**stage1_key, "base": (base / ".done").read_text(), "encoder": (encoder / ".done").read_text()},
             lambda folder, m=modality, d=data[1], e=encoder, a=model_args: train_source(
                 SourceModelArguments(base_model=str(base), encoder=str(e), projector=settings.projector,
                                      projector_options=json.dumps(settings.projector_options), **a),
