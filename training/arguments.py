@@ -27,7 +27,9 @@ class SourceModelArguments:
         metadata={"help": "Folder with the image processor / feature extractor for the encoder (default: `encoder`)."},
     )
     placeholder: str | None = field(default=None, metadata={"help": "Placeholder token (default `<image>`, ... by kind)."})
-    projector: str = field(default="mlp2x_gelu", metadata={"help": "`linear`, `mlp{N}x_gelu` or `qformer_{Q}N_{L}L`."})
+    projector: str = field(
+        default="mlp2x_gelu", metadata={"help": "`linear`, `mlp{N}x_gelu` or `qformer_{Q}N_{L}L`."}
+    )
     projector_options: str | None = field(
         default=None,
         metadata={"help": "JSON object sizing a Q-Former projector: any of `hidden_size`, `num_attention_heads`, "
