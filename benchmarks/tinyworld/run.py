@@ -64,6 +64,7 @@ class Settings:
     # projector (9-25 positions per input) this 4-layer LLM reads one input well but questions over 2-4 inputs fall
     # to near chance (see benchmarks/README.md). The paper's audio projector type, sized down to the LLM's width.
     projector: str = "qformer_1N_1L"
+    # The Q-Former's sizes (empty for other projectors).
     projector_options: dict[str, int] = field(
         default_factory=lambda: {"hidden_size": 128, "num_attention_heads": 4, "intermediate_size": 256}
     )
@@ -147,6 +148,7 @@ def build_world(work: Path, settings: Settings) -> dict[str, Path]:
     key = {**asdict(settings), "version": WORLD_VERSION}
     # Stage 1 depends on these settings only, so that a change to stage 2 (a distillation weight, a rate) reuses it.
     stage1_key = {name: key[name] for name in STAGE1_SETTINGS}
+    projector_options = json.dumps(settings.projector_options) if settings.projector_options else None
     base = _cached(
         work / "base",
         {"seed": settings.seed, "steps": settings.base_steps, "corpus": settings.base_corpus},
@@ -171,7 +173,7 @@ def build_world(work: Path, settings: Settings) -> dict[str, Path]:
             {**stage1_key, "base": (base / ".done").read_text(), "encoder": (encoder / ".done").read_text()},
             lambda folder, m=modality, d=data[1], e=encoder, a=model_args: train_source(
                 SourceModelArguments(base_model=str(base), encoder=str(e), projector=settings.projector,
-                                     projector_options=json.dumps(settings.projector_options), **a),
+                                     projector_options=projector_options, **a),
                 SourceDataArguments(data_path=str(d / f"{m}-stage1.json"), media_root=str(d), cache_samples=True),
                 _training_args(folder, settings, 1, learning_rate=settings.stage1_learning_rate),
             ),
