@@ -241,33 +241,38 @@ class ConversationCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        length = max(len(feature["input_ids"]) for feature in features)
-        input_ids = torch.full((len(features), length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(features), length), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(features), length), dtype=torch.long)
-        for row, feature in enumerate(features):
-            size = len(feature["input_ids"])
-            input_ids[row, :size] = torch.tensor(feature["input_ids"])
-            labels[row, :size] = torch.tensor(feature["labels"])
-            attention_mask[row, :size] = 1
+        input_ids = [feature["input_ids"] for feature in features]
+        batch = {
+            "input_ids": _right_padded(input_ids, self.pad_token_id),
+            "attention_mask": _padding_mask(input_ids),
+            "labels": _right_padded([feature["labels"] for feature in features], IGNORE_INDEX),
+        }
         grouped: dict[str, list[torch.Tensor]] = {}
         for feature in features:
             for name, tensor in feature.get("modality_inputs", {}).items():
                 grouped.setdefault(name, []).append(torch.as_tensor(tensor))
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         if grouped:
             batch["modality_inputs"] = {name: torch.cat(tensors) for name, tensors in grouped.items()}
         if "text_version" in features[0]:
             versions = [feature["text_version"] for feature in features]
-            text_length = max(len(version["input_ids"]) for version in versions)
-            text_ids = torch.full((len(versions), text_length), self.pad_token_id, dtype=torch.long)
-            text_mask = torch.zeros((len(versions), text_length), dtype=torch.long)
-            for row, version in enumerate(versions):
-                text_ids[row, : len(version["input_ids"])] = torch.tensor(version["input_ids"])
-                text_mask[row, : len(version["input_ids"])] = 1
+            text_ids = [version["input_ids"] for version in versions]
             batch["text_version"] = {
-                "input_ids": text_ids,
-                "attention_mask": text_mask,
+                "input_ids": _right_padded(text_ids, self.pad_token_id),
+                "attention_mask": _padding_mask(text_ids),
                 "aligned": torch.tensor([version["aligned"] for version in versions]),
             }
         return batch
+
+
+def _right_padded(sequences: list[list[int]], value: int) -> torch.Tensor:
+    """The sequences as the rows of one tensor, each filled up on the right with `value`."""
+    padded = torch.full((len(sequences), max(map(len, sequences))), value, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        padded[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+    return padded
+
+
+def _padding_mask(sequences: list[list[int]]) -> torch.Tensor:
+    """1 on each sequence's own positions, 0 on the padding `_right_padded` adds."""
+    lengths = torch.tensor([len(sequence) for sequence in sequences])
+    return (torch.arange(int(lengths.max())) < lengths[:, None]).long()
