@@ -119,17 +119,19 @@ def weights_breakdown(model) -> tuple[dict[str, int], list[tuple[str, int]]]:
             seen.add(id(tensor))
             size = tensor.numel() * tensor.element_size()
             full = f"{module_name}.{name}"
+            factor = ".lora_" in full or ".text_lora_" in full
             if isinstance(module, bnb.nn.Linear4bit) and name == "weight":
-                parts["4-bit linear weights (+ quant state)"] += size + state_bytes(tensor.quant_state)
+                label = "4-bit low-rank factors (+ quant state)" if factor else "4-bit linear weights (+ quant state)"
+                parts[label] += size + state_bytes(tensor.quant_state)
                 continue
             unquantized.append((full, size))
-            if isinstance(module, torch.nn.Linear) and name == "weight":
+            if factor:
+                parts["low-rank factors"] += size
+            elif isinstance(module, torch.nn.Linear) and name == "weight":
                 label = "lm_head" if full.startswith("lm_head") else "unquantized linear weights"
                 parts[label] += size
             elif "embed_tokens" in full:
                 parts["token embeddings"] += size
-            elif "lora" in full:  # text factors are parameters, modality factors live in ParameterDicts
-                parts["low-rank factors"] += size
             elif name in ("prefix", "suffix"):
                 parts["prefix/suffix tokens"] += size
             else:
@@ -149,10 +151,13 @@ def _median_seconds(run, repeats: int) -> float:
 
 def measure(folder: Path, batch: dict, repeats: int, quant_type: str) -> dict:
     results = {}
+    settings = {"load_in_4bit": True, "bnb_4bit_quant_type": quant_type, "bnb_4bit_compute_dtype": torch.bfloat16}
     variants = {
         "bf16": {},
-        "4-bit": {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
-                                                            bnb_4bit_compute_dtype=torch.bfloat16)},
+        "4-bit": {"quantization_config": BitsAndBytesConfig(**settings)},
+        # The factors kept in bf16, as for training on a 4-bit base ("lm_head": transformers' default skip).
+        "4-bit, bf16 factors": {"quantization_config": BitsAndBytesConfig(
+            **settings, llm_int8_skip_modules=[r".*lora_[AB]", "lm_head"])},
     }
     for label, extra in variants.items():
         model = CompositeMLLMForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, **extra).eval()
@@ -195,11 +200,12 @@ def main() -> None:
         save_composite(model, processor, folder)
         del model
         results = measure(folder, batch, args.repeats, args.quant_type)
-    bf16, quantized = results["bf16"], results["4-bit"]
+    bf16 = results["bf16"]
+    quantized_labels = [label for label in results if label != "bf16"]
     ratios = {
-        "footprint 4-bit/bf16": quantized["get_memory_footprint"] / bf16["get_memory_footprint"],
-        "by hand 4-bit/bf16": quantized["by_hand"] / bf16["by_hand"],
-        "prefill time 4-bit/bf16": quantized["prefill_s"] / bf16["prefill_s"],
+        f"{kind} {label}/bf16": results[label][key] / bf16[key]
+        for label in quantized_labels
+        for kind, key in (("footprint", "get_memory_footprint"), ("by hand", "by_hand"), ("prefill time", "prefill_s"))
     }
     report = {"settings": vars(args), "threads": torch.get_num_threads(), "positions": batch["input_ids"].shape[1],
               "results": results, "ratios": ratios}
@@ -208,17 +214,21 @@ def main() -> None:
           f"(4-layer encoders) with rank-{MODALITY_RANK} LoRAs, text rank {TEXT_RANK}; prefill of "
           f"{batch['input_ids'].shape[1]} positions, CPU with {torch.get_num_threads()} threads, median of "
           f"{args.repeats}, 4-bit {args.quant_type}")
-    print(f"{'':<40} {'bf16 MiB':>10} {'4-bit MiB':>10} {'4-bit/bf16':>11}")
+    columns = ["bf16", *quantized_labels]
+    print(f"{'':<40}" + "".join(f"{label + ' MiB':>26}" for label in columns)
+          + "".join(f"{label + '/bf16':>26}" for label in quantized_labels))
     for label, key in (("get_memory_footprint()", "get_memory_footprint"), ("by hand (with quant state)", "by_hand")):
-        print(f"{label:<40} {bf16[key] / mib:>10.1f} {quantized[key] / mib:>10.1f} {quantized[key] / bf16[key]:>11.3f}")
-    for part in sorted(set(bf16["breakdown"]) | set(quantized["breakdown"])):
-        before, after = bf16["breakdown"].get(part, 0), quantized["breakdown"].get(part, 0)
-        print(f"  {part:<38} {before / mib:>10.1f} {after / mib:>10.1f}")
-    print(f"{'prefill ms':<40} {bf16['prefill_s'] * 1e3:>10.1f} {quantized['prefill_s'] * 1e3:>10.1f} "
-          f"{ratios['prefill time 4-bit/bf16']:>11.3f}")
+        print(f"{label:<40}" + "".join(f"{results[column][key] / mib:>26.1f}" for column in columns)
+              + "".join(f"{results[column][key] / bf16[key]:>26.3f}" for column in quantized_labels))
+    for part in sorted({part for column in columns for part in results[column]["breakdown"]}):
+        print(f"  {part:<38}" + "".join(f"{results[column]['breakdown'].get(part, 0) / mib:>26.1f}" for column in columns))
+    print(f"{'prefill ms':<40}" + "".join(f"{results[column]['prefill_s'] * 1e3:>26.1f}" for column in columns)
+          + "".join(f"{results[column]['prefill_s'] / bf16['prefill_s']:>26.3f}" for column in quantized_labels))
+    quantized = results["4-bit"]
+    met = ratios["by hand 4-bit/bf16"] <= 0.35
     print(f"\n4-bit: {quantized['linear4bit_modules']} Linear4bit modules; nn.Linear left unquantized: "
           f"{quantized['unquantized_linears']}. Target 4-bit/bf16 weights <= 0.35: "
-          f"{'met' if ratios['by hand 4-bit/bf16'] <= 0.35 else 'missed'} ({ratios['by hand 4-bit/bf16']:.3f})")
+          f"{'met' if met else 'missed'} ({ratios['by hand 4-bit/bf16']:.3f})")
     print("largest tensors left unquantized in 4-bit: " + ", ".join(
         f"{name} {size / mib:.1f} MiB" for name, size in quantized["largest_unquantized"]))
     print(f"wrote {write_figures(report, args.output)}")

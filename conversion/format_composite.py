@@ -21,7 +21,9 @@ from .sources import LowRank, ModalityPart, Source, select_modalities
 from .tensors import Lazy, open_model_weights
 
 
-_ROUTED = re.compile(r"^model\.language_model\.(.+)\.(base_layer\.(weight|bias)|text_lora_[AB]|lora_[AB]\.(\w+))$")
+_ROUTED = re.compile(
+    r"^model\.language_model\.(.+)\.(base_layer\.(weight|bias)|text_lora_[AB]\.weight|lora_[AB]\.(\w+)\.weight)$"
+)
 
 
 def read_composite(recipe: SourceRecipe, location: Location) -> Source:
@@ -42,7 +44,7 @@ def read_composite(recipe: SourceRecipe, location: Location) -> Source:
             if tail.startswith("base_layer."):
                 full[f"model.{module}.{match.group(3)}"] = Lazy(store, key)
             elif tail.startswith("text_lora_"):
-                text_factors.setdefault(f"model.{module}.weight", {})[tail[-1]] = key
+                text_factors.setdefault(f"model.{module}.weight", {})[tail[len("text_lora_")]] = key
             else:
                 modality_factors.setdefault(match.group(4), {}).setdefault(f"model.{module}.weight", {})[tail[5]] = key
         elif key.startswith("model.language_model."):

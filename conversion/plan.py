@@ -367,17 +367,17 @@ def _plan_routed(plan: Plan, key: str, prefix: str, base: BaseModel, sources: li
                     blocks.append(factor if factor is not None else torch.zeros(out_features, rank))
             return torch.cat(blocks, dim=0 if side == "A" else 1)
 
-        plan.producers[f"{prefix}.text_lora_A"] = lambda: stacked("A")
-        plan.producers[f"{prefix}.text_lora_B"] = lambda: stacked("B")
-        plan.shapes[f"{prefix}.text_lora_A"] = (total, in_features)
-        plan.shapes[f"{prefix}.text_lora_B"] = (out_features, total)
+        plan.producers[f"{prefix}.text_lora_A.weight"] = lambda: stacked("A")
+        plan.producers[f"{prefix}.text_lora_B.weight"] = lambda: stacked("B")
+        plan.shapes[f"{prefix}.text_lora_A.weight"] = (total, in_features)
+        plan.shapes[f"{prefix}.text_lora_B.weight"] = (out_features, total)
     for name, (_, part) in plan.modalities.items():
         if plan.config.modalities[name]["lora"] is None:
             continue
         rank = plan.config.modalities[name]["lora"]["r"]
         low_rank = part.lora_factors.get(key)
         for side, shape in (("A", (rank, in_features)), ("B", (out_features, rank))):
-            out_key = f"{prefix}.lora_{side}.{name}"
+            out_key = f"{prefix}.lora_{side}.{name}.weight"
             lazy = None if low_rank is None else (low_rank.lora_a if side == "A" else low_rank.lora_b)
             plan.producers[out_key] = lazy.load if lazy is not None else _zeros(shape)
             plan.shapes[out_key] = shape

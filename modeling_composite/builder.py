@@ -43,7 +43,7 @@ class ModalitySpec:
         placeholder: placeholder token (default `<{name}>`); added to the tokenizer as a special token.
         feature_layer / feature_select / num_frames / prefix_tokens / suffix_tokens / lora: as in
             [`CompositeMLLMConfig`]; `lora_state_dict` holds that delta's factors keyed like the model's
-            (`language_model.layers.0.self_attn.q_proj.lora_A.<name>`).
+            (`language_model.layers.0.self_attn.q_proj.lora_A.<name>.weight`).
         tokens_per_item: features per item; computed from the encoder config when left out.
     """
 

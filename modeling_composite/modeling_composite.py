@@ -177,11 +177,16 @@ class CompositeMLLMPreTrainedModel(PreTrainedModel):
                     init.normal_(token, mean=0.0, std=std)
         if isinstance(module, QFormerProjector):
             module.init_query_tokens()
-        if isinstance(module, CompositeMLLMModel):
-            # Routed layers sit inside the text model, whose own init does not know them: initialise their factors
-            # here (A Kaiming-uniform, B zero, as PEFT's LoRA); `init.*` leaves tensors loaded from a checkpoint alone.
-            for layer in module.routed_layers():
-                for lora_a, lora_b in layer.factor_pairs():
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        super().initialize_weights()
+        # Routed layers sit inside the text model, whose `_init_weights` initialises their factor linears like any
+        # linear (normal): initialise them again here as PEFT's LoRA (A Kaiming-uniform, B zero), so that a fresh
+        # delta is zero. `init.*` leaves tensors loaded from a checkpoint alone.
+        for layer in self.routed_layers():
+            for lora_a, lora_b in layer.factor_pairs():
+                if lora_a.dtype.is_floating_point:  # packed 4-bit factors were loaded, not initialised
                     init.kaiming_uniform_(lora_a, a=5**0.5)
                     init.zeros_(lora_b)
 

@@ -6,14 +6,20 @@ For one linear layer with original weight `W0`, text deltas `T_i` merged with we
 - text tokens use `W_text = W0 + Σ λ_i T_i`;
 - tokens of modality m use `W0 + M_m = W_text + M_m - Σ λ_i T_i`.
 
-The wrapper keeps the original `nn.Linear` as its `base_layer` child (bitsandbytes quantizes modules whose type is
-exactly `nn.Linear`) and the low-rank factors as plain parameters (never quantized). In a composite the text delta is
-folded into `base_layer` (`text_lora.folded=True`), so text tokens, which include every decoded token, cost exactly
-one dense matmul. Only the rows of a modality get the two low-rank products `M_m` and `-Σ λ_i T_i`, nothing is
-computed for other rows. Without autograd, and when the rows come in long blocks (placeholders expand into runs of
-hundreds of tokens), the products accumulate into the output's rows in place; otherwise the rows of all modalities
-are gathered once, corrected, and added back. When training (`folded=False`), the base holds `W0` and the
-text delta is added to every row, then taken off the rows of modalities that have their own delta.
+The wrapper keeps the original `nn.Linear` as its `base_layer` child and each low-rank factor as an `nn.Linear` child
+without bias, as PEFT does (`lora_A.<modality>.weight`, `text_lora_A.weight`). bitsandbytes quantizes modules whose
+type is exactly `nn.Linear`, so a 4-bit composite quantizes the factors with the base weights: at 7B shape a
+4-modality composite holds about 2.5B factor parameters beside 6.5B in the base projections.
+`llm_int8_skip_modules=[r".*lora_[AB]", "lm_head"]` keeps them in 16 bits where wanted (training on a 4-bit base);
+factors whose rank fits no 4-bit kernel (`UnquantizedFactor`) always stay so.
+
+In a composite the text delta is folded into `base_layer` (`text_lora.folded=True`), so text tokens, which include
+every decoded token, cost exactly one dense matmul. Only the rows of a modality get the two low-rank products `M_m`
+and `-Σ λ_i T_i`, nothing is computed for other rows. Without autograd, and when the rows come in long blocks
+(placeholders expand into runs of hundreds of tokens), the products accumulate into the output's rows in place;
+otherwise the rows of all modalities are gathered once, corrected, and added back. When training (`folded=False`), the
+base holds `W0` and the text delta is added to every row, then taken off the rows of modalities that have their own
+delta.
 
 Trading memory for speed (`materialize_original_weights`): a wrapper may also keep a dense copy of `W0`, so that
 the rows of modality m cost one dense matmul with `W0` plus only `M_m`, instead of the dense matmul with `W_text`
@@ -42,6 +48,8 @@ ROUTING_KWARG = "modality_routing"
 # gather the rows (see ModalityRouting.contiguous_blocks). On CPU a matmul over a few hundred rows already costs 15-40%
 # more per row than one over a thousand: hence blocks (not one matmul per modality run), and a floor on their size.
 MIN_MEAN_BLOCK = 64
+# bitsandbytes' 4-bit kernels need in_features and out_features in these multiples (on CPU it fails otherwise).
+QUANTIZABLE_IN_MULTIPLE, QUANTIZABLE_OUT_MULTIPLE = 64, 32
 
 
 @dataclass
@@ -116,6 +124,18 @@ class ModalityRouting:
         return cls(rows) if rows else None
 
 
+class UnquantizedFactor(nn.Linear):
+    """A low-rank factor that stays in 16/32 bits in a 4-bit model: a subclass, so bitsandbytes (which converts
+    modules whose type is exactly `nn.Linear`) leaves it alone. Used for factors whose shape fits no 4-bit kernel
+    (small ranks such as 8); they are small."""
+
+
+def _factor(in_features: int, out_features: int, **factory) -> nn.Linear:
+    """One low-rank factor as a linear layer without bias; quantizable only when its shape fits the kernels."""
+    fits = in_features % QUANTIZABLE_IN_MULTIPLE == 0 and out_features % QUANTIZABLE_OUT_MULTIPLE == 0
+    return (nn.Linear if fits else UnquantizedFactor)(in_features, out_features, bias=False, **factory)
+
+
 class RoutingState:
     """The routing of the forward pass in flight, shared by every routed layer of one model."""
 
@@ -151,17 +171,17 @@ class RoutedLinear(nn.Module):
         factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
         if not factory["dtype"].is_floating_point:
             factory["dtype"] = torch.float32
-        self.lora_A = nn.ParameterDict()
-        self.lora_B = nn.ParameterDict()
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
         for name, (rank, alpha) in modality_ranks.items():
-            self.lora_A[name] = nn.Parameter(torch.empty(rank, in_features, **factory))
-            self.lora_B[name] = nn.Parameter(torch.empty(out_features, rank, **factory))
+            self.lora_A[name] = _factor(in_features, rank, **factory)
+            self.lora_B[name] = _factor(rank, out_features, **factory)
             self.scaling[name] = alpha / rank
         self.text_folded = text_folded
         if text_rank > 0:
-            self.text_lora_A = nn.Parameter(torch.empty(text_rank, in_features, **factory))
-            self.text_lora_B = nn.Parameter(torch.empty(out_features, text_rank, **factory))
+            self.text_lora_A = _factor(in_features, text_rank, **factory)
+            self.text_lora_B = _factor(text_rank, out_features, **factory)
             self.text_scaling = (text_alpha if text_alpha is not None else text_rank) / text_rank
         else:
             self.text_lora_A = self.text_lora_B = None
@@ -185,10 +205,11 @@ class RoutedLinear(nn.Module):
         return self.base_layer.weight
 
     def factor_pairs(self) -> list[tuple[nn.Parameter, nn.Parameter]]:
-        """(A, B) of every low-rank delta: one per modality, then the stacked text factors if any."""
-        pairs = [(self.lora_A[name], self.lora_B[name]) for name in self.lora_A]
+        """The weights (A, B) of every low-rank delta: one per modality, then the stacked text factors if any. In a
+        4-bit model they are bitsandbytes' packed `Params4bit`."""
+        pairs = [(self.lora_A[name].weight, self.lora_B[name].weight) for name in self.lora_A]
         if self.text_lora_A is not None:
-            pairs.append((self.text_lora_A, self.text_lora_B))
+            pairs.append((self.text_lora_A.weight, self.text_lora_B.weight))
         return pairs
 
     def factor_parameters(self) -> list[nn.Parameter]:
@@ -198,7 +219,7 @@ class RoutedLinear(nn.Module):
     def reset_lora_parameters(self) -> None:
         """PEFT's LoRA initialisation: A Kaiming-uniform, B zero, so that a fresh delta is exactly zero."""
         for lora_a, lora_b in self.factor_pairs():
-            if lora_a.device.type == "meta":
+            if lora_a.device.type == "meta" or not lora_a.dtype.is_floating_point:  # not materialized, or quantized
                 continue
             nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
             nn.init.zeros_(lora_b)
@@ -220,13 +241,17 @@ class RoutedLinear(nn.Module):
                 "materialize_original_weights() needs the base weights in memory, but they are offloaded (meta "
                 "device); load the model without offloading to disk or CPU."
             )
-        if type(self.base_layer) is not nn.Linear or not weight.dtype.is_floating_point:
+        quantized = [
+            layer for layer in (self.base_layer, self.text_lora_A, self.text_lora_B) if not _is_unquantized(layer)
+        ]
+        if quantized or not weight.dtype.is_floating_point:
+            holder = quantized[0] if quantized else self.base_layer
             raise ValueError(
-                f"materialize_original_weights() needs 16- or 32-bit base weights, but {type(self.base_layer).__name__} "
-                f"holds {weight.dtype}: a dense copy would undo the quantization. Load the model unquantized, or keep "
-                "the default low-rank routing."
+                f"materialize_original_weights() needs 16- or 32-bit weights, but this layer holds a "
+                f"{type(holder).__name__}: a dense copy would undo the quantization. Load the model unquantized, or "
+                "keep the default low-rank routing."
             )
-        text_delta = (self.text_lora_B.float() @ self.text_lora_A.float()) * self.text_scaling
+        text_delta = (self.text_lora_B.weight.float() @ self.text_lora_A.weight.float()) * self.text_scaling
         original = (weight.float() - text_delta.to(weight.device)).to(weight.dtype)
         self.original_weight = original
 
@@ -238,18 +263,19 @@ class RoutedLinear(nn.Module):
     # the second product can accumulate straight into its target (`_add_product`), with no separate add.
 
     def _text_hidden(self, rows: torch.Tensor) -> torch.Tensor:
-        return (self.dropout(rows) @ self.text_lora_A.t()) * self.text_scaling
+        return self.text_lora_A(self.dropout(rows)) * self.text_scaling
 
     def _modality_hidden(self, name: str, rows: torch.Tensor) -> torch.Tensor:
-        return (self.dropout(rows) @ self.lora_A[name].t()) * self.scaling[name]
+        return self.lora_A[name](self.dropout(rows)) * self.scaling[name]
 
     @staticmethod
-    def _add_product(target: torch.Tensor, hidden: torch.Tensor, factor_b: torch.Tensor, alpha: float = 1.0) -> None:
-        """`target += alpha * hidden @ factor_b^T`, in place, fused into the matmul when the dtypes agree."""
-        if target.dtype == hidden.dtype:
-            target.addmm_(hidden, factor_b.t(), alpha=alpha)
+    def _add_product(target: torch.Tensor, hidden: torch.Tensor, factor_b: nn.Module, alpha: float = 1.0) -> None:
+        """`target += alpha * factor_b(hidden)`, in place: fused into the matmul for an unquantized factor of the
+        target's dtype, else computed by the (4-bit) module and added."""
+        if _is_unquantized(factor_b) and target.dtype == hidden.dtype == factor_b.weight.dtype:
+            target.addmm_(hidden, factor_b.weight.t(), alpha=alpha)
         else:
-            target.add_((hidden @ factor_b.t()).to(target.dtype), alpha=alpha)
+            target.add_(factor_b(hidden).to(target.dtype), alpha=alpha)
 
     def _add_modality_deltas(
         self, target: torch.Tensor, source: torch.Tensor, spans: list[tuple[str, int, int]]
@@ -258,8 +284,12 @@ class RoutedLinear(nn.Module):
         for name, start, stop in spans:
             self._add_product(target[start:stop], self._modality_hidden(name, source[start:stop]), self.lora_B[name])
 
-    def _factor_dtype(self) -> torch.dtype:
-        return self.lora_B[next(iter(self.lora_B))].dtype if self.lora_B else self.text_lora_B.dtype
+    def _factor_input(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The input cast to the factors' dtype (hidden states may come in another, e.g. under autocast). Quantized
+        factors cast to their compute dtype themselves."""
+        factor = self.lora_B[next(iter(self.lora_B))] if self.lora_B else self.text_lora_B
+        dtype = factor.weight.dtype
+        return hidden_states.to(dtype) if dtype.is_floating_point else hidden_states
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         routing = self.state.routing
@@ -271,12 +301,12 @@ class RoutedLinear(nn.Module):
         unfolded_text = self.text_lora_A is not None and not self.text_folded
         if not unfolded_text and not routed:
             return output
-        flat_input = hidden_states.reshape(-1, hidden_states.shape[-1]).to(self._factor_dtype())
+        flat_input = self._factor_input(hidden_states.reshape(-1, hidden_states.shape[-1]))
         flat_output = output.reshape(-1, output.shape[-1])
         text_hidden = None
         if unfolded_text:
             text_hidden = self._text_hidden(flat_input)
-            flat_output = flat_output + (text_hidden @ self.text_lora_B.t()).to(flat_output.dtype)
+            flat_output = flat_output + self.text_lora_B(text_hidden).to(flat_output.dtype)
         if routed:
             # In place only without autograd, and with the text delta folded (so no dropout mask has to be matched).
             in_place = not torch.is_grad_enabled() and not unfolded_text
@@ -315,11 +345,11 @@ class RoutedLinear(nn.Module):
             # All modality rows take the text delta off in one product; when it is not folded, with the same
             # dropout mask as the text delta that the caller added.
             text_of_rows = text_hidden.index_select(0, rows) if text_hidden is not None else self._text_hidden(selected)
-            delta = (-text_of_rows) @ self.text_lora_B.t()
+            delta = self.text_lora_B(-text_of_rows)
             self._add_modality_deltas(delta, selected, spans)
         else:
             delta = torch.cat([
-                self._modality_hidden(name, selected[start:stop]) @ self.lora_B[name].t() for name, start, stop in spans
+                self.lora_B[name](self._modality_hidden(name, selected[start:stop])) for name, start, stop in spans
             ])
         flat_output.index_add_(0, rows, delta.to(flat_output.dtype))
 
@@ -336,7 +366,7 @@ class RoutedLinear(nn.Module):
         rows, spans = routing.grouped_rows(routed)
         selected = flat_input.index_select(0, rows)
         modality_part = nn.functional.linear(selected, self.original_weight, self.base_layer.bias)
-        self._add_modality_deltas(modality_part, selected.to(self._factor_dtype()), spans)
+        self._add_modality_deltas(modality_part, self._factor_input(selected), spans)
         flat_output = modality_part.new_empty(flat_input.shape[0], modality_part.shape[-1])
         flat_output.index_copy_(0, rows, modality_part)
         text_rows = routing.rows_outside(flat_input.shape[0], routed)
@@ -349,7 +379,7 @@ class RoutedLinear(nn.Module):
         the output (no gather, no scatter), then each modality run adds its own delta in place."""
         bias = self.base_layer.bias
         flat_output = flat_input.new_empty(flat_input.shape[0], self.out_features)
-        factor_input = flat_input.to(self._factor_dtype())
+        factor_input = self._factor_input(flat_input)
         for block in blocks:
             source, target = flat_input[block.start : block.stop], flat_output[block.start : block.stop]
             weight = self.base_layer.weight if block.spans is None else self.original_weight
@@ -361,10 +391,14 @@ class RoutedLinear(nn.Module):
         return flat_output
 
     def extra_repr(self) -> str:
-        ranks = {name: tuple(self.lora_A[name].shape)[0] for name in self.lora_A}
-        text_rank = 0 if self.text_lora_A is None else self.text_lora_A.shape[0]
+        ranks = {name: self.lora_A[name].out_features for name in self.lora_A}
+        text_rank = 0 if self.text_lora_A is None else self.text_lora_A.out_features
         dense = ", original_weight=dense" if self.original_weight is not None else ""
         return f"modality_ranks={ranks}, text_rank={text_rank}, text_folded={self.text_folded}{dense}"
+
+
+def _is_unquantized(layer: nn.Module) -> bool:
+    return type(layer) in (nn.Linear, UnquantizedFactor)
 
 
 def _accepts_var_keywords(module: nn.Module) -> bool:

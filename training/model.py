@@ -202,7 +202,7 @@ def trainable_parameter_groups(
                 groups[group].append((name, parameter))
         elif stage == 2 and ".text_lora_" in name:
             groups["text_lora"].append((name, parameter))
-        elif stage == 2 and (f".lora_A.{modality}" in name or f".lora_B.{modality}" in name):
+        elif stage == 2 and (f".lora_A.{modality}." in name or f".lora_B.{modality}." in name):
             groups["modality_lora"].append((name, parameter))
     if stage == 2 and not any(isinstance(module, RoutedLinear) for module in model.modules()):
         raise SourceModelError("Stage 2 needs the low-rank parameters; none were added.")

@@ -47,7 +47,7 @@ ENCODER_SETTINGS = {
 }
 FAMILIES = {"damc": True, "naive": False}  # family -> decoupled
 # Part of every cache key: bump it when the code that makes an artifact changes what it makes.
-WORLD_VERSION = 6
+WORLD_VERSION = 7  # 7: low-rank factors saved as linear layers (`lora_A.<name>.weight`)
 
 
 @dataclass
