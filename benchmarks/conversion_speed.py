@@ -53,7 +53,7 @@ MERGEKIT_VENV = REPOSITORY / "benchmarks" / ".mergekit-venv"
 SOURCES = 3
 DELTA_SCALE = 0.004  # a fine-tune's change of each LLM weight, relative to weights of scale 0.02
 LORA_RANK = 64
-_FORMAT_VERSION = 2  # bump when the synthetic sources change, so a stale workdir is rewritten
+_FORMAT_VERSION = 3  # bump when the synthetic sources change, so a stale workdir is rewritten (3: factor keys)
 
 
 @dataclass(frozen=True)

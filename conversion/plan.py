@@ -23,6 +23,7 @@ from .merge import merge_deltas
 from .recipe import Recipe
 from .sources import ARCHITECTURE_FIELDS, VOCAB_KEYS, BaseModel, LowRank, ModalityPart, Source
 from .tensors import Lazy
+from .weighted_sum import WeightedSum
 
 
 logger = logging.getLogger(__name__)
@@ -248,7 +249,9 @@ def _plan_llm(plan: Plan, base: BaseModel, sources: list[Source], weights: list[
         # Every row of the base's embedding / LM head merges like any tensor (rows a source has beyond the base's
         # are its own added tokens: dropped, except its placeholder's row, which `_vocab_rows` places).
         if rule == "linear":
-            merged_tensor = _linear_merge(key, base, sources, weights, warned, checked)
+            # Vocabulary rows are edited after the merge (`_vocab_rows`), so they stay float32 until written.
+            dtype = torch.float32 if key in VOCAB_KEYS else plan.dtype
+            merged_tensor = _linear_merge(key, base, sources, weights, warned, checked, dtype)
         else:
             base_tensor = base.get(key).float()
             deltas = [source.text_delta(key, base_tensor) for source in sources]
@@ -281,36 +284,34 @@ _PLAUSIBILITY_CHECKS = 4
 
 
 def _linear_merge(key: str, base: BaseModel, sources: list[Source], weights: list[float], warned: set[int],
-                  checked: list[int]) -> torch.Tensor:
+                  checked: list[int], dtype: torch.dtype) -> torch.Tensor:
     """`W0 + Σ λ_i (W_i - W0) + Σ λ_j s_j B_j A_j`, computed as `(1 - Σ λ_i) W0 + Σ λ_i W_i + ...` (i: sources with
-    full weights, j: low-rank ones) in one float32 accumulator fed by each source's tensor in its own dtype, so that
-    memory holds the accumulator and one source tensor whatever the number of sources (the other rules need every
-    delta at once). With weights summing to 1 (the default 1/N) the base is not read at all."""
+    full weights, j: low-rank ones) in float32 from each source's tensor in its own dtype, and returned in `dtype`. A
+    `WeightedSum` takes it in one chunked pass and bounds the memory held whatever the number of sources (the other
+    rules need every delta at once). With weights summing to 1 (the default 1/N) the base is not read at all."""
     full = [(index, source, weight) for index, (source, weight) in enumerate(zip(sources, weights))
             if source.full_weights is not None]
-    if not full:  # low-rank sources only
-        merged = base.get(key).float()  # a tensor of its own (the store reads a fresh one), safe to add into
-    else:
-        rows = base.shape(key)[0] if key in VOCAB_KEYS else None
-        base_weight = 1.0 - sum(weight for _, _, weight in full)
-        weighs_base = abs(base_weight) > 1e-9
-        checking = key not in VOCAB_KEYS and any(checked[index] < _PLAUSIBILITY_CHECKS for index, _, _ in full)
-        base_tensor = base.get(key) if weighs_base or checking else None
-        merged = base_tensor.float() * base_weight if weighs_base else None
-        for index, source, weight in full:
-            tensor = source.full_weights[key].load()
-            tensor = tensor[:rows] if rows is not None else tensor
-            if checking and checked[index] < _PLAUSIBILITY_CHECKS:
-                checked[index] += 1
-                base_float = base_tensor.float()
-                _warn_implausible([tensor.float() - base_float], base_float, key, [source], warned, index)
-            # `float()` gives a tensor of its own (the store reads a fresh one each time), safe to scale in place.
-            merged = tensor.float().mul_(weight) if merged is None else merged.add_(tensor, alpha=weight)
+    rows = base.shape(key)[0] if key in VOCAB_KEYS else None
+    base_weight = 1.0 - sum(weight for _, _, weight in full)
+    weighs_base = abs(base_weight) > 1e-9
+    checking = key not in VOCAB_KEYS and any(checked[index] < _PLAUSIBILITY_CHECKS for index, _, _ in full)
+    base_tensor = base.get(key) if weighs_base or checking else None
+    total = WeightedSum(base.shape(key))
+    if weighs_base:
+        total.add(base_tensor, base_weight)
+    for index, source, weight in full:
+        tensor = source.full_weights[key].load()
+        tensor = tensor[:rows] if rows is not None else tensor
+        if checking and checked[index] < _PLAUSIBILITY_CHECKS:
+            checked[index] += 1
+            base_float = base_tensor.float()
+            _warn_implausible([tensor.float() - base_float], base_float, key, [source], warned, index)
+        total.add(tensor, weight)
     for source, weight in zip(sources, weights):
         low_rank = source.low_rank_delta(key)
         if low_rank is not None:
-            merged.add_(low_rank, alpha=weight)
-    return merged
+            total.add(low_rank, weight)
+    return total.result(dtype)
 
 
 def _warn_implausible(deltas: list[torch.Tensor | None], base_tensor: torch.Tensor, key: str, sources: list[Source],
