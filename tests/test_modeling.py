@@ -53,6 +53,25 @@ def test_left_padded_batch_equals_rows_alone(composite, raw_inputs):
         torch.testing.assert_close(together[row : row + 1], alone, rtol=0, atol=0)
 
 
+def test_only_the_encoders_of_modalities_in_the_batch_run(composite, raw_inputs):
+    """Unlike the reference (which runs every encoder on dummy inputs), an image-and-audio prompt runs two of the four
+    encoders, once each for the prefill and never while decoding; a text-only prompt runs none."""
+    model, processor = composite
+    calls = dict.fromkeys(model.model.encoders, 0)
+    hooks = [encoder.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+             for name, encoder in model.model.encoders.items()]
+    try:
+        batch = processor(text="USER: <image> <audio> hi? ASSISTANT:", images=[raw_inputs["image"]],
+                          audio=[raw_inputs["audio"]])
+        model.generate(**batch, max_new_tokens=3, do_sample=False)
+        assert calls == {"image": 1, "video": 0, "audio": 1, "point": 0}
+        model.generate(**processor(text="USER: hello there ASSISTANT:"), max_new_tokens=3, do_sample=False)
+        assert calls == {"image": 1, "video": 0, "audio": 1, "point": 0}
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def test_text_only_prompt_on_a_composite_with_encoders(composite):
     model, processor = composite
     batch = processor(text="USER: hello there ASSISTANT:")
