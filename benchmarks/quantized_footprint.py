@@ -9,7 +9,8 @@ Qwen2-Audio-style encoder, 4 layers, 5 s clips), both with their own rank-64 LoR
 stacked text delta of rank 128 (two sources): every low-rank factor random. It is saved with `save_composite`, then
 loaded with `CompositeMLLMForCausalLM.from_pretrained` in bf16 and with
 `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)` (plus `dtype=torch.bfloat16` for what
-stays unquantized). Every quantized Linear has in_features % 64 == 0 and out_features % 32 == 0, as bitsandbytes' CPU
+stays unquantized), and once more with `llm_int8_skip_modules=[r".*lora_[AB]", "lm_head"]`: the low-rank factors kept
+in bf16. Every quantized Linear has in_features % 64 == 0 and out_features % 32 == 0, as bitsandbytes' CPU
 kernel needs.
 
 Weights memory is given two ways: `get_memory_footprint()` (parameters and buffers as transformers counts them: a
