@@ -222,7 +222,8 @@ def main() -> None:
         print(f"{label:<40}" + "".join(f"{results[column][key] / mib:>26.1f}" for column in columns)
               + "".join(f"{results[column][key] / bf16[key]:>26.3f}" for column in quantized_labels))
     for part in sorted({part for column in columns for part in results[column]["breakdown"]}):
-        print(f"  {part:<38}" + "".join(f"{results[column]['breakdown'].get(part, 0) / mib:>26.1f}" for column in columns))
+        sizes = [results[column]["breakdown"].get(part, 0) / mib for column in columns]
+        print(f"  {part:<38}" + "".join(f"{size:>26.1f}" for size in sizes))
     print(f"{'prefill ms':<40}" + "".join(f"{results[column]['prefill_s'] * 1e3:>26.1f}" for column in columns)
           + "".join(f"{results[column]['prefill_s'] / bf16['prefill_s']:>26.3f}" for column in quantized_labels))
     quantized = results["4-bit"]
