@@ -182,13 +182,9 @@ class CompositeMLLMPreTrainedModel(PreTrainedModel):
     def initialize_weights(self) -> None:
         super().initialize_weights()
         # Routed layers sit inside the text model, whose `_init_weights` initialises their factor linears like any
-        # linear (normal): initialise them again here as PEFT's LoRA (A Kaiming-uniform, B zero), so that a fresh
-        # delta is zero. `init.*` leaves tensors loaded from a checkpoint alone.
+        # linear (normal): initialise them again as PEFT's LoRA, so that a fresh delta is zero.
         for layer in self.routed_layers():
-            for lora_a, lora_b in layer.factor_pairs():
-                if lora_a.dtype.is_floating_point:  # packed 4-bit factors were loaded, not initialised
-                    init.kaiming_uniform_(lora_a, a=5**0.5)
-                    init.zeros_(lora_b)
+            layer.reset_lora_parameters()
 
 
 class CompositeMLLMModel(CompositeMLLMPreTrainedModel):

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import initialization as init
 
 
 ROUTING_KWARG = "modality_routing"
@@ -217,12 +218,13 @@ class RoutedLinear(nn.Module):
 
     @torch.no_grad()
     def reset_lora_parameters(self) -> None:
-        """PEFT's LoRA initialisation: A Kaiming-uniform, B zero, so that a fresh delta is exactly zero."""
+        """PEFT's LoRA initialisation: A Kaiming-uniform, B zero, so that a fresh delta is exactly zero. Factors loaded
+        from a checkpoint are left alone (transformers' `init.*` skip tensors it marked as loaded)."""
         for lora_a, lora_b in self.factor_pairs():
             if lora_a.device.type == "meta" or not lora_a.dtype.is_floating_point:  # not materialized, or quantized
                 continue
-            nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
-            nn.init.zeros_(lora_b)
+            init.kaiming_uniform_(lora_a, a=math.sqrt(5))
+            init.zeros_(lora_b)
 
     @torch.no_grad()
     def materialize_original_weight(self) -> None:

@@ -147,4 +147,3 @@ def test_shape_mismatch_names_the_tensor_and_the_shapes():
 def test_no_sources_is_refused():
     with pytest.raises(ValueError, match="no sources"):
         merge_deltas([], [])
-
