@@ -36,11 +36,10 @@ class WeightedSum:
         self._terms.append((tensor.reshape(-1), weight))
         self._held += tensor.numel() * tensor.element_size()
         if self._held > self.held_bytes:
-            if self._accumulator is None:
+            started = self._accumulator is not None
+            if not started:
                 self._accumulator = torch.empty(self.shape, dtype=torch.float32)
-                self._fold_into(self._accumulator, start_from_accumulator=False)
-            else:
-                self._fold_into(self._accumulator, start_from_accumulator=True)
+            self._fold_into(self._accumulator, start_from_accumulator=started)
             self._terms, self._held = [], 0
 
     def result(self, dtype: torch.dtype) -> torch.Tensor:
