@@ -4,8 +4,13 @@ import copy
 
 import pytest
 import torch
+from bitsandbytes.functional import dequantize_4bit
+from safetensors import safe_open
+from transformers import BitsAndBytesConfig
 
-from modeling_composite.routing import ModalityRouting, RoutedLinear
+from modeling_composite.builder import save_composite
+from modeling_composite.modeling_composite import CompositeMLLMForCausalLM
+from modeling_composite.routing import ModalityRouting, RoutedLinear, UnquantizedFactor
 from modeling_composite.tiny import build_tiny_composite, tiny_llm
 
 
@@ -208,8 +213,6 @@ def test_materialized_original_weights_keep_the_model_outputs_and_are_never_save
         dense.release_original_weights()
         assert all(layer.original_weight is None for layer in routed)
         torch.testing.assert_close(dense(**batch_all).logits, expected, rtol=0, atol=0)
-    from safetensors import safe_open
-
     with safe_open(str(tmp_path / "saved" / "model.safetensors"), "pt") as saved:
         assert not any("original_weight" in key for key in saved.keys())
 
@@ -228,8 +231,6 @@ def test_original_weights_need_the_folded_text_delta_and_weights_in_memory(compo
 
 def _dequantized_copy(model, quantized):
     """`model` with every weight that `quantized` holds in 4-bit replaced by its dequantized value."""
-    from bitsandbytes.functional import dequantize_4bit
-
     copied = copy.deepcopy(model)
     with torch.no_grad():
         for name, module in quantized.named_modules():
@@ -243,13 +244,6 @@ def test_factors_are_quantized_in_4bit_where_their_rank_fits_the_kernels(raw_inp
     """A 4-bit composite quantizes rank-64 factors with the base weights (at scale they are a third of its weights)
     and routes as the same composite holding the dequantized weights; `llm_int8_skip_modules` keeps them in
     full precision; rank-4 factors (`UnquantizedFactor`) always stay."""
-    from safetensors import safe_open
-    from transformers import BitsAndBytesConfig
-
-    from modeling_composite.builder import save_composite
-    from modeling_composite.modeling_composite import CompositeMLLMForCausalLM
-    from modeling_composite.routing import UnquantizedFactor
-
     model, processor = build_tiny_composite(kinds=("image", "audio"), lora_rank=64, text_rank=128)
     save_composite(model, processor, tmp_path)
     with safe_open(tmp_path / "model.safetensors", "pt") as saved:
