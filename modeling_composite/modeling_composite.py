@@ -366,16 +366,22 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
             "point_clouds": point_clouds,
         }
         inputs_by_modality = self.collect_modality_inputs(standard, modality_inputs)
-        modality_index = self.modality_index(input_ids, inputs_embeds)
         continuing = past_key_values is not None and past_key_values.get_seq_length() > 0
-        for slot, name in enumerate(self.modality_names, start=1):
+        # A decode step is text, even a placeholder the model itself generated: no modality index to search for, and
+        # none of the host syncs that counting placeholders and routing rows would cost on every generated token.
+        text_step = continuing and not inputs_by_modality
+        if text_step:
+            modality_index = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        else:
+            modality_index = self.modality_index(input_ids, inputs_embeds)
+        for slot, name in enumerate(() if text_step else self.modality_names, start=1):
             positions = modality_index == slot
-            count = int(positions.sum())
             items = inputs_by_modality.get(name)
             if items is None and continuing:
-                # A placeholder the model itself generated while decoding is an ordinary text token.
+                # A placeholder generated earlier in a conversation whose new turn brings other modalities' inputs.
                 modality_index = modality_index.masked_fill(positions, 0)
                 continue
+            count = int(positions.sum())
             if items is None:
                 if count:
                     raise ValueError(
@@ -394,7 +400,9 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
             inputs_embeds = inputs_embeds.masked_scatter(positions.unsqueeze(-1), features)
         if self.routed_parents:
             self.routing_state.deliveries = 0
-            kwargs[ROUTING_KWARG] = ModalityRouting.from_modality_index(modality_index, self.modality_names)
+            kwargs[ROUTING_KWARG] = (
+                None if text_step else ModalityRouting.from_modality_index(modality_index, self.modality_names)
+            )
             self.routing_state.routing = kwargs[ROUTING_KWARG]
         outputs = self.language_model(
             attention_mask=attention_mask,

@@ -38,6 +38,30 @@ def test_the_cache_may_be_passed_under_either_transformers_name(composite, batch
         model(**batch_all, past_key_values=DynamicCache(), cache=DynamicCache())
 
 
+def test_a_placeholder_generated_while_decoding_is_read_as_text(composite, batch_all):
+    """A decode step has no modality inputs, so a placeholder id the model itself produced is a text token: it gives
+    the logits of a text token whose embedding is the placeholder's (the routed deltas would differ otherwise)."""
+    import copy
+
+    from transformers import DynamicCache
+
+    model, _ = composite
+    placeholder = model.config.modalities["image"]["placeholder_id"]
+    text_twin = copy.deepcopy(model)
+    used = set(batch_all["input_ids"].flatten().tolist())
+    stand_in = next(token for token in range(4, placeholder) if token not in used)  # a byte the prompt lacks
+    with torch.no_grad():
+        embeddings = text_twin.get_input_embeddings().weight
+        embeddings[stand_in] = embeddings[placeholder]
+    steps = []
+    for candidate, token in ((model, placeholder), (text_twin, stand_in)):
+        cache = DynamicCache(config=candidate.config.get_text_config())
+        with torch.no_grad():
+            candidate(**batch_all, use_cache=True, past_key_values=cache)
+            steps.append(candidate(input_ids=torch.tensor([[token]]), use_cache=True, past_key_values=cache).logits)
+    torch.testing.assert_close(steps[0], steps[1], rtol=0, atol=0)
+
+
 def test_left_padded_batch_equals_rows_alone(composite, raw_inputs):
     model, processor = composite
     prompts = ["USER: <image> <audio> hi? ASSISTANT:", "USER: tell me about <point> please, at some length. ASSISTANT:"]
@@ -114,8 +138,8 @@ def test_prompt_longer_than_the_model_allows_is_refused(composite):
         model(input_ids=torch.full((1, limit + 1), 70))
 
 
-def test_single_llava_source_reproduces_transformers_llava():
-    """A composite of one LLaVA's parts (tower, projector, LLM) equals `LlavaForConditionalGeneration`."""
+def _llava_and_its_composite():
+    """A random `LlavaForConditionalGeneration` and the composite of its parts (tower, projector, LLM)."""
     tokenizer = tiny_tokenizer()
     image_token_id = len(tokenizer)  # where the composite's builder puts `<image>`
     text_config = AutoConfig.for_model(
@@ -150,6 +174,12 @@ def test_single_llava_source_reproduces_transformers_llava():
         image_processor=tiny_image_processor(),
     )
     assert model.config.modalities["image"]["placeholder_id"] == image_token_id
+    return llava, model, processor
+
+
+def test_single_llava_source_reproduces_transformers_llava():
+    """A composite of one LLaVA's parts (tower, projector, LLM) equals `LlavaForConditionalGeneration`."""
+    llava, model, processor = _llava_and_its_composite()
     from PIL import Image
 
     image = Image.new("RGB", (40, 36), color=(200, 30, 90))
@@ -160,6 +190,27 @@ def test_single_llava_source_reproduces_transformers_llava():
     ours = model.generate(**batch, max_new_tokens=6, do_sample=False)
     theirs = llava.generate(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], max_new_tokens=6, do_sample=False)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_left_padded_batch_generates_what_transformers_llava_generates():
+    """Batched greedy generation over prompts of different lengths (left padding) gives LLaVA's tokens row for row;
+    `benchmarks.generate_throughput` compares the speed of exactly this."""
+    llava, model, processor = _llava_and_its_composite()
+    from PIL import Image
+
+    images = [Image.new("RGB", (40, 36), color=(200, 30, 90)), Image.new("RGB", (32, 48), color=(10, 220, 40))]
+    texts = ["USER: <image> What? ASSISTANT:", "USER: <image> What is shown in this picture, in detail? ASSISTANT:"]
+    batch = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    assert (batch["attention_mask"][0] == 0).any() and batch["attention_mask"][:, -1].all()  # left-padded
+    settings = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False, "pad_token_id": 3}
+    ours = model.generate(**batch, **settings)
+    theirs = llava.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            pixel_values=batch["pixel_values"], **settings)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    # The short row's tokens do not depend on the long one: generating it alone gives the same new tokens.
+    alone = processor(text=texts[:1], images=images[:1], return_tensors="pt")
+    row = model.generate(**alone, **settings)
+    torch.testing.assert_close(ours[0, -6:], row[0, -6:], rtol=0, atol=0)
 
 
 def test_qwen2_text_model_with_tied_embeddings_round_trips(tmp_path, raw_inputs):
