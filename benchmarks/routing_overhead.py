@@ -1,10 +1,14 @@
 """Routing overhead: the LLM of a DAMC composite (routed layers, folded text delta) against the same plain LLM, and
 against the reference implementation's scheme (every adapter on every token, then masked; the MLP once per adapter),
-re-implemented here as the baseline. Random weights, CPU; medians of repeated runs after warm-up, all in one process,
+re-implemented here as the baseline. Random weights; medians of repeated runs after warm-up, all in one process,
 the variants taking turns within each round so that a slow spell of the machine skews no ratio; each ratio is the
 median of its per-round ratios.
 
     python -m benchmarks.routing_overhead [--hidden 1024 --layers 8 --tokens 1024 --modalities 4 --rank 64]
+    python -m benchmarks.routing_overhead --preset llama-7b --device cuda --dtypes bfloat16   # 7B shape on a GPU
+
+At 7B's shape the four variants hold about 75 GB of bf16 weights together (the dense variant doubles the
+projections): a 141 GB GPU holds them, an 80 GB one needs `--layers 16` (the ratios are per layer).
 
 Prints a table and writes its figures to `--output` (JSON), for float32 and bfloat16 (`--dtypes`).
 
@@ -13,11 +17,14 @@ runs one warm-up prefill, then for every workload resets the kernel's resident-s
 /proc/self/clear_refs), runs one prefill and reads `VmHWM` from /proc/self/status. The figure is that peak minus the
 resident set just before the prefill: the memory the prefill itself needs on top of the weights (activations,
 attention scores, the reference's per-adapter copies). The child runs with glibc's `MALLOC_MMAP_THRESHOLD_=65536`, so
-freed blocks leave the resident set instead of being kept for reuse. `--no-memory` skips it.
+freed blocks leave the resident set instead of being kept for reuse. On a GPU the same figure comes from the caching
+allocator in the one process: `max_memory_allocated` over the prefill minus `memory_allocated` before it.
+`--no-memory` skips it.
 """
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -38,6 +45,9 @@ from modeling_composite.routing import ROUTING_KWARG, ModalityRouting, RoutedLin
 
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# Llama-2-7B (Vicuna-7B, LLaVA-1.5-7B's LLM).
+PRESETS = {"llama-7b": {"hidden": 4096, "intermediate": 11008, "layers": 32, "head_dim": 128}}
 
 
 class _Masks:
@@ -85,18 +95,42 @@ def _factors(rank: int, width_in: int, width_out: int, dtype: torch.dtype) -> tu
     return (torch.randn(rank, width_in, dtype=dtype) * 0.02, torch.randn(width_out, rank, dtype=dtype) * 0.02)
 
 
-def build(hidden: int, layers: int, modalities: int, rank: int, dtype: torch.dtype):
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """The benchmarked LLM and workload (the command-line sizes)."""
+
+    hidden: int
+    layers: int
+    tokens: int
+    modalities: int
+    rank: int
+    intermediate: int
+    head_dim: int
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Shape":
+        # Default MLP width: 11/4 of the hidden size, rounded down to a multiple of 64.
+        intermediate = args.intermediate or args.hidden * 11 // 4 // 64 * 64
+        return cls(args.hidden, args.layers, args.tokens, args.modalities, args.rank, intermediate, args.head_dim)
+
+    def command_line(self) -> list[str]:
+        return [f"--{field.name.replace('_', '-')}={getattr(self, field.name)}" for field in dataclasses.fields(self)]
+
+
+def build(shape: Shape, dtype: torch.dtype):
+    """The four variants; tensors go to the default device (callers build under `with torch.device(...)`)."""
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 11 // 4 // 64 * 64, num_hidden_layers=layers,
-                         num_attention_heads=max(hidden // 64, 1), num_key_value_heads=max(hidden // 64, 1),
-                         vocab_size=1024, max_position_embeddings=8192)
-    plain = LlamaModel(config).to(dtype).eval()
-    names = [f"m{index}" for index in range(modalities)]
+    hidden, rank, heads = shape.hidden, shape.rank, max(shape.hidden // shape.head_dim, 1)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=shape.intermediate, num_hidden_layers=shape.layers,
+                         num_attention_heads=heads, num_key_value_heads=heads, vocab_size=1024,
+                         max_position_embeddings=8192)
+    plain = LlamaModel._from_config(config, dtype=dtype).eval()
+    names = [f"m{index}" for index in range(shape.modalities)]
 
     routed = copy.deepcopy(plain)
     state = RoutingState()
-    inject_routed_layers(routed, state, TARGETS, {name: (rank, 2.0 * rank) for name in names}, rank * modalities,
-                         2.0 * rank * modalities, True, 0.0)
+    inject_routed_layers(routed, state, TARGETS, {name: (rank, 2.0 * rank) for name in names}, rank * len(names),
+                         2.0 * rank * len(names), True, 0.0)
     with torch.no_grad():
         for module in routed.modules():
             if hasattr(module, "factor_parameters"):
@@ -126,6 +160,12 @@ def build(hidden: int, layers: int, modalities: int, rank: int, dtype: torch.dty
     return plain, routed, dense, reference, names, masks
 
 
+def _synchronize() -> None:
+    """Waits for queued GPU work, so that a timer stops when the work is done (nothing to wait for on a CPU)."""
+    if torch.get_default_device().type == "cuda":
+        torch.cuda.synchronize()
+
+
 def _interleaved_times(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
     """Seconds of each run per round. The runs take turns (one round = each once, after one warm-up round), so that
     a slow spell of the machine hits every variant of a round alike; ratios are then taken round by round."""
@@ -134,8 +174,10 @@ def _interleaved_times(runs: dict[str, Callable[[], None]], repeats: int) -> dic
     times: dict[str, list[float]] = {label: [] for label in runs}
     for _ in range(repeats):
         for label, run in runs.items():
+            _synchronize()
             start = time.perf_counter()
             run()
+            _synchronize()
             times[label].append(time.perf_counter() - start)
     return times
 
@@ -152,15 +194,23 @@ def _workload(fraction: float, tokens: int, names: list[str], masks: _Masks, dty
     return ModalityRouting.from_modality_index(index[None], names)
 
 
-def measure(hidden: int, layers: int, tokens: int, modalities: int, rank: int, dtype: torch.dtype, repeats: int,
-            fractions: list[float]) -> dict:
-    plain, routed, dense, reference, names, masks = build(hidden, layers, modalities, rank, dtype)
+def measure(shape: Shape, dtype: torch.dtype, repeats: int, fractions: list[float], gpu_memory: bool = False) -> dict:
+    """Times of every workload (and, with `gpu_memory`, each prefill's peak GPU memory), on the default device."""
+    plain, routed, dense, reference, names, masks = build(shape, dtype)
+    tokens, hidden, modalities = shape.tokens, shape.hidden, shape.modalities
     embeds = torch.randn(1, tokens, hidden, dtype=dtype)
-    figures: dict = {"weights_bytes": {label: weight_bytes(model) for label, model in (
-        ("plain", plain), ("composite", routed), ("composite_dense", dense), ("reference", reference))}}
+    models = {"plain": plain, "composite": routed, "composite_dense": dense, "reference": reference}
+    figures: dict = {"weights_bytes": {label: weight_bytes(model) for label, model in models.items()}}
+    memory: dict = {}
     with torch.inference_mode():
         for fraction in fractions:
             routing = _workload(fraction, tokens, names, masks, dtype)
+            if gpu_memory:
+                peaks = {}
+                for label, model in models.items():
+                    routed_here = routing if label.startswith("composite") else None
+                    peaks[f"{label}_bytes"] = _gpu_prefill_peak(model, embeds, routed_here)
+                memory[f"prefill {int(fraction * 100)}% modality"] = peaks
             seconds = _interleaved_times({
                 "plain": lambda: plain(inputs_embeds=embeds),
                 "composite": lambda: routed(inputs_embeds=embeds, **{ROUTING_KWARG: routing}),
@@ -184,7 +234,29 @@ def measure(hidden: int, layers: int, tokens: int, modalities: int, rank: int, d
 
             decodes[label] = decode
         figures["decode step"] = _row(_interleaved_times(decodes, repeats * 8))
+    if gpu_memory:
+        figures["peak prefill memory"] = {workload: _memory_ratios(row) for workload, row in memory.items()}
     return figures
+
+
+def _gpu_prefill_peak(model: nn.Module, embeds: torch.Tensor, routing: ModalityRouting | None) -> int:
+    """Bytes the caching allocator held at the prefill's peak above what it held before (after a warm-up)."""
+    extra = {ROUTING_KWARG: routing} if routing is not None else {}
+    model(inputs_embeds=embeds, **extra)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    model(inputs_embeds=embeds, **extra)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def _memory_ratios(row: dict[str, int]) -> dict[str, float]:
+    return {
+        **row,
+        "composite/plain": row["composite_bytes"] / max(row["plain_bytes"], 1),
+        "composite_dense/plain": row["composite_dense_bytes"] / max(row["plain_bytes"], 1),
+    }
 
 
 def _row(times: dict[str, list[float]]) -> dict[str, float]:
@@ -212,13 +284,13 @@ def _memory_kib(field: str) -> int:
     return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE).group(1))
 
 
-def prefill_peak_memory(hidden: int, layers: int, tokens: int, modalities: int, rank: int, dtype: torch.dtype,
-                        variant: str, fractions: list[float]) -> dict[str, int]:
+def prefill_peak_memory(shape: Shape, dtype: torch.dtype, variant: str, fractions: list[float]) -> dict[str, int]:
     """Bytes a prefill of `variant` (plain | composite | reference) needs above the resident set before it, per
     workload; meant to run alone in a fresh process (see the module docstring)."""
-    plain, routed, dense, reference, names, masks = build(hidden, layers, modalities, rank, dtype)
+    plain, routed, dense, reference, names, masks = build(shape, dtype)
     model = {"plain": plain, "composite": routed, "composite_dense": dense, "reference": reference}[variant]
-    embeds = torch.randn(1, tokens, hidden, dtype=dtype)
+    tokens = shape.tokens
+    embeds = torch.randn(1, tokens, shape.hidden, dtype=dtype)
     peaks = {}
     with torch.inference_mode():
         for fraction in fractions:
@@ -235,13 +307,12 @@ def prefill_peak_memory(hidden: int, layers: int, tokens: int, modalities: int, 
 VARIANTS = ("plain", "composite", "composite_dense", "reference")
 
 
-def measure_memory(args: argparse.Namespace, dtype_name: str) -> dict:
+def measure_memory(shape: Shape, fractions: str, dtype_name: str) -> dict:
     """Peak prefill memory of every variant, each in a fresh subprocess."""
     by_variant = {}
     for variant in VARIANTS:
         command = [sys.executable, "-m", "benchmarks.routing_overhead", "--memory-child", variant, "--dtypes", dtype_name,
-                   "--hidden", str(args.hidden), "--layers", str(args.layers), "--tokens", str(args.tokens),
-                   "--modalities", str(args.modalities), "--rank", str(args.rank), "--fractions", args.fractions]
+                   "--fractions", fractions, *shape.command_line()]
         # A fixed mmap threshold: glibc then returns every block of 64 KiB or more to the system when it is freed
         # (its default threshold grows with use, so a warm-up's freed activations would stay resident and hide the
         # next prefill's peak).
@@ -249,19 +320,19 @@ def measure_memory(args: argparse.Namespace, dtype_name: str) -> dict:
         output = subprocess.run(command, check=True, capture_output=True, text=True, env=environment).stdout
         by_variant[variant] = json.loads(output.strip().splitlines()[-1])
     return {
-        workload: {
-            **{f"{variant}_bytes": by_variant[variant][workload] for variant in VARIANTS},
-            "composite/plain": by_variant["composite"][workload] / max(by_variant["plain"][workload], 1),
-            "composite_dense/plain": by_variant["composite_dense"][workload] / max(by_variant["plain"][workload], 1),
-        }
+        workload: _memory_ratios({f"{variant}_bytes": by_variant[variant][workload] for variant in VARIANTS})
         for workload in by_variant["plain"]
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), 
+                        help="a published LLM's shape (its sizes become the defaults)")
     parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--intermediate", type=int, help="MLP width (default: 11/4 of --hidden, a multiple of 64)")
     parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=64, help="width of an attention head (Llama-2: 128)")
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--modalities", type=int, default=4)
     parser.add_argument("--rank", type=int, default=64)
@@ -270,26 +341,38 @@ def main() -> None:
     parser.add_argument("--fractions", default="0,0.25,0.5,0.9", help="shares of modality tokens in the prefills")
     parser.add_argument("--output", default="outputs/benchmarks/routing_overhead.json")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
+    # A preset replaces the defaults; sizes given on the command line still win (`--preset llama-7b --layers 2`).
+    parser.set_defaults(**PRESETS.get(parser.parse_known_args()[0].preset, {}))
     args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA device here")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     fractions = [float(share) for share in args.fractions.split(",")]
+    shape = Shape.from_args(args)
     if args.memory_child:  # one variant's peak prefill memory, as JSON on the last line
-        peaks = prefill_peak_memory(args.hidden, args.layers, args.tokens, args.modalities, args.rank,
-                                    getattr(torch, args.dtypes), args.memory_child, fractions)
+        peaks = prefill_peak_memory(shape, getattr(torch, args.dtypes), args.memory_child, fractions)
         print(json.dumps(peaks))
         return
-    report = {"settings": vars(args), "threads": torch.get_num_threads(), "results": {}}
-    print(f"routing overhead: hidden {args.hidden}, {args.layers} layers, {args.tokens} tokens, {args.modalities} "
-          f"modalities, rank {args.rank}, CPU with {torch.get_num_threads()} threads (medians of {args.repeats})")
+    on_gpu = device.type == "cuda"
+    where = torch.cuda.get_device_name(device) if on_gpu else f"CPU with {torch.get_num_threads()} threads"
+    report = {"settings": vars(args), "threads": torch.get_num_threads(), "device_name": where, "results": {}}
+    print(f"routing overhead: hidden {shape.hidden}, intermediate {shape.intermediate}, {shape.layers} layers, heads "
+          f"of {shape.head_dim}, {shape.tokens} tokens, {shape.modalities} modalities, rank {shape.rank}, {where} "
+          f"(medians of {args.repeats})")
     for dtype_name in args.dtypes.split(","):
-        figures = measure(args.hidden, args.layers, args.tokens, args.modalities, args.rank,
-                          getattr(torch, dtype_name), args.repeats, fractions)
+        with torch.device(device):
+            figures = measure(shape, getattr(torch, dtype_name), args.repeats, fractions,
+                              gpu_memory=on_gpu and not args.no_memory)
         report["results"][dtype_name] = figures
         print(f"\n{dtype_name}")
         print(f"{'workload':<22} {'plain ms':>9} {'ours ms':>9} {'dense ms':>9} {'ref ms':>9} {'ours/plain':>11} "
               f"{'dense/plain':>12} {'ref/ours':>9} {'ref/dense':>10}")
         for label, row in figures.items():
-            if label == "weights_bytes":
+            if label in ("weights_bytes", "peak prefill memory"):
                 continue
             print(f"{label:<22} {row['plain_s'] * 1e3:>9.1f} {row['composite_s'] * 1e3:>9.1f} "
                   f"{row['composite_dense_s'] * 1e3:>9.1f} {row['reference_s'] * 1e3:>9.1f} "
@@ -298,10 +381,14 @@ def main() -> None:
         weights = figures["weights_bytes"]
         print("weights MiB: " + ", ".join(f"{label} {size / 2**20:.0f}" for label, size in weights.items()))
         if not args.no_memory:
-            memory = measure_memory(args, dtype_name)
+            if on_gpu:
+                memory = figures.pop("peak prefill memory")
+            else:
+                memory = measure_memory(shape, args.fractions, dtype_name)
             report["results"][dtype_name + " peak prefill memory"] = memory
             mib = 2**20
-            print(f"\n{dtype_name} peak prefill memory (above the resident set before it; fresh process per variant)")
+            how = "allocated on the GPU" if on_gpu else "resident set; fresh process per variant"
+            print(f"\n{dtype_name} peak prefill memory (above what was held before it: {how})")
             print(f"{'workload':<22} {'plain MiB':>10} {'ours MiB':>9} {'dense MiB':>10} {'ref MiB':>9} "
                   f"{'ours/plain':>11} {'dense/plain':>12}")
             for label, row in memory.items():
