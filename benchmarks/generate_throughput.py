@@ -50,13 +50,12 @@ def build_models(args: argparse.Namespace, dtype: torch.dtype) -> tuple[dict[str
     the image placeholder id."""
     tokenizer = tiny_tokenizer()
     image_token_id = len(tokenizer)  # where `compose` puts `<image>`; LLaVA is told the same id
+    heads = max(args.hidden // 128, 1)  # Llama-2's heads are 128 wide
     text_config = LlamaConfig(
         hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-        num_attention_heads=max(args.hidden // 128, 1),  # Llama's heads are 128 wide
-        vocab_size=args.vocab, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=3,
-        tie_word_embeddings=False,
+        num_attention_heads=heads, num_key_value_heads=heads, vocab_size=args.vocab, max_position_embeddings=4096,
+        bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False,
     )
-    text_config.num_key_value_heads = text_config.num_attention_heads
     vision_config = CLIPVisionConfig(
         hidden_size=args.vision_hidden, intermediate_size=4 * args.vision_hidden, num_hidden_layers=args.vision_layers,
         num_attention_heads=max(args.vision_hidden // 64, 1), image_size=args.image_size, patch_size=14,
@@ -88,9 +87,9 @@ def build_models(args: argparse.Namespace, dtype: torch.dtype) -> tuple[dict[str
         for layer in damc.model.routed_layers():
             for factor in layer.factor_parameters():
                 factor.copy_(torch.randn(factor.shape, generator=generator).to(factor.dtype) * 0.02)
-    models = {"llava": llava, "parts": parts, "damc": damc}
-    return {label: model.to(device=args.device, dtype=dtype).eval() for label, model in models.items()}, processor, \
-        image_token_id
+    models = {label: model.to(device=args.device, dtype=dtype).eval()
+              for label, model in (("llava", llava), ("parts", parts), ("damc", damc))}
+    return models, processor, image_token_id
 
 
 def prompt_batch(processor, batch: int, image_size: int, device: str) -> dict[str, torch.Tensor]:
