@@ -117,8 +117,14 @@ class Shape:
         return [f"--{field.name.replace('_', '-')}={getattr(self, field.name)}" for field in dataclasses.fields(self)]
 
 
-def build(shape: Shape, dtype: torch.dtype):
-    """The four variants; tensors go to the default device (callers build under `with torch.device(...)`)."""
+def build(shape: Shape, dtype: torch.dtype, device: torch.device):
+    """The four variants, made on `device` (the default device only while they are made: a `torch.device` context
+    intercepts every torch call, which would also slow down the timed forwards)."""
+    with torch.device(device):
+        return _build(shape, dtype)
+
+
+def _build(shape: Shape, dtype: torch.dtype):
     torch.manual_seed(0)
     hidden, rank, heads = shape.hidden, shape.rank, max(shape.hidden // shape.head_dim, 1)
     config = LlamaConfig(hidden_size=hidden, intermediate_size=shape.intermediate, num_hidden_layers=shape.layers,
@@ -160,13 +166,13 @@ def build(shape: Shape, dtype: torch.dtype):
     return plain, routed, dense, reference, names, masks
 
 
-def _synchronize() -> None:
+def _synchronize(device: torch.device) -> None:
     """Waits for queued GPU work, so that a timer stops when the work is done (nothing to wait for on a CPU)."""
-    if torch.get_default_device().type == "cuda":
-        torch.cuda.synchronize()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def _interleaved_times(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
+def _interleaved_times(runs: dict[str, Callable[[], None]], repeats: int, device: torch.device) -> dict[str, list[float]]:
     """Seconds of each run per round. The runs take turns (one round = each once, after one warm-up round), so that
     a slow spell of the machine hits every variant of a round alike; ratios are then taken round by round."""
     for run in runs.values():
@@ -174,54 +180,62 @@ def _interleaved_times(runs: dict[str, Callable[[], None]], repeats: int) -> dic
     times: dict[str, list[float]] = {label: [] for label in runs}
     for _ in range(repeats):
         for label, run in runs.items():
-            _synchronize()
+            _synchronize(device)
             start = time.perf_counter()
             run()
-            _synchronize()
+            _synchronize(device)
             times[label].append(time.perf_counter() - start)
     return times
 
 
-def _workload(fraction: float, tokens: int, names: list[str], masks: _Masks, dtype: torch.dtype):
-    """The routing of a prefill whose first `fraction` of tokens are modality tokens, split evenly across the
-    modalities; also sets the reference scheme's masks to match."""
+def _workload(fraction: float, tokens: int, names: list[str], masks: _Masks, dtype: torch.dtype,
+              device: torch.device) -> torch.Tensor:
+    """The `(1, tokens)` modality index of a prefill whose first `fraction` of tokens are modality tokens, split
+    evenly across the modalities; also sets the reference scheme's masks to match. The composite builds its routing
+    from the index inside each timed forward, as `CompositeMLLMModel.forward` does."""
     modalities = len(names)
-    index = torch.zeros(tokens, dtype=torch.long)
+    index = torch.zeros(tokens, dtype=torch.long, device=device)
     count = int(tokens * fraction)
     if count:
-        index[:count] = torch.arange(count) * modalities // count + 1
+        index[:count] = torch.arange(count, device=device) * modalities // count + 1
     masks.value = torch.stack([(index == slot) for slot in range(modalities + 1)]).to(dtype)[..., None]
-    return ModalityRouting.from_modality_index(index[None], names)
+    return index[None]
 
 
-def measure(shape: Shape, dtype: torch.dtype, repeats: int, fractions: list[float], gpu_memory: bool = False) -> dict:
-    """Times of every workload (and, with `gpu_memory`, each prefill's peak GPU memory), on the default device."""
-    plain, routed, dense, reference, names, masks = build(shape, dtype)
+def _prefills(models: dict[str, nn.Module], embeds: torch.Tensor, index: torch.Tensor, names: list[str]):
+    """One prefill per variant; the composites route from the modality index in each call."""
+
+    def prefill(label: str, model: nn.Module) -> Callable[[], None]:
+        if label.startswith("composite"):
+            return lambda: model(inputs_embeds=embeds,
+                                 **{ROUTING_KWARG: ModalityRouting.from_modality_index(index, names)})
+        return lambda: model(inputs_embeds=embeds)
+
+    return {label: prefill(label, model) for label, model in models.items()}
+
+
+def measure(shape: Shape, dtype: torch.dtype, repeats: int, fractions: list[float], device: torch.device,
+            gpu_memory: bool = False) -> dict:
+    """Times of every workload (and, with `gpu_memory`, each prefill's peak GPU memory) on `device`."""
+    plain, routed, dense, reference, names, masks = build(shape, dtype, device)
     tokens, hidden, modalities = shape.tokens, shape.hidden, shape.modalities
-    embeds = torch.randn(1, tokens, hidden, dtype=dtype)
+    embeds = torch.randn(1, tokens, hidden, dtype=dtype, device=device)
     models = {"plain": plain, "composite": routed, "composite_dense": dense, "reference": reference}
     figures: dict = {"weights_bytes": {label: weight_bytes(model) for label, model in models.items()}}
     memory: dict = {}
     with torch.inference_mode():
         for fraction in fractions:
-            routing = _workload(fraction, tokens, names, masks, dtype)
+            index = _workload(fraction, tokens, names, masks, dtype, device)
+            prefills = _prefills(models, embeds, index, names)
             if gpu_memory:
-                peaks = {}
-                for label, model in models.items():
-                    routed_here = routing if label.startswith("composite") else None
-                    peaks[f"{label}_bytes"] = _gpu_prefill_peak(model, embeds, routed_here)
-                memory[f"prefill {int(fraction * 100)}% modality"] = peaks
-            seconds = _interleaved_times({
-                "plain": lambda: plain(inputs_embeds=embeds),
-                "composite": lambda: routed(inputs_embeds=embeds, **{ROUTING_KWARG: routing}),
-                "composite_dense": lambda: dense(inputs_embeds=embeds, **{ROUTING_KWARG: routing}),
-                "reference": lambda: reference(inputs_embeds=embeds),
-            }, repeats)
-            figures[f"prefill {int(fraction * 100)}% modality"] = _row(seconds)
+                memory[f"prefill {int(fraction * 100)}% modality"] = {
+                    f"{label}_bytes": _gpu_prefill_peak(run, device) for label, run in prefills.items()
+                }
+            figures[f"prefill {int(fraction * 100)}% modality"] = _row(_interleaved_times(prefills, repeats, device))
         # One decode step (a text token) on a cache of `tokens` positions.
-        masks.value = torch.ones(modalities + 1, 1, 1, dtype=dtype)
-        masks.value[1:] = 0
-        step = torch.randn(1, 1, hidden, dtype=dtype)
+        masks.value = torch.zeros(modalities + 1, 1, 1, dtype=dtype, device=device)
+        masks.value[0] = 1
+        step = torch.randn(1, 1, hidden, dtype=dtype, device=device)
         decodes = {}
         for label, model, extra in (("plain", plain, {}), ("composite", routed, {ROUTING_KWARG: None}),
                                     ("composite_dense", dense, {ROUTING_KWARG: None}), ("reference", reference, {})):
@@ -233,22 +247,21 @@ def measure(shape: Shape, dtype: torch.dtype, repeats: int, fractions: list[floa
                 cache.crop(-1)  # drop the step again: every timed step sees the same cache
 
             decodes[label] = decode
-        figures["decode step"] = _row(_interleaved_times(decodes, repeats * 8))
+        figures["decode step"] = _row(_interleaved_times(decodes, repeats * 8, device))
     if gpu_memory:
         figures["peak prefill memory"] = {workload: _memory_ratios(row) for workload, row in memory.items()}
     return figures
 
 
-def _gpu_prefill_peak(model: nn.Module, embeds: torch.Tensor, routing: ModalityRouting | None) -> int:
+def _gpu_prefill_peak(prefill: Callable[[], None], device: torch.device) -> int:
     """Bytes the caching allocator held at the prefill's peak above what it held before (after a warm-up)."""
-    extra = {ROUTING_KWARG: routing} if routing is not None else {}
-    model(inputs_embeds=embeds, **extra)
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    model(inputs_embeds=embeds, **extra)
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before
+    prefill()
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    prefill()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
 
 
 def _memory_ratios(row: dict[str, int]) -> dict[str, float]:
@@ -275,9 +288,14 @@ def _row(times: dict[str, list[float]]) -> dict[str, float]:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Parameters and buffers (the dense W0 copies are buffers), each tensor counted once."""
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    """Parameters and buffers (the dense W0 copies are buffers) and the reference's adapter factors (plain tensors),
+    each tensor counted once."""
+    tensors = [*model.parameters(), *model.buffers()]
+    for module in model.modules():
+        if isinstance(module, ReferenceLinear):
+            tensors += [factor for slot in module.adapters for pair in slot for factor in pair]
+    unique = {id(tensor): tensor for tensor in tensors}
+    return sum(tensor.numel() * tensor.element_size() for tensor in unique.values())
 
 
 def _memory_kib(field: str) -> int:
@@ -287,19 +305,19 @@ def _memory_kib(field: str) -> int:
 def prefill_peak_memory(shape: Shape, dtype: torch.dtype, variant: str, fractions: list[float]) -> dict[str, int]:
     """Bytes a prefill of `variant` (plain | composite | reference) needs above the resident set before it, per
     workload; meant to run alone in a fresh process (see the module docstring)."""
-    plain, routed, dense, reference, names, masks = build(shape, dtype)
-    model = {"plain": plain, "composite": routed, "composite_dense": dense, "reference": reference}[variant]
-    tokens = shape.tokens
-    embeds = torch.randn(1, tokens, shape.hidden, dtype=dtype)
+    cpu = torch.device("cpu")
+    plain, routed, dense, reference, names, masks = build(shape, dtype, cpu)
+    models = {"plain": plain, "composite": routed, "composite_dense": dense, "reference": reference}
+    embeds = torch.randn(1, shape.tokens, shape.hidden, dtype=dtype)
     peaks = {}
     with torch.inference_mode():
         for fraction in fractions:
-            routing = _workload(fraction, tokens, names, masks, dtype)
-            extra = {ROUTING_KWARG: routing} if variant.startswith("composite") else {}
-            model(inputs_embeds=embeds, **extra)  # warm-up: one-time allocations are not the prefill's
+            index = _workload(fraction, shape.tokens, names, masks, dtype, cpu)
+            prefill = _prefills({variant: models[variant]}, embeds, index, names)[variant]
+            prefill()  # warm-up: one-time allocations are not the prefill's
             before = _memory_kib("VmRSS")
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
-            model(inputs_embeds=embeds, **extra)
+            prefill()
             peaks[f"prefill {int(fraction * 100)}% modality"] = (_memory_kib("VmHWM") - before) * 1024
     return peaks
 
@@ -327,7 +345,7 @@ def measure_memory(shape: Shape, fractions: str, dtype_name: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), 
+    parser.add_argument("--preset", choices=sorted(PRESETS),
                         help="a published LLM's shape (its sizes become the defaults)")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--intermediate", type=int, help="MLP width (default: 11/4 of --hidden, a multiple of 64)")
@@ -337,7 +355,7 @@ def main() -> None:
     parser.add_argument("--modalities", type=int, default=4)
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--dtypes", help="comma-separated (default: float32,bfloat16 on a CPU, bfloat16 on a GPU)")
     parser.add_argument("--fractions", default="0,0.25,0.5,0.9", help="shares of modality tokens in the prefills")
     parser.add_argument("--output", default="outputs/benchmarks/routing_overhead.json")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -347,10 +365,14 @@ def main() -> None:
     parser.set_defaults(**PRESETS.get(parser.parse_known_args()[0].preset, {}))
     args = parser.parse_args()
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: torch sees no CUDA device here")
     if device.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: torch sees no CUDA device here")
+        if device.index is None:  # `torch.cuda` calls want the index
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
+    # float32 at 7B's shape would need about 145 GB for the four variants.
+    args.dtypes = args.dtypes or ("bfloat16" if device.type == "cuda" else "float32,bfloat16")
     fractions = [float(share) for share in args.fractions.split(",")]
     shape = Shape.from_args(args)
     if args.memory_child:  # one variant's peak prefill memory, as JSON on the last line
@@ -364,9 +386,8 @@ def main() -> None:
           f"of {shape.head_dim}, {shape.tokens} tokens, {shape.modalities} modalities, rank {shape.rank}, {where} "
           f"(medians of {args.repeats})")
     for dtype_name in args.dtypes.split(","):
-        with torch.device(device):
-            figures = measure(shape, getattr(torch, dtype_name), args.repeats, fractions,
-                              gpu_memory=on_gpu and not args.no_memory)
+        figures = measure(shape, getattr(torch, dtype_name), args.repeats, fractions, device,
+                          gpu_memory=on_gpu and not args.no_memory)
         report["results"][dtype_name] = figures
         print(f"\n{dtype_name}")
         print(f"{'workload':<22} {'plain ms':>9} {'ours ms':>9} {'dense ms':>9} {'ref ms':>9} {'ours/plain':>11} "
