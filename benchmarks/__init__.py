@@ -1,7 +1,11 @@
 """Benchmarks of composed multimodal models."""
 
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 
 def write_figures(report: dict, path: str | Path) -> Path:
@@ -10,3 +14,16 @@ def write_figures(report: dict, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1))
     return path
+
+
+def timed_seconds(run: Callable[[], object], device: str | torch.device = "cpu") -> float:
+    """Wall seconds of `run()`. On a GPU the queued work is waited for on both sides, so that the timer stops when
+    the work is done rather than when it was launched."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start

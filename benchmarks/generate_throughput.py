@@ -22,7 +22,6 @@ time); their difference is the decode (the rate of the other new tokens). Prints
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -30,7 +29,7 @@ import torch
 from PIL import Image
 from transformers import CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
 
-from benchmarks import write_figures
+from benchmarks import timed_seconds, write_figures
 from modeling_composite import ModalitySpec, compose
 from modeling_composite.builder import clip_image_processor
 from modeling_composite.tiny import tiny_tokenizer
@@ -81,7 +80,6 @@ def build_models(args: argparse.Namespace, dtype: torch.dtype) -> tuple[dict[str
     parts, processor = composite(None, None)
     damc, _ = composite({"r": RANK, "alpha": 2.0 * RANK},
                         {"r": RANK * args.sources, "alpha": 2.0 * RANK * args.sources, "folded": True})
-    del llm
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for layer in damc.model.routed_layers():
@@ -101,19 +99,6 @@ def prompt_batch(processor, batch: int, image_size: int, device: str) -> dict[st
     return {key: value.to(device) for key, value in inputs.items()}
 
 
-def _synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
-def _seconds(run: Callable[[], object], device: str) -> float:
-    _synchronize(device)
-    start = time.perf_counter()
-    run()
-    _synchronize(device)
-    return time.perf_counter() - start
-
-
 def _interleaved_times(models: list[str], generate: Callable[[str, int], object], new_tokens: int, repeats: int,
                        device: str) -> dict[str, dict[str, list[float]]]:
     """Per model and round: seconds of the prefill alone (one new token), of the whole generation, and their
@@ -124,8 +109,8 @@ def _interleaved_times(models: list[str], generate: Callable[[str, int], object]
     times = {label: {"prefill": [], "generate": [], "decode": []} for label in models}
     for _ in range(repeats):
         for label in models:
-            prefill = _seconds(lambda: generate(label, 1), device)
-            whole = _seconds(lambda: generate(label, new_tokens), device)
+            prefill = timed_seconds(lambda: generate(label, 1), device)
+            whole = timed_seconds(lambda: generate(label, new_tokens), device)
             for key, value in (("prefill", prefill), ("generate", whole), ("decode", whole - prefill)):
                 times[label][key].append(value)
     return times

@@ -22,7 +22,6 @@ is one prefill of an image, a clip and `--tokens` text tokens (medians of `--rep
 import argparse
 import statistics
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModel, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, WhisperFeatureExtractor
 
-from benchmarks import write_figures
+from benchmarks import timed_seconds, write_figures
 from modeling_composite import ModalitySpec, compose, save_composite
 from modeling_composite.builder import clip_image_processor
 from modeling_composite.modeling_composite import CompositeMLLMForCausalLM
@@ -144,9 +143,7 @@ def _median_seconds(run, repeats: int) -> float:
     run()  # warm-up (bitsandbytes also repacks its CPU weights on the first call)
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
+        times.append(timed_seconds(run))
     return statistics.median(times)
 
 

@@ -31,7 +31,6 @@ import re
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,7 +38,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaModel
 
-from benchmarks import write_figures
+from benchmarks import timed_seconds, write_figures
 from modeling_composite.modeling_composite import CACHE_NAME
 from modeling_composite.routing import ROUTING_KWARG, ModalityRouting, RoutedLinear, RoutingState, inject_routed_layers
 
@@ -117,9 +116,10 @@ class Shape:
         return [f"--{field.name.replace('_', '-')}={getattr(self, field.name)}" for field in dataclasses.fields(self)]
 
 
-def build(shape: Shape, dtype: torch.dtype, device: torch.device):
-    """The four variants, made on `device` (the default device only while they are made: a `torch.device` context
-    intercepts every torch call, which would also slow down the timed forwards)."""
+def build(shape: Shape, dtype: torch.dtype, device: torch.device) -> tuple[dict[str, nn.Module], list[str], _Masks]:
+    """The variants by name (`VARIANTS`), the modality names, and the reference scheme's masks; made on `device`
+    (the default device only while they are made: a `torch.device` context intercepts every torch call, which would
+    also slow down the timed forwards)."""
     with torch.device(device):
         return _build(shape, dtype)
 
@@ -163,16 +163,11 @@ def _build(shape: Shape, dtype: torch.dtype):
             setattr(attention, name, wrap(getattr(attention, name)))
         mlp = layer.mlp
         layer.mlp = ReferenceMLP(mlp, wrap(mlp.gate_proj), wrap(mlp.up_proj), wrap(mlp.down_proj), masks)
-    return plain, routed, dense, reference, names, masks
+    return {"plain": plain, "composite": routed, "composite_dense": dense, "reference": reference}, names, masks
 
 
-def _synchronize(device: torch.device) -> None:
-    """Waits for queued GPU work, so that a timer stops when the work is done (nothing to wait for on a CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _interleaved_times(runs: dict[str, Callable[[], None]], repeats: int, device: torch.device) -> dict[str, list[float]]:
+def _interleaved_times(runs: dict[str, Callable[[], None]], repeats: int,
+                       device: torch.device) -> dict[str, list[float]]:
     """Seconds of each run per round. The runs take turns (one round = each once, after one warm-up round), so that
     a slow spell of the machine hits every variant of a round alike; ratios are then taken round by round."""
     for run in runs.values():
@@ -180,11 +175,7 @@ def _interleaved_times(runs: dict[str, Callable[[], None]], repeats: int, device
     times: dict[str, list[float]] = {label: [] for label in runs}
     for _ in range(repeats):
         for label, run in runs.items():
-            _synchronize(device)
-            start = time.perf_counter()
-            run()
-            _synchronize(device)
-            times[label].append(time.perf_counter() - start)
+            times[label].append(timed_seconds(run, device))
     return times
 
 
@@ -217,10 +208,9 @@ def _prefills(models: dict[str, nn.Module], embeds: torch.Tensor, index: torch.T
 def measure(shape: Shape, dtype: torch.dtype, repeats: int, fractions: list[float], device: torch.device,
             gpu_memory: bool = False) -> dict:
     """Times of every workload (and, with `gpu_memory`, each prefill's peak GPU memory) on `device`."""
-    plain, routed, dense, reference, names, masks = build(shape, dtype, device)
+    models, names, masks = build(shape, dtype, device)
     tokens, hidden, modalities = shape.tokens, shape.hidden, shape.modalities
     embeds = torch.randn(1, tokens, hidden, dtype=dtype, device=device)
-    models = {"plain": plain, "composite": routed, "composite_dense": dense, "reference": reference}
     figures: dict = {"weights_bytes": {label: weight_bytes(model) for label, model in models.items()}}
     memory: dict = {}
     with torch.inference_mode():
@@ -237,8 +227,8 @@ def measure(shape: Shape, dtype: torch.dtype, repeats: int, fractions: list[floa
         masks.value[0] = 1
         step = torch.randn(1, 1, hidden, dtype=dtype, device=device)
         decodes = {}
-        for label, model, extra in (("plain", plain, {}), ("composite", routed, {ROUTING_KWARG: None}),
-                                    ("composite_dense", dense, {ROUTING_KWARG: None}), ("reference", reference, {})):
+        for label, model in models.items():
+            extra = {ROUTING_KWARG: None} if label.startswith("composite") else {}  # a decoded token is text
             cache = DynamicCache()
             model(inputs_embeds=embeds, use_cache=True, **{CACHE_NAME: cache}, **extra)
 
@@ -306,8 +296,7 @@ def prefill_peak_memory(shape: Shape, dtype: torch.dtype, variant: str, fraction
     """Bytes a prefill of `variant` (plain | composite | reference) needs above the resident set before it, per
     workload; meant to run alone in a fresh process (see the module docstring)."""
     cpu = torch.device("cpu")
-    plain, routed, dense, reference, names, masks = build(shape, dtype, cpu)
-    models = {"plain": plain, "composite": routed, "composite_dense": dense, "reference": reference}
+    models, names, masks = build(shape, dtype, cpu)
     embeds = torch.randn(1, shape.tokens, shape.hidden, dtype=dtype)
     peaks = {}
     with torch.inference_mode():
