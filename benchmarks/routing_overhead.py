@@ -4,6 +4,11 @@ re-implemented here as the baseline. Random weights; medians of repeated runs af
 the variants taking turns within each round so that a slow spell of the machine skews no ratio; each ratio is the
 median of its per-round ratios.
 
+The reference holds the same composite as ours (`W0`, the sources' text LoRAs as its `default-{m}` adapters, each
+modality's LoRA), so both compute the same outputs; the table prints how far apart they are. Like the paper's code,
+it runs all adapters only for a prompt with modality tokens: a text-only prompt and a decode step (which has a cache)
+get no modality mask and run the text adapter alone.
+
     python -m benchmarks.routing_overhead [--hidden 1024 --layers 8 --tokens 1024 --modalities 4 --rank 64]
     python -m benchmarks.routing_overhead --preset llama-7b --device cuda --dtypes bfloat16   # 7B shape on a GPU
 
@@ -50,48 +55,80 @@ PRESETS = {"llama-7b": {"hidden": 4096, "intermediate": 11008, "layers": 32, "he
 
 
 class _Masks:
-    """The reference scheme's one-hot masks over all tokens, `(adapters, tokens, 1)`: row 0 is text."""
+    """The reference scheme's one-hot masks over all tokens, `(adapters, tokens, 1)`: row 0 is text. None when the
+    reference passes no modality mask: a prompt without modality tokens, or a decode step."""
 
     value: torch.Tensor | None = None
 
 
 class ReferenceLinear(nn.Module):
-    """Base output once, plus every adapter's low-rank delta on every token, then summed under the masks."""
+    """The reference's `LocalLoraLinear`: the base output once, then one full output per adapter (the base output
+    plus that adapter's scaled low-rank branch; the text adapter's branch is the sum of the sources' text LoRAs
+    `default-{m}`, stacked), summed under the masks. Without masks only the text adapter runs, as in the reference."""
 
-    def __init__(self, base: nn.Linear, adapters: list[list[tuple[torch.Tensor, torch.Tensor]]], masks: _Masks):
+    def __init__(self, base: nn.Linear, adapters: list[list[tuple[torch.Tensor, torch.Tensor]]], scalings: list[float],
+                 masks: _Masks):
         super().__init__()
-        self.base, self.adapters, self.masks = base, adapters, masks
+        self.base, self.adapters, self.scalings, self.masks = base, adapters, scalings, masks
 
-    def delta(self, flat: torch.Tensor, slot: int) -> torch.Tensor:
-        return sum((flat @ a.t()) @ b.t() for a, b in self.adapters[slot])
+    def branch(self, flat: torch.Tensor, slot: int) -> torch.Tensor:
+        branches = [(flat @ a.t()) @ b.t() * self.scalings[slot] for a, b in self.adapters[slot]]
+        return branches[0] if len(branches) == 1 else torch.stack(branches).sum(0)
+
+    def output(self, flat: torch.Tensor, slot: int) -> torch.Tensor:
+        """One adapter's full output (the reference's `active_adapters=[slot]`)."""
+        return self.base(flat) + self.branch(flat, slot)
+
+    def outputs(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Every adapter's full output when there are masks (the base output shared), else only the text one."""
+        if self.masks.value is None:
+            return [self.output(flat, 0)]
+        base = self.base(flat)
+        return [base + self.branch(flat, slot) for slot in range(len(self.adapters))]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
-        base = self.base(flat)
-        out = sum(self.masks.value[slot] * (base + self.delta(flat, slot)) for slot in range(len(self.adapters)))
-        return out.view(*hidden_states.shape[:-1], -1)
+        return _masked_sum(self.outputs(flat), self.masks).view(*hidden_states.shape[:-1], -1)
+
+
+def _masked_sum(outputs: list[torch.Tensor], masks: _Masks) -> torch.Tensor:
+    if masks.value is None:
+        return outputs[0]
+    return torch.stack([mask * output for mask, output in zip(masks.value, outputs)]).sum(0)
 
 
 class ReferenceMLP(nn.Module):
-    """SwiGLU once per adapter (its own gate/up/down deltas), summed under the masks: `down_proj`'s dense matmul runs
-    once per adapter, as in the reference."""
+    """The reference's MLP: every adapter's gate and up outputs, then `down_proj` once per adapter on its own SwiGLU
+    (so its dense matmul runs once per adapter), summed under the masks. Without masks, the text adapter's chain."""
 
-    def __init__(self, mlp: nn.Module, gate: ReferenceLinear, up: ReferenceLinear, down: ReferenceLinear, masks: _Masks):
+    def __init__(self, mlp: nn.Module, gate: ReferenceLinear, up: ReferenceLinear, down: ReferenceLinear,
+                 masks: _Masks):
         super().__init__()
         self.mlp, self.gate, self.up, self.down, self.masks = mlp, gate, up, down, masks
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
-        gate, up = self.gate.base(flat), self.up.base(flat)
-        out = 0
-        for slot in range(len(self.gate.adapters)):
-            inner = self.mlp.act_fn(gate + self.gate.delta(flat, slot)) * (up + self.up.delta(flat, slot))
-            out = out + self.masks.value[slot] * (self.down.base(inner) + self.down.delta(inner, slot))
-        return out.view_as(hidden_states)
+        gates = [self.mlp.act_fn(gate) for gate in self.gate.outputs(flat)]
+        ups = self.up.outputs(flat)
+        downs = [self.down.output(gate * up, slot) for slot, (gate, up) in enumerate(zip(gates, ups))]
+        return _masked_sum(downs, self.masks).view_as(hidden_states)
 
 
-def _factors(rank: int, width_in: int, width_out: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.randn(rank, width_in, dtype=dtype) * 0.02, torch.randn(width_out, rank, dtype=dtype) * 0.02)
+def _reference_linear(linear: nn.Linear, routed: RoutedLinear, names: list[str], masks: _Masks) -> ReferenceLinear:
+    """`linear` (a copy of the plain model's, which holds `W_text`) as the reference holds the same composite: base
+    weight `W0 = W_text - T`, the text adapter as the sources' rank-r pieces of the stacked text factors of `T`, and
+    each modality's own factors. It then computes what `routed` computes."""
+    text_a, text_b = routed.text_lora_A.weight, routed.text_lora_B.weight
+    with torch.no_grad():
+        text_delta = (text_b.float() @ text_a.float()) * routed.text_scaling
+        linear.weight.copy_((linear.weight.float() - text_delta).to(linear.weight.dtype))
+    rank = text_a.shape[0] // len(names)
+    text = [(text_a[piece * rank : (piece + 1) * rank].detach().clone(),
+             text_b[:, piece * rank : (piece + 1) * rank].detach().clone()) for piece in range(len(names))]
+    own = [[(routed.lora_A[name].weight.detach().clone(), routed.lora_B[name].weight.detach().clone())]
+           for name in names]
+    return ReferenceLinear(linear, [text, *own], [routed.text_scaling, *(routed.scaling[name] for name in names)],
+                           masks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,20 +186,17 @@ def _build(shape: Shape, dtype: torch.dtype):
         if isinstance(module, RoutedLinear):
             module.materialize_original_weight()
 
+    # The reference scheme holding the same composite (same W0 and factors), so that it computes the same outputs.
     reference = copy.deepcopy(plain)
     masks = _Masks()
-    for layer in reference.layers:
-        def wrap(linear: nn.Linear) -> ReferenceLinear:
-            # Slot 0 (text): the N text LoRAs of the sources ('default-{m}'); slot i: modality i's LoRA.
-            text = [_factors(rank, linear.in_features, linear.out_features, dtype) for _ in names]
-            own = [[_factors(rank, linear.in_features, linear.out_features, dtype)] for _ in names]
-            return ReferenceLinear(linear, [text, *own], masks)
-
-        attention = layer.self_attn
+    for layer, routed_layer in zip(reference.layers, routed.layers):
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            setattr(attention, name, wrap(getattr(attention, name)))
-        mlp = layer.mlp
-        layer.mlp = ReferenceMLP(mlp, wrap(mlp.gate_proj), wrap(mlp.up_proj), wrap(mlp.down_proj), masks)
+            linear, twin = getattr(layer.self_attn, name), getattr(routed_layer.self_attn, name)
+            setattr(layer.self_attn, name, _reference_linear(linear, twin, names, masks))
+        mlp, twin = layer.mlp, routed_layer.mlp
+        gate, up, down = (_reference_linear(getattr(mlp, name), getattr(twin, name), names, masks)
+                          for name in ("gate_proj", "up_proj", "down_proj"))
+        layer.mlp = ReferenceMLP(mlp, gate, up, down, masks)
     return {"plain": plain, "composite": routed, "composite_dense": dense, "reference": reference}, names, masks
 
 
@@ -189,7 +223,9 @@ def _workload(fraction: float, tokens: int, names: list[str], masks: _Masks, dty
     count = int(tokens * fraction)
     if count:
         index[:count] = torch.arange(count, device=device) * modalities // count + 1
-    masks.value = torch.stack([(index == slot) for slot in range(modalities + 1)]).to(dtype)[..., None]
+    # The reference passes no modality mask when the prompt has no modality token (then only its text adapter runs).
+    slots = [(index == slot) for slot in range(modalities + 1)]
+    masks.value = torch.stack(slots).to(dtype)[..., None] if count else None
     return index[None]
 
 
@@ -221,10 +257,11 @@ def measure(shape: Shape, dtype: torch.dtype, repeats: int, fractions: list[floa
                 memory[f"prefill {int(fraction * 100)}% modality"] = {
                     f"{label}_bytes": _gpu_prefill_peak(run, device) for label, run in prefills.items()
                 }
-            figures[f"prefill {int(fraction * 100)}% modality"] = _row(_interleaved_times(prefills, repeats, device))
+            figures[f"prefill {int(fraction * 100)}% modality"] = {
+                **_row(_interleaved_times(prefills, repeats, device)), "difference_from_ours": _differences(prefills)
+            }
         # One decode step (a text token) on a cache of `tokens` positions.
-        masks.value = torch.zeros(modalities + 1, 1, 1, dtype=dtype, device=device)
-        masks.value[0] = 1
+        masks.value = None  # the reference drops the modality mask whenever there is a cache
         step = torch.randn(1, 1, hidden, dtype=dtype, device=device)
         decodes = {}
         for label, model in models.items():
@@ -232,15 +269,27 @@ def measure(shape: Shape, dtype: torch.dtype, repeats: int, fractions: list[floa
             cache = DynamicCache()
             model(inputs_embeds=embeds, use_cache=True, **{CACHE_NAME: cache}, **extra)
 
-            def decode(model=model, cache=cache, extra=extra) -> None:
-                model(inputs_embeds=step, use_cache=True, **{CACHE_NAME: cache}, **extra)
+            def decode(model=model, cache=cache, extra=extra):
+                output = model(inputs_embeds=step, use_cache=True, **{CACHE_NAME: cache}, **extra)
                 cache.crop(-1)  # drop the step again: every timed step sees the same cache
+                return output
 
             decodes[label] = decode
-        figures["decode step"] = _row(_interleaved_times(decodes, repeats * 8, device))
+        figures["decode step"] = {**_row(_interleaved_times(decodes, repeats * 8, device)),
+                                  "difference_from_ours": _differences(decodes)}
     if gpu_memory:
         figures["peak prefill memory"] = {workload: _memory_ratios(row) for workload, row in memory.items()}
     return figures
+
+
+def _differences(runs: dict[str, Callable[[], object]]) -> dict[str, float]:
+    """Relative distance (norm of the difference over norm) of the dense variant's and the reference's last hidden
+    states from the routed composite's: all three compute the same function, so this is rounding, and a check that
+    the baseline does the composite's work rather than some other."""
+    outputs = {label: runs[label]().last_hidden_state.float()
+               for label in ("composite", "composite_dense", "reference")}
+    ours = outputs.pop("composite")
+    return {label: float((output - ours).norm() / ours.norm()) for label, output in outputs.items()}
 
 
 def _gpu_prefill_peak(prefill: Callable[[], None], device: torch.device) -> int:
@@ -318,8 +367,8 @@ def measure_memory(shape: Shape, fractions: str, dtype_name: str) -> dict:
     """Peak prefill memory of every variant, each in a fresh subprocess."""
     by_variant = {}
     for variant in VARIANTS:
-        command = [sys.executable, "-m", "benchmarks.routing_overhead", "--memory-child", variant, "--dtypes", dtype_name,
-                   "--fractions", fractions, *shape.command_line()]
+        command = [sys.executable, "-m", "benchmarks.routing_overhead", "--memory-child", variant,
+                   "--dtypes", dtype_name, "--fractions", fractions, *shape.command_line()]
         # A fixed mmap threshold: glibc then returns every block of 64 KiB or more to the system when it is freed
         # (its default threshold grows with use, so a warm-up's freed activations would stay resident and hide the
         # next prefill's peak).
@@ -388,6 +437,9 @@ def main() -> None:
                   f"{row['composite_dense_s'] * 1e3:>9.1f} {row['reference_s'] * 1e3:>9.1f} "
                   f"{row['composite/plain']:>11.3f} {row['composite_dense/plain']:>12.3f} "
                   f"{row['reference/composite']:>9.2f} {row['reference/composite_dense']:>10.2f}")
+        differences = [row["difference_from_ours"] for label, row in figures.items() if "difference_from_ours" in row]
+        print("outputs' relative difference from ours (largest over the workloads): "
+              + ", ".join(f"{label} {max(row[label] for row in differences):.1e}" for label in differences[0]))
         weights = figures["weights_bytes"]
         print("weights MiB: " + ", ".join(f"{label} {size / 2**20:.0f}" for label, size in weights.items()))
         if not args.no_memory:
