@@ -11,7 +11,7 @@ from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.utils import logging
+from transformers.utils import can_return_tuple, logging
 
 from .configuration_composite import CompositeMLLMConfig, parse_projector_spec, parse_qformer_spec
 from .modeling_beats import CompositeBeatsEncoder
@@ -311,9 +311,13 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
             resolved[name] = value
         return resolved
 
-    def modality_index(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.LongTensor:
-        """`(batch, seq)` modality of every position: 0 for text, i for the i-th modality (its placeholder token)."""
-        index = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+    def modality_index(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None = None
+    ) -> torch.LongTensor:
+        """`(batch, seq)` modality of every position: 0 for text, i for the i-th modality (its placeholder token).
+        Found in `input_ids` when given, else by comparing `inputs_embeds` with the placeholders' embeddings."""
+        reference = input_ids if input_ids is not None else inputs_embeds
+        index = torch.zeros(reference.shape[:2], dtype=torch.long, device=reference.device)
         embeddings = self.get_input_embeddings()
         for slot, name in enumerate(self.modality_names, start=1):
             token_id = self.config.modalities[name]["placeholder_id"]
@@ -325,6 +329,7 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
             index = index.masked_fill(is_placeholder.to(index.device), slot)
         return index
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -358,7 +363,6 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        self._check_length(inputs_embeds.shape[1], past_key_values)
         standard = {
             "pixel_values": pixel_values,
             "pixel_values_videos": pixel_values_videos,
@@ -370,6 +374,8 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
         # A decode step is text, even a placeholder the model itself generated: no modality index to search for, and
         # none of the host syncs that counting placeholders and routing rows would cost on every generated token.
         text_step = continuing and not inputs_by_modality
+        if not text_step:
+            self._check_length(inputs_embeds.shape[1], past_key_values)
         if text_step:
             modality_index = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
         else:
@@ -404,14 +410,19 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
                 None if text_step else ModalityRouting.from_modality_index(modality_index, self.modality_names)
             )
             self.routing_state.routing = kwargs[ROUTING_KWARG]
-        outputs = self.language_model(
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            **{CACHE_NAME: past_key_values},
-            **kwargs,
-        )
+        try:
+            outputs = self.language_model(
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                **{CACHE_NAME: past_key_values},
+                **kwargs,
+            )
+        finally:
+            # The text model called on its own (`get_decoder()`) must not see this forward's rows. Gradient
+            # checkpointing's recomputation still routes right: it replays each layer's call, keyword included.
+            self.routing_state.routing = None
         if self.routed_parents and self.routing_state.deliveries != self.routed_parents:
             raise RuntimeError(
                 f"Token routing reached {self.routing_state.deliveries} of {self.routed_parents} routed modules: this "
@@ -459,6 +470,7 @@ class CompositeMLLMForCausalLM(CompositeMLLMPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.lm_head = value
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -512,14 +524,77 @@ class CompositeMLLMForCausalLM(CompositeMLLMPreTrainedModel, GenerationMixin):
             **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
 
-    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs) -> dict:
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs,
+    ) -> dict:
+        # `inputs_embeds` is named in the signature: generate() accepts it only from models whose signature does.
         # generate() drops the standard multimodal inputs after prefill by itself; ours (point clouds and inputs by
         # modality name) are dropped here, so decode steps are text only, as the modality features are in the cache.
         held_back = {name: kwargs.pop(name, None) for name in _INPUTS_ONLY_AT_PREFILL}
-        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
         if is_first_iteration or not kwargs.get("use_cache", True):
             model_inputs.update({name: value for name, value in held_back.items() if value is not None})
         return model_inputs
+
+    def _expand_inputs_for_generation(
+        self,
+        expand_size: int = 1,
+        is_encoder_decoder: bool = False,
+        input_ids: torch.LongTensor | None = None,
+        **model_kwargs,
+    ) -> tuple[torch.LongTensor | None, dict]:
+        """Beam search and `num_return_sequences` repeat every prompt `expand_size` times. A prompt's modality inputs
+        must be repeated as a group (`[a, b]` -> `[a, b, a, b]`) to stay in its placeholders' order; the stock method
+        repeats every tensor item by item (`[a, a, b, b]`), which is right only with one item per prompt."""
+        if expand_size == 1:
+            return input_ids, model_kwargs
+        given = {
+            key: model_kwargs.pop(key) for key in INPUT_NAME_BY_KIND.values() if model_kwargs.get(key) is not None
+        }
+        by_name = model_kwargs.pop("modality_inputs", None)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        if given or by_name:
+            # Counted on the expanded prompts, whose rows are each original row `expand_size` times over.
+            # generate() passes empty `input_ids` beside `inputs_embeds`; the placeholders are then in the embeddings.
+            ids = input_ids if input_ids is not None and input_ids.numel() else None
+            index = self.model.modality_index(ids, model_kwargs.get("inputs_embeds"))[::expand_size]
+            for key, items in given.items():
+                (name,) = self.model.collect_modality_inputs({key: items}, None)
+                model_kwargs[key] = self._repeat_per_prompt(name, items, index, expand_size)
+            if by_name:
+                model_kwargs["modality_inputs"] = {
+                    name: self._repeat_per_prompt(name, items, index, expand_size) for name, items in by_name.items()
+                }
+        return input_ids, model_kwargs
+
+    def _repeat_per_prompt(
+        self, name: str, items: torch.Tensor, modality_index: torch.LongTensor, expand_size: int
+    ) -> torch.Tensor:
+        """`items` of modality `name` (in placeholder order over the batch), each prompt's own group repeated
+        `expand_size` times in place."""
+        if name not in self.model.modality_names:
+            return items  # refused by name in forward
+        slot = self.model.modality_names.index(name) + 1
+        per_prompt = (modality_index == slot).sum(-1) // self.config.positions_per_item(name)
+        if int(per_prompt.sum()) != len(items):
+            return items.repeat_interleave(expand_size, dim=0)  # forward says what does not match
+        groups = items.split(per_prompt.tolist())
+        return torch.cat([group for group in groups for _ in range(expand_size)])
 
 
 __all__ = ["CompositeMLLMForCausalLM", "CompositeMLLMModel", "CompositeMLLMPreTrainedModel"]

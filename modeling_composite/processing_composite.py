@@ -6,6 +6,7 @@ import re
 from typing import Any
 
 import numpy as np
+import torch
 from transformers import BatchFeature, ProcessorMixin
 
 
@@ -224,9 +225,7 @@ class CompositeMLLMProcessor(ProcessorMixin):
 
     def _process_images(self, name: str, images: list, settings: dict[str, Any]) -> np.ndarray:
         for image in images:
-            size = getattr(image, "size", None)
-            empty = (size == 0) if isinstance(size, int) else (size is not None and 0 in tuple(size))
-            if empty or (isinstance(image, np.ndarray) and image.ndim not in (2, 3)):
+            if _is_malformed_image(image):
                 raise ValueError(
                     f"Modality {name!r}: got an empty or malformed image ({_describe(image)}); pass PIL images or "
                     "arrays of shape (height, width[, channels])."
@@ -295,12 +294,26 @@ def _flat_list(value: Any) -> list:
     return items
 
 
+def _is_array(value: Any) -> bool:
+    return isinstance(value, (np.ndarray, torch.Tensor))
+
+
+def _is_malformed_image(image: Any) -> bool:
+    """Empty, or an array that is not `(height, width[, channels])` / `(channels, height, width)`."""
+    if _is_array(image):
+        elements = image.numel() if isinstance(image, torch.Tensor) else image.size
+        return elements == 0 or image.ndim not in (2, 3)
+    size = getattr(image, "size", None)  # PIL: (width, height)
+    return size is not None and 0 in tuple(size)
+
+
 def _is_video(value: Any) -> bool:
-    """A video is an array `(frames, height, width, channels)` or a list of frames (PIL images or 2/3-D arrays)."""
-    if isinstance(value, np.ndarray):
+    """A video is an array or tensor `(frames, height, width, channels)` or a non-empty list of frames (PIL images
+    or 2/3-D arrays). An empty list is a sample without videos (a batched chat template gives `[[video], []]`)."""
+    if _is_array(value):
         return value.ndim == 4
-    return isinstance(value, (list, tuple)) and all(
-        not isinstance(frame, (list, tuple)) and not (isinstance(frame, np.ndarray) and frame.ndim == 4)
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(
+        not isinstance(frame, (list, tuple)) and not (_is_array(frame) and frame.ndim == 4)
         for frame in value
     )
 

@@ -225,3 +225,60 @@ def test_qwen2_text_model_with_tied_embeddings_round_trips(tmp_path, raw_inputs)
 def test_no_split_modules_cover_decoder_and_encoder_layers(composite):
     model, _ = composite
     assert {"LlamaDecoderLayer", "CLIPEncoderLayer", "Qwen2AudioEncoderLayer", "PointBlock"} <= set(model._no_split_modules)
+
+
+def test_beam_search_gives_every_beam_its_own_prompts_inputs_in_order(composite, raw_inputs):
+    """Beams of a prompt with two images see both, in order ([a, b] -> [a, b, a, b], not [a, a, b, b]), also when
+    the prompts of a batch hold different numbers of images: each beam's first logits are its prompt's own."""
+    import numpy as np
+    from PIL import Image
+
+    model, processor = composite
+    other = Image.fromarray(np.random.default_rng(5).integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    batch = processor(text=["USER: <image> and <image> differ how? ASSISTANT:", "USER: what is <image>? ASSISTANT:"],
+                      images=[raw_inputs["image"], other, other], padding=True)
+    with torch.no_grad():
+        expected = model(**batch).logits[:, -1]
+        beams = model.generate(**batch, max_new_tokens=2, num_beams=2, num_return_sequences=2, do_sample=False,
+                               output_logits=True, return_dict_in_generate=True).logits[0]
+    torch.testing.assert_close(beams, expected.repeat_interleave(2, dim=0), rtol=1e-4, atol=1e-4)
+
+
+def test_the_text_model_called_alone_after_a_multimodal_forward_is_plain(composite, batch_all):
+    model, _ = composite
+    text = torch.tensor([[1, 70, 71, 72, 73]])
+    decoder = model.get_decoder()
+    with torch.no_grad():
+        before = decoder(input_ids=text).last_hidden_state
+        model(**batch_all)
+        after = decoder(input_ids=text).last_hidden_state
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_generate_from_inputs_embeds_equals_generate_from_input_ids(composite):
+    model, _ = composite
+    text = torch.tensor([[1, 70, 71, 72, 73, 74]])
+    from_ids = model.generate(input_ids=text, max_new_tokens=4, do_sample=False)[:, text.shape[1]:]
+    embeds = model.get_input_embeddings()(text)
+    from_embeds = model.generate(inputs_embeds=embeds, max_new_tokens=4, do_sample=False)
+    torch.testing.assert_close(from_embeds, from_ids, rtol=0, atol=0)
+
+
+def test_return_dict_false_gives_tuples(composite, batch_all):
+    model, _ = composite
+    with torch.no_grad():
+        as_dict = model(**batch_all)
+        as_tuple = model(**batch_all, return_dict=False)
+        inner = model.model(**batch_all, return_dict=False)
+    assert isinstance(as_tuple, tuple) and isinstance(inner, tuple)
+    torch.testing.assert_close(as_tuple[0], as_dict.logits, rtol=0, atol=0)
+
+
+def test_generation_may_run_past_max_position_embeddings_like_the_text_model(composite):
+    """Only the prompt is checked against `max_position_embeddings`; decoding past it goes on, with transformers'
+    own warning, as it does for the text model alone."""
+    model, _ = composite
+    limit = model.config.get_text_config().max_position_embeddings
+    prompt = torch.full((1, limit - 2), 70)
+    output = model.generate(input_ids=prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert output.shape[1] == limit + 2
