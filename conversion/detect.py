@@ -44,6 +44,25 @@ def detect_format(recipe: SourceRecipe, location: Location) -> str:
     )
 
 
+# Source keys that only some formats read; the others carry these things in their own files.
+_KEYS_READ_BY_FORMAT = {
+    "peft": ("encoder", "projector", "kind", "feature_layer", "feature_select"),
+    "modelcompose": ("encoder", "feature_layer", "feature_select"),
+}
+_FORMAT_DEPENDENT_KEYS = ("encoder", "projector", "kind", "feature_layer", "feature_select")
+
+
 def read_source(recipe: SourceRecipe, location: Location) -> Source:
     fmt = recipe.format or detect_format(recipe, location)
+    # A key that this format's reader never reads would be ignored without a word: refuse it instead.
+    ignored = [
+        key for key in _FORMAT_DEPENDENT_KEYS
+        if getattr(recipe, key) is not None and key not in _KEYS_READ_BY_FORMAT.get(fmt, ())
+    ]
+    if ignored:
+        readers = "; ".join(f"{name}: {', '.join(keys)}" for name, keys in _KEYS_READ_BY_FORMAT.items())
+        raise ConversionError(
+            f"{recipe.label}: {ignored} do not apply to a {fmt} source, which carries its encoder, projector and "
+            f"feature selection in its own files; remove them (the formats that read them: {readers})."
+        )
     return _readers()[fmt](recipe, location)
