@@ -5,6 +5,7 @@ import dataclasses
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, WhisperFeatureExtractor
@@ -191,6 +192,15 @@ def _chat_template(template: str | None, modalities: dict[str, dict]) -> str:
     return template
 
 
+def image_processor_overrides(shared: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    """The settings with which the composite's one image processor (`shared`, as a dict) processes a modality's
+    images as that source's own processor (`own`) does: those that differ, and every step (`do_*`) that `own` lacks
+    altogether turned off (SigLIP's processor has no centre crop, so the CLIP one must not crop its images)."""
+    differing = {key: own[key] for key in CLIP_IMAGE_SETTINGS if key in own and own[key] != shared.get(key)}
+    missing_steps = [key for key in CLIP_IMAGE_SETTINGS if key.startswith("do_") and key not in own and shared.get(key)]
+    return {**differing, **dict.fromkeys(missing_steps, False)}
+
+
 def _processor(plan: Plan, recipe: Recipe) -> CompositeMLLMProcessor:
     """One image processor (the first image/video source's) and one feature extractor (the first audio source's);
     modalities whose own image processor differs get their settings as per-modality overrides."""
@@ -203,8 +213,7 @@ def _processor(plan: Plan, recipe: Recipe) -> CompositeMLLMProcessor:
     shared = image_processor.to_dict()
     overrides = {}
     for name, processor in image_processors.items():
-        own = processor.to_dict()
-        differing = {key: own[key] for key in CLIP_IMAGE_SETTINGS if key in own and own.get(key) != shared.get(key)}
+        differing = image_processor_overrides(shared, processor.to_dict())
         if differing:
             overrides[name] = differing
     modalities = processor_modalities(plan.config, overrides)

@@ -63,3 +63,24 @@ def test_growing_a_damc_composite_equals_composing_its_sources(tiny_sources, tmp
         expected = CompositeMLLMForCausalLM.from_pretrained(direct).eval()(**batch).logits
         got = CompositeMLLMForCausalLM.from_pretrained(grown).eval()(**batch).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_siglip_sources_images_are_processed_as_its_own_processor_does_beside_a_clip_source():
+    """The composite keeps one (CLIP) image processor; a SigLIP modality's overrides must reproduce SigLIP's own
+    preprocessing (a plain resize to its square, no centre crop), whichever source came first."""
+    from transformers import SiglipImageProcessorPil
+
+    from conversion.compose import image_processor_overrides
+    from modeling_composite.builder import clip_image_processor
+
+    clip_processor = clip_image_processor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    siglip = SiglipImageProcessorPil(size={"height": 48, "width": 48}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 64, 3), dtype=np.uint8))
+    overrides = image_processor_overrides(clip_processor.to_dict(), siglip.to_dict())
+    assert overrides["do_center_crop"] is False
+    as_composite = clip_processor(picture, **overrides, return_tensors="np")["pixel_values"]
+    np.testing.assert_allclose(as_composite, siglip(picture, return_tensors="np")["pixel_values"], atol=1e-6)
+    # The other way round (SigLIP's processor shared), CLIP's images keep their crop.
+    back = image_processor_overrides(siglip.to_dict(), clip_processor.to_dict())
+    as_composite = siglip(picture, **back, return_tensors="np")["pixel_values"]
+    np.testing.assert_allclose(as_composite, clip_processor(picture, return_tensors="np")["pixel_values"], atol=1e-6)
