@@ -124,6 +124,14 @@ def read_modelcompose(recipe: SourceRecipe, location: Location) -> Source:
 
     if not projectors and not qformers:
         raise ConversionError(f"{label}: no modality projector found (model.modal_projectors.*).")
+    available = sorted(PAPER_KINDS[modality] for modality in set(projectors) | set(qformers))
+    unknown = [name for name in recipe.modalities or [] if name not in available]
+    if unknown:
+        # Parts not taken are skipped before `select_modalities`, which would then list none: say it here.
+        raise ConversionError(
+            f"{label}: `modalities` names {unknown}, but this source has {available} (the paper's vision is called "
+            "image here; audio, video and point keep their names)."
+        )
     parts = {}
     for modality in sorted(set(projectors) | set(qformers)):
         kind = PAPER_KINDS[modality]

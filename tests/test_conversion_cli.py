@@ -101,6 +101,11 @@ def _bad_recipes(sources: dict, bad: dict) -> dict[str, tuple[dict, str]]:
             {"base": base, "sources": [{"path": str(bad["pickled"]), "encoder": clip}]},
             "is not a plain checkpoint of tensors",
         ),
+        "the paper's modality name": (
+            {"method": "damc", "base": base,
+             "sources": [{"path": str(sources["paper_damc_a"]), "encoder": clip, "modalities": ["vision"]}]},
+            "`modalities` names ['vision'], but this source has ['image']",
+        ),
         "a key the format does not read": (
             {"base": base, "sources": [{**llava, "feature_layer": -1, "encoder": clip}]},
             "['encoder', 'feature_layer'] do not apply to a llava source",
@@ -113,7 +118,7 @@ def _bad_recipes(sources: dict, bad: dict) -> dict[str, tuple[dict, str]]:
     ["unknown method", "unknown rule", "missing source", "other hidden size", "other vocabulary", "duplicate modality",
      "damc on a full fine-tune", "corrupt safetensors", "pickle with code", "rename to a bad name",
      "rename onto another modality", "paper checkpoint with no strategy", "negative weight with ties",
-     "a key the format does not read"],
+     "a key the format does not read", "the paper's modality name"],
 )
 def test_bad_recipe_or_source_exits_2_with_one_line_and_no_output(case, tiny_sources, bad_sources, tmp_path, capsys):
     recipe, message = _bad_recipes(tiny_sources, bad_sources)[case]
