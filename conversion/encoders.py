@@ -46,6 +46,7 @@ def read_vision_encoder(reference: str | None, label: str) -> Encoder:
     )
     location = locate(reference, f"{label} encoder")
     config = load_config(location.folder, encoder_label)
+    tower_alone = config.model_type in _VISION_TOWER_TYPES
     if config.model_type in _VISION_MODEL_TYPES:
         config = copy.deepcopy(config.vision_config)
     if config.model_type not in _VISION_TOWER_TYPES:
@@ -53,7 +54,10 @@ def read_vision_encoder(reference: str | None, label: str) -> Encoder:
             f"{encoder_label}: model_type {config.model_type!r} is not a supported vision encoder (CLIP or SigLIP)."
         )
     store = open_model_weights(location.folder, encoder_label)
-    groups = map_keys(store, [("vision_model.", "vision")], encoder_label, dropped=_TEXT_TOWER_PREFIXES)
+    # A tower saved alone by current transformers has no `vision_model.` level; two-tower models and older saves do.
+    nested = not tower_alone or any(key.startswith("vision_model.") for key in store.keys())
+    prefix = "vision_model." if nested else ""
+    groups = map_keys(store, [(prefix, "vision")], encoder_label, dropped=_TEXT_TOWER_PREFIXES)
     try:
         image_processor = AutoImageProcessor.from_pretrained(location.folder, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as error:

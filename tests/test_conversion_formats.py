@@ -30,6 +30,26 @@ def test_peft_lora_with_projector_and_encoder(tiny_sources, tmp_path):
     )
 
 
+def test_a_vision_tower_saved_alone_reads_as_the_same_tower_inside_clip(tiny_sources, tmp_path):
+    """`encoder:` may name the vision tower alone as current transformers saves it (keys without `vision_model.`)."""
+    import shutil
+
+    from transformers import CLIPVisionModel
+
+    clip = tiny_sources["clip"]
+    tower = tmp_path / "tower"
+    CLIPVisionModel.from_pretrained(clip).save_pretrained(tower, save_original_format=False)
+    shutil.copy(clip / "preprocessor_config.json", tower)
+    assert not any(key.startswith("vision_model.") for key in load_file(str(tower / "model.safetensors")))
+    outputs = {}
+    for label, encoder in (("inside clip", clip), ("alone", tower)):
+        recipe = {"base": str(tiny_sources["base"]), "sources": [{"path": str(tiny_sources["peft"]), "encoder": str(encoder)}]}
+        outputs[label] = load_file(str(compose(recipe, tmp_path / label, verify=False) / "model.safetensors"))
+    assert outputs["alone"].keys() == outputs["inside clip"].keys()
+    for key, tensor in outputs["inside clip"].items():
+        assert torch.equal(outputs["alone"][key], tensor), key
+
+
 def test_reweighting_a_naive_composite_scales_its_text_delta(tiny_sources, tmp_path):
     base = str(tiny_sources["base"])
     first = compose(
