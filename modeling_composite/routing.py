@@ -265,7 +265,9 @@ class RoutedLinear(nn.Module):
     # the second product can accumulate straight into its target (`_add_product`), with no separate add.
 
     def _text_hidden(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.text_lora_A(self.dropout(rows)) * self.text_scaling
+        # A folded text delta sits in the base weight, applied to the rows as they are: taking it off again must see
+        # them without dropout too (dropout belongs to the deltas being trained, not to the frozen base path).
+        return self.text_lora_A(rows if self.text_folded else self.dropout(rows)) * self.text_scaling
 
     def _modality_hidden(self, name: str, rows: torch.Tensor) -> torch.Tensor:
         return self.lora_A[name](self.dropout(rows)) * self.scaling[name]

@@ -43,7 +43,8 @@ def test_a_vision_tower_saved_alone_reads_as_the_same_tower_inside_clip(tiny_sou
     assert not any(key.startswith("vision_model.") for key in load_file(str(tower / "model.safetensors")))
     outputs = {}
     for label, encoder in (("inside clip", clip), ("alone", tower)):
-        recipe = {"base": str(tiny_sources["base"]), "sources": [{"path": str(tiny_sources["peft"]), "encoder": str(encoder)}]}
+        source = {"path": str(tiny_sources["peft"]), "encoder": str(encoder)}
+        recipe = {"base": str(tiny_sources["base"]), "sources": [source]}
         outputs[label] = load_file(str(compose(recipe, tmp_path / label, verify=False) / "model.safetensors"))
     assert outputs["alone"].keys() == outputs["inside clip"].keys()
     for key, tensor in outputs["inside clip"].items():

@@ -276,3 +276,31 @@ def test_factors_are_quantized_in_4bit_where_their_rank_fits_the_kernels(raw_inp
     )
     layer = small_quantized.model.routed_layers()[0]
     assert type(layer.lora_A["image"]) is UnquantizedFactor and layer.lora_A["image"].weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("rows_in_blocks", [False, True])
+def test_dropout_touches_only_the_trained_deltas_not_the_folded_text_delta(rows_in_blocks):
+    """Training on a converted composite (text delta folded into the base) with lora_dropout: a modality row gets
+    `W0 x + M(dropout(x))`, so with `M = 0` exactly `W0 x`, and text rows `W_text x`, whatever dropout draws."""
+    from torch import nn
+
+    from modeling_composite.routing import RoutingState
+
+    torch.manual_seed(0)
+    base = nn.Linear(64, 64, bias=False)
+    layer = RoutedLinear(base, RoutingState(), {"image": (4, 8.0)}, text_rank=4, text_alpha=4.0, text_folded=True,
+                         dropout=0.5)
+    with torch.no_grad():
+        layer.text_lora_A.weight.normal_()
+        layer.text_lora_B.weight.normal_()
+        original = base.weight - layer.text_lora_B.weight @ layer.text_lora_A.weight * layer.text_scaling
+    rows = torch.arange(2, 80) if rows_in_blocks else torch.tensor([2, 5, 9])
+    layer.state.routing = ModalityRouting({"image": rows})
+    hidden = torch.randn(1, 96, 64)
+    layer.train()
+    with torch.set_grad_enabled(not rows_in_blocks):  # the in-place block path runs without autograd
+        output = layer(hidden)[0]
+    image = torch.zeros(96, dtype=torch.bool)
+    image[rows] = True
+    torch.testing.assert_close(output[image], hidden[0, image] @ original.t(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(output[~image], hidden[0, ~image] @ base.weight.t(), rtol=1e-5, atol=1e-5)
