@@ -527,7 +527,6 @@ class CompositeMLLMForCausalLM(CompositeMLLMPreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
-        past_key_values: Cache | None = None,
         attention_mask: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         is_first_iteration: bool | None = False,
@@ -539,7 +538,6 @@ class CompositeMLLMForCausalLM(CompositeMLLMPreTrainedModel, GenerationMixin):
         held_back = {name: kwargs.pop(name, None) for name in _INPUTS_ONLY_AT_PREFILL}
         model_inputs = super().prepare_inputs_for_generation(
             input_ids,
-            past_key_values=past_key_values,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
             is_first_iteration=is_first_iteration,
