@@ -245,7 +245,7 @@ def measure(shape: Shape, dtype: torch.dtype, repeats: int, fractions: list[floa
             gpu_memory: bool = False) -> dict:
     """Times of every workload (and, with `gpu_memory`, each prefill's peak GPU memory) on `device`."""
     models, names, masks = build(shape, dtype, device)
-    tokens, hidden, modalities = shape.tokens, shape.hidden, shape.modalities
+    tokens, hidden = shape.tokens, shape.hidden
     embeds = torch.randn(1, tokens, hidden, dtype=dtype, device=device)
     figures: dict = {"weights_bytes": {label: weight_bytes(model) for label, model in models.items()}}
     memory: dict = {}

@@ -49,7 +49,7 @@ _KEYS_READ_BY_FORMAT = {
     "peft": ("encoder", "projector", "kind", "feature_layer", "feature_select"),
     "modelcompose": ("encoder", "feature_layer", "feature_select"),
 }
-_FORMAT_DEPENDENT_KEYS = ("encoder", "projector", "kind", "feature_layer", "feature_select")
+_FORMAT_DEPENDENT_KEYS = tuple(dict.fromkeys(key for keys in _KEYS_READ_BY_FORMAT.values() for key in keys))
 
 
 def read_source(recipe: SourceRecipe, location: Location) -> Source:

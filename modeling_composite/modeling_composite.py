@@ -374,11 +374,10 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
         # A decode step is text, even a placeholder the model itself generated: no modality index to search for, and
         # none of the host syncs that counting placeholders and routing rows would cost on every generated token.
         text_step = continuing and not inputs_by_modality
-        if not text_step:
-            self._check_length(inputs_embeds.shape[1], past_key_values)
         if text_step:
             modality_index = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
         else:
+            self._check_length(inputs_embeds.shape[1], past_key_values)
             modality_index = self.modality_index(input_ids, inputs_embeds)
         for slot, name in enumerate(() if text_step else self.modality_names, start=1):
             positions = modality_index == slot
@@ -563,14 +562,15 @@ class CompositeMLLMForCausalLM(CompositeMLLMPreTrainedModel, GenerationMixin):
             key: model_kwargs.pop(key) for key in INPUT_NAME_BY_KIND.values() if model_kwargs.get(key) is not None
         }
         by_name = model_kwargs.pop("modality_inputs", None)
+        if given or by_name:
+            # Placeholders of the prompts before they are repeated. generate() passes empty `input_ids` beside
+            # `inputs_embeds`; the placeholders are then in the embeddings.
+            ids = input_ids if input_ids is not None and input_ids.numel() else None
+            index = self.model.modality_index(ids, model_kwargs.get("inputs_embeds"))
         input_ids, model_kwargs = super()._expand_inputs_for_generation(
             expand_size, is_encoder_decoder, input_ids, **model_kwargs
         )
         if given or by_name:
-            # Counted on the expanded prompts, whose rows are each original row `expand_size` times over.
-            # generate() passes empty `input_ids` beside `inputs_embeds`; the placeholders are then in the embeddings.
-            ids = input_ids if input_ids is not None and input_ids.numel() else None
-            index = self.model.modality_index(ids, model_kwargs.get("inputs_embeds"))[::expand_size]
             for key, items in given.items():
                 (name,) = self.model.collect_modality_inputs({key: items}, None)
                 model_kwargs[key] = self._repeat_per_prompt(name, items, index, expand_size)
