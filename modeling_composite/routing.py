@@ -297,6 +297,10 @@ class RoutedLinear(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         routing = self.state.routing
+        if routing is None and (self.text_folded or self.text_lora_A is None):
+            # A pass with no modality rows (a text-only prompt, every decode step) is exactly the base layer: checked
+            # first, with no other work, since this runs for every projection of every decoded token.
+            return self.base_layer(hidden_states)
         # A modality without its own delta uses the text weights, like text.
         routed = () if routing is None else tuple(name for name in routing.rows if name in self.lora_A)
         if routed and self.original_weight is not None:
