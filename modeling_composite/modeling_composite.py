@@ -523,6 +523,23 @@ class CompositeMLLMForCausalLM(CompositeMLLMPreTrainedModel, GenerationMixin):
             **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
 
+    def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
+        """[`GenerationMixin.generate`], refusing a chunked prefill that would split point clouds or `modality_inputs`
+        (transformers refuses it for the standard inputs, `pixel_values` and the like, by itself)."""
+        chunk_size = kwargs.get("prefill_chunk_size", getattr(generation_config or self.generation_config,
+                                                              "prefill_chunk_size", None))
+        raw_inputs = [name for name in _INPUTS_ONLY_AT_PREFILL if kwargs.get(name) is not None]
+        if chunk_size is not None and raw_inputs:
+            prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+            positions = prompt.shape[1] if prompt is not None else None
+            if positions is None or positions > chunk_size:
+                raise ValueError(
+                    f"Chunked prefill (prefill_chunk_size={chunk_size}) cannot split {raw_inputs} between chunks: "
+                    "each chunk would get all the inputs but only some of their placeholders. Pass "
+                    "prefill_chunk_size=None, or a chunk at least as long as the prompt."
+                )
+        return super().generate(inputs, generation_config=generation_config, **kwargs)
+
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,

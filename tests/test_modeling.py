@@ -282,3 +282,16 @@ def test_generation_may_run_past_max_position_embeddings_like_the_text_model(com
     prompt = torch.full((1, limit - 2), 70)
     output = model.generate(input_ids=prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert output.shape[1] == limit + 2
+
+
+def test_chunked_prefill_that_would_split_point_clouds_is_refused(composite, raw_inputs):
+    """transformers refuses a chunked prefill for `pixel_values` and the like; point clouds (our input) get the same
+    clear refusal rather than a placeholder count error from the first chunk. A chunk as long as the prompt works."""
+    model, processor = composite
+    batch = processor(text="USER: <point> what shape is it? ASSISTANT:", point_clouds=[raw_inputs["point"]])
+    prompt_length = batch["input_ids"].shape[1]
+    with pytest.raises(ValueError, match=r"prefill_chunk_size=8\) cannot split \['point_clouds'\]"):
+        model.generate(**batch, max_new_tokens=2, do_sample=False, prefill_chunk_size=8)
+    whole = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    one_chunk = model.generate(**batch, max_new_tokens=3, do_sample=False, prefill_chunk_size=prompt_length)
+    torch.testing.assert_close(one_chunk, whole, rtol=0, atol=0)
