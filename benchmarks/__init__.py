@@ -27,3 +27,18 @@ def timed_seconds(run: Callable[[], object], device: str | torch.device = "cpu")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
+
+
+def huge_page_kib() -> int | None:
+    """KiB of this process's memory in transparent huge pages (None where /proc does not say, e.g. not Linux).
+    Benchmarks record it because huge pages move CPU timings by more than the overheads measured: torch uses them
+    for large tensors with `THP_MEM_ALLOC_ENABLE=1`, or the kernel everywhere when set to `always` (see
+    benchmarks/README.md)."""
+    try:
+        rollup = Path("/proc/self/smaps_rollup").read_text()
+    except OSError:
+        return None
+    for line in rollup.splitlines():
+        if line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    return None

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from transformers import CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
 
-from benchmarks import timed_seconds, write_figures
+from benchmarks import huge_page_kib, timed_seconds, write_figures
 from modeling_composite import ModalitySpec, compose
 from modeling_composite.builder import clip_image_processor
 from modeling_composite.tiny import tiny_tokenizer
@@ -139,6 +139,7 @@ def measure(args: argparse.Namespace) -> dict:
         "image_positions": int((inputs["input_ids"][0] == image_token_id).sum()),
         "generated_shape": list(new["llava"].shape),
         "parts_tokens_equal_to_llava": float((new["parts"] == new["llava"]).float().mean()),
+        "huge_page_kib": huge_page_kib(),
     }
     times = _interleaved_times(list(models), generate, args.new_tokens, args.repeats, args.device)
     for label in models:
@@ -197,6 +198,8 @@ def main() -> None:
               f"{row['decode_tokens_per_s']:>16.1f} {ratios['generate_time']:>15.3f} {ratios['prefill_time']:>14.3f} "
               f"{ratios['decode_time']:>13.3f}")
     print(f"parts' greedy tokens equal to llava's: {figures['parts_tokens_equal_to_llava']:.1%}")
+    if figures["huge_page_kib"] is not None:
+        print(f"memory in transparent huge pages: {figures['huge_page_kib'] / 1024:.0f} MiB")
     report = {"settings": vars(args), "device_name": threads, "results": figures}
     print(f"wrote {write_figures(report, args.output)}")
 

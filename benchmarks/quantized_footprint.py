@@ -162,7 +162,7 @@ def measure(folder: Path, batch: dict, repeats: int, quant_type: str) -> dict:
         footprint = model.get_memory_footprint()
         breakdown, largest_unquantized = weights_breakdown(model)
         with torch.inference_mode():
-            seconds = _median_seconds(lambda: model(**batch), repeats)
+            seconds = _median_seconds(lambda model=model: model(**batch), repeats)
         results[label] = {
             "get_memory_footprint": footprint,
             "footprint_after_forward": model.get_memory_footprint(),

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaModel
 
-from benchmarks import timed_seconds, write_figures
+from benchmarks import huge_page_kib, timed_seconds, write_figures
 from modeling_composite.modeling_composite import CACHE_NAME
 from modeling_composite.routing import ROUTING_KWARG, ModalityRouting, RoutedLinear, RoutingState, inject_routed_layers
 
@@ -197,7 +197,11 @@ def _build(shape: Shape, dtype: torch.dtype):
         gate, up, down = (_reference_linear(getattr(mlp, name), getattr(twin, name), names, masks)
                           for name in ("gate_proj", "up_proj", "down_proj"))
         layer.mlp = ReferenceMLP(mlp, gate, up, down, masks)
-    return {"plain": plain, "composite": routed, "composite_dense": dense, "reference": reference}, names, masks
+    # A control: the plain model again, copied last like the variants above. Its time over the plain model's is the
+    # noise floor of every ratio here (the same work, only other memory and another turn in each round).
+    plain_copy = copy.deepcopy(plain)
+    return ({"plain": plain, "composite": routed, "composite_dense": dense, "reference": reference,
+             "plain_copy": plain_copy}, names, masks)
 
 
 def _interleaved_times(runs: dict[str, Callable[[], None]], repeats: int,
@@ -247,7 +251,8 @@ def measure(shape: Shape, dtype: torch.dtype, repeats: int, fractions: list[floa
     models, names, masks = build(shape, dtype, device)
     tokens, hidden = shape.tokens, shape.hidden
     embeds = torch.randn(1, tokens, hidden, dtype=dtype, device=device)
-    figures: dict = {"weights_bytes": {label: weight_bytes(model) for label, model in models.items()}}
+    figures: dict = {"weights_bytes": {label: weight_bytes(model) for label, model in models.items()},
+                     "huge_page_kib": huge_page_kib()}
     memory: dict = {}
     with torch.inference_mode():
         for fraction in fractions:
@@ -323,6 +328,7 @@ def _row(times: dict[str, list[float]]) -> dict[str, float]:
         "composite/plain": ratio("composite", "plain"), "composite_dense/plain": ratio("composite_dense", "plain"),
         "reference/composite": ratio("reference", "composite"),
         "reference/composite_dense": ratio("reference", "composite_dense"),
+        "plain_copy/plain": ratio("plain_copy", "plain"),
     }
 
 
@@ -335,6 +341,10 @@ def weight_bytes(model: nn.Module) -> int:
             tensors += [factor for slot in module.adapters for pair in slot for factor in pair]
     unique = {id(tensor): tensor for tensor in tensors}
     return sum(tensor.numel() * tensor.element_size() for tensor in unique.values())
+
+
+def _mib_or_unknown(kib: int | None) -> str:
+    return "unknown" if kib is None else f"{kib / 1024:.0f} MiB"
 
 
 def _memory_kib(field: str) -> int:
@@ -360,13 +370,15 @@ def prefill_peak_memory(shape: Shape, dtype: torch.dtype, variant: str, fraction
     return peaks
 
 
-VARIANTS = ("plain", "composite", "composite_dense", "reference")
+VARIANTS = ("plain", "composite", "composite_dense", "reference", "plain_copy")
+# The peak-memory runs leave out the control (the plain model's peak is already measured).
+MEMORY_VARIANTS = VARIANTS[:-1]
 
 
 def measure_memory(shape: Shape, fractions: str, dtype_name: str) -> dict:
     """Peak prefill memory of every variant, each in a fresh subprocess."""
     by_variant = {}
-    for variant in VARIANTS:
+    for variant in MEMORY_VARIANTS:
         command = [sys.executable, "-m", "benchmarks.routing_overhead", "--memory-child", variant,
                    "--dtypes", dtype_name, "--fractions", fractions, *shape.command_line()]
         # A fixed mmap threshold: glibc then returns every block of 64 KiB or more to the system when it is freed
@@ -376,7 +388,7 @@ def measure_memory(shape: Shape, fractions: str, dtype_name: str) -> dict:
         output = subprocess.run(command, check=True, capture_output=True, text=True, env=environment).stdout
         by_variant[variant] = json.loads(output.strip().splitlines()[-1])
     return {
-        workload: _memory_ratios({f"{variant}_bytes": by_variant[variant][workload] for variant in VARIANTS})
+        workload: _memory_ratios({f"{variant}_bytes": by_variant[variant][workload] for variant in MEMORY_VARIANTS})
         for workload in by_variant["plain"]
     }
 
@@ -398,7 +410,7 @@ def main() -> None:
     parser.add_argument("--output", default="outputs/benchmarks/routing_overhead.json")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-child", choices=MEMORY_VARIANTS, help=argparse.SUPPRESS)
     # A preset replaces the defaults; sizes given on the command line still win (`--preset llama-7b --layers 2`).
     parser.set_defaults(**PRESETS.get(parser.parse_known_args()[0].preset, {}))
     args = parser.parse_args()
@@ -429,19 +441,22 @@ def main() -> None:
         report["results"][dtype_name] = figures
         print(f"\n{dtype_name}")
         print(f"{'workload':<22} {'plain ms':>9} {'ours ms':>9} {'dense ms':>9} {'ref ms':>9} {'ours/plain':>11} "
-              f"{'dense/plain':>12} {'ref/ours':>9} {'ref/dense':>10}")
+              f"{'dense/plain':>12} {'ref/ours':>9} {'ref/dense':>10} {'control':>8}")
         for label, row in figures.items():
-            if label in ("weights_bytes", "peak prefill memory"):
+            if label in ("weights_bytes", "huge_page_kib", "peak prefill memory"):
                 continue
             print(f"{label:<22} {row['plain_s'] * 1e3:>9.1f} {row['composite_s'] * 1e3:>9.1f} "
                   f"{row['composite_dense_s'] * 1e3:>9.1f} {row['reference_s'] * 1e3:>9.1f} "
                   f"{row['composite/plain']:>11.3f} {row['composite_dense/plain']:>12.3f} "
-                  f"{row['reference/composite']:>9.2f} {row['reference/composite_dense']:>10.2f}")
-        differences = [row["difference_from_ours"] for label, row in figures.items() if "difference_from_ours" in row]
+                  f"{row['reference/composite']:>9.2f} {row['reference/composite_dense']:>10.2f} "
+                  f"{row['plain_copy/plain']:>8.3f}")
+        differences = [row["difference_from_ours"] for row in figures.values()
+                       if isinstance(row, dict) and "difference_from_ours" in row]
         print("outputs' relative difference from ours (largest over the workloads): "
               + ", ".join(f"{label} {max(row[label] for row in differences):.1e}" for label in differences[0]))
         weights = figures["weights_bytes"]
-        print("weights MiB: " + ", ".join(f"{label} {size / 2**20:.0f}" for label, size in weights.items()))
+        print("weights MiB: " + ", ".join(f"{label} {size / 2**20:.0f}" for label, size in weights.items())
+              + f"; in transparent huge pages: {_mib_or_unknown(figures['huge_page_kib'])}")
         if not args.no_memory:
             if on_gpu:
                 memory = figures.pop("peak prefill memory")
