@@ -523,9 +523,12 @@ class CompositeMLLMForCausalLM(CompositeMLLMPreTrainedModel, GenerationMixin):
             **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
 
-    def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
+    def generate(self, *args, **kwargs):
         """[`GenerationMixin.generate`], refusing a chunked prefill that would split point clouds or `modality_inputs`
         (transformers refuses it for the standard inputs, `pixel_values` and the like, by itself)."""
+        # generate()'s first two parameters, which may come by position; the rest pass through untouched.
+        inputs = args[0] if args else kwargs.get("inputs")
+        generation_config = args[1] if len(args) > 1 else kwargs.get("generation_config")
         chunk_size = kwargs.get("prefill_chunk_size", getattr(generation_config or self.generation_config,
                                                               "prefill_chunk_size", None))
         raw_inputs = [name for name in _INPUTS_ONLY_AT_PREFILL if kwargs.get(name) is not None]
@@ -538,7 +541,7 @@ class CompositeMLLMForCausalLM(CompositeMLLMPreTrainedModel, GenerationMixin):
                     "each chunk would get all the inputs but only some of their placeholders. Pass "
                     "prefill_chunk_size=None, or a chunk at least as long as the prompt."
                 )
-        return super().generate(inputs, generation_config=generation_config, **kwargs)
+        return super().generate(*args, **kwargs)
 
     def prepare_inputs_for_generation(
         self,

@@ -1,6 +1,13 @@
 import pytest
 import torch
-from transformers import AutoConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    GenerationConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LogitsProcessorList,
+)
 
 from modeling_composite.builder import ModalitySpec, compose
 from modeling_composite.tiny import build_tiny_composite, tiny_image_processor, tiny_tokenizer, tiny_vision_encoder
@@ -292,6 +299,11 @@ def test_chunked_prefill_that_would_split_point_clouds_is_refused(composite, raw
     prompt_length = batch["input_ids"].shape[1]
     with pytest.raises(ValueError, match=r"prefill_chunk_size=8\) cannot split \['point_clouds'\]"):
         model.generate(**batch, max_new_tokens=2, do_sample=False, prefill_chunk_size=8)
+    # The same with generate()'s leading parameters passed by position, as it allows (prompt, config, processors).
+    by_position = GenerationConfig(max_new_tokens=2, do_sample=False, prefill_chunk_size=8)
+    rest = {key: value for key, value in batch.items() if key != "input_ids"}
+    with pytest.raises(ValueError, match=r"prefill_chunk_size=8\) cannot split"):
+        model.generate(batch["input_ids"], by_position, LogitsProcessorList(), **rest)
     whole = model.generate(**batch, max_new_tokens=3, do_sample=False)
     one_chunk = model.generate(**batch, max_new_tokens=3, do_sample=False, prefill_chunk_size=prompt_length)
     torch.testing.assert_close(one_chunk, whole, rtol=0, atol=0)
