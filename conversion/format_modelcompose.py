@@ -124,7 +124,8 @@ def read_modelcompose(recipe: SourceRecipe, location: Location) -> Source:
 
     if not projectors and not qformers:
         raise ConversionError(f"{label}: no modality projector found (model.modal_projectors.*).")
-    available = sorted(PAPER_KINDS[modality] for modality in set(projectors) | set(qformers))
+    paper_modalities = sorted(set(projectors) | set(qformers))
+    available = sorted(PAPER_KINDS[modality] for modality in paper_modalities)
     unknown = [name for name in recipe.modalities or [] if name not in available]
     if unknown:
         # Parts not taken are skipped before `select_modalities`, which would then list none: say it here.
@@ -133,7 +134,7 @@ def read_modelcompose(recipe: SourceRecipe, location: Location) -> Source:
             "image here; audio, video and point keep their names)."
         )
     parts = {}
-    for modality in sorted(set(projectors) | set(qformers)):
+    for modality in paper_modalities:
         kind = PAPER_KINDS[modality]
         if recipe.modalities is not None and kind not in recipe.modalities:
             continue  # not taken: its encoder is never read
