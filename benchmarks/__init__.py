@@ -1,6 +1,7 @@
 """Benchmarks of composed multimodal models."""
 
 import json
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,16 +30,20 @@ def timed_seconds(run: Callable[[], object], device: str | torch.device = "cpu")
     return time.perf_counter() - start
 
 
+def proc_kib(field: str, path: str = "/proc/self/status") -> int | None:
+    """A `field:  N kB` line of a /proc file of this process, in KiB; None where the file or line is missing (not
+    Linux, an older kernel)."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return None
+    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
+    return int(match.group(1)) if match else None
+
+
 def huge_page_kib() -> int | None:
     """KiB of this process's memory in transparent huge pages (None where /proc does not say, e.g. not Linux).
     Benchmarks record it because huge pages move CPU timings by more than the overheads measured: torch uses them
     for large tensors with `THP_MEM_ALLOC_ENABLE=1`, or the kernel everywhere when set to `always` (see
     benchmarks/README.md)."""
-    try:
-        rollup = Path("/proc/self/smaps_rollup").read_text()
-    except OSError:
-        return None
-    for line in rollup.splitlines():
-        if line.startswith("AnonHugePages:"):
-            return int(line.split()[1])
-    return None
+    return proc_kib("AnonHugePages", "/proc/self/smaps_rollup")

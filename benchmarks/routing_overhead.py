@@ -32,7 +32,6 @@ import copy
 import dataclasses
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaModel
 
-from benchmarks import huge_page_kib, timed_seconds, write_figures
+from benchmarks import huge_page_kib, proc_kib, timed_seconds, write_figures
 from modeling_composite.modeling_composite import CACHE_NAME
 from modeling_composite.routing import ROUTING_KWARG, ModalityRouting, RoutedLinear, RoutingState, inject_routed_layers
 
@@ -347,10 +346,6 @@ def _mib_or_unknown(kib: int | None) -> str:
     return "unknown" if kib is None else f"{kib / 1024:.0f} MiB"
 
 
-def _memory_kib(field: str) -> int:
-    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE).group(1))
-
-
 def prefill_peak_memory(shape: Shape, dtype: torch.dtype, variant: str, fractions: list[float]) -> dict[str, int]:
     """Bytes a prefill of `variant` (plain | composite | reference) needs above the resident set before it, per
     workload; meant to run alone in a fresh process (see the module docstring)."""
@@ -363,10 +358,10 @@ def prefill_peak_memory(shape: Shape, dtype: torch.dtype, variant: str, fraction
             index = _workload(fraction, shape.tokens, names, masks, dtype, cpu)
             prefill = _prefills({variant: models[variant]}, embeds, index, names)[variant]
             prefill()  # warm-up: one-time allocations are not the prefill's
-            before = _memory_kib("VmRSS")
+            before = proc_kib("VmRSS")
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
             prefill()
-            peaks[f"prefill {int(fraction * 100)}% modality"] = (_memory_kib("VmHWM") - before) * 1024
+            peaks[f"prefill {int(fraction * 100)}% modality"] = (proc_kib("VmHWM") - before) * 1024
     return peaks
 
 
@@ -442,16 +437,15 @@ def main() -> None:
         print(f"\n{dtype_name}")
         print(f"{'workload':<22} {'plain ms':>9} {'ours ms':>9} {'dense ms':>9} {'ref ms':>9} {'ours/plain':>11} "
               f"{'dense/plain':>12} {'ref/ours':>9} {'ref/dense':>10} {'control':>8}")
-        for label, row in figures.items():
-            if label in ("weights_bytes", "huge_page_kib", "peak prefill memory"):
-                continue
+        # The timed workloads, apart from the other entries of `figures` (weights, huge pages, GPU memory).
+        workloads = {label: row for label, row in figures.items() if isinstance(row, dict) and "plain_s" in row}
+        for label, row in workloads.items():
             print(f"{label:<22} {row['plain_s'] * 1e3:>9.1f} {row['composite_s'] * 1e3:>9.1f} "
                   f"{row['composite_dense_s'] * 1e3:>9.1f} {row['reference_s'] * 1e3:>9.1f} "
                   f"{row['composite/plain']:>11.3f} {row['composite_dense/plain']:>12.3f} "
                   f"{row['reference/composite']:>9.2f} {row['reference/composite_dense']:>10.2f} "
                   f"{row['plain_copy/plain']:>8.3f}")
-        differences = [row["difference_from_ours"] for row in figures.values()
-                       if isinstance(row, dict) and "difference_from_ours" in row]
+        differences = [row["difference_from_ours"] for row in workloads.values()]
         print("outputs' relative difference from ours (largest over the workloads): "
               + ", ".join(f"{label} {max(row[label] for row in differences):.1e}" for label in differences[0]))
         weights = figures["weights_bytes"]
