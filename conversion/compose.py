@@ -197,7 +197,9 @@ def image_processor_overrides(shared: dict[str, Any], own: dict[str, Any]) -> di
     images as that source's own processor (`own`) does: those that differ, and every step (`do_*`) that `own` lacks
     altogether turned off (SigLIP's processor has no centre crop, so the CLIP one must not crop its images)."""
     differing = {key: own[key] for key in CLIP_IMAGE_SETTINGS if key in own and own[key] != shared.get(key)}
-    missing_steps = [key for key in CLIP_IMAGE_SETTINGS if key.startswith("do_") and key not in own and shared.get(key)]
+    missing_steps = [
+        key for key in CLIP_IMAGE_SETTINGS if key.startswith("do_") and key not in own and shared.get(key)
+    ]
     return {**differing, **dict.fromkeys(missing_steps, False)}
 
 

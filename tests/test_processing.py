@@ -106,7 +106,9 @@ def test_batched_chat_with_a_video_in_only_some_conversations(composite, raw_inp
     """`apply_chat_template` passes `videos=[[video], []]`: the empty list is a sample without videos."""
     _, processor = composite
     conversations = [
-        [{"role": "user", "content": [{"type": "video", "video": raw_inputs["video"]}, {"type": "text", "text": "What?"}]}],
+        [{"role": "user", "content": [
+            {"type": "video", "video": raw_inputs["video"]}, {"type": "text", "text": "What?"},
+        ]}],
         [{"role": "user", "content": [{"type": "text", "text": "Hello"}]}],
     ]
     batch = processor.apply_chat_template(conversations, tokenize=True, return_dict=True, add_generation_prompt=True,
