@@ -1,13 +1,18 @@
 """The PEFT and composite source formats: a PEFT LoRA becomes `W0 + s B A`; composites of ours can be re-weighted and
 grown, and growing a composite gives the same model as composing its sources directly."""
 
+import shutil
+
 import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from transformers import CLIPVisionModel, SiglipImageProcessorPil
 
 from conversion import compose
+from conversion.compose import image_processor_overrides
 from modeling_composite import CompositeMLLMForCausalLM, CompositeMLLMProcessor
+from modeling_composite.builder import clip_image_processor
 
 
 def test_peft_lora_with_projector_and_encoder(tiny_sources, tmp_path):
@@ -32,10 +37,6 @@ def test_peft_lora_with_projector_and_encoder(tiny_sources, tmp_path):
 
 def test_a_vision_tower_saved_alone_reads_as_the_same_tower_inside_clip(tiny_sources, tmp_path):
     """`encoder:` may name the vision tower alone as current transformers saves it (keys without `vision_model.`)."""
-    import shutil
-
-    from transformers import CLIPVisionModel
-
     clip = tiny_sources["clip"]
     tower = tmp_path / "tower"
     CLIPVisionModel.from_pretrained(clip).save_pretrained(tower, save_original_format=False)
@@ -89,11 +90,6 @@ def test_growing_a_damc_composite_equals_composing_its_sources(tiny_sources, tmp
 def test_a_siglip_sources_images_are_processed_as_its_own_processor_does_beside_a_clip_source():
     """The composite keeps one (CLIP) image processor; a SigLIP modality's overrides must reproduce SigLIP's own
     preprocessing (a plain resize to its square, no centre crop), whichever source came first."""
-    from transformers import SiglipImageProcessorPil
-
-    from conversion.compose import image_processor_overrides
-    from modeling_composite.builder import clip_image_processor
-
     clip_processor = clip_image_processor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     siglip = SiglipImageProcessorPil(size={"height": 48, "width": 48}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 64, 3), dtype=np.uint8))

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from modeling_composite import CompositeMLLMProcessor
@@ -118,8 +119,6 @@ def test_batched_chat_with_a_video_in_only_some_conversations(composite, raw_inp
 
 
 def test_torch_tensor_images_and_videos_are_read_like_arrays(composite, raw_inputs):
-    import torch
-
     _, processor = composite
     image = np.array(raw_inputs["image"])
     video = np.stack([np.asarray(frame) for frame in raw_inputs["video"]])

@@ -10,7 +10,7 @@ from transformers import BitsAndBytesConfig
 
 from modeling_composite.builder import save_composite
 from modeling_composite.modeling_composite import CompositeMLLMForCausalLM
-from modeling_composite.routing import ModalityRouting, RoutedLinear, UnquantizedFactor
+from modeling_composite.routing import ModalityRouting, RoutedLinear, RoutingState, UnquantizedFactor
 from modeling_composite.tiny import build_tiny_composite, tiny_llm
 
 
@@ -282,12 +282,8 @@ def test_factors_are_quantized_in_4bit_where_their_rank_fits_the_kernels(raw_inp
 def test_dropout_touches_only_the_trained_deltas_not_the_folded_text_delta(rows_in_blocks):
     """Training on a converted composite (text delta folded into the base) with lora_dropout: a modality row gets
     `W0 x + M(dropout(x))`, so with `M = 0` exactly `W0 x`, and text rows `W_text x`, whatever dropout draws."""
-    from torch import nn
-
-    from modeling_composite.routing import RoutingState
-
     torch.manual_seed(0)
-    base = nn.Linear(64, 64, bias=False)
+    base = torch.nn.Linear(64, 64, bias=False)
     layer = RoutedLinear(base, RoutingState(), {"image": (4, 8.0)}, text_rank=4, text_alpha=4.0, text_folded=True,
                          dropout=0.5)
     with torch.no_grad():
