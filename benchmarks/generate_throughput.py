@@ -80,11 +80,12 @@ def build_models(args: argparse.Namespace, dtype: torch.dtype) -> tuple[dict[str
     parts, processor = composite(None, None)
     damc, _ = composite({"r": RANK, "alpha": 2.0 * RANK},
                         {"r": RANK * args.sources, "alpha": 2.0 * RANK * args.sources, "folded": True})
-    generator = torch.Generator().manual_seed(1)
+    generator = torch.Generator().manual_seed(1)  # a CPU generator: draw on the CPU, whatever the default device
     with torch.no_grad():
         for layer in damc.model.routed_layers():
             for factor in layer.factor_parameters():
-                factor.copy_(torch.randn(factor.shape, generator=generator).to(factor.dtype) * 0.02)
+                random = torch.randn(factor.shape, generator=generator, device="cpu") * 0.02
+                factor.copy_(random.to(device=factor.device, dtype=factor.dtype))
     models = {label: model.to(device=args.device, dtype=dtype).eval()
               for label, model in (("llava", llava), ("parts", parts), ("damc", damc))}
     return models, processor, image_token_id
@@ -116,6 +117,15 @@ def _interleaved_times(models: list[str], generate: Callable[[str, int], object]
     return times
 
 
+def hidden_differences(models: dict[str, torch.nn.Module], inputs: dict, llava_inputs: dict) -> list[float]:
+    """Largest |parts - llava| of each hidden state of one prefill (embeddings first, then every layer's output):
+    where the two first differ is where their computations part (equal embeddings mean the same LLM inputs)."""
+    with torch.inference_mode():
+        ours = models["parts"](**inputs, output_hidden_states=True).hidden_states
+        theirs = models["llava"](**llava_inputs, output_hidden_states=True).hidden_states
+    return [float((a.float() - b.float()).abs().max()) for a, b in zip(ours, theirs)]
+
+
 def measure(args: argparse.Namespace) -> dict:
     dtype = getattr(torch, args.dtype)
     # Made on the device: random initialisation of three 7B models is minutes on a CPU, seconds on a GPU. Only while
@@ -139,6 +149,10 @@ def measure(args: argparse.Namespace) -> dict:
         "image_positions": int((inputs["input_ids"][0] == image_token_id).sum()),
         "generated_shape": list(new["llava"].shape),
         "parts_tokens_equal_to_llava": float((new["parts"] == new["llava"]).float().mean()),
+        # The control: llava against itself, run again (a nondeterministic kernel would show here).
+        "llava_tokens_equal_to_llava_again": float((generate("llava", args.new_tokens)[:, prompt_length:]
+                                                     == new["llava"]).float().mean()),
+        "prefill_hidden_max_difference_by_layer": hidden_differences(models, inputs, llava_inputs),
         "huge_page_kib": huge_page_kib(),
     }
     times = _interleaved_times(list(models), generate, args.new_tokens, args.repeats, args.device)
@@ -197,7 +211,14 @@ def main() -> None:
         print(f"{label:<8} {row['generate_s']:>11.3f} {row['tokens_per_s']:>9.1f} {row['prefill_s']:>10.3f} "
               f"{row['decode_tokens_per_s']:>16.1f} {ratios['generate_time']:>15.3f} {ratios['prefill_time']:>14.3f} "
               f"{ratios['decode_time']:>13.3f}")
-    print(f"parts' greedy tokens equal to llava's: {figures['parts_tokens_equal_to_llava']:.1%}")
+    print(f"parts' greedy tokens equal to llava's: {figures['parts_tokens_equal_to_llava']:.1%} ({args.dtype}; llava "
+          f"run again: {figures['llava_tokens_equal_to_llava_again']:.1%})")
+    differences = figures["prefill_hidden_max_difference_by_layer"]
+    parted = next((layer for layer, difference in enumerate(differences) if difference > 0), None)
+    print("prefill hidden states, parts against llava: " + (
+        "bitwise equal at every layer" if parted is None else
+        f"equal up to layer {parted - 1}, then max |difference| {differences[parted]:.3g} at layer {parted} "
+        f"(0 = embeddings), {differences[-1]:.3g} at the last"))
     if figures["huge_page_kib"] is not None:
         print(f"memory in transparent huge pages: {figures['huge_page_kib'] / 1024:.0f} MiB")
     report = {"settings": vars(args), "device_name": threads, "results": figures}

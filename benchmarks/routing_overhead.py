@@ -40,11 +40,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import DynamicCache, LlamaConfig, LlamaModel
+from transformers import CLIPVisionConfig, CLIPVisionModel, DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from benchmarks import huge_page_kib, proc_kib, timed_seconds, write_figures
-from modeling_composite.modeling_composite import CACHE_NAME
-from modeling_composite.routing import ROUTING_KWARG, ModalityRouting, RoutedLinear, RoutingState, inject_routed_layers
+from modeling_composite.builder import ModalitySpec, compose
+from modeling_composite.modeling_composite import CACHE_NAME, CompositeMLLMForCausalLM
+from modeling_composite.routing import RoutedLinear
+from modeling_composite.tiny import tiny_tokenizer
 
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -117,17 +119,16 @@ def _reference_linear(linear: nn.Linear, routed: RoutedLinear, names: list[str],
     """`linear` (a copy of the plain model's, which holds `W_text`) as the reference holds the same composite: base
     weight `W0 = W_text - T`, the text adapter as the sources' rank-r pieces of the stacked text factors of `T`, and
     each modality's own factors. It then computes what `routed` computes."""
-    text_a, text_b = routed.text_lora_A.weight, routed.text_lora_B.weight
+    text_a, text_b = routed.delta_factors("text")
     with torch.no_grad():
-        text_delta = (text_b.float() @ text_a.float()) * routed.text_scaling
+        text_delta = routed.delta_weight("text")
         linear.weight.copy_((linear.weight.float() - text_delta).to(linear.weight.dtype))
     rank = text_a.shape[0] // len(names)
     text = [(text_a[piece * rank : (piece + 1) * rank].detach().clone(),
              text_b[:, piece * rank : (piece + 1) * rank].detach().clone()) for piece in range(len(names))]
-    own = [[(routed.lora_A[name].weight.detach().clone(), routed.lora_B[name].weight.detach().clone())]
-           for name in names]
-    return ReferenceLinear(linear, [text, *own], [routed.text_scaling, *(routed.scaling[name] for name in names)],
-                           masks)
+    own = [[tuple(factor.detach().clone() for factor in routed.delta_factors(name))] for name in names]
+    scalings = [routed.layout.block(name).scaling for name in ("text", *names)]
+    return ReferenceLinear(linear, [text, *own], scalings, masks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,29 +167,31 @@ def _build(shape: Shape, dtype: torch.dtype):
     config = LlamaConfig(hidden_size=hidden, intermediate_size=shape.intermediate, num_hidden_layers=shape.layers,
                          num_attention_heads=heads, num_key_value_heads=heads, vocab_size=1024,
                          max_position_embeddings=8192)
-    plain = LlamaModel._from_config(config, dtype=dtype).eval()
+    llm = LlamaForCausalLM._from_config(config, dtype=dtype).eval()
+    plain = llm.model
     names = [f"m{index}" for index in range(shape.modalities)]
 
-    routed = copy.deepcopy(plain)
-    state = RoutingState()
-    inject_routed_layers(routed, state, TARGETS, {name: (rank, 2.0 * rank) for name in names}, rank * len(names),
-                         2.0 * rank * len(names), True, 0.0)
+    # The DAMC composite of these modalities (a tiny image tower each: only its LLM is timed), built as users build
+    # one, with random deltas; its text model is what the benchmark runs, routed by `CompositeMLLMModel.routing`.
+    encoder = CLIPVisionModel._from_config(CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                                            num_attention_heads=2, image_size=32, patch_size=8))
+    specs = {name: ModalitySpec(kind="image", encoder=encoder, lora={"r": rank, "alpha": 2.0 * rank}) for name in names}
+    text_lora = {"r": rank * len(names), "alpha": 2.0 * rank * len(names), "folded": True}
+    composite, _ = compose(llm, tiny_tokenizer(), specs, text_lora=text_lora)
+    composite = composite.to(dtype).eval()
     with torch.no_grad():
-        for module in routed.modules():
-            if hasattr(module, "factor_parameters"):
-                for factor in module.factor_parameters():
-                    factor.copy_(torch.randn_like(factor) * 0.02)
+        for layer in composite.model.routed_layers():
+            for factor in layer.factor_parameters():
+                factor.copy_(torch.randn_like(factor) * 0.02)
 
     # The same composite trading memory for speed: a dense copy of W0 for modality rows.
-    dense = copy.deepcopy(routed)
-    for module in dense.modules():
-        if isinstance(module, RoutedLinear):
-            module.materialize_original_weight()
+    dense = copy.deepcopy(composite)
+    dense.materialize_original_weights()
 
     # The reference scheme holding the same composite (same W0 and factors), so that it computes the same outputs.
     reference = copy.deepcopy(plain)
     masks = _Masks()
-    for layer, routed_layer in zip(reference.layers, routed.layers):
+    for layer, routed_layer in zip(reference.layers, composite.model.language_model.layers):
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             linear, twin = getattr(layer.self_attn, name), getattr(routed_layer.self_attn, name)
             setattr(layer.self_attn, name, _reference_linear(linear, twin, names, masks))
@@ -199,7 +202,7 @@ def _build(shape: Shape, dtype: torch.dtype):
     # A control: the plain model again, copied last like the variants above. Its time over the plain model's is the
     # noise floor of every ratio here (the same work, only other memory and another turn in each round).
     plain_copy = copy.deepcopy(plain)
-    return ({"plain": plain, "composite": routed, "composite_dense": dense, "reference": reference,
+    return ({"plain": plain, "composite": composite, "composite_dense": dense, "reference": reference,
              "plain_copy": plain_copy}, names, masks)
 
 
@@ -232,16 +235,24 @@ def _workload(fraction: float, tokens: int, names: list[str], masks: _Masks, dty
     return index[None]
 
 
-def _prefills(models: dict[str, nn.Module], embeds: torch.Tensor, index: torch.Tensor, names: list[str]):
-    """One prefill per variant; the composites route from the modality index in each call."""
+def text_model(model: nn.Module) -> nn.Module:
+    """The LLM a variant runs: a composite's text model, or the plain / reference model itself."""
+    return model.model.language_model if isinstance(model, CompositeMLLMForCausalLM) else model
 
-    def prefill(label: str, model: nn.Module) -> Callable[[], None]:
-        if label.startswith("composite"):
-            return lambda: model(inputs_embeds=embeds,
-                                 **{ROUTING_KWARG: ModalityRouting.from_modality_index(index, names)})
-        return lambda: model(inputs_embeds=embeds)
 
-    return {label: prefill(label, model) for label, model in models.items()}
+def run_text_model(model: nn.Module, index: torch.Tensor | None, **inputs):
+    """One forward of a variant's text model: a composite's routed by `index` (as its own forward routes it; None:
+    text only), a plain or reference model as it is."""
+    if isinstance(model, CompositeMLLMForCausalLM):
+        with model.model.routing(index):
+            return model.model.language_model(**inputs)
+    return model(**inputs)
+
+
+def _prefills(models: dict[str, nn.Module], embeds: torch.Tensor, index: torch.Tensor):
+    """One prefill per variant; the composites plan their routing from the modality index in each call."""
+    return {label: (lambda model=model: run_text_model(model, index, inputs_embeds=embeds))
+            for label, model in models.items()}
 
 
 def measure(shape: Shape, dtype: torch.dtype, repeats: int, fractions: list[float], device: torch.device,
@@ -250,13 +261,13 @@ def measure(shape: Shape, dtype: torch.dtype, repeats: int, fractions: list[floa
     models, names, masks = build(shape, dtype, device)
     tokens, hidden = shape.tokens, shape.hidden
     embeds = torch.randn(1, tokens, hidden, dtype=dtype, device=device)
-    figures: dict = {"weights_bytes": {label: weight_bytes(model) for label, model in models.items()},
+    figures: dict = {"weights_bytes": {label: weight_bytes(text_model(model)) for label, model in models.items()},
                      "huge_page_kib": huge_page_kib()}
     memory: dict = {}
     with torch.inference_mode():
         for fraction in fractions:
             index = _workload(fraction, tokens, names, masks, dtype, device)
-            prefills = _prefills(models, embeds, index, names)
+            prefills = _prefills(models, embeds, index)
             if gpu_memory:
                 memory[f"prefill {int(fraction * 100)}% modality"] = {
                     f"{label}_bytes": _gpu_prefill_peak(run, device) for label, run in prefills.items()
@@ -269,12 +280,13 @@ def measure(shape: Shape, dtype: torch.dtype, repeats: int, fractions: list[floa
         step = torch.randn(1, 1, hidden, dtype=dtype, device=device)
         decodes = {}
         for label, model in models.items():
-            extra = {ROUTING_KWARG: None} if label.startswith("composite") else {}  # a decoded token is text
             cache = DynamicCache()
-            model(inputs_embeds=embeds, use_cache=True, **{CACHE_NAME: cache}, **extra)
+            # Text-only, as the reference fills its cache once it drops the mask: every variant holds the same cache.
+            run_text_model(model, None, inputs_embeds=embeds, use_cache=True, **{CACHE_NAME: cache})
 
-            def decode(model=model, cache=cache, extra=extra):
-                output = model(inputs_embeds=step, use_cache=True, **{CACHE_NAME: cache}, **extra)
+            def decode(model=model, cache=cache):
+                # A decoded token is text: no routing.
+                output = run_text_model(model, None, inputs_embeds=step, use_cache=True, **{CACHE_NAME: cache})
                 cache.crop(-1)  # drop the step again: every timed step sees the same cache
                 return output
 
@@ -356,7 +368,7 @@ def prefill_peak_memory(shape: Shape, dtype: torch.dtype, variant: str, fraction
     with torch.inference_mode():
         for fraction in fractions:
             index = _workload(fraction, shape.tokens, names, masks, dtype, cpu)
-            prefill = _prefills({variant: models[variant]}, embeds, index, names)[variant]
+            prefill = _prefills({variant: models[variant]}, embeds, index)[variant]
             prefill()  # warm-up: one-time allocations are not the prefill's
             before = proc_kib("VmRSS")
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set

@@ -1,8 +1,10 @@
 """Reader for composites made by this project, so that a composite can be re-weighted (one composite source with a
 new weight) or grown by a new source (the composite plus another source).
 
-Its LLM tensors are full weights (`W0 + T`, the text delta folded in); for a DAMC composite the stacked text factors
-give the same `T` in low-rank form (needed to route a new DAMC composite) and each modality keeps its own factors.
+Its LLM tensors are full weights (`W0 + T`, the text delta folded in); for a DAMC composite the text factors give the
+same `T` in low-rank form (needed to route a new DAMC composite) and each modality keeps its own factors. Factors are
+read in either storage (`lora_layout`): `stacked` (one `lora_A` / `lora_B` pair per projection, sliced into its deltas
+by the config's layout) or `per_delta` (`text_lora_[AB]` and `lora_[AB].<modality>`, as trained sources keep them).
 """
 
 import copy
@@ -12,6 +14,7 @@ from transformers import AutoFeatureExtractor
 
 from modeling_composite.configuration_composite import CompositeMLLMConfig, build_encoder_config
 from modeling_composite.feature_extraction_beats import CompositeBeatsFeatureExtractor
+from modeling_composite.modeling_composite import delta_layout
 from modeling_composite.processing_composite import CompositeMLLMProcessor
 
 from .errors import ConversionError
@@ -22,7 +25,7 @@ from .tensors import Lazy, open_model_weights
 
 
 _ROUTED = re.compile(
-    r"^model\.language_model\.(.+)\.(base_layer\.(weight|bias)|text_lora_[AB]\.weight|lora_[AB]\.(\w+)\.weight)$"
+    r"^model\.language_model\.(.+)\.(base_layer\.(weight|bias)|text_lora_[AB]\.weight|lora_[AB]\.(?:(\w+)\.)?weight)$"
 )
 
 
@@ -34,8 +37,10 @@ def read_composite(recipe: SourceRecipe, location: Location) -> Source:
         raise ConversionError(f"{label}: not a readable composite config ({error}).") from None
     store = open_model_weights(location.folder, label)
     full: dict[str, Lazy] = {}
-    text_factors: dict[str, dict[str, str]] = {}
-    modality_factors: dict[str, dict[str, dict[str, str]]] = {}
+    # Per delta name ("text" or a modality), per base module key: the Lazy A and B of that delta.
+    factors: dict[str, dict[str, dict[str, Lazy]]] = {}
+    layout = delta_layout(config)
+    stacked = config.lora_layout == "stacked"
     encoders: dict[str, dict[str, Lazy]] = {name: {} for name in config.modalities}
     projectors: dict[str, dict[str, Lazy]] = {name: {} for name in config.modalities}
     for key in store.keys():
@@ -43,10 +48,9 @@ def read_composite(recipe: SourceRecipe, location: Location) -> Source:
             module, tail = match.group(1), match.group(2)
             if tail.startswith("base_layer."):
                 full[f"model.{module}.{match.group(3)}"] = Lazy(store, key)
-            elif tail.startswith("text_lora_"):
-                text_factors.setdefault(f"model.{module}.weight", {})[tail[len("text_lora_")]] = key
             else:
-                modality_factors.setdefault(match.group(4), {}).setdefault(f"model.{module}.weight", {})[tail[5]] = key
+                module_key = f"model.{module}.weight"
+                _add_factor(factors, store, key, module_key, tail, match.group(4), layout, stacked, label)
         elif key.startswith("model.language_model."):
             full["model." + key[len("model.language_model."):]] = Lazy(store, key)
         elif key == "lm_head.weight":
@@ -60,10 +64,7 @@ def read_composite(recipe: SourceRecipe, location: Location) -> Source:
             raise ConversionError(f"{label}: tensor {key!r} is not part of a composite.")
 
     text_lora_config = config.text_lora or {}
-    text_scaling = text_lora_config.get("alpha", 1.0) / max(text_lora_config.get("r", 1), 1)
-    text_lora = {
-        module: LowRank(Lazy(store, pair["A"]), Lazy(store, pair["B"]), text_scaling) for module, pair in text_factors.items()
-    }
+    text_lora = _low_ranks(factors, "text", layout)
     # A composite's own feature extractor (BEATs' fbank) is remote code of its folder; the installed package has the
     # same class, registered so that the processor loads it from here without running the folder's code.
     AutoFeatureExtractor.register(CompositeMLLMConfig, CompositeBeatsFeatureExtractor, exist_ok=True)
@@ -75,13 +76,6 @@ def read_composite(recipe: SourceRecipe, location: Location) -> Source:
     parts = {}
     for name, entry in config.modalities.items():
         lora = entry["lora"]
-        factors = {}
-        if lora is not None:
-            scaling = lora["alpha"] / lora["r"]
-            factors = {
-                module: LowRank(Lazy(store, pair["A"]), Lazy(store, pair["B"]), scaling)
-                for module, pair in modality_factors.get(name, {}).items()
-            }
         placeholder_id = entry["placeholder_id"]
         rows = {"model.embed_tokens.weight": Lazy(store, embed_key, lambda t, i=placeholder_id: t[i])}
         if "lm_head.weight" in store:
@@ -109,7 +103,7 @@ def read_composite(recipe: SourceRecipe, location: Location) -> Source:
             prefix=prefix,
             suffix=suffix,
             lora=dict(lora) if lora else None,
-            lora_factors=factors,
+            lora_factors=_low_ranks(factors, name, layout) if lora is not None else {},
             placeholder_rows=rows,
             image_processor=image_processor,
             feature_extractor=processor.feature_extractor if entry["kind"] == "audio" else None,
@@ -126,3 +120,38 @@ def read_composite(recipe: SourceRecipe, location: Location) -> Source:
         decoupled=any(part.lora for part in parts.values()),
         text_lora_unfolded=not text_lora_config.get("folded", True),
     )
+
+
+def _add_factor(factors: dict, store, key: str, module_key: str, tail: str, modality: str | None, layout,
+                stacked: bool, label: str) -> None:
+    """File one factor tensor under the delta(s) it holds: a stacked factor is sliced into every delta of the layout
+    (A by rows, B by columns); a per-delta factor names its delta."""
+    side = "A" if tail.startswith(("lora_A", "text_lora_A")) else "B"
+    names = [block.name for block in layout.blocks] if layout is not None else []
+    name = "text" if tail.startswith("text_lora_") else modality
+    if name is not None and name not in names:
+        raise ConversionError(
+            f"{label}: tensor {key!r} is a factor of {name!r}, a delta its config does not have {names}."
+        )
+    if stacked != (modality is None and not tail.startswith("text_lora_")):
+        storage = "stacked" if stacked else "per_delta"
+        raise ConversionError(f"{label}: tensor {key!r} does not fit its config's lora_layout {storage!r}.")
+    if not stacked:
+        factors.setdefault(name, {}).setdefault(module_key, {})[side] = Lazy(store, key)
+        return
+    rows, columns = store.shape(key)
+    for block in layout.blocks:
+        span = slice(block.start, block.stop)
+        if side == "A":
+            lazy = Lazy(store, key, lambda tensor, span=span: tensor[span], shape=(block.rank, columns))
+        else:
+            lazy = Lazy(store, key, lambda tensor, span=span: tensor[:, span], shape=(rows, block.rank))
+        factors.setdefault(block.name, {}).setdefault(module_key, {})[side] = lazy
+
+
+def _low_ranks(factors: dict, name: str, layout) -> dict[str, LowRank]:
+    """The LowRank delta of `name` on every module that has one, with the layout's scaling for it."""
+    if layout is None or not any(block.name == name for block in layout.blocks):
+        return {}
+    scaling = layout.block(name).scaling
+    return {module: LowRank(pair["A"], pair["B"], scaling) for module, pair in factors.get(name, {}).items()}

@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from modeling_composite.builder import add_placeholder_tokens, count_encoder_tokens
 from modeling_composite.configuration_composite import CompositeMLLMConfig, DEFAULT_LORA_TARGET_MODULES
-from modeling_composite.modeling_composite import CompositeMLLMForCausalLM
+from modeling_composite.modeling_composite import CompositeMLLMForCausalLM, delta_layout
 
 from .errors import ConversionError
 from .merge import merge_deltas
@@ -225,6 +225,7 @@ def build_plan(base: BaseModel, sources: list[Source], recipe: Recipe, compositi
         },
         lora_target_modules=_target_modules(sources) if damc else None,
         text_lora=text_lora,
+        lora_layout="stacked",
         composition=composition,
         dtype=dtype,
     )
@@ -347,41 +348,36 @@ def _vocab_rows(tensor: torch.Tensor, key: str, rows: int, vocab: int, plan: Pla
     return tensor
 
 
-def _zeros(shape: tuple[int, ...]) -> Producer:
-    return lambda: torch.zeros(shape)
-
-
 def _plan_routed(plan: Plan, key: str, prefix: str, base: BaseModel, sources: list[Source], weights: list[float],
                  text_ranks: list[int]) -> None:
-    """Factors of one routed layer: the stacked text LoRA (`λ_i s_i B_i` stacked, scaling 1) and each modality's."""
+    """The stacked factors of one routed layer (`lora_layout: stacked`): the text block (each source's text LoRA with
+    `λ_i s_i` folded into its B, scaling 1), then each modality's own LoRA as its source trained it (its scaling is in
+    the config), in the config's order. Missing factors (a source without a LoRA on this layer) are zeros."""
     out_features, in_features = base.shape(key)
-    total = sum(text_ranks)
-    if total:
-        def stacked(side: str) -> torch.Tensor:
-            blocks = []
-            for source, weight, rank in zip(sources, weights, text_ranks):
-                low_rank = source.text_lora.get(key)
-                if side == "A":
-                    blocks.append(low_rank.lora_a.load().float() if low_rank else torch.zeros(rank, in_features))
-                else:
-                    factor = low_rank.lora_b.load().float() * (weight * low_rank.scaling) if low_rank else None
-                    blocks.append(factor if factor is not None else torch.zeros(out_features, rank))
-            return torch.cat(blocks, dim=0 if side == "A" else 1)
+    layout = delta_layout(plan.config)
 
-        plan.producers[f"{prefix}.text_lora_A.weight"] = lambda: stacked("A")
-        plan.producers[f"{prefix}.text_lora_B.weight"] = lambda: stacked("B")
-        plan.shapes[f"{prefix}.text_lora_A.weight"] = (total, in_features)
-        plan.shapes[f"{prefix}.text_lora_B.weight"] = (out_features, total)
-    for name, (_, part) in plan.modalities.items():
-        if plan.config.modalities[name]["lora"] is None:
-            continue
-        rank = plan.config.modalities[name]["lora"]["r"]
-        low_rank = part.lora_factors.get(key)
-        for side, shape in (("A", (rank, in_features)), ("B", (out_features, rank))):
-            out_key = f"{prefix}.lora_{side}.{name}.weight"
-            lazy = None if low_rank is None else (low_rank.lora_a if side == "A" else low_rank.lora_b)
-            plan.producers[out_key] = lazy.load if lazy is not None else _zeros(shape)
-            plan.shapes[out_key] = shape
+    def stacked(side: str) -> torch.Tensor:
+        blocks = []
+        for source, weight, rank in zip(sources, weights, text_ranks):
+            low_rank = source.text_lora.get(key)
+            if side == "A":
+                blocks.append(low_rank.lora_a.load().float() if low_rank else torch.zeros(rank, in_features))
+            elif low_rank:
+                blocks.append(low_rank.lora_b.load().float() * (weight * low_rank.scaling))
+            else:
+                blocks.append(torch.zeros(out_features, rank))
+        for block in layout.modality_blocks:
+            low_rank = plan.modalities[block.name][1].lora_factors.get(key)
+            if side == "A":
+                blocks.append(low_rank.lora_a.load().float() if low_rank else torch.zeros(block.rank, in_features))
+            else:
+                blocks.append(low_rank.lora_b.load().float() if low_rank else torch.zeros(out_features, block.rank))
+        return torch.cat(blocks, dim=0 if side == "A" else 1)
+
+    plan.producers[f"{prefix}.lora_A.weight"] = lambda: stacked("A")
+    plan.producers[f"{prefix}.lora_B.weight"] = lambda: stacked("B")
+    plan.shapes[f"{prefix}.lora_A.weight"] = (layout.rank, in_features)
+    plan.shapes[f"{prefix}.lora_B.weight"] = (out_features, layout.rank)
 
 
 def _plan_modalities(plan: Plan) -> None:

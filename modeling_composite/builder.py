@@ -42,8 +42,7 @@ class ModalitySpec:
         projector_state_dict: trained projector weights (`linear_1.weight`, ...); None keeps a fresh projector.
         placeholder: placeholder token (default `<{name}>`); added to the tokenizer as a special token.
         feature_layer / feature_select / num_frames / prefix_tokens / suffix_tokens / lora: as in
-            [`CompositeMLLMConfig`]; `lora_state_dict` holds that delta's factors keyed like the model's
-            (`language_model.layers.0.self_attn.q_proj.lora_A.<name>.weight`).
+            [`CompositeMLLMConfig`].
         tokens_per_item: features per item; computed from the encoder config when left out.
     """
 
@@ -60,7 +59,6 @@ class ModalitySpec:
     prefix_tokens: int = 0
     suffix_tokens: int = 0
     lora: dict[str, Any] | None = None
-    lora_state_dict: dict[str, torch.Tensor] | None = None
     tokens_per_item: int | None = None
 
 
@@ -201,16 +199,16 @@ def compose(
     image_processor: Any = None,
     feature_extractor: Any = None,
     text_lora: dict[str, Any] | None = None,
-    text_lora_state_dict: dict[str, torch.Tensor] | None = None,
     lora_target_modules: list[str] | None = None,
+    lora_layout: str = "stacked",
     chat_template: str | None = None,
     composition: dict[str, Any] | None = None,
 ) -> tuple[CompositeMLLMForCausalLM, CompositeMLLMProcessor]:
     """Make a composite model and its processor from a causal LM, encoders and projectors (all copied).
 
     The tokenizer gets every placeholder as a special token (a copy; the argument is not changed) and the LLM's
-    embeddings grow to match. Low-rank factors not given in `lora_state_dict` / `text_lora_state_dict` start as
-    PEFT does (B = 0), so the composite then equals its parts.
+    embeddings grow to match. Low-rank factors start as PEFT's do (B = 0), so the composite then equals its parts;
+    `lora_layout` says how they are stored (see [`CompositeMLLMConfig`]).
     """
     if not modalities:
         raise ValueError("A composite needs at least one modality.")
@@ -249,11 +247,12 @@ def compose(
         modalities=config_entries,
         lora_target_modules=lora_target_modules,
         text_lora=text_lora,
+        lora_layout=lora_layout,
         composition=composition or {},
         dtype=language_model.dtype,
     )
     model = CompositeMLLMForCausalLM(config).to(language_model.dtype)
-    _copy_weights(model, language_model, modalities, text_lora_state_dict)
+    _copy_weights(model, language_model, modalities)
     model.generation_config.update(**_generation_defaults(language_model, tokenizer))
     model.generation_config.suppress_tokens = placeholder_suppression(config, model.generation_config)
     # ProcessorMixin needs every sub-processor; one for a kind the composite lacks is never used.
@@ -320,7 +319,6 @@ def _copy_weights(
     model: CompositeMLLMForCausalLM,
     language_model: PreTrainedModel,
     modalities: dict[str, ModalitySpec],
-    text_lora_state_dict: dict[str, torch.Tensor] | None,
 ) -> None:
     """Copy the parts into the composite with strict key checks; routed layers hold the base weight as
     `base_layer.weight`, so LLM keys are renamed accordingly."""
@@ -330,30 +328,29 @@ def _copy_weights(
     for key, value in language_model.get_decoder().state_dict().items():
         module_name, _, parameter = key.rpartition(".")
         text_state[f"{module_name}.base_layer.{parameter}" if module_name in routed_names else key] = value
-    lora_state = dict(text_lora_state_dict or {})
-    for name, spec in modalities.items():
-        lora_state.update(spec.lora_state_dict or {})
-    _load_exact(composite.language_model, text_state, lora_state, "language_model")
+    _load_exact(composite.language_model, text_state, "language_model")
     with torch.no_grad():
         model.lm_head.weight.copy_(language_model.get_output_embeddings().weight)
     for name, spec in modalities.items():
-        _load_exact(composite.encoders[name], spec.encoder.state_dict(), {}, f"encoders.{name}")
+        _load_exact(composite.encoders[name], spec.encoder.state_dict(), f"encoders.{name}")
         if spec.projector_state_dict is not None:
-            _load_exact(composite.projectors[name], spec.projector_state_dict, {}, f"projectors.{name}")
+            _load_exact(composite.projectors[name], spec.projector_state_dict, f"projectors.{name}")
 
 
-def _load_exact(module: nn.Module, state: dict, optional: dict, where: str) -> None:
-    """Load `state` (plus `optional` low-rank factors) into `module`; every key of `state` must exist, and every
-    module key must be given unless it is a low-rank factor (those keep their fresh init)."""
+def _load_exact(module: nn.Module, state: dict, where: str) -> None:
+    """Load `state` into `module`; every key of `state` must exist, and every module key must be given unless it is a
+    low-rank factor or a prefix/suffix token (those keep their fresh init)."""
     own = module.state_dict()
-    unexpected = sorted(set(state) - set(own)) + sorted(set(optional) - set(own))
-    missing = sorted(key for key in set(own) - set(state) - set(optional) if ".lora_" not in key and "text_lora" not in key and not key.endswith(("prefix", "suffix")))
+    unexpected = sorted(set(state) - set(own))
+    missing = sorted(
+        key for key in set(own) - set(state) if "lora_" not in key and not key.endswith(("prefix", "suffix"))
+    )
     if unexpected or missing:
         raise ValueError(f"{where}: weights do not match the composite; unexpected {unexpected[:5]}, missing {missing[:5]}.")
-    for key, value in {**state, **optional}.items():
+    for key, value in state.items():
         if own[key].shape != value.shape:
             raise ValueError(f"{where}.{key}: shape {tuple(value.shape)} does not match the composite's {tuple(own[key].shape)}.")
-    module.load_state_dict({**own, **state, **optional})
+    module.load_state_dict({**own, **state})
 
 
 def composite_auto_map() -> dict[str, str]:

@@ -21,6 +21,8 @@ _PROJECTOR_PATTERN = re.compile(r"^(linear|mlp(\d+)x_gelu)$")
 _QFORMER_SPEC = re.compile(r"^qformer_(\d+)N_(\d+)L$")
 # Settings a Q-Former projector takes beside its spec (the paper's audio projector: 1024 positions, BERT-base).
 QFORMER_OPTIONS = ("num_positions", "hidden_size", "num_attention_heads", "intermediate_size")
+# How routed projections store their low-rank factors (see `lora_layout` in `CompositeMLLMConfig`).
+LORA_LAYOUTS = ("stacked", "per_delta")
 _MODALITY_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 # Fields of one modality entry and their defaults. `None` marks a field without a default (it must be given).
@@ -222,6 +224,11 @@ class CompositeMLLMConfig(PreTrainedConfig):
             The stacked text low-rank delta `{"r": R, "alpha": a, "folded": bool}`. With `folded=True` (composites) the
             text delta is already inside the base weights and is subtracted on modality tokens that have their own
             `lora`; with `folded=False` (training) it is added on every token except those.
+        lora_layout (`str`, default `"per_delta"`): how the routed projections store their low-rank factors.
+            `"stacked"` (converted composites): one pair per projection, `lora_A.weight` `(R, in)` and
+            `lora_B.weight` `(out, R)`, whose rows / columns hold the text delta (`text_lora["r"]` of them) and then
+            each modality's delta with a `lora`, sorted by modality name. `"per_delta"` (sources being trained):
+            `text_lora_A.weight` / `text_lora_B.weight` and `lora_A.<name>.weight` / `lora_B.<name>.weight`.
         lora_dropout (`float`, default 0.0): dropout on the input of low-rank deltas (training only).
         composition (`dict`, *optional*): provenance: method, merge rule, weights and sources with revisions.
     """
@@ -233,6 +240,7 @@ class CompositeMLLMConfig(PreTrainedConfig):
     modalities: dict | None = None
     lora_target_modules: list | None = None
     text_lora: dict | None = None
+    lora_layout: str = "per_delta"
     lora_dropout: float = 0.0
     composition: dict | None = None
     tie_word_embeddings: bool = False
@@ -252,6 +260,8 @@ class CompositeMLLMConfig(PreTrainedConfig):
             folded = self.text_lora.get("folded", True)
             self.text_lora = _check_lora("text_lora", self.text_lora, allow_zero_rank=True, extra_keys=("folded",))
             self.text_lora["folded"] = bool(folded)
+        if self.lora_layout not in LORA_LAYOUTS:
+            raise ValueError(f"lora_layout must be one of {list(LORA_LAYOUTS)}, got {self.lora_layout!r}.")
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         self.composition = dict(self.composition or {})

@@ -3,6 +3,8 @@ deltas that only the tokens of their modality use. Names follow transformers' LL
 checkpoint maps onto this model almost key for key (`vision_tower` -> `encoders.<name>`,
 `multi_modal_projector` -> `projectors.<name>`)."""
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +20,16 @@ from .modeling_beats import CompositeBeatsEncoder
 from .modeling_languagebind_video import CompositeLanguageBindVideoEncoder
 from .modeling_point_encoder import CompositePointEncoder
 from .modeling_qformer_projector import QFormerProjector
-from .routing import ROUTING_KWARG, ModalityRouting, RoutedLinear, RoutingState, inject_routed_layers
+from .routing import (
+    DeltaLayout,
+    IndexSummary,
+    RoutedLinear,
+    RoutingChannel,
+    RoutingPlan,
+    inject_routed_layers,
+    plan_routing,
+    summarize_index,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -46,6 +57,18 @@ def take_cache(past_key_values: Cache | None, kwargs: dict) -> Cache | None:
     if cache is not None and past_key_values is not None:
         raise ValueError("Pass the key-value cache once: as `cache` or as `past_key_values`, not both.")
     return cache if cache is not None else past_key_values
+
+
+def _continues_a_sequence(cache: Cache | None) -> bool:
+    """Whether a forward pass extends cached positions. A compilable cache (static) keeps its length on the device:
+    reading it would cost a host sync per decoded token and break a compiled decode step's graph, so such a cache
+    counts as continuing whenever it is given (a prefill into it then skips only the refusal of placeholders that
+    come without inputs)."""
+    if cache is None:
+        return False
+    if getattr(cache, "is_compileable", False) or torch.compiler.is_compiling():
+        return True
+    return cache.get_seq_length() > 0
 
 
 @dataclass
@@ -148,6 +171,19 @@ class CompositeMLLMPreTrainedModel(PreTrainedModel):
         """The routed projections of the LLM (none in a NaiveMC composite)."""
         return [module for module in self.modules() if isinstance(module, RoutedLinear)]
 
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func: Callable | None = None,
+                                    **kwargs) -> None:
+        # Checkpointed layers are recomputed during the backward pass, after the forward that set their routing plan
+        # returned (and possibly after later forwards set others): each checkpointed call records the plan in flight
+        # and its replay runs under that plan again.
+        if gradient_checkpointing_func is not None:
+            gradient_checkpointing_func = _replaying_routing(gradient_checkpointing_func, self._routing_channel())
+            kwargs["gradient_checkpointing_func"] = gradient_checkpointing_func
+        super()._set_gradient_checkpointing(enable=enable, **kwargs)
+
+    def _routing_channel(self) -> RoutingChannel:
+        return self.model.routing_channel if hasattr(self, "model") else self.routing_channel
+
     def materialize_original_weights(self) -> int:
         """Trade memory for speed on modality tokens: every routed projection keeps a dense copy of its original
         weights `W0`, so that a token of modality m costs one dense matmul plus its own low-rank delta, instead of
@@ -156,6 +192,7 @@ class CompositeMLLMPreTrainedModel(PreTrainedModel):
         materialize again after changing any weights). Needs unquantized base weights in memory. Returns the bytes
         added."""
         added = 0
+        self._routing_model().dense_routing = True
         for layer in self.routed_layers():
             layer.materialize_original_weight()
             if layer.original_weight is not None:
@@ -165,8 +202,12 @@ class CompositeMLLMPreTrainedModel(PreTrainedModel):
 
     def release_original_weights(self) -> None:
         """Undo `materialize_original_weights()`: modality tokens go back to the low-rank correction."""
+        self._routing_model().dense_routing = False
         for layer in self.routed_layers():
             layer.release_original_weight()
+
+    def _routing_model(self) -> "CompositeMLLMModel":
+        return self.model if hasattr(self, "model") else self
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -185,6 +226,37 @@ class CompositeMLLMPreTrainedModel(PreTrainedModel):
         # linear (normal): initialise them again as PEFT's LoRA, so that a fresh delta is zero.
         for layer in self.routed_layers():
             layer.reset_lora_parameters()
+
+
+def _replaying_routing(checkpoint: Callable, channel: RoutingChannel) -> Callable:
+    """`checkpoint` whose recomputation runs under the routing plan that was in flight when the layer was called."""
+
+    def checkpoint_with_routing(function: Callable, *args, **kwargs):
+        plan = channel.plan
+
+        def replay(*inner_args, **inner_kwargs):
+            previous, channel.plan = channel.plan, plan
+            try:
+                return function(*inner_args, **inner_kwargs)
+            finally:
+                channel.plan = previous
+
+        return checkpoint(replay, *args, **kwargs)
+
+    return checkpoint_with_routing
+
+
+def delta_layout(config: CompositeMLLMConfig) -> DeltaLayout | None:
+    """The stacked low-rank deltas of the composite's routed projections (None for a NaiveMC composite)."""
+    if not config.has_routed_deltas:
+        return None
+    text_lora = config.text_lora or {"r": 0, "alpha": None, "folded": True}
+    modality_ranks = {
+        name: (entry["lora"]["r"], entry["lora"]["alpha"])
+        for name, entry in config.modalities.items()
+        if entry["lora"]
+    }
+    return DeltaLayout.build(text_lora["r"], text_lora["alpha"], modality_ranks, text_lora["folded"])
 
 
 class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
@@ -213,18 +285,17 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
             )
         # Encoders live in a ModuleDict, which post_init does not search for `_no_split_modules`.
         self._no_split_modules = sorted(no_split)
-        self.routing_state = RoutingState()
-        self.routed_parents = 0
-        if config.has_routed_deltas:
-            text_lora = config.text_lora or {"r": 0, "alpha": None, "folded": True}
-            self.routed_parents = inject_routed_layers(
+        # The routing plan of the forward in flight, read by every routed projection (see routing.py).
+        self.routing_channel = RoutingChannel()
+        self.delta_layout = delta_layout(config)
+        self.dense_routing = False  # some projection keeps a dense W0 (materialize_original_weights)
+        if self.delta_layout is not None:
+            inject_routed_layers(
                 self.language_model,
-                self.routing_state,
+                self.routing_channel,
                 config.lora_target_modules,
-                {name: (e["lora"]["r"], e["lora"]["alpha"]) for name, e in config.modalities.items() if e["lora"]},
-                text_lora["r"],
-                text_lora["alpha"],
-                text_lora["folded"],
+                self.delta_layout,
+                config.lora_layout,
                 config.lora_dropout,
             )
         self.post_init()
@@ -370,7 +441,7 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
             "point_clouds": point_clouds,
         }
         inputs_by_modality = self.collect_modality_inputs(standard, modality_inputs)
-        continuing = past_key_values is not None and past_key_values.get_seq_length() > 0
+        continuing = _continues_a_sequence(past_key_values)
         # A decode step is text, even a placeholder the model itself generated: no modality index to search for, and
         # none of the host syncs that counting placeholders and routing rows would cost on every generated token.
         text_step = continuing and not inputs_by_modality
@@ -379,14 +450,17 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
         else:
             self._check_length(inputs_embeds.shape[1], past_key_values)
             modality_index = self.modality_index(input_ids, inputs_embeds)
+        summary = None
+        if not text_step:
+            if continuing:
+                # Placeholders generated earlier in a conversation whose new turn brings other modalities' inputs.
+                for slot, name in enumerate(self.modality_names, start=1):
+                    if name not in inputs_by_modality:
+                        modality_index = modality_index.masked_fill(modality_index == slot, 0)
+            # One host sync per forward: every placeholder count, and where the routed rows are.
+            summary = summarize_index(modality_index, len(self.modality_names) + 1)
         for slot, name in enumerate(() if text_step else self.modality_names, start=1):
-            positions = modality_index == slot
-            items = inputs_by_modality.get(name)
-            if items is None and continuing:
-                # A placeholder generated earlier in a conversation whose new turn brings other modalities' inputs.
-                modality_index = modality_index.masked_fill(positions, 0)
-                continue
-            count = int(positions.sum())
+            count, items = summary.counts[slot], inputs_by_modality.get(name)
             if items is None:
                 if count:
                     raise ValueError(
@@ -402,13 +476,9 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
                     f"{expected} ({self.config.positions_per_item(name)} each); let the processor expand placeholders."
                 )
             features = self.get_modality_features(name, items).to(inputs_embeds.device, inputs_embeds.dtype)
-            inputs_embeds = inputs_embeds.masked_scatter(positions.unsqueeze(-1), features)
-        if self.routed_parents:
-            self.routing_state.deliveries = 0
-            kwargs[ROUTING_KWARG] = (
-                None if text_step else ModalityRouting.from_modality_index(modality_index, self.modality_names)
-            )
-            self.routing_state.routing = kwargs[ROUTING_KWARG]
+            inputs_embeds = inputs_embeds.masked_scatter((modality_index == slot).unsqueeze(-1), features)
+        plan = None if text_step else self.plan_routing(modality_index, summary=summary)
+        previous, self.routing_channel.plan = self.routing_channel.plan, plan
         try:
             outputs = self.language_model(
                 attention_mask=attention_mask,
@@ -419,14 +489,9 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
                 **kwargs,
             )
         finally:
-            # The text model called on its own (`get_decoder()`) must not see this forward's rows. Gradient
-            # checkpointing's recomputation still routes right: it replays each layer's call, keyword included.
-            self.routing_state.routing = None
-        if self.routed_parents and self.routing_state.deliveries != self.routed_parents:
-            raise RuntimeError(
-                f"Token routing reached {self.routing_state.deliveries} of {self.routed_parents} routed modules: this "
-                f"text model ({type(self.language_model).__name__}) does not pass keyword arguments to its layers."
-            )
+            # The text model called on its own (`get_decoder()`) must not see this forward's plan. Gradient
+            # checkpointing's recomputation re-enters it (`_replaying_routing`).
+            self.routing_channel.plan = previous
         return CompositeMLLMModelOutput(
             last_hidden_state=outputs.last_hidden_state,
             hidden_states=getattr(outputs, "hidden_states", None),
@@ -434,6 +499,68 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
             modality_index=modality_index,
             **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
+
+    def add_routed_deltas(
+        self,
+        target_modules: list[str],
+        text_lora: dict | None = None,
+        modality_loras: dict[str, dict] | None = None,
+        lora_layout: str = "per_delta",
+        dropout: float = 0.0,
+    ) -> None:
+        """Give the text model's `target_modules` fresh routed low-rank deltas (B = 0, so outputs do not change until
+        they train) and record them in the config: `text_lora` (`{"r", "alpha"}`) is an unfolded text delta used by
+        every token without a delta of its own, `modality_loras` maps modality names to their own delta. For training
+        a source; a composite that already has routed deltas refuses."""
+        if self.delta_layout is not None:
+            raise ValueError("This composite already has routed low-rank deltas; add them to one that has none.")
+        unknown = sorted(set(modality_loras or {}) - set(self.config.modalities))
+        if unknown:
+            raise ValueError(f"modality_loras names {unknown}, which are not modalities of {self.modality_names}.")
+        if text_lora is None and not modality_loras:
+            raise ValueError("add_routed_deltas() needs a text_lora or at least one modality lora.")
+        config = self.config
+        if text_lora is not None:
+            text_lora = {"r": int(text_lora["r"]), "alpha": float(text_lora["alpha"]), "folded": False}
+        config.text_lora = text_lora
+        for name, lora in (modality_loras or {}).items():
+            config.modalities[name]["lora"] = {"r": int(lora["r"]), "alpha": float(lora["alpha"])}
+        config.lora_target_modules = list(target_modules)
+        config.lora_layout = lora_layout
+        config.lora_dropout = dropout
+        self.delta_layout = delta_layout(config)
+        inject_routed_layers(self.language_model, self.routing_channel, config.lora_target_modules, self.delta_layout,
+                             lora_layout, dropout)
+
+    def plan_routing(
+        self, modality_index: torch.LongTensor, static_shapes: bool = False, summary: IndexSummary | None = None
+    ) -> RoutingPlan | None:
+        """The routing plan of a forward pass over positions of this `(batch, seq)` modality index (as
+        `modality_index()` gives it): None for a NaiveMC composite, or when no position needs low-rank work.
+        `static_shapes=True` plans every row and column with no host sync (for graphs compiled once)."""
+        if self.delta_layout is None:
+            return None
+        return plan_routing(
+            modality_index,
+            self.delta_layout,
+            self.modality_names,
+            self._compute_dtype,
+            static_shapes=static_shapes,
+            dense=self.dense_routing,
+            summary=summary,
+        )
+
+    @contextmanager
+    def routing(self, modality_index: torch.LongTensor | None) -> Iterator[RoutingPlan | None]:
+        """Route calls of the text model (`self.language_model`) inside this block as the composite's forward does
+        for positions of `modality_index` (None: text only). For running the LLM on prepared embeddings (benchmarks,
+        serving engines): `with model.model.routing(index): model.model.language_model(inputs_embeds=...)`."""
+        plan = None if modality_index is None else self.plan_routing(modality_index)
+        previous, self.routing_channel.plan = self.routing_channel.plan, plan
+        try:
+            yield plan
+        finally:
+            self.routing_channel.plan = previous
 
     def _check_length(self, new_tokens: int, past_key_values: Cache | None) -> None:
         limit = getattr(self.config.get_text_config(), "max_position_embeddings", None)

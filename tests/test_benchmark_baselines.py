@@ -4,16 +4,15 @@ the reference scheme, built from the composite's own weights, has to compute wha
 import torch
 from transformers import DynamicCache
 
-from benchmarks.routing_overhead import ReferenceLinear, Shape, _workload, build
+from benchmarks.routing_overhead import ReferenceLinear, Shape, _workload, build, run_text_model
 from modeling_composite.modeling_composite import CACHE_NAME
-from modeling_composite.routing import ROUTING_KWARG, ModalityRouting
 
 
 SHAPE = Shape(hidden=64, layers=2, tokens=24, modalities=3, rank=4, intermediate=128, head_dim=16)
 
 
-def _last_hidden(model, embeds, **kwargs) -> torch.Tensor:
-    return model(inputs_embeds=embeds, **kwargs).last_hidden_state
+def _last_hidden(model, embeds, index=None, **kwargs) -> torch.Tensor:
+    return run_text_model(model, index, inputs_embeds=embeds, **kwargs).last_hidden_state
 
 
 def test_reference_scheme_computes_the_routed_composite_on_every_workload():
@@ -22,11 +21,10 @@ def test_reference_scheme_computes_the_routed_composite_on_every_workload():
     with torch.inference_mode():
         for fraction in (0.0, 0.5, 0.9):
             index = _workload(fraction, SHAPE.tokens, names, masks, torch.float32, torch.device("cpu"))
-            routing = ModalityRouting.from_modality_index(index, names)
-            ours = _last_hidden(models["composite"], embeds, **{ROUTING_KWARG: routing})
+            ours = _last_hidden(models["composite"], embeds, index)
             torch.testing.assert_close(_last_hidden(models["reference"], embeds), ours, rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(_last_hidden(models["composite_dense"], embeds, **{ROUTING_KWARG: routing}),
-                                       ours, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(_last_hidden(models["composite_dense"], embeds, index), ours, rtol=1e-4,
+                                       atol=1e-5)
             if fraction:
                 # The modality rows really take their own deltas: the plain LLM gives something else there.
                 assert not torch.allclose(_last_hidden(models["plain"], embeds), ours, rtol=1e-3, atol=1e-4)
@@ -39,9 +37,8 @@ def test_reference_scheme_computes_the_routed_composite_on_every_workload():
         steps = {}
         for label in ("composite", "reference"):
             cache = DynamicCache()
-            extra = {ROUTING_KWARG: None} if label == "composite" else {}
-            models[label](inputs_embeds=embeds, use_cache=True, **{CACHE_NAME: cache}, **extra)
-            steps[label] = _last_hidden(models[label], step, use_cache=True, **{CACHE_NAME: cache}, **extra)
+            run_text_model(models[label], None, inputs_embeds=embeds, use_cache=True, **{CACHE_NAME: cache})
+            steps[label] = _last_hidden(models[label], step, use_cache=True, **{CACHE_NAME: cache})
         torch.testing.assert_close(steps["reference"], steps["composite"], rtol=1e-4, atol=1e-5)
 
 

@@ -307,3 +307,73 @@ def test_chunked_prefill_that_would_split_point_clouds_is_refused(composite, raw
     whole = model.generate(**batch, max_new_tokens=3, do_sample=False)
     one_chunk = model.generate(**batch, max_new_tokens=3, do_sample=False, prefill_chunk_size=prompt_length)
     torch.testing.assert_close(one_chunk, whole, rtol=0, atol=0)
+
+
+def test_static_cache_and_compiled_decoding_generate_what_eager_generates(composite, batch_all):
+    """`cache_implementation="static"` makes generate() compile the decode step (CUDA graphs on a GPU): the whole
+    forward of a decode step must trace as one graph (a decoded token is text: the routed projections are their base
+    layers) and give eager's tokens. The `aot_eager` backend traces exactly what inductor would compile, without its
+    C++ build."""
+    import copy
+
+    import torch._dynamo
+    from transformers import CompileConfig
+
+    model = copy.deepcopy(composite[0])
+    greedy = {"max_new_tokens": 6, "do_sample": False}
+    eager = model.generate(**batch_all, **greedy)
+    config = CompileConfig(fullgraph=True, dynamic=False, backend="aot_eager", mode=None)
+    config._compile_all_devices = True  # transformers compiles only on accelerators unless told otherwise
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = model.generate(**batch_all, **greedy, cache_implementation="static", compile_config=config)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it did compile
+    assert not torch._dynamo.utils.counters["graph_break"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_llm_receives_bitwise_what_transformers_llava_gives_its_llm(dtype):
+    """For the same left-padded batch, the composite of a LLaVA's parts calls its LLM with exactly the arguments
+    `LlavaForConditionalGeneration` calls its own with, at the prefill and at every decode step: the embeddings
+    (image features spliced in), attention mask, position ids, cache and flags. So any difference between the two
+    models' tokens comes from inside the LLM, never from the composite's plumbing."""
+    from PIL import Image
+
+    llava, model, processor = _llava_and_its_composite()
+    llava.to(dtype)
+    model.to(dtype)
+    images = [Image.new("RGB", (40, 36), color=(200, 30, 90)), Image.new("RGB", (32, 48), color=(10, 220, 40))]
+    texts = ["USER: <image> What? ASSISTANT:", "USER: <image> What is shown in this picture, in detail? ASSISTANT:"]
+    batch = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    batch["pixel_values"] = batch["pixel_values"].to(dtype)
+    calls = {"ours": [], "llava": []}
+
+    def capture(label):
+        return lambda module, args, kwargs: calls[label].append((args, dict(kwargs)))
+
+    hooks = [
+        model.model.language_model.register_forward_pre_hook(capture("ours"), with_kwargs=True),
+        llava.model.language_model.register_forward_pre_hook(capture("llava"), with_kwargs=True),
+    ]
+    settings = {"max_new_tokens": 3, "min_new_tokens": 3, "do_sample": False, "pad_token_id": 3}
+    try:
+        ours = model.generate(**batch, **settings)
+        theirs = llava.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                pixel_values=batch["pixel_values"], **settings)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    assert len(calls["ours"]) == len(calls["llava"]) == 3
+    for (our_args, our_kwargs), (their_args, their_kwargs) in zip(calls["ours"], calls["llava"]):
+        assert our_args == their_args == ()
+        assert our_kwargs.keys() == their_kwargs.keys()
+        for key, value in our_kwargs.items():
+            other = their_kwargs[key]
+            if torch.is_tensor(value):
+                assert value.dtype == other.dtype and torch.equal(value, other), key
+            elif key in ("cache", "past_key_values"):
+                assert type(value) is type(other) and value.get_seq_length() == other.get_seq_length()
+            else:
+                assert value == other, key

@@ -10,38 +10,94 @@ from transformers import BitsAndBytesConfig
 
 from modeling_composite.builder import save_composite
 from modeling_composite.modeling_composite import CompositeMLLMForCausalLM
-from modeling_composite.routing import ModalityRouting, RoutedLinear, RoutingState, UnquantizedFactor
+from modeling_composite.routing import DeltaLayout, RoutedLinear, RoutingChannel, UnquantizedFactor, plan_routing
 from modeling_composite.tiny import build_tiny_composite, tiny_llm
 
 
-def _naive_routed_output(layer: RoutedLinear, hidden: torch.Tensor, index: torch.Tensor, names: list[str]):
-    """The reference scheme: every delta computed for every token, then the right one picked per token."""
+NAMES = ["image", "video", "audio", "point"]
+
+
+def _layer(
+    lora_layout: str = "stacked",
+    folded: bool = True,
+    text_rank: int = 8,
+    without: tuple[str, ...] = ("video",),
+    dropout: float = 0.0,
+    seed: int = 0,
+) -> RoutedLinear:
+    """A routed 64 -> 96 projection with random factors: a text delta and a delta for each of NAMES but `without`
+    (those modalities use the text weights)."""
+    torch.manual_seed(seed)
+    ranks = {name: (4 + 2 * index, 3.0 + index) for index, name in enumerate(NAMES) if name not in without}
+    layout = DeltaLayout.build(text_rank, 2.0 * text_rank, ranks, folded)
+    layer = RoutedLinear(torch.nn.Linear(64, 96), RoutingChannel(), layout, lora_layout, dropout)
+    with torch.no_grad():
+        for factor in layer.factor_parameters():
+            factor.normal_(0, 0.3)
+    return layer
+
+
+def _naive_routed_output(layer: RoutedLinear, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The reference scheme: every delta computed for every token as a dense matrix, then the right one picked per
+    token (text: the base, plus the text delta when it is not folded; modality m: W0 + M_m)."""
     base = layer.base_layer(hidden)
-    text = torch.zeros_like(base)
-    if layer.text_lora_A is not None:
-        text = hidden @ layer.text_lora_A.weight.t() @ layer.text_lora_B.weight.t() * layer.text_scaling
+    text = hidden @ layer.delta_weight("text").t() if layer.layout.text is not None else torch.zeros_like(base)
     output = base + (0 if layer.text_folded else text)
-    for slot, name in enumerate(names, start=1):
-        if name not in layer.lora_A:
+    for slot, name in enumerate(NAMES, start=1):
+        if not any(block.name == name for block in layer.layout.blocks):
             continue
-        full = base + hidden @ layer.lora_A[name].weight.t() @ layer.lora_B[name].weight.t() * layer.scaling[name]
-        full = full - (text if layer.text_folded else 0)
-        output = torch.where((index == slot).unsqueeze(-1), full, output)
+        own = base + hidden @ layer.delta_weight(name).t() - (text if layer.text_folded else 0)
+        output = torch.where((index == slot).unsqueeze(-1), own, output)
     return output
 
 
-@pytest.mark.parametrize("folded", [True, False])
-def test_routed_layer_equals_the_naive_reference(composite, folded):
-    model, _ = composite
-    layer = copy.deepcopy(model.model.routed_layers()[0])
-    layer.text_folded = folded
-    names = model.model.modality_names
+def _route(layer: RoutedLinear, index: torch.Tensor, static_shapes: bool = False, dense: bool = False) -> None:
+    layer.channel.plan = plan_routing(index, layer.layout, NAMES, torch.float32, static_shapes, dense)
+
+
+def _interleaved_index(generator: torch.Generator) -> torch.Tensor:
+    """A `(2, 40)` index: text, and runs of every modality (one without a delta) interleaved in both rows."""
+    return torch.randint(0, len(NAMES) + 1, (2, 40), generator=generator)
+
+
+@pytest.mark.parametrize("static_shapes", [False, True], ids=["span", "static"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("lora_layout", ["stacked", "per_delta"])
+@pytest.mark.parametrize("folded", [True, False], ids=["folded", "unfolded"])
+def test_routed_layer_equals_the_naive_reference(folded, lora_layout, grad, static_shapes):
+    layer = _layer(lora_layout, folded)
     generator = torch.Generator().manual_seed(0)
-    hidden = torch.randn(2, 9, layer.in_features, generator=generator)
-    index = torch.randint(0, len(names) + 1, (2, 9), generator=generator)
-    layer.state.routing = ModalityRouting.from_modality_index(index, names)
+    hidden = torch.randn(2, 40, 64, generator=generator)
+    index = _interleaved_index(generator)
+    _route(layer, index, static_shapes)
     with torch.no_grad():
-        torch.testing.assert_close(layer(hidden), _naive_routed_output(layer, hidden, index, names))
+        expected = _naive_routed_output(layer, hidden, index)
+    with torch.set_grad_enabled(grad):
+        torch.testing.assert_close(layer(hidden), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("present", [("image",), ("audio",), ("image", "point"), ("video",)])
+def test_the_plan_covers_only_the_routed_span_and_the_columns_of_the_modalities_present(present):
+    """Text before and after the modality runs is outside the span; columns stop after the last modality present;
+    a prompt whose only modality has no delta of its own needs no plan at all."""
+    layer = _layer()
+    index = torch.zeros(1, 30, dtype=torch.long)
+    for offset, name in enumerate(present):
+        index[0, 5 + 8 * offset : 11 + 8 * offset] = NAMES.index(name) + 1
+    plan = plan_routing(index, layer.layout, NAMES, torch.float32)
+    routed = [name for name in present if name != "video"]
+    if not routed:
+        assert plan is None
+        return
+    first = 5 + 8 * present.index(routed[0])
+    last = 11 + 8 * present.index(routed[-1])
+    assert plan.rows == (first, last)
+    assert plan.columns == max(layer.layout.block(name).stop for name in routed)
+    assert plan.mask.shape == (last - first, plan.columns)
+    hidden = torch.randn(1, 30, 64)
+    layer.channel.plan = plan
+    with torch.no_grad():
+        torch.testing.assert_close(layer(hidden), _naive_routed_output(layer, hidden, index), rtol=1e-5, atol=1e-5)
 
 
 def test_zero_deltas_give_exactly_the_plain_llm(batch_all):
@@ -49,11 +105,18 @@ def test_zero_deltas_give_exactly_the_plain_llm(batch_all):
     plain = tiny_llm()
     with torch.no_grad():
         text_only = torch.tensor([[1, 70, 80, 90, 100]])
-        torch.testing.assert_close(model(input_ids=text_only).logits, plain(input_ids=text_only).logits, rtol=0, atol=0)
+        torch.testing.assert_close(
+            model(input_ids=text_only).logits, plain(input_ids=text_only).logits, rtol=0, atol=0
+        )
         # With modality inputs: the plain LLM fed the same spliced embeddings.
         embeds = model.get_input_embeddings()(batch_all["input_ids"])
         index = model.model.modality_index(batch_all["input_ids"], embeds)
-        inputs = {"image": "pixel_values", "video": "pixel_values_videos", "audio": "input_features", "point": "point_clouds"}
+        inputs = {
+            "image": "pixel_values",
+            "video": "pixel_values_videos",
+            "audio": "input_features",
+            "point": "point_clouds",
+        }
         for slot, name in enumerate(model.model.modality_names, start=1):
             features = model.model.get_modality_features(name, batch_all[inputs[name]])
             embeds = embeds.masked_scatter((index == slot).unsqueeze(-1), features)
@@ -84,7 +147,8 @@ def test_changing_one_modality_delta_leaves_text_and_other_modalities_unchanged(
     changed = copy.deepcopy(model)
     with torch.no_grad():
         for layer in changed.model.routed_layers():
-            layer.lora_B["audio"].weight.add_(torch.randn_like(layer.lora_B["audio"].weight))
+            _, factor_b = layer.delta_factors("audio")  # a view into the stacked factors
+            factor_b.add_(torch.randn_like(factor_b))
     q_after, layer_after, _ = _first_layer_outputs(changed, batch_all)
     is_audio = index == model.model.modality_names.index("audio") + 1
     assert not torch.allclose(q_after[is_audio], q_before[is_audio])
@@ -94,6 +158,29 @@ def test_changing_one_modality_delta_leaves_text_and_other_modalities_unchanged(
     first_audio = int(is_audio[0].nonzero()[0])
     assert first_audio > 0 and not is_audio[0, :first_audio].any()
     torch.testing.assert_close(layer_after[:, :first_audio], layer_before[:, :first_audio], rtol=0, atol=0)
+
+
+def test_stacked_and_per_delta_storage_give_the_same_composite(composite, batch_all):
+    """The same deltas stored per delta (as sources train them) and stacked (as converted composites hold them)."""
+    model, _ = composite
+    config = copy.deepcopy(model.config)
+    config.lora_layout = "per_delta"
+    per_delta = CompositeMLLMForCausalLM(config).eval()
+    state = {}
+    for key, value in model.state_dict().items():
+        state[key] = value
+    for name, layer in model.named_modules():
+        if isinstance(layer, RoutedLinear):
+            for key in ("lora_A.weight", "lora_B.weight"):
+                del state[f"{name}.{key}"]
+            for block in layer.layout.blocks:
+                factor_a, factor_b = layer.delta_factors(block.name)
+                prefix = f"{name}.text_lora_" if block.name == "text" else f"{name}.lora_"
+                suffix = ".weight" if block.name == "text" else f".{block.name}.weight"
+                state[f"{prefix}A{suffix}"], state[f"{prefix}B{suffix}"] = factor_a, factor_b
+    per_delta.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(per_delta(**batch_all).logits, model(**batch_all).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_naive_composite_has_no_wrappers():
@@ -120,7 +207,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(composite, batch_all):
         torch.testing.assert_close(checkpointed[name], plain[name], msg=name)
 
 
-def test_checkpoint_recompute_uses_its_own_forwards_routing(composite, batch_all):
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_checkpoint_recompute_uses_its_own_forwards_routing(composite, batch_all, use_reentrant):
     """Two forwards before one backward (as with chosen/rejected pairs): the recomputation of the first forward must
     route like the first forward, not like the last one."""
     model, _ = composite
@@ -130,70 +218,43 @@ def test_checkpoint_recompute_uses_its_own_forwards_routing(composite, batch_all
     def gradient(checkpointing: bool) -> torch.Tensor:
         copy_ = copy.deepcopy(model).train()
         if checkpointing:
-            copy_.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            copy_.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+            copy_.enable_input_require_grads()
         loss = copy_(**batch_all, labels=labels).loss
         copy_(**text_only).logits.sum()  # a second forward, routed differently, before the backward
         loss.backward()
-        return copy_.model.routed_layers()[0].lora_B["image"].weight.grad.clone()
+        layer = copy_.model.routed_layers()[0]
+        block = layer.layout.block("image")
+        return layer.lora_B.weight.grad[:, block.start : block.stop].clone()
 
     torch.testing.assert_close(gradient(True), gradient(False))
 
 
-def _block_index(names: list[str], generator: torch.Generator) -> torch.Tensor:
-    """A `(2, 300)` modality index made of long runs (as placeholders expand), with text between modality blocks and
-    two modalities back to back."""
-    slots = [0, 1, 2, 0, len(names), 0, 3, 1]
-    lengths = torch.randint(60, 90, (len(slots),), generator=generator).tolist()
-    flat = torch.cat([torch.full((length,), slot) for slot, length in zip(slots, lengths)])
-    return flat[:600].reshape(2, 300)
-
-
-@pytest.mark.parametrize("dense", [False, True], ids=["low_rank", "dense_w0"])
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
-def test_long_runs_of_rows_are_corrected_in_place_like_gathered_rows(composite, dense, grad):
-    """Without autograd, rows in long blocks are corrected in place (no gather/scatter); with autograd they are
-    gathered. Both give the naive reference's output."""
-    model, _ = composite
-    layer = copy.deepcopy(model.model.routed_layers()[0])
-    names = model.model.modality_names
-    del layer.lora_A[names[1]], layer.lora_B[names[1]]  # this modality uses the text weights
-    generator = torch.Generator().manual_seed(2)
-    index = _block_index(names, generator)
-    hidden = torch.randn(2, 300, layer.in_features, generator=generator)
-    routing = ModalityRouting.from_modality_index(index, names)
-    routed = tuple(name for name in routing.rows if name in layer.lora_A)
-    assert len(routing.contiguous_blocks(600, routed)) >= 5  # the in-place path applies here
-    layer.state.routing = routing
-    with torch.no_grad():
-        expected = _naive_routed_output(layer, hidden, index, names)
-        if dense:
-            layer.materialize_original_weight()
-    with torch.set_grad_enabled(grad):
-        torch.testing.assert_close(layer(hidden), expected)
-
-
 @pytest.mark.parametrize("present", ["all", "some"])
-def test_dense_original_weights_route_like_the_low_rank_correction(composite, present):
-    """materialize_original_weight(): text rows through W_text, modality rows through the dense W0 + M_m; the same
-    outputs as the naive reference, also when a modality has no delta of its own."""
-    model, _ = composite
-    layer = copy.deepcopy(model.model.routed_layers()[0])
-    names = model.model.modality_names
-    del layer.lora_A[names[0]], layer.lora_B[names[0]]  # this modality uses the text weights
+def test_dense_original_weights_route_like_the_low_rank_correction(present, grad):
+    """materialize_original_weight(): rows outside the span through W_text, the span through the dense W0 plus the
+    text delta on its text rows and each routed row's own delta; the naive reference's outputs, also for a modality
+    without a delta of its own."""
+    layer = _layer()
     generator = torch.Generator().manual_seed(1)
-    hidden = torch.randn(2, 11, layer.in_features, generator=generator)
-    top = len(names) + 1 if present == "all" else 3
-    index = torch.randint(0, top, (2, 11), generator=generator)
-    layer.state.routing = ModalityRouting.from_modality_index(index, names)
+    hidden = torch.randn(2, 40, 64, generator=generator)
+    index = _interleaved_index(generator)
+    if present == "some":
+        index = torch.where(index > 2, 0, index)
+    index[:, :3] = 0  # text before the span
     with torch.no_grad():
-        expected = _naive_routed_output(layer, hidden, index, names)
+        _route(layer, index)
+        expected = _naive_routed_output(layer, hidden, index)
         layer.materialize_original_weight()
         assert "original_weight" not in layer.state_dict()
-        folded_text = layer.text_lora_B.weight @ layer.text_lora_A.weight * layer.text_scaling
-        torch.testing.assert_close(layer.original_weight + folded_text, layer.base_layer.weight)
-        torch.testing.assert_close(layer(hidden), expected)
-        # Text-only forwards (decode steps) never touch the copy.
-        layer.state.routing = None
+        torch.testing.assert_close(layer.original_weight + layer.delta_weight("text"), layer.base_layer.weight)
+    _route(layer, index, dense=True)
+    with torch.set_grad_enabled(grad):
+        torch.testing.assert_close(layer(hidden), expected, rtol=1e-5, atol=1e-5)
+    # Text-only forwards (decode steps) never touch the copy.
+    layer.channel.plan = None
+    with torch.no_grad():
         torch.testing.assert_close(layer(hidden), layer.base_layer(hidden), rtol=0, atol=0)
 
 
@@ -207,8 +268,9 @@ def test_materialized_original_weights_keep_the_model_outputs_and_are_never_save
         assert added == sum(layer.base_layer.weight.numel() * 4 for layer in routed)
         torch.testing.assert_close(dense(**batch_all).logits, expected, rtol=1e-4, atol=1e-4)
         greedy = dict(max_new_tokens=4, do_sample=False)
-        torch.testing.assert_close(dense.generate(**batch_all, **greedy), model.generate(**batch_all, **greedy),
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            dense.generate(**batch_all, **greedy), model.generate(**batch_all, **greedy), rtol=0, atol=0
+        )
         dense.save_pretrained(tmp_path / "saved")
         dense.release_original_weights()
         assert all(layer.original_weight is None for layer in routed)
@@ -217,13 +279,11 @@ def test_materialized_original_weights_keep_the_model_outputs_and_are_never_save
         assert not any("original_weight" in key for key in saved.keys())
 
 
-def test_original_weights_need_the_folded_text_delta_and_weights_in_memory(composite):
-    model, _ = composite
-    layer = copy.deepcopy(model.model.routed_layers()[0])
-    layer.text_folded = False
+def test_original_weights_need_the_folded_text_delta_and_weights_in_memory():
+    layer = _layer(folded=False)
     with pytest.raises(ValueError, match="folded"):
         layer.materialize_original_weight()
-    layer.text_folded = True
+    layer = _layer()
     layer.base_layer.to("meta")
     with pytest.raises(ValueError, match="offloaded"):
         layer.materialize_original_weight()
@@ -241,17 +301,19 @@ def _dequantized_copy(model, quantized):
 
 
 def test_factors_are_quantized_in_4bit_where_their_rank_fits_the_kernels(raw_inputs, tmp_path):
-    """A 4-bit composite quantizes rank-64 factors with the base weights (at scale they are a third of its weights)
-    and routes as the same composite holding the dequantized weights; `llm_int8_skip_modules` keeps them in
-    full precision; rank-4 factors (`UnquantizedFactor`) always stay."""
+    """A 4-bit composite quantizes stacked factors whose shapes fit the kernels with the base weights (at scale they
+    are a third of its weights) and routes as the same composite holding the dequantized weights;
+    `llm_int8_skip_modules` keeps them in full precision; small stacked ranks (`UnquantizedFactor`) always stay."""
     model, processor = build_tiny_composite(kinds=("image", "audio"), lora_rank=64, text_rank=128)
     save_composite(model, processor, tmp_path)
     with safe_open(tmp_path / "model.safetensors", "pt") as saved:
         keys = set(saved.keys())
     prefix = "model.language_model.layers.0.self_attn.q_proj"
-    assert {f"{prefix}.lora_A.image.weight", f"{prefix}.lora_B.audio.weight", f"{prefix}.text_lora_A.weight"} <= keys
-    batch = processor(text="USER: <image> <audio> Same? ASSISTANT:", images=[raw_inputs["image"]],
-                      audio=[raw_inputs["audio"]])
+    assert {f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"} <= keys
+    assert not any(".text_lora_" in key or ".lora_A.image" in key for key in keys)
+    batch = processor(
+        text="USER: <image> <audio> Same? ASSISTANT:", images=[raw_inputs["image"]], audio=[raw_inputs["audio"]]
+    )
     settings = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.float32}
     quantized = CompositeMLLMForCausalLM.from_pretrained(tmp_path, quantization_config=BitsAndBytesConfig(**settings))
     skipped = BitsAndBytesConfig(**settings, llm_int8_skip_modules=[r".*lora_[AB]", "lm_head"])
@@ -259,8 +321,7 @@ def test_factors_are_quantized_in_4bit_where_their_rank_fits_the_kernels(raw_inp
     for loaded, expected in ((quantized, "Linear4bit"), (kept, "Linear")):
         layer = loaded.model.routed_layers()[0]
         assert type(layer.base_layer).__name__ == "Linear4bit"
-        factors = [layer.lora_A["image"], layer.lora_B["audio"], layer.text_lora_A, layer.text_lora_B]
-        assert [type(factor).__name__ for factor in factors] == [expected] * 4
+        assert [type(factor).__name__ for factor in (layer.lora_A, layer.lora_B)] == [expected] * 2
         with torch.no_grad():
             expected_logits = _dequantized_copy(model, loaded)(**batch).logits
             error = (loaded(**batch).logits - expected_logits).norm() / expected_logits.norm()
@@ -275,28 +336,33 @@ def test_factors_are_quantized_in_4bit_where_their_rank_fits_the_kernels(raw_inp
         tmp_path / "small", quantization_config=BitsAndBytesConfig(**settings)
     )
     layer = small_quantized.model.routed_layers()[0]
-    assert type(layer.lora_A["image"]) is UnquantizedFactor and layer.lora_A["image"].weight.dtype == torch.float32
+    assert type(layer.lora_A) is UnquantizedFactor and layer.lora_A.weight.dtype == torch.float32
 
 
-@pytest.mark.parametrize("rows_in_blocks", [False, True])
-def test_dropout_touches_only_the_trained_deltas_not_the_folded_text_delta(rows_in_blocks):
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_dropout_touches_only_the_trained_deltas_not_the_folded_text_delta(grad):
     """Training on a converted composite (text delta folded into the base) with lora_dropout: a modality row gets
     `W0 x + M(dropout(x))`, so with `M = 0` exactly `W0 x`, and text rows `W_text x`, whatever dropout draws."""
-    torch.manual_seed(0)
-    base = torch.nn.Linear(64, 64, bias=False)
-    layer = RoutedLinear(base, RoutingState(), {"image": (4, 8.0)}, text_rank=4, text_alpha=4.0, text_folded=True,
-                         dropout=0.5)
+    layer = _layer(dropout=0.5, without=("video", "audio", "point"))
     with torch.no_grad():
-        layer.text_lora_A.weight.normal_()
-        layer.text_lora_B.weight.normal_()
-        original = base.weight - layer.text_lora_B.weight @ layer.text_lora_A.weight * layer.text_scaling
-    rows = torch.arange(2, 80) if rows_in_blocks else torch.tensor([2, 5, 9])
-    layer.state.routing = ModalityRouting({"image": rows})
+        _, factor_b = layer.delta_factors("image")
+        factor_b.zero_()
+        original = layer.base_layer.weight - layer.delta_weight("text")
+    index = torch.zeros(1, 96, dtype=torch.long)
+    index[0, 2:80:3] = 1  # interleaved image rows
+    _route(layer, index)
     hidden = torch.randn(1, 96, 64)
     layer.train()
-    with torch.set_grad_enabled(not rows_in_blocks):  # the in-place block path runs without autograd
+    with torch.set_grad_enabled(grad):
         output = layer(hidden)[0]
-    image = torch.zeros(96, dtype=torch.bool)
-    image[rows] = True
-    torch.testing.assert_close(output[image], hidden[0, image] @ original.t(), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(output[~image], hidden[0, ~image] @ base.weight.t(), rtol=1e-5, atol=1e-5)
+    image = index[0] == 1
+    bias = layer.base_layer.bias
+    torch.testing.assert_close(output[image], hidden[0, image] @ original.t() + bias, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(output[~image], layer.base_layer(hidden[0, ~image]), rtol=1e-5, atol=1e-5)
+
+
+def test_a_text_model_that_regroups_tokens_is_refused_not_misrouted():
+    layer = _layer()
+    _route(layer, torch.ones(1, 10, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="rows"):
+        layer(torch.randn(1, 7, 64))

@@ -30,7 +30,7 @@ from modeling_composite.configuration_point_encoder import CompositePointEncoder
 from modeling_composite.modeling_composite import CompositeMLLMForCausalLM
 from modeling_composite.modeling_point_encoder import CompositePointEncoder
 from modeling_composite.processing_composite import CompositeMLLMProcessor
-from modeling_composite.routing import RoutedLinear, inject_routed_layers
+from modeling_composite.routing import RoutedLinear
 
 from .arguments import SourceModelArguments
 
@@ -159,27 +159,21 @@ def add_low_rank(
     if args.lora_rank < 1:
         raise SourceModelError(f"--lora_rank must be >= 1, got {args.lora_rank}.")
     targets = list(args.lora_target_modules or config.lora_target_modules or DEFAULT_LORA_TARGET_MODULES)
-    inner = model.model
-    inner.routed_parents = inject_routed_layers(
-        inner.language_model,
-        inner.routing_state,
+    # Per-delta storage: the text and the modality LoRA are separate parameters, trained at their own learning rates.
+    model.model.add_routed_deltas(
         targets,
-        {args.modality: (lora["r"], lora["alpha"])} if args.decoupled else {},
-        lora["r"],
-        lora["alpha"],
-        False,
-        args.lora_dropout,
+        text_lora=lora,
+        modality_loras={args.modality: lora} if args.decoupled else None,
+        lora_layout="per_delta",
+        dropout=args.lora_dropout,
     )
-    projector = inner.projectors[args.modality]
+    projector = model.model.projectors[args.modality]
     width = config.get_text_config().hidden_size
     reference = next(projector.parameters())  # its dtype and device (linears or a Q-Former)
     for name, count in (("prefix", args.prefix_tokens), ("suffix", args.suffix_tokens)):
         if count:
             setattr(projector, name, nn.Parameter(torch.zeros(count, width, dtype=reference.dtype, device=reference.device)))
-    entry.update(prefix_tokens=args.prefix_tokens, suffix_tokens=args.suffix_tokens, lora=wanted_modality)
-    config.text_lora = wanted_text
-    config.lora_target_modules = targets
-    config.lora_dropout = args.lora_dropout
+    entry.update(prefix_tokens=args.prefix_tokens, suffix_tokens=args.suffix_tokens)
     # The processor must expand each placeholder into the positions the model now fills.
     processor.modalities[args.modality]["positions_per_item"] = config.positions_per_item(args.modality)
 
