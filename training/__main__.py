@@ -13,7 +13,7 @@ Multi-GPU: `accelerate launch -m training ...` or `torchrun --nproc_per_node 8 -
 import logging
 import sys
 
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainerCallback
 
 from .arguments import SourceDataArguments, SourceModelArguments, SourceTrainingArguments
 from .data import DataError
@@ -22,7 +22,9 @@ from .model import SourceModelError
 from .trainer import train_source
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> int:
+    """Parse `argv` (default: the command line), train, and return the exit status (2 with one line on stderr for
+    bad arguments, data or models). `callbacks` go to the `Trainer`, for a script that wraps this command line."""
     argv = sys.argv[1:] if argv is None else argv
     parser = HfArgumentParser((SourceModelArguments, SourceDataArguments, SourceTrainingArguments))
     try:
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=training_args.get_process_log_level())
     try:
-        output = train_source(model_args, data_args, training_args)
+        output = train_source(model_args, data_args, training_args, callbacks)
     except (SourceModelError, DataError, MediaError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -100,6 +100,14 @@ class SourceTrainingArguments(TrainingArguments):
                   "its config's `composition.base`)."},
     )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the batch has modality inputs."})
+    ddp_find_unused_parameters: bool | None = field(
+        default=True,
+        metadata={"help": "`find_unused_parameters` of DistributedDataParallel (several processes). True, also with "
+                  "activation checkpointing (where transformers' default is False): a batch without an input of the "
+                  "modality (text-only samples) gives the projector, the modality LoRA and the prefix/suffix tokens "
+                  "no gradient, and DDP would then wait for them forever. `false` saves a graph traversal per step "
+                  "when every sample has an input of the modality."},
+    )
 
     def __post_init__(self):
         super().__post_init__()

@@ -5,7 +5,7 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import Trainer, set_seed
+from transformers import Trainer, TrainerCallback, set_seed
 
 from modeling_composite.builder import register_composite_auto_classes
 
@@ -92,10 +92,17 @@ class SourceTrainer(Trainer):
 
 
 def train_source(
-    model_args: SourceModelArguments, data_args: SourceDataArguments, training_args: SourceTrainingArguments
+    model_args: SourceModelArguments,
+    data_args: SourceDataArguments,
+    training_args: SourceTrainingArguments,
+    callbacks: list[TrainerCallback] | None = None,
 ) -> Path:
     """Train one stage and write the source to `training_args.output_dir`: a one-modality composite folder that
-    loads with the auto classes and that the converter takes as a source (`format: composite`)."""
+    loads with the auto classes and that the converter takes as a source (`format: composite`). `callbacks` go to
+    the `Trainer` beside its own (logging, early stopping, monitoring).
+
+    Under `torchrun` / `accelerate launch` every process runs this; `Trainer` synchronises the gradients and only
+    the main process writes the folder (`TrainingArguments.should_save`)."""
     # Seed before the model exists: fresh projectors, LoRA factors and tokens are drawn from the global generator, so
     # a run must not depend on what the process did before it.
     set_seed(training_args.seed)
@@ -145,6 +152,7 @@ def train_source(
         processing_class=processor,
         parameter_groups=groups,
         text_teacher=text_teacher,
+        callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
