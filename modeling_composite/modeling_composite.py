@@ -20,6 +20,7 @@ from .modeling_beats import CompositeBeatsEncoder
 from .modeling_languagebind_video import CompositeLanguageBindVideoEncoder
 from .modeling_point_encoder import CompositePointEncoder
 from .modeling_qformer_projector import QFormerProjector
+from .offload import unsplittable_classes, weights_loaded
 from .routing import (
     DeltaLayout,
     IndexSummary,
@@ -283,6 +284,7 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
                 entry["suffix_tokens"],
                 entry["projector_options"],
             )
+        no_split.update(unsplittable_classes(self.encoders), unsplittable_classes(self.projectors))
         # Encoders live in a ModuleDict, which post_init does not search for `_no_split_modules`.
         self._no_split_modules = sorted(no_split)
         # The routing plan of the forward in flight, read by every routed projection (see routing.py).
@@ -330,9 +332,10 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
         # Point clouds stay in float32: the encoder groups points by distance in float32 itself, as the paper does,
         # and coordinates rounded to bf16 would pick other neighbours.
         dtype = torch.float32 if entry["kind"] == "point" else self._compute_dtype
-        inputs = inputs.to(device=next(encoder.parameters()).device, dtype=dtype)
         layer = entry["feature_layer"]
-        outputs = encoder(inputs, output_hidden_states=layer != "last", return_dict=True)
+        with weights_loaded(encoder):
+            inputs = inputs.to(device=next(encoder.parameters()).device, dtype=dtype)
+            outputs = encoder(inputs, output_hidden_states=layer != "last", return_dict=True)
         features = outputs.last_hidden_state if layer == "last" else outputs.hidden_states[layer]
         if entry["feature_select"] == "patch":
             features = features[:, 1:]
@@ -342,7 +345,9 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
                 f"Modality {modality!r}: the encoder gave {features.shape[1]} features per item but the config says "
                 f"tokens_per_item={entry['tokens_per_item']}; check the input size against the encoder config."
             )
-        return self.projectors[modality](features.to(self._compute_dtype))
+        projector = self.projectors[modality]
+        with weights_loaded(projector):
+            return projector(features.to(self._compute_dtype))
 
     def _check_input_shape(self, modality: str, inputs: torch.Tensor) -> None:
         kind = self.config.modalities[modality]["kind"]

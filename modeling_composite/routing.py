@@ -55,6 +55,7 @@ from torch import nn
 from transformers import initialization as init
 
 from .configuration_composite import LORA_LAYOUTS
+from .offload import is_offloaded, weights_loaded
 
 
 TEXT = "text"
@@ -415,11 +416,19 @@ class RoutedLinear(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         plan = self.channel.plan
-        if plan is None:
+        if plan is None and not self.layout.needs_plan_for_text:
             # No modality rows (a text-only prompt, every decode step): exactly the base layer, checked first, with no
             # other work, since this runs for every projection of every decoded token.
-            if not self.layout.needs_plan_for_text:
-                return self.base_layer(hidden_states)
+            return self.base_layer(hidden_states)
+        factors = [factor for _, factor_a, factor_b in self._factor_modules() for factor in (factor_a, factor_b)]
+        if is_offloaded(factors[0].weight):
+            # `device_map` offloaded this layer, and the factors' weights are used below, not their modules' forwards.
+            with weights_loaded(*factors):
+                return self._forward_deltas(hidden_states, plan)
+        return self._forward_deltas(hidden_states, plan)
+
+    def _forward_deltas(self, hidden_states: torch.Tensor, plan: RoutingPlan | None) -> torch.Tensor:
+        if plan is None:
             return self._forward_text_delta(hidden_states)
         flat_input = hidden_states.reshape(-1, hidden_states.shape[-1])
         if flat_input.shape[0] != plan.total_rows:

@@ -4,6 +4,9 @@ Every `nn.Linear` has in_features % 64 == 0 and out_features % 32 == 0, the shap
 kernels need. Not remote code.
 """
 
+import dataclasses
+from typing import Any
+
 import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -161,10 +164,14 @@ def build_tiny_composite(
     text_model_type: str = "llama",
     randomize_deltas: bool = True,
     seed: int = 0,
+    spec_overrides: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[CompositeMLLMForCausalLM, CompositeMLLMProcessor]:
     """A tiny random composite of the given modality kinds. With `randomize_deltas`, the low-rank deltas (which
-    start at zero) get random values so that routing changes outputs."""
+    start at zero) get random values so that routing changes outputs. `spec_overrides` sets fields of a kind's
+    `ModalitySpec` (e.g. `{"audio": {"projector": "qformer_2N_1L", "projector_options": {...}}}`)."""
     specs = tiny_modality_specs(kinds, lora_rank)
+    for kind, fields in (spec_overrides or {}).items():
+        specs[kind] = dataclasses.replace(specs[kind], **fields)
     # Fresh projectors are initialised from the global generator: seed it, so the composite does not depend on
     # what ran before.
     torch.manual_seed(seed)
