@@ -75,6 +75,8 @@ class CardInfo:
     repo_id: str | None = None  # where it will be pushed (for the usage snippet); else the name stands in as a path
     license: str | None = None
     notes: list[str] = field(default_factory=list)  # Markdown paragraphs for the end of the Limitations section
+    # The conventions of a ties / dare merge (normalize, lambda, rescale), as `MergeSettings.provenance()` gives them.
+    merge_options: dict[str, object] = field(default_factory=dict)
 
 
 def template_path() -> Path:
@@ -173,12 +175,16 @@ def _template_values(info: CardInfo) -> dict:
 
 
 def _rule_parameters(info: CardInfo) -> str:
-    """The merge parameters that the rule uses: density for ties and dare, the seed of the random drop for dare."""
+    """The merge parameters that the rule uses: density for ties and dare, the seed of the random drop for dare, and
+    their conventions (normalize, lambda, rescale)."""
     parts = []
     if info.rule != "linear" and info.density is not None:
         parts.append(f"density `{_number(info.density)}`")
     if info.rule.startswith("dare") and info.seed is not None:
         parts.append(f"seed `{info.seed}`")
+    for key, value in info.merge_options.items():
+        shown = str(value).lower() if isinstance(value, bool) else _number(value)
+        parts.append(f"{key} `{shown}`")
     return ", ".join(parts)
 
 

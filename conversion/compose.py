@@ -129,6 +129,7 @@ def _composition(recipe: Recipe, base: Location, sources: list[Source]) -> dict:
         "rule": recipe.merge.rule,
         "density": recipe.merge.density,
         "seed": recipe.merge.seed if recipe.merge.rule.startswith("dare") else None,
+        **recipe.merge.provenance(),
         "base": {"reference": base.reference, "hub_id": base.hub_id, "revision": base.revision},
         "sources": [
             {
@@ -244,6 +245,7 @@ def _card_info(plan: Plan, recipe: Recipe, repo_id: str | None) -> CardInfo:
         rule=recipe.merge.rule,
         density=recipe.merge.density,
         seed=recipe.merge.seed,
+        merge_options=recipe.merge.provenance(),
         base=CardSource(**composition["base"], format="base", modalities={}, weight=1.0),
         sources=[CardSource(**source) for source in composition["sources"]],
         modalities={

@@ -1,32 +1,33 @@
-"""Merge rules for the dense text deltas (task vectors) of several source models, one tensor at a time.
+"""Merge rules for the dense text deltas (task vectors) of several source models, one tensor at a time, with
+mergekit's parameters and conventions (mergekit 0.1.5, `merge_methods/generalized_task_arithmetic.py`, `sparsify.py`).
 
 Every source LLM was fine-tuned from the same base weight `W0`; source i changes one tensor by the dense delta
 `d_i = W_i - W0` (for a LoRA source, the product `B_i @ A_i` times its scaling: merging must happen on products, since
 averaging the factors separately gives a different, wrong, matrix). `merge_deltas` combines the `d_i` of one tensor
-with per-source weights `w_i` (the recipe's `λ_i`) into the single delta added to `W0`:
+with per-source weights `w_i` (the recipe's `λ_i`) into the single delta added to `W0`, in four steps:
 
-- ``linear`` (task arithmetic, Ilharco et al. 2023): ``merged = Σ_i w_i d_i``. Weights are absolute and may be
-  negative (task negation).
-- ``ties`` (TIES-merging, Yadav et al. 2023):
+1. sparsify each delta (not ``linear``), giving `t_i`:
 
-  1. trim: each `d_i` keeps its `k = max(1, round(density * numel))` entries of largest magnitude (exactly `k`,
-     chosen by `torch.topk`; Python's `round`), the others become 0, giving `t_i`;
-  2. elect a sign per entry: ``γ = sign(Σ_i w_i t_i)``;
-  3. disjoint weighted mean over the sources that agree with it, i.e. whose `t_i` entry is non-zero and has sign `γ`:
-     ``merged = Σ_i w_i t_i [agree_i] / Σ_i w_i [agree_i]``, and 0 where no source agrees (including `γ = 0`).
+   - ``ties`` (TIES-merging, Yadav et al. 2023) trims: `d_i` keeps its `k = floor(density * numel)` entries of largest
+     magnitude (exactly `k`, chosen by `torch.topk`; at least 1), the others become 0;
+   - ``dare_linear`` / ``dare_ties`` (DARE, Yu et al. 2024) drop: each entry is kept with probability `density`;
+   - with ``rescale`` the kept entries are scaled so that `t_i` has the L1 norm of `d_i` (DARE's paper scales by
+     `1 / density`, which this equals in expectation); nothing is sparsified or rescaled at density 1;
 
-  With equal weights this is TIES' disjoint mean. Because of the division, the weights act as *relative* weights
-  (like mergekit with ``normalize: true``): scaling them all by one factor does not change the result. They must be
-  >= 0 (a negative weight would flip the meaning of the sign election and can make the denominator vanish).
-- ``dare_linear`` (DARE, Yu et al. 2024): each source independently drops every entry with probability
-  `1 - density` and multiplies the kept entries by `1 / density` (so the expected delta is unchanged), then
-  ``linear``.
-- ``dare_ties``: DARE drop and rescale (instead of the magnitude trim), then TIES' sign election and disjoint weighted
-  mean (steps 2 and 3 above); weights are relative and >= 0 as in ``ties``.
+2. ``ties`` / ``dare_ties`` elect a sign per entry, ``γ = +1 if Σ_i w_i t_i >= 0 else -1`` (an exact tie, a sum of
+   0, elects +1), and keep from each source only the entries that agree with it: `sign(w_i t_i) = γ`;
+3. sum: ``merged = Σ_i w_i t_i [agree_i]``; with ``normalize``, divide by the weights that contributed,
+   ``Σ_i w_i [agree_i]`` (``Σ_i w_i`` without a sign election), where that is not 0;
+4. multiply by ``lambda``.
 
-A source that does not change the tensor passes ``None``: it counts as a zero delta (in TIES it never agrees, so it
-does not pull the mean towards 0). Everything is computed in float32 and the result is float32, whatever the
-inputs' dtype.
+``linear`` is task arithmetic (Ilharco et al. 2023), ``Σ_i w_i d_i``, the paper's NaiveMC merge, mergekit's
+``task_arithmetic``. Per-rule defaults are mergekit's: ``normalize`` true for ``ties`` (TIES' disjoint mean) and false
+for ``linear``, ``dare_linear`` and ``dare_ties``; ``rescale`` true for the DARE rules and false for ``ties``;
+``lambda`` 1. Weights may be negative (task negation) except where ``normalize`` divides by them.
+
+A source that does not change the tensor passes ``None``: a zero delta (it never agrees in a sign election, and its
+weight counts in ``normalize``'s sum only for the rules without one, as in mergekit). Everything is computed in float32
+and the result is float32, whatever the inputs' dtype.
 
 DARE's randomness is reproducible and independent of call order: source `i`'s drop mask comes from its own
 `torch.Generator` (on the CPU, whatever the tensor's device) seeded with ``zlib.crc32(f"{seed}:{name}:{i}")``, a
@@ -47,6 +48,12 @@ from .errors import ConversionError
 MERGE_RULES = ("linear", "ties", "dare_linear", "dare_ties")
 _RULES_WITH_DENSITY = ("ties", "dare_linear", "dare_ties")
 _SIGN_ELECTION_RULES = ("ties", "dare_ties")
+# mergekit's defaults (its `default_normalize` / `default_rescale` per method); `linear` is its `task_arithmetic`.
+DEFAULT_NORMALIZE = {"linear": False, "ties": True, "dare_linear": False, "dare_ties": False}
+DEFAULT_RESCALE = {"ties": False, "dare_linear": True, "dare_ties": True}
+# Below this, mergekit treats a sum of weights as 0 (and a norm as too small to rescale by).
+_EPSILON_SUM = 1e-8
+_EPSILON_NORM = 1e-7
 
 
 def merge_deltas(
@@ -57,40 +64,53 @@ def merge_deltas(
     density: float = 1.0,
     seed: int = 0,
     name: str = "",
+    normalize: bool | None = None,
+    lambda_: float = 1.0,
+    rescale: bool | None = None,
 ) -> torch.Tensor | None:
     """Merge the dense deltas of one tensor from several sources with one of `MERGE_RULES` (see the module docstring).
 
     Args:
         deltas: one per source; None when that source does not change the tensor (a zero delta). All the tensors must
             have the same shape.
-        weights: the weight `λ_i` of each source, same length as `deltas`. Absolute for ``linear``/``dare_linear``;
-            relative and >= 0 for ``ties``/``dare_ties``.
+        weights: the weight `λ_i` of each source, same length as `deltas`.
         rule: one of `MERGE_RULES`.
         density: for ``ties``, the fraction of entries each delta keeps after trimming; for ``dare_*``, the probability
             of keeping each entry. 0 < density <= 1; ignored by ``linear``.
         seed: DARE's seed (with `name` and the source's index, it seeds that source's drop mask).
         name: the tensor's name, used in error messages and mixed into DARE's per-tensor seed so that tensors of the
             same shape do not share one mask.
+        normalize: divide by the sum of the weights that contributed (None: the rule's default, `DEFAULT_NORMALIZE`).
+        lambda_: multiplies the merged delta (mergekit's `lambda`).
+        rescale: after trimming or dropping, scale each delta back to its L1 norm (None: `DEFAULT_RESCALE`; ignored
+            by ``linear``).
 
     Returns:
         The merged delta as a new float32 tensor (never one of the inputs), or None when every delta is None.
 
     Raises:
-        ConversionError (a ValueError): an unknown rule, a bad density, seed or weight, a length mismatch between
-            `deltas` and `weights`, no sources at all, or deltas of different shapes.
+        ConversionError (a ValueError): an unknown rule, a bad density, seed, weight or option, a length mismatch
+            between `deltas` and `weights`, no sources at all, or deltas of different shapes.
     """
     _check_rule(rule)
     if rule in _RULES_WITH_DENSITY:
         _check_density(density, rule)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConversionError(f"merge seed must be an integer, got {seed!r}")
+    normalize = DEFAULT_NORMALIZE[rule] if normalize is None else normalize
+    rescale = DEFAULT_RESCALE.get(rule, False) if rescale is None else rescale
+    for option, value in (("normalize", normalize), ("rescale", rescale)):
+        if not isinstance(value, bool):
+            raise ConversionError(f"merge option {option} must be true or false, got {value!r}")
+    if isinstance(lambda_, bool) or not isinstance(lambda_, (int, float)) or not math.isfinite(lambda_):
+        raise ConversionError(f"merge option lambda must be a finite number, got {lambda_!r}")
     if len(deltas) != len(weights):
         raise ConversionError(
             f"tensor {name!r}: {len(deltas)} deltas but {len(weights)} weights; give exactly one weight per source"
         )
     if not deltas:
         raise ConversionError(f"tensor {name!r}: no sources to merge; give at least one delta (None for no change)")
-    weights = [_check_weight(weight, index, rule, name) for index, weight in enumerate(weights)]
+    weights = [_check_weight(weight, index, rule, normalize, name) for index, weight in enumerate(weights)]
 
     present = [(index, delta) for index, delta in enumerate(deltas) if delta is not None]
     if not present:
@@ -106,18 +126,30 @@ def merge_deltas(
     # Detach so that merging never records an autograd graph (and never aliases a source's parameter).
     sources = [(index, weights[index], delta.detach().to(torch.float32)) for index, delta in present]
     if rule == "ties" and density < 1.0:
-        sources = [(index, weight, _trim_to_top_k(delta, density)) for index, weight, delta in sources]
+        sources = [(index, weight, _trim_to_top_k(delta, density, rescale)) for index, weight, delta in sources]
     elif rule in ("dare_linear", "dare_ties") and density < 1.0:
         sources = [
-            (index, weight, _drop_and_rescale(delta, density, _dare_generator(seed, name, index)))
+            (index, weight, _drop(delta, density, rescale, _dare_generator(seed, name, index)))
             for index, weight, delta in sources
         ]
 
     if rule in _SIGN_ELECTION_RULES:
-        return _elect_sign_and_disjoint_mean(sources)
-    merged = torch.zeros_like(sources[0][2])
-    for _, weight, delta in sources:
-        merged.add_(delta, alpha=weight)
+        merged, divisor = _elect_sign_and_sum(sources)
+    else:
+        merged = torch.zeros_like(sources[0][2])
+        for _, weight, delta in sources:
+            merged.add_(delta, alpha=weight)
+        # Every source counts, also those that leave this tensor unchanged (mergekit's task vectors of zero).
+        divisor = math.fsum(weights)
+        if normalize and abs(divisor) < _EPSILON_SUM:
+            raise ConversionError(
+                f"tensor {name!r}: merge option normalize divides by the sum of the weights, which is 0 "
+                f"({weights}); give weights with a non-zero sum or set normalize: false"
+            )
+    if normalize:
+        merged = merged / divisor
+    if lambda_ != 1:
+        merged = merged * lambda_
     return merged
 
 
@@ -135,28 +167,38 @@ def _check_density(density: float, rule: str) -> None:
         )
 
 
-def _check_weight(weight: float, index: int, rule: str, name: str) -> float:
+def _check_weight(weight: float, index: int, rule: str, normalize: bool, name: str) -> float:
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
         raise ConversionError(f"tensor {name!r}: the weight of source {index} must be a finite number, got {weight!r}")
-    if rule in _SIGN_ELECTION_RULES and weight < 0:
+    if rule in _SIGN_ELECTION_RULES and normalize and weight < 0:
         raise ConversionError(
-            f"tensor {name!r}: merge rule {rule!r} takes relative weights >= 0, but source {index} has weight "
-            f"{weight!r}; use 'linear' or 'dare_linear' to subtract a task vector"
+            f"tensor {name!r}: merge rule {rule!r} with normalize divides by the weights of the agreeing sources, "
+            f"which must be >= 0, but source {index} has weight {weight!r}; set normalize: false to subtract a task "
+            "vector"
         )
     return float(weight)
 
 
-def _trim_to_top_k(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """TIES' trim: keep exactly the `max(1, round(density * numel))` entries of largest magnitude, zero the rest."""
+def _rescaled(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """`kept` (the sparsified `delta`) scaled to `delta`'s L1 norm, unless either norm is too small to divide by."""
+    before, after = delta.abs().sum(), kept.abs().sum()
+    if before < _EPSILON_NORM or after < _EPSILON_NORM:
+        return kept
+    return kept * (before / after)
+
+
+def _trim_to_top_k(delta: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
+    """TIES' trim: keep exactly the `max(1, floor(density * numel))` entries of largest magnitude, zero the rest."""
     flat = delta.reshape(-1)
     if flat.numel() == 0:
         return delta.clone()
-    keep = min(flat.numel(), max(1, round(density * flat.numel())))
+    keep = max(1, math.floor(density * flat.numel()))
     # topk keeps exactly `keep` entries even when magnitudes tie, unlike a threshold on the k-th value.
     indices = flat.abs().topk(keep, sorted=False).indices
     trimmed = torch.zeros_like(flat)
     trimmed[indices] = flat[indices]
-    return trimmed.reshape(delta.shape)
+    trimmed = trimmed.reshape(delta.shape)
+    return _rescaled(delta, trimmed) if rescale else trimmed
 
 
 def _dare_generator(seed: int, name: str, index: int) -> torch.Generator:
@@ -166,25 +208,28 @@ def _dare_generator(seed: int, name: str, index: int) -> torch.Generator:
     return generator
 
 
-def _drop_and_rescale(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
-    """DARE: keep each entry with probability `density`, scaled by `1 / density` so that the expectation is kept."""
+def _drop(delta: torch.Tensor, density: float, rescale: bool, generator: torch.Generator) -> torch.Tensor:
+    """DARE's drop: keep each entry with probability `density` (then, with `rescale`, restore the L1 norm)."""
     # The mask is drawn on the CPU so that it is the same whatever device the delta lives on.
     kept = torch.rand(delta.shape, generator=generator, dtype=torch.float32) < density
-    return torch.where(kept.to(delta.device), delta / density, torch.zeros((), dtype=delta.dtype, device=delta.device))
+    dropped = torch.where(kept.to(delta.device), delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
+    return _rescaled(delta, dropped) if rescale else dropped
 
 
-def _elect_sign_and_disjoint_mean(sources: list[tuple[int, float, torch.Tensor]]) -> torch.Tensor:
-    """TIES' sign election and disjoint weighted mean over the (already trimmed or dropped) deltas."""
-    elected = torch.zeros_like(sources[0][2])
+def _elect_sign_and_sum(sources: list[tuple[int, float, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """TIES' sign election over the weighted (already trimmed or dropped) deltas: the sum of the entries that agree
+    with the elected sign, and the sum of their weights (1 where none agrees, so that dividing leaves the 0)."""
+    total = torch.zeros_like(sources[0][2])
     for _, weight, delta in sources:
-        elected.add_(delta, alpha=weight)
-    elected = torch.sign(elected)
-    numerator = torch.zeros_like(elected)
-    denominator = torch.zeros_like(elected)
+        total.add_(delta, alpha=weight)
+    # mergekit's convention: a sum of exactly 0 elects +1 (the sign function would give 0 and keep the base).
+    elected = torch.where(total >= 0, 1.0, -1.0)
+    merged = torch.zeros_like(total)
+    divisor = torch.zeros_like(total)
     for _, weight, delta in sources:
-        # A zero entry (trimmed, dropped or never changed) never agrees, even where the elected sign is 0.
-        agrees = (torch.sign(delta) == elected) & (delta != 0)
-        numerator.add_(torch.where(agrees, delta, 0.0), alpha=weight)
-        denominator.add_(agrees.to(denominator.dtype), alpha=weight)
-    # Where no source agrees the numerator is 0 too; dividing by 1 there gives the documented 0 (and no 0/0 NaN).
-    return numerator / torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+        # A zero entry (trimmed, dropped or never changed) has sign 0 and never agrees; a negative weight votes with
+        # the opposite of its delta's sign.
+        agrees = torch.sign(delta * weight) == elected
+        merged.add_(torch.where(agrees, delta, 0.0), alpha=weight)
+        divisor.add_(agrees.to(divisor.dtype), alpha=weight)
+    return merged, torch.where(divisor == 0, torch.ones_like(divisor), divisor)

@@ -257,7 +257,7 @@ def _plan_llm(plan: Plan, base: BaseModel, sources: list[Source], weights: list[
             base_tensor = base.get(key).float()
             deltas = [source.text_delta(key, base_tensor) for source in sources]
             _warn_implausible(deltas, base_tensor, key, sources, warned)
-            delta = merge_deltas(deltas, weights, rule, density=density, seed=seed, name=key)
+            delta = merge_deltas(deltas, weights, rule, density=density, seed=seed, name=key, **recipe.merge.options())
             merged_tensor = base_tensor if delta is None else base_tensor + delta
         return _vocab_rows(merged_tensor, key, rows, vocab, plan) if key in VOCAB_KEYS else merged_tensor
 

@@ -5,7 +5,8 @@ A recipe is YAML (or the same structure as a dict)::
     name: my-composite
     method: naive                # naive | damc
     base: lmsys/vicuna-7b-v1.5   # local folder or Hub id[@revision]
-    merge: {rule: linear}        # linear | ties | dare_linear | dare_ties (+ density, seed)
+    merge: {rule: linear}        # linear | ties | dare_linear | dare_ties (+ density, seed, and mergekit's normalize,
+                                 # lambda, rescale, int8_mask)
     sources:
       - path: llava-hf/llava-1.5-7b-hf
         weight: 0.5
@@ -15,6 +16,7 @@ A recipe is YAML (or the same structure as a dict)::
 Every key is checked here, before any file is read, so that a typo fails in a second with a message that names it.
 """
 
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,10 @@ from typing import Any
 import yaml
 
 from .errors import ConversionError
-from .merge import MERGE_RULES
+from .merge import DEFAULT_NORMALIZE, DEFAULT_RESCALE, MERGE_RULES
+
+
+logger = logging.getLogger(__name__)
 
 
 METHODS = ("naive", "damc")
@@ -34,7 +39,9 @@ MODALITY_KINDS = ("image", "video", "audio", "point")
 _TOP_LEVEL_KEYS = ("name", "method", "base", "merge", "sources", "dtype", "chat_template", "license", "weight_search")
 _WEIGHT_SEARCH_KEYS = ("grid", "objective", "data", "media_root", "max_samples")
 WEIGHT_SEARCH_OBJECTIVES = ("accuracy", "agreement")
-_MERGE_KEYS = ("rule", "density", "seed")
+_MERGE_KEYS = ("rule", "density", "seed", "normalize", "lambda", "rescale", "int8_mask")
+# mergekit's name for the rule this project calls `linear` (the paper's NaiveMC merge): the same rule here.
+_RULE_ALIASES = {"task_arithmetic": "linear"}
 _SOURCE_KEYS = (
     "path",
     "format",
@@ -51,9 +58,37 @@ _SOURCE_KEYS = (
 
 @dataclass
 class MergeSettings:
+    """The recipe's `merge:`, with mergekit's parameter names and per-rule defaults (see `conversion.merge`).
+    `normalize` and `rescale` are None when not given (the rule's default applies); `int8_mask` is accepted for
+    mergekit configs and changes nothing (masks here are always boolean, one byte per entry, as mergekit's int8)."""
+
     rule: str = "linear"
     density: float | None = None
     seed: int = 0
+    normalize: bool | None = None
+    lambda_: float = 1.0
+    rescale: bool | None = None
+    int8_mask: bool = False
+
+    @property
+    def normalizes(self) -> bool:
+        return DEFAULT_NORMALIZE[self.rule] if self.normalize is None else self.normalize
+
+    @property
+    def rescales(self) -> bool:
+        return DEFAULT_RESCALE.get(self.rule, False) if self.rescale is None else self.rescale
+
+    def options(self) -> dict[str, object]:
+        """`merge_deltas`' keyword arguments for the rules other than linear (whose normalize and lambda go into the
+        weights, see `Recipe.weights`)."""
+        return {"normalize": self.normalizes, "lambda_": self.lambda_, "rescale": self.rescales}
+
+    def provenance(self) -> dict[str, object]:
+        """What a composite's config and card record beyond rule, density and seed: the resolved conventions of a
+        rule that sparsifies or elects signs (the linear rule's are in its weights)."""
+        if self.rule == "linear":
+            return {}
+        return {"normalize": self.normalizes, "lambda": self.lambda_, "rescale": self.rescales}
 
 
 @dataclass
@@ -104,9 +139,21 @@ class Recipe:
     weight_search: WeightSearch | None = None
     text: str = ""
 
-    def weights(self) -> list[float]:
-        """λ of every source: as given, else 1/N (the paper's default)."""
+    def given_weights(self) -> list[float]:
+        """λ of every source as the recipe gives it, else 1/N (the paper's default)."""
         return [source.weight if source.weight is not None else 1.0 / len(self.sources) for source in self.sources]
+
+    def weights(self) -> list[float]:
+        """The weights the merge takes. For the linear rule these are the λ_i of `W0 + Σ λ_i T_i` as applied: the
+        given ones times `merge.lambda`, divided by their sum with `merge.normalize` (mergekit's linear merge, a
+        weighted mean of the models). The other rules apply normalize and lambda per entry and take them as given."""
+        weights = self.given_weights()
+        if self.merge.rule != "linear":
+            return weights
+        scale = self.merge.lambda_
+        if self.merge.normalizes:
+            scale /= math.fsum(weights)
+        return [weight * scale for weight in weights]
 
 
 def _unknown_keys(where: str, given: dict, allowed: tuple[str, ...]) -> None:
@@ -130,12 +177,19 @@ def _parse_merge(raw: Any) -> MergeSettings:
         raise ConversionError(f"merge must be a mapping like {{rule: linear}}, got {raw!r}.")
     _unknown_keys("merge", raw, _MERGE_KEYS)
     rule = raw.get("rule", "linear")
+    rule = _RULE_ALIASES.get(rule, rule)
     if rule not in MERGE_RULES:
-        raise ConversionError(f"merge.rule {rule!r} is unknown; use one of {list(MERGE_RULES)}.")
+        raise ConversionError(
+            f"merge.rule {rule!r} is unknown; use one of {list(MERGE_RULES)} (or task_arithmetic, the same as linear)."
+        )
     density = raw.get("density")
     if rule == "linear":
-        if density is not None:
-            raise ConversionError("merge.density only applies to the ties and dare rules; remove it for rule linear.")
+        for key in ("density", "rescale"):
+            if raw.get(key) is not None:
+                raise ConversionError(
+                    f"merge.{key} only applies to the ties and dare rules (they trim or drop entries); remove it for "
+                    "rule linear."
+                )
     else:
         if density is None:
             raise ConversionError(f"merge.rule {rule} needs merge.density (the fraction of each delta kept, e.g. 0.2).")
@@ -144,7 +198,24 @@ def _parse_merge(raw: Any) -> MergeSettings:
     seed = raw.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConversionError(f"merge.seed must be an integer, got {seed!r}.")
-    return MergeSettings(rule=rule, density=None if density is None else float(density), seed=seed)
+    flags = {}
+    for key in ("normalize", "rescale", "int8_mask"):
+        value = raw.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise ConversionError(f"merge.{key} must be true or false, got {value!r}.")
+        flags[key] = value
+    scale = raw.get("lambda", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ConversionError(f"merge.lambda must be a finite number (it multiplies the merged delta), got {scale!r}.")
+    return MergeSettings(
+        rule=rule,
+        density=None if density is None else float(density),
+        seed=seed,
+        normalize=flags["normalize"],
+        lambda_=float(scale),
+        rescale=flags["rescale"],
+        int8_mask=bool(flags["int8_mask"]),
+    )
 
 
 def _parse_source(index: int, raw: Any) -> SourceRecipe:
@@ -241,11 +312,7 @@ def parse_recipe(raw: Any, text: str = "") -> Recipe:
         raise ConversionError(
             "weight_search chooses the weight of every source; remove the sources' `weight` keys or the weight_search."
         )
-    if recipe.merge.rule in ("ties", "dare_ties") and any(weight < 0 for weight in recipe.weights()):
-        raise ConversionError(
-            f"merge.rule {recipe.merge.rule} weighs sources relative to each other and needs weights >= 0; use "
-            "linear (or dare_linear) to subtract a source."
-        )
+    _check_merge_weights(recipe)
     if method == "damc" and recipe.merge.rule != "linear":
         raise ConversionError(
             f"method damc merges the text deltas with rule linear only (modality tokens take the merged text delta "
@@ -253,6 +320,33 @@ def parse_recipe(raw: Any, text: str = "") -> Recipe:
             "linear}` or `method: naive`."
         )
     return recipe
+
+
+def _check_merge_weights(recipe: Recipe) -> None:
+    """Weights the merge settings can use, and a note where mergekit's `linear` would differ from ours."""
+    merge, given = recipe.merge, recipe.given_weights()
+    if merge.rule in ("ties", "dare_ties") and merge.normalizes and any(weight < 0 for weight in given):
+        raise ConversionError(
+            f"merge.rule {merge.rule} with normalize divides by the weights of the sources that agree and needs "
+            "weights >= 0; set `normalize: false` (or use linear / dare_linear) to subtract a source."
+        )
+    if merge.normalizes and merge.rule in ("linear", "dare_linear") and abs(math.fsum(given)) < 1e-8:
+        raise ConversionError(
+            f"merge.normalize divides by the sum of the sources' weights, which is 0 ({given}); give weights with a "
+            "non-zero sum or set `normalize: false`."
+        )
+    if recipe.weight_search is not None and (merge.normalizes or merge.lambda_ != 1.0):
+        raise ConversionError(
+            "weight_search gives every source the same λ and compares the results; with merge.normalize the weights "
+            "only count relative to each other (every candidate would be the same model) and merge.lambda would "
+            "scale them again: set `normalize: false` and remove merge.lambda, or remove the weight_search."
+        )
+    if merge.rule == "linear" and merge.normalize is None and abs(math.fsum(given) - 1.0) > 1e-6:
+        logger.info(
+            "merge rule linear adds Σ λ_i T_i with the weights as given (sum %g), as the paper and mergekit's "
+            "task_arithmetic do; mergekit's `linear` would divide by their sum: add `normalize: true` for that.",
+            math.fsum(given),
+        )
 
 
 def _parse_weight_search(raw: Any) -> WeightSearch | None:

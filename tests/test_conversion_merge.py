@@ -99,22 +99,61 @@ def test_lora_sources_merge_on_products_not_on_factors(tiny_sources, tmp_path):
     assert (ours - factor_average).abs().max() > 1e-3
 
 
-def test_ties_rule_reaches_every_llm_tensor(tiny_sources, tmp_path):
+@pytest.mark.parametrize(
+    ("merge", "options"),
+    [
+        ({"rule": "ties", "density": 0.3}, {"normalize": True, "lambda_": 1.0, "rescale": False}),
+        ({"rule": "dare_ties", "density": 0.5, "seed": 3, "lambda": 0.5, "normalize": True, "int8_mask": True},
+         {"normalize": True, "lambda_": 0.5, "rescale": True}),
+    ],
+)
+def test_ties_and_dare_rules_reach_every_llm_tensor_with_their_options(tiny_sources, tmp_path, merge, options):
     recipe = {
         "base": str(tiny_sources["base"]),
-        "merge": {"rule": "ties", "density": 0.3},
+        "merge": merge,
         "sources": [
             {"path": str(tiny_sources["llava"])},
             {"path": str(tiny_sources["llava_2"]), "rename": {"image": "chart"}},
         ],
     }
-    state = _state(compose(recipe, tmp_path / "out", verify=False))
+    output = compose(recipe, tmp_path / "out", verify=False)
+    state = _state(output)
     base = load_file(str(tiny_sources["base"] / "model.safetensors"))
     sources = [_llava_parts(_state(tiny_sources[name]))["llm"] for name in ("llava", "llava_2")]
     for key in ("layers.0.mlp.down_proj.weight", "norm.weight"):
         deltas = [source[key] - base[f"model.{key}"] for source in sources]
-        expected = base[f"model.{key}"] + merge_deltas(deltas, [0.5, 0.5], "ties", density=0.3, name=f"model.{key}")
-        torch.testing.assert_close(state[f"model.language_model.{key}"], expected, rtol=0, atol=1e-6)
+        merged = merge_deltas(deltas, [0.5, 0.5], merge["rule"], density=merge["density"], seed=merge.get("seed", 0),
+                              name=f"model.{key}", **options)
+        torch.testing.assert_close(state[f"model.language_model.{key}"], base[f"model.{key}"] + merged,
+                                   rtol=0, atol=1e-6)
+    # The conventions used are recorded with the composite and stated on its card.
+    composition = json.loads((output / "config.json").read_text())["composition"]
+    recorded = {"normalize": options["normalize"], "lambda": options["lambda_"], "rescale": options["rescale"]}
+    assert {key: composition[key] for key in recorded} == recorded
+    card = (output / "README.md").read_text()
+    for key in ("normalize", "rescale"):
+        assert f"{key} `{str(options[key]).lower()}`" in card
+
+
+def test_linear_with_normalize_is_mergekits_weighted_mean_of_the_models(tiny_sources, tmp_path):
+    """mergekit's `linear` (normalize: true): `Σ w_i W_i / Σ w_i`; with weights 1 and 3, a quarter and three quarters
+    of each source's LLM tensor. The base's weight cancels out."""
+    recipe = {
+        "base": str(tiny_sources["base"]),
+        "merge": {"rule": "linear", "normalize": True},
+        "sources": [
+            {"path": str(tiny_sources["llava"]), "weight": 1.0},
+            {"path": str(tiny_sources["llava_2"]), "weight": 3.0, "rename": {"image": "chart"}},
+        ],
+    }
+    output = compose(recipe, tmp_path / "out", verify=False)
+    state = _state(output)
+    first, second = (_llava_parts(_state(tiny_sources[name]))["llm"] for name in ("llava", "llava_2"))
+    for key in ("layers.0.mlp.down_proj.weight", "layers.1.self_attn.q_proj.weight", "norm.weight"):
+        torch.testing.assert_close(state[f"model.language_model.{key}"], 0.25 * first[key] + 0.75 * second[key],
+                                   rtol=0, atol=1e-6)
+    composition = json.loads((output / "config.json").read_text())["composition"]
+    assert [source["weight"] for source in composition["sources"]] == [0.25, 0.75]
 
 
 @pytest.fixture(scope="module")
