@@ -23,7 +23,9 @@ with per-source weights `w_i` (the recipe's `λ_i`) into the single delta added 
 ``linear`` is task arithmetic (Ilharco et al. 2023), ``Σ_i w_i d_i``, the paper's NaiveMC merge, mergekit's
 ``task_arithmetic``. Per-rule defaults are mergekit's: ``normalize`` true for ``ties`` (TIES' disjoint mean) and false
 for ``linear``, ``dare_linear`` and ``dare_ties``; ``rescale`` true for the DARE rules and false for ``ties``;
-``lambda`` 1. Weights may be negative (task negation) except where ``normalize`` divides by them.
+``lambda`` 1. Weights may be negative (task negation), except in a sign election with ``normalize`` (a sum of
+agreeing weights would no longer be a positive divisor); ``linear`` and ``dare_linear`` with ``normalize`` need
+weights that do not sum to 0.
 
 A source that does not change the tensor passes ``None``: a zero delta (it never agrees in a sign election, and its
 weight counts in ``normalize``'s sum only for the rules without one, as in mergekit). Everything is computed in float32
