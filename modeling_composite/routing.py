@@ -420,9 +420,10 @@ class RoutedLinear(nn.Module):
             # No modality rows (a text-only prompt, every decode step): exactly the base layer, checked first, with no
             # other work, since this runs for every projection of every decoded token.
             return self.base_layer(hidden_states)
-        factors = [factor for _, factor_a, factor_b in self._factor_modules() for factor in (factor_a, factor_b)]
-        if is_offloaded(factors[0].weight):
+        first_factor = self.lora_A if self.stacked else self._factor_modules()[0][1]
+        if is_offloaded(first_factor.weight):
             # `device_map` offloaded this layer, and the factors' weights are used below, not their modules' forwards.
+            factors = [factor for _, factor_a, factor_b in self._factor_modules() for factor in (factor_a, factor_b)]
             with weights_loaded(*factors):
                 return self._forward_deltas(hidden_states, plan)
         return self._forward_deltas(hidden_states, plan)
