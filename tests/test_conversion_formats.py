@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import CLIPVisionModel, SiglipImageProcessorPil
 
 from conversion import compose
-from conversion.compose import image_processor_overrides
+from conversion.composer import image_processor_overrides
 from modeling_composite import CompositeMLLMForCausalLM, CompositeMLLMProcessor
 from modeling_composite.builder import clip_image_processor
 
