@@ -14,10 +14,13 @@ A recipe is YAML (or the same structure as a dict)::
     chat_template: vicuna_v1     # default | vicuna_v1 (the paper's, with its system line) | a Jinja template
 
 Every key is checked here, before any file is read, so that a typo fails in a second with a message that names it.
+`recipe_reference.py` documents every key (`composite-convert --example-recipe`). Relative paths in a recipe file start
+from the file's folder.
 """
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,7 +143,8 @@ class Recipe:
     text: str = ""
 
     def given_weights(self) -> list[float]:
-        """λ of every source as the recipe gives it, else 1/N (the paper's default)."""
+        """λ of every source as the recipe gives it (all or none of them, see `_check_weights_all_or_none`), else
+        1/N (the paper's default)."""
         return [source.weight if source.weight is not None else 1.0 / len(self.sources) for source in self.sources]
 
     def weights(self) -> list[float]:
@@ -308,6 +312,7 @@ def parse_recipe(raw: Any, text: str = "") -> Recipe:
         weight_search=_parse_weight_search(raw.get("weight_search")),
         text=text,
     )
+    _check_weights_all_or_none(recipe.sources)
     if recipe.weight_search is not None and any(source.weight is not None for source in recipe.sources):
         raise ConversionError(
             "weight_search chooses the weight of every source; remove the sources' `weight` keys or the weight_search."
@@ -349,6 +354,19 @@ def _check_merge_weights(recipe: Recipe) -> None:
         )
 
 
+def _check_weights_all_or_none(sources: list[SourceRecipe]) -> None:
+    """Refuse a recipe that weighs some sources and not others. The defaults would be 1/N beside the given weights
+    (`weight: 0.5` beside two defaulted sources sums to 1.17), which nobody means; mergekit likewise requires a
+    weight for every model. No weight at all keeps the paper's default, 1/N each."""
+    missing = [source.label for source in sources if source.weight is None]
+    if missing and len(missing) < len(sources):
+        raise ConversionError(
+            f"{', '.join(missing)} {'has' if len(missing) == 1 else 'have'} no `weight` while the other sources do; "
+            f"give every source a weight (λ of its text delta), or none (each then gets 1/N = "
+            f"{1 / len(sources):g}, the paper's default)."
+        )
+
+
 def _parse_weight_search(raw: Any) -> WeightSearch | None:
     if raw is None:
         return None
@@ -375,8 +393,38 @@ def _parse_weight_search(raw: Any) -> WeightSearch | None:
     )
 
 
+def resolve_path(reference: str, folder: Path) -> str:
+    """`reference` as written in a recipe file in `folder`: a relative path that exists there, or that is plainly
+    local (`./x`, `../x`), becomes absolute; an absolute path or a Hub reference (`org/name`) stays as it is."""
+    path = Path(reference).expanduser()
+    if path.is_absolute():
+        return reference
+    candidate = folder / path
+    if candidate.exists() or reference.startswith(("./", "../", ".\\", "..\\")) or reference in (".", ".."):
+        return os.path.normpath(candidate)
+    return reference
+
+
+def _resolve_recipe_paths(recipe: Recipe, folder: Path) -> None:
+    """Make the recipe's relative paths start from `folder` (the recipe file's), in place, whatever the current
+    directory: a recipe and the models beside it move together."""
+    recipe.base = resolve_path(recipe.base, folder)
+    for source in recipe.sources:
+        source.path = resolve_path(source.path, folder)
+        if source.encoder is not None:
+            source.encoder = resolve_path(source.encoder, folder)
+        if source.projector is not None:
+            source.projector = resolve_path(source.projector, folder)
+    search = recipe.weight_search
+    if search is not None:
+        search.data = resolve_path(search.data, folder)
+        if search.media_root is not None:
+            search.media_root = resolve_path(search.media_root, folder)
+
+
 def load_recipe(recipe: "str | Path | dict | Recipe") -> Recipe:
-    """A recipe from a YAML file path, a dict, or an already parsed `Recipe`."""
+    """A recipe from a YAML file path (its relative paths start from the file's folder), a dict or an already parsed
+    `Recipe` (relative paths start from the current directory)."""
     if isinstance(recipe, Recipe):
         return recipe
     if isinstance(recipe, dict):
@@ -390,4 +438,6 @@ def load_recipe(recipe: "str | Path | dict | Recipe") -> Recipe:
     except yaml.YAMLError as error:
         problem = str(error).replace("\n", " ")
         raise ConversionError(f"Recipe {str(path)!r} is not valid YAML: {problem}") from None
-    return parse_recipe(raw, text)
+    parsed = parse_recipe(raw, text)
+    _resolve_recipe_paths(parsed, path.resolve().parent)
+    return parsed
