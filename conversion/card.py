@@ -33,12 +33,13 @@ _KIND_TAGS = {"image": "image", "video": "video", "audio": "audio", "point": "po
 _REQUIRED_TAGS = ("model-composition", "multimodal", "merge", "custom_code")
 _MODALITY_KEYS = ("kind", "encoder", "placeholder", "positions_per_item", "lora_rank")
 
-# How each kind appears in the usage snippet: the processor keyword, the variable passed, and what that variable is.
+# How each kind appears in the usage snippet: the processor keyword, the variable passed (prefixed by the modality's
+# name when that differs from the kind), and what that variable is.
 _USAGE_BY_KIND = {
-    "image": ("images", "image", "image: a PIL image"),
-    "video": ("videos", "video", "video: an array (frames, height, width, 3) or a list of PIL images"),
-    "audio": ("audio", "audio", "audio: a mono waveform (1-D floats) at processor.feature_extractor.sampling_rate"),
-    "point": ("point_clouds", "points", "points: an array (num_points, 3) of xyz, or (num_points, 6) with rgb"),
+    "image": ("images", "image", "a PIL image"),
+    "video": ("videos", "video", "an array (frames, height, width, 3) or a list of PIL images"),
+    "audio": ("audio", "audio", "a mono waveform (1-D floats) at processor.feature_extractor.sampling_rate"),
+    "point": ("point_clouds", "points", "an array (num_points, 3) of xyz, or (num_points, 6) with rgb"),
 }
 
 # Characters that Markdown (CommonMark/GFM, and the Hub's HTML pass) may interpret in running text; a backslash
@@ -72,7 +73,8 @@ class CardInfo:
     # name -> {"kind", "encoder" (model_type), "placeholder", "positions_per_item", "lora_rank" (int | None)}
     modalities: dict[str, dict]
     recipe_yaml: str  # the recipe text, verbatim
-    repo_id: str | None = None  # where it will be pushed (for the usage snippet); else the name stands in as a path
+    repo_id: str | None = None  # where it will be pushed: the usage snippet loads it from there
+    folder: str | None = None  # else the folder it is written to, which the snippet loads (else the name stands in)
     license: str | None = None
     notes: list[str] = field(default_factory=list)  # Markdown paragraphs for the end of the Limitations section
     # The conventions of a ties / dare merge (normalize, lambda, rescale), as `MergeSettings.provenance()` gives them.
@@ -145,7 +147,7 @@ def _hub_ids(sources: list[CardSource]) -> list[str]:
 
 def _template_values(info: CardInfo) -> dict:
     """The template's variables, each already escaped for where the template puts it."""
-    repo = info.repo_id or info.name
+    repo = info.repo_id or info.folder or info.name
     usage = _usage(info.modalities)
     # One fence for all Python blocks, longer than any backtick run that a string literal could bring in.
     python_fence = _fence(repo + usage["prompt"])
@@ -166,7 +168,8 @@ def _template_values(info: CardInfo) -> dict:
         "prompt_literal": _python_string(usage["prompt"]),
         "call_arguments": usage["call_arguments"],
         "input_notes": usage["input_notes"],
-        "has_image": "image" in {entry["kind"] for entry in info.modalities.values()},
+        "image_variable": usage["image_variable"],
+        "loads_local_folder": info.repo_id is None and info.folder is not None,
         "python_fence": python_fence,
         "recipe_fence": _fence(recipe_text),
         "recipe_text": recipe_text,
@@ -229,24 +232,28 @@ def _source_link(source: CardSource, in_table: bool) -> str:
 
 
 def _usage(modalities: dict[str, dict]) -> dict:
-    """The prompt, processor arguments and comments of the usage snippet. The processor takes one modality per kind
-    through its keyword; a second modality of a kind goes to the model as `modality_inputs`."""
-    placeholders, call_arguments, input_notes = [], [], []
-    seen_kinds: set[str] = set()
+    """The prompt, processor arguments and comments of the usage snippet. Every modality gets a placeholder and a
+    variable; the processor hands the inputs of one keyword (`images=`, ...) to that kind's placeholders in text
+    order, so two modalities of one kind share their keyword's list."""
+    placeholders, arguments, input_notes = [], {}, []
+    image_variable = None
     for name, entry in modalities.items():
-        keyword, variable, note = _USAGE_BY_KIND[entry["kind"]]
-        if entry["kind"] in seen_kinds:
-            input_notes.append(
-                f"{entry['placeholder']} ({name}): give its features to the model as modality_inputs={{{name!r}: ...}}"
-            )
-            continue
-        seen_kinds.add(entry["kind"])
+        keyword, variable, description = _USAGE_BY_KIND[entry["kind"]]
+        if name != entry["kind"]:
+            variable = f"{name}_{variable}"  # a modality name is a Python identifier
+        image_variable = image_variable or (variable if entry["kind"] == "image" else None)
         placeholders.append(entry["placeholder"])
-        call_arguments.append(f"{keyword}=[{variable}]")
-        input_notes.append(note)
+        arguments.setdefault(keyword, []).append(variable)
+        input_notes.append(f"{variable}: {description}, for {entry['placeholder']}")
     question = "What do these have in common?" if len(placeholders) > 1 else "What is this?"
     prompt = f"USER: {' '.join(placeholders)} {question} ASSISTANT:"
-    return {"prompt": prompt, "call_arguments": call_arguments, "input_notes": _comment_lines(input_notes)}
+    call_arguments = [f"{keyword}=[{', '.join(variables)}]" for keyword, variables in arguments.items()]
+    return {
+        "prompt": prompt,
+        "call_arguments": call_arguments,
+        "input_notes": _comment_lines(input_notes),
+        "image_variable": image_variable,
+    }
 
 
 def _comment_lines(notes: list[str]) -> list[str]:
