@@ -60,12 +60,15 @@ def compose(
     """Build the composite a recipe describes into `output_dir`; returns its path.
 
     Args:
-        recipe: a YAML file, a dict, or a parsed `Recipe`.
+        recipe: a YAML file (its relative paths start from its folder), a dict, or a parsed `Recipe` (relative paths
+            start from the current directory).
         output_dir: the folder to create. It appears only once complete (written beside it, then renamed).
         force: replace an existing `output_dir`.
         verify: load the result in a fresh process through the auto classes and run one forward before finishing.
         max_shard_size: the largest weight shard, e.g. "2GB"; it also bounds the memory the writing needs.
-        push_to_hub: a Hub repo id to upload the finished folder to (with its model card).
+        push_to_hub: a Hub repo id to upload the finished folder to (with its model card). The token, the repo id
+            and the network are checked before any source is read; when the upload itself fails, the folder is kept
+            and the error gives the command that uploads it.
         private: create the Hub repo as private.
         token: Hub token for the upload (default: the logged-in one).
     """
@@ -73,6 +76,10 @@ def compose(
     output_dir = Path(output_dir)
     shard_bytes = parse_size(max_shard_size)
     check_destination(output_dir, force)  # before any source is read; atomic_output checks again before writing
+    if push_to_hub:
+        from .hub import check_push_access
+
+        check_push_access(push_to_hub, token=token)
     search_result = None
     if recipe.weight_search is not None:
         from .weight_search import search_weights
@@ -91,11 +98,13 @@ def compose(
 
     base = BaseModel(locate(recipe.base, "base"))
     sources = [read_source(source, locate(source.path, source.label)) for source in recipe.sources]
+    _log_sources(base, sources, recipe)
     check_compatibility(base, sources, recipe)
     composition = _composition(recipe, base.location, sources)
     if search_result is not None:
         composition["weight_search"] = search_result
     plan = build_plan(base, sources, recipe, composition)
+    _log_weights(recipe)
     logger.info(
         "composite: %d modalities (%s), %d tensors", len(plan.modalities), ", ".join(plan.modalities), len(plan.producers)
     )
@@ -103,7 +112,7 @@ def compose(
     with atomic_output(output_dir, force) as folder:
         try:
             _write_weights(plan, folder, shard_bytes)
-            _write_metadata(plan, processor, folder, base, recipe, push_to_hub)
+            _write_metadata(plan, processor, folder, base, recipe, push_to_hub, output_dir)
         except OSError as error:
             raise ConversionError(f"Writing the composite failed ({error}); check the free space and permissions.") from None
         if verify:
@@ -115,11 +124,45 @@ def compose(
                 report["sequence"],
             )
     if push_to_hub:
-        from .hub import push_folder
-
-        url = push_folder(output_dir, push_to_hub, private=private, token=token)
-        logger.info("pushed to %s", url)
+        _push(output_dir, push_to_hub, private, token)
     return output_dir
+
+
+def _log_weights(recipe: Recipe) -> None:
+    """Say what λ each source gets when the recipe leaves it to the default."""
+    if recipe.weight_search is None and all(source.weight is None for source in recipe.sources):
+        count = len(recipe.sources)
+        logger.info("λ = 1/N = %g for %s (the paper's default; set `weight:` on every source to choose)",
+                    1 / count, "the one source" if count == 1 else f"each of the {count} sources")
+
+
+def _log_sources(base: BaseModel, sources: list[Source], recipe: Recipe) -> None:
+    """With -v: what each source was read as."""
+    logger.debug("base: %s (%s, %d layers, vocabulary %d)", base.location.folder, base.config.model_type,
+                 base.config.num_hidden_layers, base.vocab)
+    for source, weight in zip(sources, recipe.weights()):
+        text_delta = "full weights" if source.full_weights is not None else "low-rank"
+        ranks = sorted({low_rank.rank for low_rank in source.text_lora.values()})
+        logger.debug("%s: format %s at %s; text delta: %s%s, λ %g; %s", source.label, source.format,
+                     source.location.folder, text_delta, f" (rank {ranks})" if ranks else "", weight,
+                     "decoupled modality parameters" if source.decoupled else "no modality parameters of its own")
+        for name, part in source.modalities.items():
+            logger.debug("%s:   modality %s (%s): encoder %s, feature layer %s (%s), projector %s%s", source.label,
+                         name, part.kind, part.encoder_config.model_type, part.feature_layer, part.feature_select,
+                         part.projector, f", modality LoRA rank {part.lora['r']}" if part.lora else "")
+
+
+def _push(folder: Path, repo_id: str, private: bool, token: str | None) -> None:
+    """Upload the finished folder; if that fails, the folder stays and the error says how to upload it later."""
+    from .hub import push_folder, upload_command
+
+    try:
+        url = push_folder(folder, repo_id, private=private, token=token)
+    except ConversionError as error:
+        raise ConversionError(
+            f"{error}. The composite is kept in {folder}; upload it with: {upload_command(folder, repo_id, private)}"
+        ) from None
+    logger.info("pushed to %s", url)
 
 
 def _composition(recipe: Recipe, base: Location, sources: list[Source]) -> dict:
@@ -155,7 +198,7 @@ def _write_weights(plan: Plan, folder: Path, shard_bytes: int) -> None:
 
 
 def _write_metadata(plan: Plan, processor: CompositeMLLMProcessor, folder: Path, base: BaseModel, recipe: Recipe,
-                    push_to_hub: str | None) -> None:
+                    push_to_hub: str | None, output_dir: Path) -> None:
     config = plan.config
     config.architectures = ["CompositeMLLMForCausalLM"]
     config.auto_map = composite_auto_map()
@@ -168,7 +211,7 @@ def _write_metadata(plan: Plan, processor: CompositeMLLMProcessor, folder: Path,
     for name in REMOTE_CODE_FILES:
         shutil.copyfile(package / name, folder / name)
     (folder / RECIPE_FILE).write_text(recipe.text)
-    card = render_model_card(_card_info(plan, recipe, push_to_hub))
+    card = render_model_card(_card_info(plan, recipe, push_to_hub, output_dir))
     card.save(folder / "README.md")
 
 
@@ -235,7 +278,7 @@ def _processor(plan: Plan, recipe: Recipe) -> CompositeMLLMProcessor:
     )
 
 
-def _card_info(plan: Plan, recipe: Recipe, repo_id: str | None) -> CardInfo:
+def _card_info(plan: Plan, recipe: Recipe, repo_id: str | None, output_dir: Path) -> CardInfo:
     """What the card states, read from the provenance recorded in the config, so card and config cannot disagree."""
     config = plan.config
     composition = config.composition
@@ -260,6 +303,7 @@ def _card_info(plan: Plan, recipe: Recipe, repo_id: str | None) -> CardInfo:
         },
         recipe_yaml=recipe.text,
         repo_id=repo_id,
+        folder=str(output_dir.resolve()),
         license=recipe.license,
         # Modalities from the paper's checkpoints: say what their encoders are and where preprocessing differs.
         notes=paper_notes([kind for source in composition["sources"] if source["format"] == "modelcompose"

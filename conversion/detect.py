@@ -1,5 +1,6 @@
 """Which reader a source needs: the recipe's `format:`, or what its files say."""
 
+import logging
 from collections.abc import Callable
 
 from .errors import ConversionError
@@ -9,6 +10,8 @@ from .locate import Location
 from .recipe import SourceRecipe
 from .sources import Source, read_json
 
+
+logger = logging.getLogger(__name__)
 
 # config.json `model_type` of the transformers-native formats.
 _MODEL_TYPES = {"llava": "llava", "video_llava": "video_llava", "qwen2_audio": "qwen2_audio", "composite_mllm": "composite"}
@@ -54,6 +57,7 @@ _FORMAT_DEPENDENT_KEYS = tuple(dict.fromkeys(key for keys in _KEYS_READ_BY_FORMA
 
 def read_source(recipe: SourceRecipe, location: Location) -> Source:
     fmt = recipe.format or detect_format(recipe, location)
+    logger.debug("%s: read as format %s (%s)", recipe.label, fmt, "set in the recipe" if recipe.format else "detected")
     # A key that this format's reader never reads would be ignored without a word: refuse it instead.
     ignored = [
         key for key in _FORMAT_DEPENDENT_KEYS

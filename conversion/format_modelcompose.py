@@ -205,7 +205,8 @@ def _modality_part(
     layer, select, num_frames = _feature_selection(kind, config, encoder, label)
     rank = next(iter(modality_lora.values())).rank if modality_lora else None
     if kind == "image" and config.get("image_aspect_ratio") == "pad":
-        logger.warning(
+        # A fact about every paper vision checkpoint, not a problem of this run: the model card states it too.
+        logger.info(
             "%s: the paper pads images to a square (mean colour) before resizing; the composite's processor "
             "resizes and centre-crops. Pad images yourself to match the paper exactly.", label
         )

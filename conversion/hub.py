@@ -10,10 +10,18 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import shlex
 from pathlib import Path
 
 from huggingface_hub import HfApi
-from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled, RepositoryNotFoundError
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    HFValidationError,
+    LocalTokenNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
 
 from .errors import ConversionError
 
@@ -21,6 +29,40 @@ from .errors import ConversionError
 logger = logging.getLogger(__name__)
 
 _LOGIN_FIX = "log in with `hf auth login` or set HF_TOKEN to a token with write access"
+
+
+def check_push_access(repo_id: str, *, token: str | None = None, endpoint: str | None = None) -> None:
+    """What a push needs and can be checked in a second, before hours of conversion: a valid repo id, a token that the
+    Hub accepts (which also proves the network and the endpoint), write access, and a namespace the token's user may
+    write to (their own or one of their organizations'). Raises `ConversionError` naming the fix. Fine-grained tokens
+    are not inspected further: the upload itself reports what they lack."""
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        validate_repo_id(repo_id)
+        identity = api.whoami()
+    except Exception as error:  # noqa: BLE001 - translated below, anything unknown is re-raised unchanged
+        conversion_error = _as_conversion_error(error, repo_id, api.endpoint)
+        if conversion_error is None:
+            raise
+        raise conversion_error from error
+    where = f"cannot push to {repo_id} on {api.endpoint}"
+    user = identity.get("name", "")
+    role = ((identity.get("auth") or {}).get("accessToken") or {}).get("role")
+    if role == "read":
+        raise ConversionError(f"{where}: the token of {user!r} is read-only; {_LOGIN_FIX}")
+    namespace = repo_id.split("/")[0] if "/" in repo_id else user
+    namespaces = [user, *(org.get("name") for org in identity.get("orgs") or [])]
+    if namespace not in namespaces:
+        raise ConversionError(
+            f"{where}: the token belongs to {user!r}, who can write to {namespaces} but not to {namespace!r}; use a "
+            f"repo id in one of those namespaces or a token of a member of {namespace!r}"
+        )
+    logger.debug("Hub access checked: %s may push to %s on %s", user, repo_id, api.endpoint)
+
+
+def upload_command(folder: str | os.PathLike, repo_id: str, private: bool) -> str:
+    """The `hf` command that uploads `folder` as `push_folder` would (for a push that failed)."""
+    return shlex.join(["hf", "upload", repo_id, str(folder), *(["--private"] if private else [])])
 
 
 def push_folder(
@@ -76,6 +118,8 @@ def push_folder(
 def _as_conversion_error(error: Exception, repo_id: str, endpoint: str) -> ConversionError | None:
     """The one-line `ConversionError` for a Hub failure, or `None` for an error that is not the user's to fix."""
     where = f"cannot push to {repo_id} on {endpoint}"
+    if isinstance(error, LocalTokenNotFoundError):
+        return ConversionError(f"{where}: no Hub token is set; {_LOGIN_FIX}")
     if isinstance(error, OfflineModeIsEnabled):
         return ConversionError(f"{where}: offline mode is on; unset HF_HUB_OFFLINE (and TRANSFORMERS_OFFLINE)")
     if isinstance(error, HFValidationError):

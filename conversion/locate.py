@@ -30,6 +30,7 @@ def locate(reference: str, what: str) -> Location:
     """Resolve `reference` to a local folder. `what` names it in errors (e.g. "sources[1]")."""
     path = Path(reference).expanduser()
     if path.is_dir():
+        logger.debug("%s: local folder %s", what, path.resolve())
         return Location(reference=reference, folder=path.resolve())
     if path.exists():
         raise ConversionError(f"{what}: {reference!r} is a file; give the folder that holds the model's files.")

@@ -52,8 +52,13 @@ print(json.dumps({
 '''
 
 
+# A failed check keeps nothing (the output folder appears only after it passes); this says how to keep the folder.
+_KEEP_HINT = "nothing was kept; rerun with --no-verify to keep the folder and inspect it"
+
+
 def verify_composite(folder: Path, timeout: int = 3600) -> dict:
     """Load `folder` in a fresh process and run one forward; raise `ConversionError` when that fails."""
+    logger.debug("verifying %s in a fresh process (%s -c <load and run>)", folder, sys.executable)
     with tempfile.TemporaryDirectory() as scratch:
         # A fresh module cache, so that the folder's own remote code is what runs.
         environment = {**os.environ, "HF_MODULES_CACHE": str(Path(scratch) / "modules"), "HF_HUB_OFFLINE": "1"}
@@ -68,12 +73,17 @@ def verify_composite(folder: Path, timeout: int = 3600) -> dict:
             )
         except subprocess.TimeoutExpired:
             raise ConversionError(
-                f"Verification took over {timeout} s and was stopped; rerun with --no-verify and check the model by hand."
+                f"Verification took over {timeout} s and was stopped; {_KEEP_HINT} by hand."
             ) from None
+    for line in result.stderr.strip().splitlines():
+        logger.debug("verification: %s", line)
     if result.returncode != 0 or not result.stdout.strip():
         last_lines = " | ".join(result.stderr.strip().splitlines()[-3:])
-        raise ConversionError(f"Verification failed: the written composite does not load and run ({last_lines}).")
+        raise ConversionError(
+            f"Verification failed: the written composite does not load and run ({last_lines}); {_KEEP_HINT}."
+        )
     report = json.loads(result.stdout.strip().splitlines()[-1])
     if report["loading_problems"] or not report["finite"]:
-        raise ConversionError(f"Verification failed: {report}.")
+        raise ConversionError(f"Verification failed: {report}; {_KEEP_HINT}.")
+    logger.debug("verification report: %s", report)
     return report

@@ -120,10 +120,16 @@ def git_blob_oid(content: bytes) -> str:
 class FakeHub:
     """An in-memory Hub API on http://127.0.0.1:PORT. Use as a context manager (or `start()` / `close()`)."""
 
-    def __init__(self, token: str | None = FAKE_TOKEN, user: str = FAKE_USER) -> None:
-        """`token`: the only token accepted (`None` accepts any request, authenticated or not)."""
+    def __init__(
+        self, token: str | None = FAKE_TOKEN, user: str = FAKE_USER, orgs: tuple[str, ...] = (), role: str = "write"
+    ) -> None:
+        """`token`: the only token accepted (`None` accepts any request, authenticated or not). `orgs`: the
+        organizations the token's user belongs to, `role`: the token's (`read`, `write`, `fineGrained`), as
+        `whoami-v2` reports them."""
         self.token = token
         self.user = user
+        self.orgs = orgs
+        self.role = role
         self.created_repos: list[CreatedRepo] = []
         self.commits: list[Commit] = []
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request, in order
@@ -257,7 +263,13 @@ class FakeHub:
         return f"{self.endpoint}/{prefix}{repo_id}"
 
     def _on_whoami(self, body: bytes) -> tuple[int, Any]:
-        return 200, {"type": "user", "name": self.user, "fullname": "Fake User", "orgs": [], "auth": {}}
+        return 200, {
+            "type": "user",
+            "name": self.user,
+            "fullname": "Fake User",
+            "orgs": [{"type": "org", "name": org} for org in self.orgs],
+            "auth": {"type": "access_token", "accessToken": {"displayName": "tests", "role": self.role}},
+        }
 
     def _on_create(self, body: bytes) -> tuple[int, Any]:
         payload = json.loads(body)

@@ -18,6 +18,7 @@ from huggingface_hub import ModelCard
 from conversion.__main__ import main
 from conversion.tiny_sources import save_tiny_llava
 from fake_hub import FakeHub
+from hub_cache import cache_repos
 from modeling_composite.tiny import tiny_llm, tiny_tokenizer
 
 
@@ -189,21 +190,11 @@ def test_a_kill_during_writing_leaves_no_output(signal_number, tiny_sources, tmp
         assert not [path for path in tmp_path.iterdir() if path.name.startswith(".out.")]
 
 
-def _fake_cache(hub_home: Path, repos: dict[str, Path]) -> None:
-    """An offline Hub cache (refs/main -> one snapshot) holding `repos`, as `huggingface_hub` lays it out."""
-    for repo_id, folder in repos.items():
-        repo = hub_home / "hub" / f"models--{repo_id.replace('/', '--')}"
-        commit = f"{abs(hash(repo_id)):040d}"[:40]
-        shutil.copytree(folder, repo / "snapshots" / commit)
-        (repo / "refs").mkdir(parents=True)
-        (repo / "refs" / "main").write_text(commit)
-
-
 def test_hub_sources_convert_offline_verify_and_get_a_model_card(tiny_sources, tmp_path):
     """Sources named by Hub id (served from a local cache, offline) end up in the card's front matter with their
     revisions; the command verifies the result in a fresh process and says so."""
     hf_home = tmp_path / "hf_home"
-    _fake_cache(hf_home, {"tiny-org/base": tiny_sources["base"], "tiny-org/llava": tiny_sources["llava"],
+    cache_repos(hf_home, {"tiny-org/base": tiny_sources["base"], "tiny-org/llava": tiny_sources["llava"],
                           "tiny-org/video-llava": tiny_sources["video_llava"]})
     recipe = _write_recipe(tmp_path, {
         "name": "tiny-vision-video",
@@ -237,7 +228,7 @@ def test_hub_sources_convert_offline_verify_and_get_a_model_card(tiny_sources, t
 def test_push_to_hub_uploads_exactly_the_folder(tiny_sources, tmp_path):
     recipe = _write_recipe(tmp_path, {"base": str(tiny_sources["base"]), "sources": [str(tiny_sources["llava"])]})
     output = tmp_path / "out"
-    with FakeHub() as hub:
+    with FakeHub(orgs=("tiny-org",)) as hub:
         result = subprocess.run(
             [sys.executable, "-m", "conversion", str(recipe), str(output), "--no-verify", "--push-to-hub",
              "tiny-org/composite", "--private"],
