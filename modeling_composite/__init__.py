@@ -3,6 +3,8 @@
 The files of this folder other than `builder.py` and `tiny.py` travel as remote code inside every composite folder.
 """
 
+from transformers import AutoConfig
+
 from .builder import ModalitySpec, compose, save_composite
 from .configuration_composite import CompositeMLLMConfig
 from .configuration_point_encoder import CompositePointEncoderConfig
@@ -10,6 +12,11 @@ from .modeling_composite import CompositeMLLMForCausalLM, CompositeMLLMModel
 from .modeling_point_encoder import CompositePointEncoder
 from .processing_composite import CompositeMLLMProcessor
 
+
+# The installed package's config class is known to the auto API, as transformers' own are: without it, a composite
+# folder loaded without trust_remote_code (`AutoTokenizer` reads its config first) falls back to a bare config class
+# with a warning that the model types differ. Loading with trust_remote_code=True still takes the folder's own code.
+AutoConfig.register(CompositeMLLMConfig.model_type, CompositeMLLMConfig, exist_ok=True)
 
 __all__ = [
     "CompositeMLLMConfig",

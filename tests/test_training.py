@@ -2,12 +2,14 @@
 classes in a fresh process and composes with the converter."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from conversion import compose
 from conversion.tiny_sources import save_tiny_base
@@ -19,7 +21,8 @@ from training import SourceDataArguments, SourceModelArguments, SourceTrainingAr
 from training.__main__ import main as train_main
 from training.data import IGNORE_INDEX, ConversationCollator, ConversationDataset, DataError, load_samples
 from training.distillation import aligned_positions, hidden_state_distillation_loss, load_text_teacher
-from training.model import SourceModelError, build_source_model, trainable_parameter_groups
+from training.model import SourceModelError, build_source_model, load_encoder, trainable_parameter_groups
+from warning_capture import captured_warnings
 
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220)}
@@ -251,7 +254,9 @@ def test_weight_search_picks_and_records_lambda(world, stage2, tmp_path):
                           "media_root": str(world), "max_samples": 6},
         "dtype": "float32",
     }
-    output = compose(recipe, tmp_path / "searched", verify=False)
+    with captured_warnings() as found:
+        output = compose(recipe, tmp_path / "searched", verify=False)
+    assert found == []  # reading the trained source and every candidate's processor warns about nothing
     composition = json.loads((output / "config.json").read_text())["composition"]
     search = composition["weight_search"]
     assert search["scores"]["1.0"] == 1.0
@@ -440,3 +445,109 @@ def test_text_distillation_with_gradient_accumulation_matches_one_big_batch(worl
         moved[accumulation] = layer.lora_B["image"].weight
     assert moved[1].abs().sum() > 0
     assert (moved[2] - moved[1]).norm() < 0.05 * moved[1].norm()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# What a new user meets: a full CLIP checkpoint as encoder, warnings, wrong encoders, paths, a CPU
+
+
+def test_a_full_clip_checkpoint_gives_its_vision_tower_silently(tiny_sources, tmp_path):
+    """The two-tower checkpoint the paper names: its vision tower, weight for weight, with no load report about the
+    text tower, also when the checkpoint holds the position ids older transformers saved."""
+    clip = shutil.copytree(tiny_sources["clip"], tmp_path / "clip")
+    weights = load_file(str(clip / "model.safetensors"))
+    weights["vision_model.embeddings.position_ids"] = torch.arange(17)[None]
+    save_file(weights, str(clip / "model.safetensors"), metadata={"format": "pt"})
+    with captured_warnings() as found:
+        encoder = load_encoder(str(clip))
+    assert found == []
+    assert type(encoder).__name__ == "CLIPVisionModel"
+    state = encoder.state_dict()
+    expected = {key.removeprefix("vision_model."): tensor for key, tensor in weights.items()
+                if key.startswith("vision_model.") and not key.endswith("position_ids")}
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[key], tensor) for key, tensor in expected.items())
+
+
+def test_a_correct_training_run_prints_no_warning(world, tiny_sources, tmp_path):
+    """Stage 1 from a full CLIP checkpoint, stage 2 with activation checkpointing, on this machine's CPU."""
+    data = SourceDataArguments(data_path=str(world / "data.json"), media_root=str(world))
+    training = {"use_cpu": False, "disable_tqdm": True}
+    with captured_warnings() as found:
+        stage1 = train_source(_model_args(world, encoder=str(tiny_sources["clip"])), data,
+                              _training_args(tmp_path / "one", 1, 2, **training))
+        args = _model_args(world, base_model=None, encoder=None, init_from=str(stage1), lora_rank=4, prefix_tokens=1)
+        train_source(args, data, _training_args(tmp_path / "two", 2, 2, activation_checkpointing=True, **training))
+    assert found == []
+
+
+@pytest.mark.parametrize(
+    ("wrong", "message"),
+    [
+        ("llava", "is a whole multimodal model (llava: a language model with its own encoder and projector whose "
+                  "encoder is a clip_vision_model), where an encoder belongs; pass the encoder checkpoint it was "
+                  "built on instead (a CLIP or SigLIP checkpoint"),
+        ("video_llava", "is a whole multimodal model (video_llava"),
+        ("qwen2_audio", "is a whole multimodal model (qwen2_audio: a language model with its own encoder and "
+                        "projector whose encoder is a qwen2_audio_encoder)"),
+        ("base", "is a language model (llama), where an encoder belongs; it is the base LLM"),
+    ],
+)
+def test_an_encoder_that_is_not_one_is_named_with_the_fix(wrong, message, world, tiny_sources, capsys):
+    code = train_main(["--modality", "image", "--kind", "image", "--base_model", str(world / "base"),
+                       "--encoder", str(tiny_sources[wrong]), "--data_path", str(world / "data.json"),
+                       "--output_dir", str(world / "wrong"), "--stage", "1", "--use_cpu", "true", "--report_to", "none"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"error: --encoder {tiny_sources[wrong]} {message}")
+
+
+def test_a_composite_as_encoder_is_named_as_a_whole_model(saved_composite):
+    with pytest.raises(SourceModelError, match="is a whole multimodal model \\(composite_mllm"):
+        load_encoder(str(saved_composite))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine --bf16 true is valid")
+def test_bf16_without_a_gpu_says_what_to_change(world, capsys):
+    code = train_main(["--modality", "image", "--kind", "image", "--base_model", str(world / "base"),
+                       "--encoder", str(world / "encoder"), "--data_path", str(world / "data.json"),
+                       "--output_dir", str(world / "bf16"), "--stage", "1", "--bf16", "true", "--report_to", "none"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --bf16 true needs a GPU with bf16 support, and this machine has none. On a CPU, drop --bf16 true "
+        "(training runs in float32), or add --use_cpu true to keep bf16 autocast on the CPU."
+    )
+    # The CPU variant the message names is accepted.
+    assert SourceTrainingArguments(output_dir=str(world / "bf16"), bf16=True, use_cpu=True, report_to=[]).bf16
+
+
+def test_sources_record_their_base_absolutely_so_distillation_works_from_anywhere(world, tmp_path, monkeypatch):
+    """Stage 1 run with relative paths; stage 2 distils from another directory, from the base the source recorded."""
+    data = SourceDataArguments(data_path=str(world / "data.json"), media_root=str(world))
+    monkeypatch.chdir(world)
+    stage1 = train_source(_model_args(world, base_model="base", encoder="encoder"), data,
+                          _training_args(tmp_path / "one", 1, 1))
+    recorded = json.loads((stage1 / "config.json").read_text())["composition"]
+    assert recorded["base"] == str(world / "base") and recorded["encoder"] == str(world / "encoder")
+    monkeypatch.chdir(tmp_path)
+    args = _model_args(world, base_model=None, encoder=None, init_from=str(stage1), lora_rank=4)
+    output = train_source(args, data, _training_args(tmp_path / "two", 2, 1, text_distillation_weight=1.0))
+    assert json.loads((output / "config.json").read_text())["composition"]["base"] == str(world / "base")
+
+
+@pytest.mark.parametrize("recorded", ["relative/base", "/moved/away/base", "some-org/no-such-base"])
+def test_an_unreachable_recorded_base_is_a_clear_error(recorded, world, stage1, tmp_path, capsys):
+    source = shutil.copytree(stage1, tmp_path / "source")
+    config = json.loads((source / "config.json").read_text())
+    config["composition"]["base"] = recorded
+    (source / "config.json").write_text(json.dumps(config))
+    code = train_main(["--modality", "image", "--kind", "image", "--init_from", str(source), "--stage", "2",
+                       "--lora_rank", "4", "--data_path", str(world / "data.json"), "--media_root", str(world),
+                       "--output_dir", str(tmp_path / "out"), "--text_distillation_weight", "1", "--max_steps", "1",
+                       "--use_cpu", "true", "--report_to", "none"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]  # after the progress bar of loading the source
+    assert last.startswith(f"error: The text teacher {recorded!r} (the base LLM recorded in the source's config "
+                           "(composition.base)) cannot be loaded: ")
+    assert last.endswith("Pass --text_distillation_teacher with the base LLM's folder or Hub id.")

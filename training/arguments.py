@@ -3,7 +3,9 @@ own `TrainingArguments`, plus the learning rates of the parameter groups)."""
 
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
+from transformers.utils import is_torch_bf16_gpu_available, is_torch_cuda_available, is_torch_xla_available
 
 
 @dataclass
@@ -110,6 +112,8 @@ class SourceTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        self._check_bf16_without_gpu()
+        self._no_pinned_memory_without_accelerator()
         super().__post_init__()
         for name in ("projector_learning_rate", "text_lora_learning_rate"):
             value = getattr(self, name)
@@ -117,3 +121,22 @@ class SourceTrainingArguments(TrainingArguments):
                 raise ValueError(f"--{name} must be >= 0 (0 freezes that group), got {value}.")
         if self.text_distillation_weight < 0:
             raise ValueError(f"--text_distillation_weight must be >= 0, got {self.text_distillation_weight}.")
+
+    def _check_bf16_without_gpu(self) -> None:
+        """transformers refuses --bf16 on a machine without a GPU ("Your setup doesn't support bf16/gpu"); say what
+        to change instead, since the paper's commands carry --bf16 true."""
+        wants_bf16 = self.bf16 or self.bf16_full_eval
+        if wants_bf16 and not self.use_cpu and not is_torch_cuda_available() and not is_torch_xla_available() \
+                and not is_torch_bf16_gpu_available():
+            raise ValueError(
+                "--bf16 true needs a GPU with bf16 support, and this machine has none. On a CPU, drop --bf16 true "
+                "(training runs in float32), or add --use_cpu true to keep bf16 autocast on the CPU."
+            )
+
+    def _no_pinned_memory_without_accelerator(self) -> None:
+        """Pinned memory only speeds up copies to an accelerator; without one, torch's DataLoader warns on every run
+        that it was asked for it. Turned off there, as it would do nothing."""
+        accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6; older ones only pin for CUDA
+        available = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+        if self.dataloader_pin_memory and (self.use_cpu or not available):
+            self.dataloader_pin_memory = False

@@ -24,10 +24,14 @@ from transformers import (
 )
 from transformers.utils import cached_file
 
+from conversion.encoders import not_an_encoder, read_vision_tower
+from conversion.errors import ConversionError
+from conversion.locate import locate
+from conversion.sources import align_encoder_keys
 from modeling_composite.builder import ModalitySpec, compose
 from modeling_composite.configuration_composite import DEFAULT_LORA_TARGET_MODULES, MODALITY_KINDS
 from modeling_composite.configuration_point_encoder import CompositePointEncoderConfig
-from modeling_composite.modeling_composite import CompositeMLLMForCausalLM
+from modeling_composite.modeling_composite import CompositeMLLMForCausalLM, build_encoder
 from modeling_composite.modeling_point_encoder import CompositePointEncoder
 from modeling_composite.processing_composite import CompositeMLLMProcessor
 from modeling_composite.routing import RoutedLinear
@@ -38,7 +42,13 @@ from .arguments import SourceModelArguments
 logger = logging.getLogger(__name__)
 DEFAULT_PLACEHOLDERS = {"image": "<image>", "video": "<video>", "audio": "<audio>", "point": "<point>"}
 # Two-tower checkpoints whose vision tower is the encoder.
-_VISION_TOWERS = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
+_TWO_TOWER_TYPES = ("clip", "siglip")
+# Encoders that load with AutoModel as they are (their features are counted by `count_encoder_tokens`).
+_AUTO_ENCODER_TYPES = ("clip_vision_model", "siglip_vision_model", "qwen2_audio_encoder")
+_ENCODERS = (
+    "a CLIP or SigLIP checkpoint or its vision tower (image, video), a Qwen2-Audio encoder (audio) or a composite "
+    "point encoder (point)"
+)
 
 
 class SourceModelError(ValueError):
@@ -47,18 +57,42 @@ class SourceModelError(ValueError):
 
 def load_encoder(location: str) -> PreTrainedModel:
     """An encoder folder or Hub id: a vision tower (or a CLIP/SigLIP model, whose vision tower is taken), an audio
-    encoder transformers knows, or the project's point encoder."""
+    encoder transformers knows, or the project's point encoder. Anything else (a whole multimodal model, an LLM) is
+    refused with what to pass instead."""
+    label = f"--encoder {location}"
     try:
-        model_type = json.loads(Path(cached_file(location, "config.json")).read_text()).get("model_type")
+        config = json.loads(Path(cached_file(location, "config.json")).read_text())
     except (OSError, ValueError) as error:
-        raise SourceModelError(f"--encoder {location}: no readable config.json ({error}).") from None
+        raise SourceModelError(f"{label}: no readable config.json ({str(error).splitlines()[0]}).") from None
+    model_type = config.get("model_type")
     if model_type == CompositePointEncoderConfig.model_type:
         return CompositePointEncoder.from_pretrained(location)
-    if model_type in _VISION_TOWERS:
-        import transformers
+    if model_type in _TWO_TOWER_TYPES:
+        return _vision_tower(location, label)
+    if model_type in _AUTO_ENCODER_TYPES:
+        return AutoModel.from_pretrained(location)
+    raise SourceModelError(f"{not_an_encoder(label, config, _ENCODERS)}.")
 
-        return getattr(transformers, _VISION_TOWERS[model_type]).from_pretrained(location)
-    return AutoModel.from_pretrained(location)
+
+def _vision_tower(location: str, label: str) -> PreTrainedModel:
+    """The vision tower of a two-tower CLIP / SigLIP checkpoint, read as the converter reads a source's encoder: the
+    text tower is left out on purpose (the vision class's `from_pretrained` would report each of its tensors as
+    unexpected), and every vision tensor must load. Parameters keep the checkpoint's dtype, as `from_pretrained`'s."""
+    try:
+        config, weights = read_vision_tower(locate(location, label), label)
+    except ConversionError as error:
+        raise SourceModelError(str(error)) from None
+    encoder = build_encoder(config)
+    state = {name: lazy.load() for name, lazy in align_encoder_keys(config, weights, label).items()}
+    encoder.load_state_dict(state, strict=True, assign=True)
+    return encoder.eval()
+
+
+def recorded_reference(location: str) -> str:
+    """How a trained source records a model it was built from (config `composition`): a local folder as an absolute
+    path, so that later stages and distillation find it from any directory; a Hub id as given."""
+    path = Path(location).expanduser()
+    return str(path.resolve()) if path.exists() else location
 
 
 def _preprocessor(kind: str, location: str) -> dict[str, Any]:
@@ -99,9 +133,9 @@ def build_base_source(args: SourceModelArguments) -> tuple[CompositeMLLMForCausa
     """Base LLM + encoder + a fresh projector, as a one-modality composite without low-rank deltas."""
     if args.base_model is None or args.encoder is None:
         raise SourceModelError("Without --init_from, both --base_model and --encoder are needed.")
+    encoder = load_encoder(args.encoder)  # first: a wrong --encoder is found before a large LLM loads
     language_model = AutoModelForCausalLM.from_pretrained(args.base_model)
     tokenizer = AutoTokenizer.from_pretrained(args.base_model)
-    encoder = load_encoder(args.encoder)
     spec = ModalitySpec(
         kind=args.kind,
         encoder=encoder,
@@ -118,7 +152,9 @@ def build_base_source(args: SourceModelArguments) -> tuple[CompositeMLLMForCausa
         tokenizer,
         {args.modality: spec},
         lora_target_modules=args.lora_target_modules,
-        composition={"method": "source", "base": args.base_model, "encoder": args.encoder},
+        composition={
+            "method": "source", "base": recorded_reference(args.base_model), "encoder": recorded_reference(args.encoder)
+        },
         **preprocessors,
     )
 

@@ -47,6 +47,9 @@ class SourceTrainer(Trainer):
         super().__init__(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # A training forward needs no KV cache; asking for none also keeps activation checkpointing from warning that
+        # it turns the cache off (the saved config keeps `use_cache` for generation).
+        inputs = {**inputs, "use_cache": False}
         text_version = inputs.pop("text_version", None)
         if self.text_teacher is None or text_version is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -91,6 +94,29 @@ class SourceTrainer(Trainer):
         return super().create_optimizer(model)
 
 
+def _text_teacher(model, args: SourceTrainingArguments):
+    """The base LLM to distil from: --text_distillation_teacher, else the base the source records. One that cannot be
+    loaded is named with where it came from and the fix."""
+    recorded = (model.config.composition or {}).get("base")
+    location = args.text_distillation_teacher or recorded
+    if not location:
+        raise SourceModelError(
+            "--text_distillation_weight needs the base LLM: pass --text_distillation_teacher (the source's config "
+            "records no composition.base)."
+        )
+    try:
+        return load_text_teacher(location, args.device, model.get_input_embeddings().weight.dtype)
+    except OSError as error:
+        origin = (
+            "--text_distillation_teacher" if args.text_distillation_teacher
+            else "the base LLM recorded in the source's config (composition.base)"
+        )
+        raise SourceModelError(
+            f"The text teacher {location!r} ({origin}) cannot be loaded: {str(error).strip().splitlines()[0]} Pass "
+            "--text_distillation_teacher with the base LLM's folder or Hub id."
+        ) from None
+
+
 def train_source(
     model_args: SourceModelArguments,
     data_args: SourceDataArguments,
@@ -132,15 +158,7 @@ def train_source(
         with_text_version=distilling,
         cache_samples=data_args.cache_samples,
     )
-    text_teacher = None
-    if distilling:
-        location = training_args.text_distillation_teacher or (model.config.composition or {}).get("base")
-        if not location:
-            raise SourceModelError(
-                "--text_distillation_weight needs the base LLM: pass --text_distillation_teacher (the source's config "
-                "records no composition.base)."
-            )
-        text_teacher = load_text_teacher(location, training_args.device, model.get_input_embeddings().weight.dtype)
+    text_teacher = _text_teacher(model, training_args) if distilling else None
     if getattr(training_args, "activation_checkpointing", False) or training_args.gradient_checkpointing:
         # The frozen embeddings give no gradient to checkpointed layers' inputs; this makes them require one.
         model.enable_input_require_grads()
