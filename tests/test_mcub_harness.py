@@ -3,6 +3,7 @@ end-to-end resumable run on a tiny composite saved in tmp."""
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from benchmarks.mcub.metrics import (
     summarize,
     vqa_normalize,
 )
+from hub_cache import cache_repos
 from modeling_composite.builder import save_composite
 from modeling_composite.tiny import build_tiny_composite
 from training.media import write_wav
@@ -298,3 +300,28 @@ def test_end_to_end_limit_and_file_errors_exit_with_status_2(benchmark_files, tm
     assert _run(benchmark_files, tmp_path / "limited", "--limit", "2", "--task", "avqa") == 0
     results = json.loads((tmp_path / "limited" / "results.json").read_text())
     assert results["task"] == "avqa" and results["counts"]["evaluated"] == 2
+
+
+def test_model_by_hub_id(benchmark_files, tmp_path, capsys):
+    """--model takes a Hub id, as composites are shared: here served from the offline cache of this test session."""
+    import huggingface_hub.constants
+
+    cache_repos(Path(huggingface_hub.constants.HF_HOME), {"tiny-org/mcub-composite": benchmark_files / "composite"})
+    output = tmp_path / "by-id"
+    code = run.main([
+        "--model", "tiny-org/mcub-composite", "--questions", str(benchmark_files / "questions.json"),
+        "--answers", str(benchmark_files / "answers.json"), "--media-root", str(benchmark_files / "media"),
+        "--output", str(output), "--limit", "1", "--max-new-tokens", "2", "--device", "cpu", "--no-progress",
+    ])
+    assert code == 0, capsys.readouterr().err
+    results = json.loads((output / "results.json").read_text())
+    assert results["model"] == "tiny-org/mcub-composite" and results["counts"]["evaluated"] == 1
+    capsys.readouterr()
+    code = run.main([
+        "--model", "tiny-org/no-such-composite", "--questions", str(benchmark_files / "questions.json"),
+        "--answers", str(benchmark_files / "answers.json"), "--output", str(tmp_path / "missing"),
+    ])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("error: --model tiny-org/no-such-composite: not a composite folder, and it cannot be loaded "
+                          "from the Hub (")

@@ -1,6 +1,6 @@
 """Run a composite on a paper-format benchmark: batched greedy generation, resumable predictions, scores.
 
-    python -m benchmarks.mcub --model FOLDER --questions Q.json --answers A.json --media-root DIR --output DIR \
+    python -m benchmarks.mcub --model FOLDER_OR_HUB_ID --questions Q.json --answers A.json --media-root DIR --output DIR \
         [--task mcub|avqa|music-avqa] [--batch-size 8] [--max-new-tokens 128] [--limit N] \
         [--dtype float32|bfloat16|float16] [--load-in-4bit] [--device cpu|cuda] [--skip-missing]
 
@@ -87,15 +87,30 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def load_processor(folder: str | Path) -> Any:
-    """A composite's processor, through `AutoProcessor` and remote code."""
+def model_reference(model: str | Path) -> str:
+    """How the results name `--model`: a local folder by its absolute path, a Hub id as given."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_dir() else str(model)
+
+
+def load_processor(model: str | Path) -> Any:
+    """A composite's processor, from a local folder or a Hub id, through `AutoProcessor` and remote code."""
+    from huggingface_hub.errors import HFValidationError
     from transformers import AutoProcessor
 
-    if not (Path(folder) / "config.json").is_file():
-        raise BenchmarkError(f"--model {folder}: no config.json there; give a composite folder.")
-    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    path = Path(model).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise BenchmarkError(f"--model {model}: no config.json there; give a composite folder or Hub id.")
+    try:
+        processor = AutoProcessor.from_pretrained(str(model), trust_remote_code=True)
+    except (OSError, HFValidationError) as error:
+        problem = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise BenchmarkError(
+            f"--model {model}: not a composite folder, and it cannot be loaded from the Hub ({problem}); check the "
+            "path or the repo id, your network and login (`hf auth login`)."
+        ) from None
     if not isinstance(getattr(processor, "modalities", None), dict) or not processor.modalities:
-        raise BenchmarkError(f"--model {folder}: its processor has no `modalities`; this harness needs a composite.")
+        raise BenchmarkError(f"--model {model}: its processor has no `modalities`; this harness needs a composite.")
     return processor
 
 
@@ -353,7 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m benchmarks.mcub",
         description="Evaluate a composite on MCUB-3/4, AVQA or MUSIC-AVQA (the paper's question files).",
     )
-    parser.add_argument("--model", required=True, help="composite folder (loaded with trust_remote_code=True)")
+    parser.add_argument(
+        "--model", required=True, help="composite folder or Hub id (loaded with trust_remote_code=True)"
+    )
     parser.add_argument("--questions", required=True, help="question JSON (paper format)")
     parser.add_argument("--answers", required=True, help="answer JSON (gold = last turn's value, matched by id)")
     parser.add_argument("--media-root", default=None, help="folder the media paths are relative to")
@@ -408,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
             args.output,
             media_root=args.media_root,
             settings=settings,
-            model_name=str(Path(args.model).resolve()),
+            model_name=model_reference(args.model),
             run_info={"dtype": args.dtype, "load_in_4bit": args.load_in_4bit, "device": device},
             plan=plan,
         )
