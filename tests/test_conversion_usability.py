@@ -28,6 +28,7 @@ from conversion.recipe import (
 from conversion.recipe_reference import EXAMPLE_RECIPE
 from conversion.verify import verify_composite
 from fake_hub import FakeHub, fake_hub  # noqa: F401 - fake_hub is the pytest fixture
+from warning_capture import captured_warnings
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -245,3 +246,28 @@ def test_an_encoder_that_is_a_whole_model_is_named_as_such(wrong, message, tiny_
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert "CLIP or SigLIP checkpoint" in err
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A correct conversion warns about nothing
+
+
+def test_a_correct_conversion_prints_no_warning(tiny_sources, tmp_path):
+    """The sources a newcomer combines: a LLaVA, a paper checkpoint whose encoder is a full CLIP folder, and a
+    composite of ours (re-read through its own processor), verified in a fresh process."""
+    video = compose({"base": str(tiny_sources["base"]),
+                     "sources": [{"path": str(tiny_sources["video_llava"]), "modalities": ["video"]}]},
+                    tmp_path / "video", verify=False)
+    recipe = {
+        "base": str(tiny_sources["base"]),
+        "sources": [
+            str(tiny_sources["llava"]),
+            {"path": str(tiny_sources["paper_naive"]), "encoder": str(tiny_sources["clip"]),
+             "rename": {"image": "photo"}},
+            {"path": str(video)},
+        ],
+    }
+    with captured_warnings() as found:
+        compose(recipe, tmp_path / "out", verify=True)
+    assert found == []
+    assert set(json.loads((tmp_path / "out" / "config.json").read_text())["modalities"]) == {"image", "photo", "video"}
