@@ -507,6 +507,17 @@ def test_a_composite_as_encoder_is_named_as_a_whole_model(saved_composite):
         load_encoder(str(saved_composite))
 
 
+@pytest.mark.parametrize("argument", ["--base_model", "--init_from"])
+def test_a_base_or_start_that_cannot_be_loaded_is_one_line(argument, world, tmp_path, capsys):
+    location = str(tmp_path / "no-such-model")
+    start = ["--base_model", location, "--encoder", str(world / "encoder"), "--stage", "1"] \
+        if argument == "--base_model" else ["--init_from", location, "--stage", "2"]
+    code = train_main(["--modality", "image", "--kind", "image", *start, "--data_path", str(world / "data.json"),
+                       "--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--report_to", "none"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith(f"error: {argument} {location}: cannot be loaded (")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine --bf16 true is valid")
 def test_bf16_without_a_gpu_says_what_to_change(world, capsys):
     code = train_main(["--modality", "image", "--kind", "image", "--base_model", str(world / "base"),

@@ -7,8 +7,10 @@ low-rank deltas and learnable prefix/suffix tokens.
 - Shared (NaiveMC): one LoRA for all tokens, i.e. only the unfolded text delta.
 """
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +48,8 @@ _TWO_TOWER_TYPES = ("clip", "siglip")
 # Encoders that load with AutoModel as they are (their features are counted by `count_encoder_tokens`).
 _AUTO_ENCODER_TYPES = ("clip_vision_model", "siglip_vision_model", "qwen2_audio_encoder")
 _ENCODERS = (
-    "a CLIP or SigLIP checkpoint or its vision tower (image, video), a Qwen2-Audio encoder (audio) or a composite "
-    "point encoder (point)"
+    "a CLIP or SigLIP checkpoint or vision tower for images and videos, a Qwen2-Audio encoder for audio, or a "
+    "composite point encoder for point clouds"
 )
 
 
@@ -86,6 +88,17 @@ def _vision_tower(location: str, label: str) -> PreTrainedModel:
     state = {name: lazy.load() for name, lazy in align_encoder_keys(config, weights, label).items()}
     encoder.load_state_dict(state, strict=True, assign=True)
     return encoder.eval()
+
+
+@contextlib.contextmanager
+def _loading(argument: str, location: str) -> Iterator[None]:
+    """A folder or Hub id that transformers cannot load (missing, offline, not a model) becomes one line naming the
+    argument, instead of an OSError traceback."""
+    try:
+        yield
+    except OSError as error:
+        problem = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SourceModelError(f"{argument} {location}: cannot be loaded ({problem}).") from None
 
 
 def recorded_reference(location: str) -> str:
@@ -134,8 +147,9 @@ def build_base_source(args: SourceModelArguments) -> tuple[CompositeMLLMForCausa
     if args.base_model is None or args.encoder is None:
         raise SourceModelError("Without --init_from, both --base_model and --encoder are needed.")
     encoder = load_encoder(args.encoder)  # first: a wrong --encoder is found before a large LLM loads
-    language_model = AutoModelForCausalLM.from_pretrained(args.base_model)
-    tokenizer = AutoTokenizer.from_pretrained(args.base_model)
+    with _loading("--base_model", args.base_model):
+        language_model = AutoModelForCausalLM.from_pretrained(args.base_model)
+        tokenizer = AutoTokenizer.from_pretrained(args.base_model)
     spec = ModalitySpec(
         kind=args.kind,
         encoder=encoder,
@@ -161,8 +175,9 @@ def build_base_source(args: SourceModelArguments) -> tuple[CompositeMLLMForCausa
 
 def load_source(args: SourceModelArguments) -> tuple[CompositeMLLMForCausalLM, CompositeMLLMProcessor]:
     """The composite given by --init_from; it must have the modality being trained."""
-    model = CompositeMLLMForCausalLM.from_pretrained(args.init_from)
-    processor = CompositeMLLMProcessor.from_pretrained(args.init_from, trust_remote_code=False)
+    with _loading("--init_from", args.init_from):
+        model = CompositeMLLMForCausalLM.from_pretrained(args.init_from)
+        processor = CompositeMLLMProcessor.from_pretrained(args.init_from, trust_remote_code=False)
     entry = model.config.modalities.get(args.modality)
     if entry is None or entry["kind"] != args.kind:
         found = {name: e["kind"] for name, e in model.config.modalities.items()}
