@@ -172,7 +172,10 @@ def test_recipe_appears_verbatim(card):
 
 def test_damc_usage_offers_the_dense_original_weights(card):
     usage = section(card.text, "Usage")
-    assert "model.materialize_original_weights()" in [block.strip() for _, block in python_blocks(usage)]
+    dense = [block for _, block in python_blocks(usage) if "model.materialize_original_weights()" in block]
+    # A block of its own that loads the model unquantized (the 4-bit block before it cannot materialize).
+    assert len(dense) == 1
+    assert 'from_pretrained("org/vision-audio-composite", trust_remote_code=True)\n' in dense[0]
 
 
 def test_usage_snippet_loads_with_remote_code_and_uses_the_placeholders(card):
@@ -181,7 +184,9 @@ def test_usage_snippet_loads_with_remote_code_and_uses_the_placeholders(card):
     assert 'AutoProcessor.from_pretrained("org/vision-audio-composite", trust_remote_code=True)' in usage
     assert 'BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")' in usage
     assert 'text="USER: <image> <audio> What do these have in common? ASSISTANT:"' in usage
-    assert "images=[image]" in usage and "audio=[audio]" in usage and "model.generate(**batch" in usage
+    assert "images=[image]" in usage and "model.generate(**batch" in usage
+    # A modality named other than its kind has a variable named after it, declared with its placeholder.
+    assert "audio=[speech_audio]" in usage and "\n# speech_audio: a mono waveform" in usage
     blocks = python_blocks(usage)
     assert len(blocks) == 4  # full precision, 4-bit, the dense original weights (DAMC), the pipeline
     for _, code in blocks:
