@@ -4,10 +4,8 @@ output; an interrupted run leaves no composite; a good run verifies, writes a mo
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -129,64 +127,6 @@ def test_bad_recipe_or_source_exits_2_with_one_line_and_no_output(case, tiny_sou
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert not output.exists()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["recipe.yaml"], "no partial folder may be left"
-
-
-def test_existing_output_needs_force(tiny_sources, tmp_path, capsys):
-    output = tmp_path / "out"
-    output.mkdir()
-    (output / "keep.txt").write_text("mine")
-    recipe = _write_recipe(tmp_path, {"base": str(tiny_sources["base"]), "sources": [str(tiny_sources["llava"])]})
-    code, _, err = _run([recipe, output, "--no-verify"], capsys)
-    assert code == 2 and "already exists; pass --force" in err
-    assert (output / "keep.txt").read_text() == "mine"
-    code, _, _ = _run([recipe, output, "--no-verify", "--force"], capsys)
-    assert code == 0
-    assert not (output / "keep.txt").exists() and (output / "model.safetensors").is_file()
-
-
-_SLOW_WRITER = r"""
-import sys, time
-from pathlib import Path
-from conversion import writer
-from conversion.__main__ import main
-
-marker = Path(sys.argv[3])
-original_add = writer.ShardedWriter.add
-
-def slow_add(self, key, tensor):
-    original_add(self, key, tensor)
-    if any(self.folder.glob("*.safetensors")):
-        marker.touch()  # a shard is on disk: the parent may interrupt now
-    time.sleep(0.2)
-
-writer.ShardedWriter.add = slow_add
-sys.exit(main([sys.argv[1], sys.argv[2], "--no-verify", "--max-shard-size", "4KB"]))
-"""
-
-
-@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGKILL])
-def test_a_kill_during_writing_leaves_no_output(signal_number, tiny_sources, tmp_path):
-    recipe = _write_recipe(tmp_path, {"base": str(tiny_sources["base"]), "sources": [str(tiny_sources["llava"])]})
-    output, marker = tmp_path / "out", tmp_path / "writing"
-    process = subprocess.Popen(
-        [sys.executable, "-c", _SLOW_WRITER, str(recipe), str(output), str(marker)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    deadline = time.monotonic() + 120
-    while not marker.exists():
-        assert process.poll() is None, process.communicate()[1]
-        assert time.monotonic() < deadline, "the conversion never started writing"
-        time.sleep(0.05)
-    partial = [path for path in tmp_path.iterdir() if path.name.startswith(".out.partial-")]
-    assert partial and any(partial[0].iterdir()), "shards are being written beside the output"
-    process.send_signal(signal_number)
-    _, err = process.communicate(timeout=60)
-    assert not output.exists()
-    if signal_number == signal.SIGTERM:
-        # A catchable signal also cleans up the temporary folder.
-        assert process.returncode == 130, err
-        assert "interrupted" in err
-        assert not [path for path in tmp_path.iterdir() if path.name.startswith(".out.")]
 
 
 def _fake_cache(hub_home: Path, repos: dict[str, Path]) -> None:
