@@ -94,12 +94,12 @@ def compose(
             composition["weight_search"] = search_result
         plan = build_plan(base, sources, recipe, composition)
         forget_local_paths(plan.config, public_reference(base.location.reference, base.location.hub_id))
+        processor = _processor(plan, recipe)  # before writing: it checks that the sources' processors can be combined
+        check_chat_template(processor)
         logger.info(
             "composite: %d modalities (%s), %d tensors", len(plan.modalities), ", ".join(plan.modalities),
             len(plan.producers)
         )
-        processor = _processor(plan, recipe)  # before writing: it checks that the sources' processors can be combined
-        check_chat_template(processor)
         with run.staged(force) as folder:
             _write_weights(plan, folder, shard_bytes)
             _write_metadata(plan, processor, folder, base, recipe, push_to_hub)
@@ -168,14 +168,17 @@ def _composition(recipe: Recipe, base: Location, sources: list[Source]) -> dict:
 def _write_weights(plan: Plan, folder: Path, shard_bytes: int) -> None:
     floating = floating_keys(plan.config)
     writer = ShardedWriter(folder, shard_bytes, plan.shapes)
-    try:
-        for key, produce in tqdm(plan.producers.items(), desc="writing tensors", unit="tensor", leave=False):
-            with recording_reads() as reads:
-                tensor = produce()
-            writer.add(key, checked_output_tensor(key, tensor, reads, key in floating, plan.dtype))
-        files = writer.close()
-    except OSError as error:
-        raise ConversionError(f"Writing the composite failed ({error}); check the free space and permissions.") from None
+    # A context manager, so that the progress bar is gone before an error line is printed.
+    with tqdm(total=len(plan.producers), desc="writing tensors", unit="tensor", leave=False) as progress:
+        try:
+            for key, produce in plan.producers.items():
+                with recording_reads() as reads:
+                    tensor = produce()
+                writer.add(key, checked_output_tensor(key, tensor, reads, key in floating, plan.dtype))
+                progress.update()
+            files = writer.close()
+        except OSError as error:
+            raise ConversionError(f"Writing the composite failed ({error}); check the free space and permissions.") from None
     logger.info("wrote %.1f MB of weights in %s", writer.total_bytes / 1e6, ", ".join(files))
 
 
@@ -267,7 +270,11 @@ def _write_metadata(plan: Plan, processor: CompositeMLLMProcessor, folder: Path,
 
 def _generation_config(base: BaseModel, plan: Plan) -> GenerationConfig:
     if (base.location.folder / "generation_config.json").is_file():
-        generation = GenerationConfig.from_pretrained(base.location.folder)
+        try:
+            generation = GenerationConfig.from_pretrained(base.location.folder)
+        except Exception as error:  # a damaged file of the base's, whatever transformers makes of it
+            problem = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ConversionError(f"{base.label}: cannot read its generation_config.json ({problem}).") from None
     else:
         generation = GenerationConfig.from_model_config(plan.config.get_text_config())
     tokenizer = plan.tokenizer

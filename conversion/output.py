@@ -120,8 +120,9 @@ def refuse_overlap(output: Path, inputs: Iterable[tuple[Path, str]]) -> None:
             relation = "contains"
         else:
             continue
+        where = "" if str(real) in what else f" (at {real})"
         raise ConversionError(
-            f"The output {str(output)!r} {relation} {what} ({real}); writing there could destroy the inputs. Pick an "
+            f"The output {str(output)!r} {relation} {what}{where}; writing there could destroy the inputs. Pick an "
             "output folder outside every input."
         )
 

@@ -1,5 +1,6 @@
 """The command line: bad recipes and sources are refused with exit status 2, one line naming the problem and no
-output; an interrupted run leaves no composite; a good run verifies, writes a model card and pushes to the Hub."""
+output; tensors that lie are refused while streaming; a good run verifies, writes a model card and pushes to the Hub.
+(Interrupted runs and the output folder: test_conversion_output.py.)"""
 
 import json
 import os
@@ -12,8 +13,10 @@ import pytest
 import torch
 import yaml
 from huggingface_hub import ModelCard
+from safetensors.torch import load_file, save_file
 
 from conversion.__main__ import main
+from conversion.recipe import parse_recipe
 from conversion.tiny_sources import save_tiny_llava
 from fake_hub import FakeHub
 from modeling_composite.tiny import tiny_llm, tiny_tokenizer
@@ -61,7 +64,31 @@ def bad_sources(tiny_sources, tmp_path_factory):
     config = json.loads((no_strategy / "config.json").read_text())
     del config["lora_strategy"]
     (no_strategy / "config.json").write_text(json.dumps(config))
-    return {"wide": wide, "other_vocab": other_vocab, "corrupt": corrupt, "pickled": pickled, "no_strategy": no_strategy}
+    listed = {}
+    for name in ("llava", "base"):  # a config.json that is a JSON list
+        listed[name] = shutil.copytree(tiny_sources[name], root / f"{name}_list_config")
+        (listed[name] / "config.json").write_text("[1, 2]")
+    return {"wide": wide, "other_vocab": other_vocab, "corrupt": corrupt, "pickled": pickled, "no_strategy": no_strategy,
+            "list_config": listed["llava"], "list_config_base": listed["base"],
+            **_lying_sources(tiny_sources, root)}
+
+
+def _lying_sources(tiny_sources: dict, root: Path) -> dict[str, Path]:
+    """Copies of the LLaVA source whose weights lie: integers where floats belong, NaN or Inf in a weight."""
+    damage = {
+        "int_projector": ("model.multi_modal_projector.linear_1.weight", lambda t: (t * 100).to(torch.int32)),
+        "int_llm": ("model.language_model.layers.1.mlp.up_proj.weight", lambda t: (t * 100).to(torch.int64)),
+        "nan_llm": ("model.language_model.layers.0.self_attn.q_proj.weight", lambda t: t.index_fill(1, torch.tensor([3]), float("nan"))),
+        "inf_encoder": ("model.vision_tower.embeddings.patch_embedding.weight", lambda t: t.fill_(float("inf"))),
+    }
+    folders = {}
+    for name, (key, change) in damage.items():
+        folder = shutil.copytree(tiny_sources["llava"], root / name)
+        tensors = load_file(str(folder / "model.safetensors"))
+        tensors[key] = change(tensors[key])
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        folders[name] = folder
+    return folders
 
 
 def _bad_recipes(sources: dict, bad: dict) -> dict[str, tuple[dict, str]]:
@@ -108,7 +135,56 @@ def _bad_recipes(sources: dict, bad: dict) -> dict[str, tuple[dict, str]]:
             {"base": base, "sources": [{**llava, "feature_layer": -1, "encoder": clip}]},
             "['encoder', 'feature_layer'] do not apply to a llava source",
         ),
+        "a weight beyond float32": ({"base": base, "sources": [{**llava, "weight": "1e300"}]}, "is 1e+300, beyond what float32"),
+        "a source config that is a list": (
+            {"base": base, "sources": [{"path": str(bad["list_config"])}]}, "config.json holds a JSON list, not an object"
+        ),
+        "a base config that is a list": (
+            {"base": str(bad["list_config_base"]), "sources": [llava]}, "config.json holds a JSON list, not an object"
+        ),
+        "a chat template that is not Jinja": (
+            {"base": base, "sources": [llava], "chat_template": "{% for m in messages %}{{ m.content }"},
+            "chat_template is not a valid Jinja template (line 1:",
+        ),
+        "a chat template that fails to render": (
+            {"base": base, "sources": [llava], "chat_template": "{{ messages[0].content | no_such_filter }}"},
+            "chat_template is not a valid Jinja template",
+        ),
+        "a chat template that raises": (
+            {"base": base, "sources": [llava], "chat_template": "{{ raise_exception('roles must alternate') }}"},
+            "chat_template fails on a plain user/assistant exchange (TemplateError: roles must alternate)",
+        ),
     }
+
+
+def _lying_recipes(sources: dict, bad: dict) -> dict[str, tuple[dict, str]]:
+    """Recipes whose problem shows only once a tensor is read (after the checks): refused while writing."""
+    base = str(sources["base"])
+    source = lambda name: {"base": base, "sources": [{"path": str(bad[name])}]}  # noqa: E731
+    tensor = lambda key: f"tensor 'model.{key}' in model.safetensors"  # noqa: E731
+    return {
+        "an int32 projector": (source("int_projector"), tensor("multi_modal_projector.linear_1.weight") + " holds torch.int32 values where the composite needs floating-point weights"),
+        "an int64 LLM weight": (source("int_llm"), tensor("language_model.layers.1.mlp.up_proj.weight") + " holds torch.int64 values"),
+        "NaN in an LLM weight": (source("nan_llm"), tensor("language_model.layers.0.self_attn.q_proj.weight") + " holds 64 NaN or infinite value(s) of 4096"),
+        "Inf in an encoder": (source("inf_encoder"), tensor("vision_tower.embeddings.patch_embedding.weight") + " holds"),
+        "a merge that overflows float16": (
+            {"base": base, "dtype": "float16", "sources": [{"path": str(sources["llava"]), "weight": 1.0e9}]},
+            "NaN or infinite value(s) in torch.float16 although every source tensor is finite: the merge overflows",
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", ["an int32 projector", "an int64 LLM weight", "NaN in an LLM weight",
+                                  "Inf in an encoder", "a merge that overflows float16"])
+def test_a_tensor_that_lies_is_refused_while_streaming_naming_the_source_and_tensor(case, tiny_sources, bad_sources,
+                                                                                    tmp_path, capsys):
+    recipe, message = _lying_recipes(tiny_sources, bad_sources)[case]
+    code, _, err = _run([_write_recipe(tmp_path, recipe), tmp_path / "out", "--no-verify"], capsys)
+    assert code == 2
+    assert message in err.splitlines()[-1], err
+    if case != "a merge that overflows float16":
+        assert err.splitlines()[-1].startswith("error: sources[0] (")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["recipe.yaml"], "no partial folder may be left"
 
 
 @pytest.mark.parametrize(
@@ -116,7 +192,9 @@ def _bad_recipes(sources: dict, bad: dict) -> dict[str, tuple[dict, str]]:
     ["unknown method", "unknown rule", "missing source", "other hidden size", "other vocabulary", "duplicate modality",
      "damc on a full fine-tune", "corrupt safetensors", "pickle with code", "rename to a bad name",
      "rename onto another modality", "paper checkpoint with no strategy", "negative weight with ties",
-     "a key the format does not read", "the paper's modality name"],
+     "a key the format does not read", "the paper's modality name", "a weight beyond float32",
+     "a source config that is a list", "a base config that is a list", "a chat template that is not Jinja",
+     "a chat template that fails to render", "a chat template that raises"],
 )
 def test_bad_recipe_or_source_exits_2_with_one_line_and_no_output(case, tiny_sources, bad_sources, tmp_path, capsys):
     recipe, message = _bad_recipes(tiny_sources, bad_sources)[case]
@@ -214,3 +292,25 @@ def test_remote_code_pointers_of_a_source_never_reach_the_composite(tiny_sources
     assert code == 0, err
     for name in ("tokenizer_config.json", "processor_config.json", "config.json"):
         assert "evil" not in (tmp_path / "out" / name).read_text()
+
+
+@pytest.mark.parametrize(("written", "value"), [("1e-3", 0.001), ("0.5", 0.5), ("1.0e+2", 100.0), ("-2", -2.0)])
+def test_a_weight_yaml_reads_as_text_is_taken_as_the_number_it_is(written, value):
+    # YAML 1.1 reads 1e-3 (no dot, unsigned exponent) as a string.
+    recipe = parse_recipe(yaml.safe_load(f"base: b\nsources:\n  - path: x/y\n    weight: {written}\n"))
+    assert recipe.sources[0].weight == value
+
+
+def test_an_unexpected_failure_still_ends_in_one_line_and_status_2(monkeypatch, tmp_path, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("something nobody foresaw\nover two lines")
+
+    monkeypatch.setattr("conversion.__main__.compose", broken)
+    code, _, err = _run([tmp_path / "recipe.yaml", tmp_path / "out"], capsys)
+    assert code == 2
+    assert err.splitlines() == [
+        "error: unexpected RuntimeError: something nobody foresaw over two lines (please report it; rerun with -v for "
+        "the traceback)"
+    ]
+    code, _, err = _run([tmp_path / "recipe.yaml", tmp_path / "out", "-v"], capsys)
+    assert code == 2 and err.startswith("Traceback") and err.splitlines()[-1].startswith("error: unexpected RuntimeError")
