@@ -13,6 +13,7 @@ from .arguments import SourceDataArguments, SourceModelArguments, SourceTraining
 from .data import ConversationCollator, ConversationDataset, load_samples
 from .distillation import hidden_state_distillation_loss, load_text_teacher
 from .model import SourceModelError, build_source_model, trainable_parameter_groups
+from .validation import validate_dataset
 
 
 logger = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ def train_source(
         with_text_version=distilling,
         cache_samples=data_args.cache_samples,
     )
+    validate_dataset(dataset)  # every bad sample at once, before anything is trained or written
     text_teacher = None
     if distilling:
         location = training_args.text_distillation_teacher or (model.config.composition or {}).get("base")
