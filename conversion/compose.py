@@ -138,8 +138,8 @@ def _search_weights(recipe: Recipe, run: OutputRun, max_shard_size: str | int) -
                 ", ".join(f"{value:g} -> {score:.3f}" for value, score in scores.items()))
     result = {"objective": search.objective, "data": public_reference(search.data), "grid": search.grid,
               "scores": {str(value): score for value, score in scores.items()}, "chosen": chosen}
-    recipe = dataclasses.replace(recipe, sources=[dataclasses.replace(source, weight=chosen) for source in recipe.sources])
-    return recipe, result
+    sources = [dataclasses.replace(source, weight=chosen) for source in recipe.sources]
+    return dataclasses.replace(recipe, sources=sources), result
 
 
 def _composition(recipe: Recipe, base: Location, sources: list[Source]) -> dict:
@@ -178,7 +178,7 @@ def _write_weights(plan: Plan, folder: Path, shard_bytes: int) -> None:
                 progress.update()
             files = writer.close()
         except OSError as error:
-            raise ConversionError(f"Writing the composite failed ({error}); check the free space and permissions.") from None
+            raise _write_failed(error) from None
     logger.info("wrote %.1f MB of weights in %s", writer.total_bytes / 1e6, ", ".join(files))
 
 
@@ -230,13 +230,13 @@ def check_chat_template(processor: CompositeMLLMProcessor) -> None:
                                       add_generation_prompt=True)
     except jinja2.TemplateSyntaxError as error:
         raise ConversionError(
-            f"chat_template is not a valid Jinja template (line {error.lineno}: {error.message}); fix it, or use one of "
-            f"the named templates {list(CHAT_TEMPLATE_NAMES)}."
+            f"chat_template is not a valid Jinja template (line {error.lineno}: {error.message}); fix it, or use one "
+            f"of the named templates {list(CHAT_TEMPLATE_NAMES)}."
         ) from None
     except Exception as error:  # anything a template raises while rendering (undefined names, raise_exception, ...)
         raise ConversionError(
-            f"chat_template fails on a plain user/assistant exchange ({type(error).__name__}: {error}); fix it, or use "
-            f"one of the named templates {list(CHAT_TEMPLATE_NAMES)}."
+            f"chat_template fails on a plain user/assistant exchange ({type(error).__name__}: {error}); fix it, or "
+            f"use one of the named templates {list(CHAT_TEMPLATE_NAMES)}."
         ) from None
 
 
@@ -259,13 +259,17 @@ def _write_metadata(plan: Plan, processor: CompositeMLLMProcessor, folder: Path,
         card = render_model_card(_card_info(plan, recipe, recipe_text, push_to_hub))
         card.save(folder / "README.md")
     except OSError as error:
-        raise ConversionError(f"Writing the composite failed ({error}); check the free space and permissions.") from None
+        raise _write_failed(error) from None
     except Exception as error:
         # The tokenizers library reports its own write errors ("No space left on device (os error 28)") as plain
         # `Exception`; anything more specific is not a write error.
         if type(error) is not Exception:
             raise
-        raise ConversionError(f"Writing the composite failed ({error}); check the free space and permissions.") from None
+        raise _write_failed(error) from None
+
+
+def _write_failed(error: BaseException) -> ConversionError:
+    return ConversionError(f"Writing the composite failed ({error}); check the free space and permissions.")
 
 
 def _generation_config(base: BaseModel, plan: Plan) -> GenerationConfig:

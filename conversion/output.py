@@ -96,14 +96,16 @@ def check_replaceable(output: Path, force: bool) -> None:
     if not os.path.lexists(output):
         return
     if not output.is_dir():
-        raise ConversionError(f"The output {str(output)!r} exists and is not a folder; remove it or pick another path.")
+        raise ConversionError(
+            f"The output {str(output)!r} exists and is not a folder; remove it or pick another path."
+        )
     if not force:
         raise ConversionError(f"The output {str(output)!r} already exists; pass --force to replace it.")
     if any(output.iterdir()) and not is_composite_folder(output):
         raise ConversionError(
             f"The output {str(output)!r} exists and is not a composite (no config.json with model_type "
-            f"{COMPOSITE_MODEL_TYPE!r}); --force only replaces a composite. Remove the folder yourself or pick another "
-            "path."
+            f"{COMPOSITE_MODEL_TYPE!r}); --force only replaces a composite. Remove the folder yourself or pick "
+            "another path."
         )
 
 
@@ -194,7 +196,8 @@ class OutputRun:
                 self._created_parents.append(folder)
         except OSError as error:
             raise ConversionError(
-                f"Cannot create the output's parent folder {str(self.parent)!r} ({error.strerror}); pick a writable place."
+                f"Cannot create the output's parent folder {str(self.parent)!r} ({error.strerror}); pick a writable "
+                "place."
             ) from None
 
     def _acquire(self) -> None:
@@ -203,7 +206,8 @@ class OutputRun:
                 fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as error:
                 raise ConversionError(
-                    f"Cannot write beside the output in {str(self.parent)!r} ({error.strerror}); pick a writable place."
+                    f"Cannot write beside the output in {str(self.parent)!r} ({error.strerror}); pick a writable "
+                    "place."
                 ) from None
             try:
                 _lock(fd)

@@ -68,7 +68,8 @@ def public_recipe_text(text: str) -> str:
             return edited
     except yaml.YAMLError:
         pass
-    return "# Local paths are given by their name only.\n" + yaml.safe_dump(expected, sort_keys=False, allow_unicode=True)
+    dumped = yaml.safe_dump(expected, sort_keys=False, allow_unicode=True)
+    return "# Local paths are given by their name only.\n" + dumped
 
 
 def forget_local_paths(config: CompositeMLLMConfig, base_name: str) -> None:

@@ -187,7 +187,9 @@ def read_json(path: Path, label: str) -> dict:
     except (OSError, ValueError) as error:
         raise ConversionError(f"{label}: cannot read {path.name} ({error}).") from None
     if not isinstance(value, dict):
-        raise ConversionError(f"{label}: {path.name} holds a JSON {type(value).__name__}, not an object; the file is damaged.")
+        raise ConversionError(
+            f"{label}: {path.name} holds a JSON {type(value).__name__}, not an object; the file is damaged."
+        )
     return value
 
 

@@ -75,7 +75,9 @@ class SafetensorsFile:
         for key, entry in header.items():
             dtype, shape, begin, end = self._entry(key, entry)
             if end < begin or end - begin != math.prod(shape) * dtype.itemsize:
-                self._invalid(f"tensor {key!r} has offsets {[begin, end]} that do not fit its dtype and shape {list(shape)}")
+                self._invalid(
+                    f"tensor {key!r} has offsets {[begin, end]} that do not fit its dtype and shape {list(shape)}"
+                )
             spans.append((begin, end, key))
             self.entries[key] = (dtype, shape, data_start + begin, end - begin)
         covered = 0

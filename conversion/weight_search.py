@@ -93,7 +93,8 @@ def search_weights(recipe: Recipe, compose_candidate, scratch: Path) -> tuple[fl
     scores = {}
     for value in search.grid:
         candidate = dataclasses.replace(
-            recipe, sources=[dataclasses.replace(source, weight=value) for source in recipe.sources], weight_search=None
+            recipe, sources=[dataclasses.replace(source, weight=value) for source in recipe.sources],
+            weight_search=None,
         )
         folder = compose_candidate(candidate, scratch / f"lambda-{value}")
         answers = answer_questions(folder, samples, search.media_root)

@@ -117,7 +117,7 @@ def expected_item_shape(kind: str, entry: dict, encoder_config) -> tuple[int | N
         # Whisper-style: two convolutions (strides 1 and 2) over a fixed window of 2 x max_source_positions frames.
         return (encoder_config.num_mel_bins, 2 * encoder_config.max_source_positions)
     if model_type == "composite_beats" or (kind == "audio" and hasattr(encoder_config, "patch_size")):
-        return (None, encoder_config.num_mel_bins)  # frames x mel bins; the frames are checked by `_check_beats_frames`
+        return (None, encoder_config.num_mel_bins)  # frames x mel bins; `_check_beats_frames` checks the frames
     if kind == "point" and hasattr(encoder_config, "point_dims"):
         return (None, encoder_config.point_dims)
     return (None,) * {"image": 3, "video": 4, "audio": 2, "point": 2}[kind]
@@ -150,8 +150,8 @@ def check_modality_items(name: str, kind: str, entry: dict, encoder_config, item
         shown = tuple("any" if size is None else size for size in expected)
         raise CompositeInputError(
             f"Modality {name!r} ({kind}): each item must have shape {shown} {_DIMENSION_NAMES[kind]}, got "
-            f"{tuple(items.shape[1:])} (input {tuple(items.shape)}); use the composite's own processor, whose settings "
-            "match the encoder."
+            f"{tuple(items.shape[1:])} (input {tuple(items.shape)}); use the composite's own processor, whose "
+            "settings match the encoder."
         )
     if kind == "point":
         least = max(getattr(encoder_config, "num_groups", 1), getattr(encoder_config, "group_size", 1))

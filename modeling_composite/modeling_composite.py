@@ -346,8 +346,8 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
         return self.projectors[modality](features.to(self._compute_dtype))
 
     def _check_input_shape(self, modality: str, inputs: torch.Tensor) -> None:
-        entry = self.config.modalities[modality]
-        check_modality_items(modality, entry["kind"], entry, self.encoders[modality].config, inputs, check_values=False)
+        entry, encoder_config = self.config.modalities[modality], self.encoders[modality].config
+        check_modality_items(modality, entry["kind"], entry, encoder_config, inputs, check_values=False)
 
     def check_inputs(
         self,

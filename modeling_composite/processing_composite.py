@@ -286,9 +286,9 @@ def _warn_if_cut(name: str, clips: list[np.ndarray], sampling_rate: int, window:
     for index, clip in enumerate(clips):
         if clip.shape[0] > window:
             logger.warning(
-                f"Modality {name!r}: audio clip {index} is {clip.shape[0] / sampling_rate:.1f} s long but the composite "
-                f"reads a fixed window of {window / sampling_rate:.1f} s; everything after that is cut off. Split long "
-                "audio into clips of at most that length."
+                f"Modality {name!r}: audio clip {index} is {clip.shape[0] / sampling_rate:.1f} s long but the "
+                f"composite reads a fixed window of {window / sampling_rate:.1f} s; everything after that is cut off. "
+                "Split long audio into clips of at most that length."
             )
 
 

@@ -68,9 +68,10 @@ def bad_sources(tiny_sources, tmp_path_factory):
     for name in ("llava", "base"):  # a config.json that is a JSON list
         listed[name] = shutil.copytree(tiny_sources[name], root / f"{name}_list_config")
         (listed[name] / "config.json").write_text("[1, 2]")
-    return {"wide": wide, "other_vocab": other_vocab, "corrupt": corrupt, "pickled": pickled, "no_strategy": no_strategy,
-            "list_config": listed["llava"], "list_config_base": listed["base"],
-            **_lying_sources(tiny_sources, root)}
+    return {
+        "wide": wide, "other_vocab": other_vocab, "corrupt": corrupt, "pickled": pickled, "no_strategy": no_strategy,
+        "list_config": listed["llava"], "list_config_base": listed["base"], **_lying_sources(tiny_sources, root),
+    }
 
 
 def _lying_sources(tiny_sources: dict, root: Path) -> dict[str, Path]:
@@ -78,7 +79,10 @@ def _lying_sources(tiny_sources: dict, root: Path) -> dict[str, Path]:
     damage = {
         "int_projector": ("model.multi_modal_projector.linear_1.weight", lambda t: (t * 100).to(torch.int32)),
         "int_llm": ("model.language_model.layers.1.mlp.up_proj.weight", lambda t: (t * 100).to(torch.int64)),
-        "nan_llm": ("model.language_model.layers.0.self_attn.q_proj.weight", lambda t: t.index_fill(1, torch.tensor([3]), float("nan"))),
+        "nan_llm": (
+            "model.language_model.layers.0.self_attn.q_proj.weight",
+            lambda t: t.index_fill(1, torch.tensor([3]), float("nan")),
+        ),
         "inf_encoder": ("model.vision_tower.embeddings.patch_embedding.weight", lambda t: t.fill_(float("inf"))),
     }
     folders = {}
@@ -135,9 +139,12 @@ def _bad_recipes(sources: dict, bad: dict) -> dict[str, tuple[dict, str]]:
             {"base": base, "sources": [{**llava, "feature_layer": -1, "encoder": clip}]},
             "['encoder', 'feature_layer'] do not apply to a llava source",
         ),
-        "a weight beyond float32": ({"base": base, "sources": [{**llava, "weight": "1e300"}]}, "is 1e+300, beyond what float32"),
+        "a weight beyond float32": (
+            {"base": base, "sources": [{**llava, "weight": "1e300"}]}, "is 1e+300, beyond what float32"
+        ),
         "a source config that is a list": (
-            {"base": base, "sources": [{"path": str(bad["list_config"])}]}, "config.json holds a JSON list, not an object"
+            {"base": base, "sources": [{"path": str(bad["list_config"])}]},
+            "config.json holds a JSON list, not an object",
         ),
         "a base config that is a list": (
             {"base": str(bad["list_config_base"]), "sources": [llava]}, "config.json holds a JSON list, not an object"
@@ -163,10 +170,21 @@ def _lying_recipes(sources: dict, bad: dict) -> dict[str, tuple[dict, str]]:
     source = lambda name: {"base": base, "sources": [{"path": str(bad[name])}]}  # noqa: E731
     tensor = lambda key: f"tensor 'model.{key}' in model.safetensors"  # noqa: E731
     return {
-        "an int32 projector": (source("int_projector"), tensor("multi_modal_projector.linear_1.weight") + " holds torch.int32 values where the composite needs floating-point weights"),
-        "an int64 LLM weight": (source("int_llm"), tensor("language_model.layers.1.mlp.up_proj.weight") + " holds torch.int64 values"),
-        "NaN in an LLM weight": (source("nan_llm"), tensor("language_model.layers.0.self_attn.q_proj.weight") + " holds 64 NaN or infinite value(s) of 4096"),
-        "Inf in an encoder": (source("inf_encoder"), tensor("vision_tower.embeddings.patch_embedding.weight") + " holds"),
+        "an int32 projector": (
+            source("int_projector"),
+            tensor("multi_modal_projector.linear_1.weight")
+            + " holds torch.int32 values where the composite needs floating-point weights",
+        ),
+        "an int64 LLM weight": (
+            source("int_llm"), tensor("language_model.layers.1.mlp.up_proj.weight") + " holds torch.int64 values"
+        ),
+        "NaN in an LLM weight": (
+            source("nan_llm"),
+            tensor("language_model.layers.0.self_attn.q_proj.weight") + " holds 64 NaN or infinite value(s) of 4096",
+        ),
+        "Inf in an encoder": (
+            source("inf_encoder"), tensor("vision_tower.embeddings.patch_embedding.weight") + " holds"
+        ),
         "a merge that overflows float16": (
             {"base": base, "dtype": "float16", "sources": [{"path": str(sources["llava"]), "weight": 1.0e9}]},
             "NaN or infinite value(s) in torch.float16 although every source tensor is finite: the merge overflows",
@@ -313,4 +331,5 @@ def test_an_unexpected_failure_still_ends_in_one_line_and_status_2(monkeypatch, 
         "the traceback)"
     ]
     code, _, err = _run([tmp_path / "recipe.yaml", tmp_path / "out", "-v"], capsys)
-    assert code == 2 and err.startswith("Traceback") and err.splitlines()[-1].startswith("error: unexpected RuntimeError")
+    assert code == 2 and err.startswith("Traceback")
+    assert err.splitlines()[-1].startswith("error: unexpected RuntimeError")

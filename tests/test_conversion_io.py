@@ -97,8 +97,12 @@ def test_duplicate_names_are_refused(tmp_path):
 VALID = {
     "entries out of offset order": _file({"b": _f32([1], 4, 8), "a": _f32([1], 0, 4)}, struct.pack("<2f", 1.0, 2.0)),
     "zero-size tensors": _file({"e": _f32([0, 3], 0, 0), "a": _f32([1], 0, 4)}, struct.pack("<f", 3.0)),
-    "whitespace around the header": _file(None, struct.pack("<f", 4.0), raw=b'  {"a":' + json.dumps(_f32([1], 0, 4)).encode() + b"}   "),
-    "null metadata and extra fields": _file({"__metadata__": None, "a": {**_f32([1], 0, 4), "note": 1}}, struct.pack("<f", 5.0)),
+    "whitespace around the header": _file(
+        None, struct.pack("<f", 4.0), raw=b'  {"a":' + json.dumps(_f32([1], 0, 4)).encode() + b"}   "
+    ),
+    "null metadata and extra fields": _file(
+        {"__metadata__": None, "a": {**_f32([1], 0, 4), "note": 1}}, struct.pack("<f", 5.0)
+    ),
     "no tensors": _file({}),
 }
 
@@ -128,7 +132,8 @@ def test_a_shard_index_pointing_outside_its_folder_is_refused(shard, tmp_path):
 def test_a_shard_index_may_name_files_in_subfolders(tmp_path):
     (tmp_path / "shards").mkdir()
     save_file({"a": torch.ones(2)}, str(tmp_path / "shards" / "part.safetensors"))
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "shards/part.safetensors"}}))
+    index = {"weight_map": {"a": "shards/part.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     assert torch.equal(open_model_weights(tmp_path, "source").get("a"), torch.ones(2))
 
 

@@ -122,7 +122,8 @@ def test_an_interrupted_force_keeps_the_old_or_the_new_output(stage, recipe, tin
         assert _is_composite(output) and not (output / "old-output.txt").exists()
 
     # The next run of that output puts things right even though it fails itself (its source is missing).
-    failing = _write_recipe(tmp_path, {"base": str(tiny_sources["base"]), "sources": [str(tmp_path / "gone")]}, "bad.yaml")
+    missing = {"base": str(tiny_sources["base"]), "sources": [str(tmp_path / "gone")]}
+    failing = _write_recipe(tmp_path, missing, "bad.yaml")
     code, err = _run([failing, output, "--no-verify", "--force"], capsys)
     assert code == 2 and "does not exist" in err.splitlines()[-1]
     assert _is_composite(output)
@@ -200,14 +201,19 @@ def _overlap_cases(layout: dict, tmp_path: Path) -> dict[str, tuple[dict, str, l
         "output is a source (a composite), with --force": (
             {"base": base, "sources": [str(composite)]}, str(composite), ["--force"], "is sources[0]"
         ),
-        "output is the base, with --force": ({"base": base, "sources": [llava]}, base, ["--force"], "is not a composite"),
-        "output inside a source": ({"base": base, "sources": [llava]}, f"{llava}/sub/out", [], "lies inside sources[0]"),
+        "output is the base, with --force": (
+            {"base": base, "sources": [llava]}, base, ["--force"], "is not a composite"
+        ),
+        "output inside a source": (
+            {"base": base, "sources": [llava]}, f"{llava}/sub/out", [], "lies inside sources[0]"
+        ),
         "output inside the base": ({"base": base, "sources": [llava]}, f"{base}/out", [], "lies inside base"),
         "output contains a source, with --force": (
             {"base": base, "sources": [str(inner)]}, str(composite), ["--force"], "contains sources[0]"
         ),
         "output inside an encoder": (
-            {"method": "damc", "base": base, "sources": [paper]}, str(inputs / "clip" / "out"), [], "lies inside sources[0]"
+            {"method": "damc", "base": base, "sources": [paper]}, str(inputs / "clip" / "out"), [],
+            "lies inside sources[0]",
         ),
         "output is the current directory": ({"base": base, "sources": [llava]}, ".", [], "is the current directory"),
         "output contains the current directory": (
@@ -267,7 +273,8 @@ def test_force_replaces_a_composite_or_an_empty_folder_but_never_another_folder(
 
 
 def test_a_failed_run_removes_the_parent_folders_it_created(layout, tmp_path, capsys):
-    bad = _write_recipe(tmp_path, {"base": str(layout["inputs"] / "base"), "sources": [str(tmp_path / "gone")]}, "bad.yaml")
+    missing = {"base": str(layout["inputs"] / "base"), "sources": [str(tmp_path / "gone")]}
+    bad = _write_recipe(tmp_path, missing, "bad.yaml")
     code, _ = _run([bad, tmp_path / "new" / "deeper" / "out", "--no-verify"], capsys)
     assert code == 2 and not (tmp_path / "new").exists()
 

@@ -37,9 +37,11 @@ def _with(batch: dict, **changes) -> dict:
 # Text inputs --------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("change", "message"), [
-    (lambda b: {"input_ids": b["input_ids"].float()}, r"input_ids must hold integer token ids \(torch.long\), got torch.float32"),
+    (lambda b: {"input_ids": b["input_ids"].float()},
+     r"input_ids must hold integer token ids \(torch.long\), got torch.float32"),
     (lambda b: {"input_ids": b["input_ids"].bool()}, r"got torch.bool"),
-    (lambda b: {"input_ids": b["input_ids"][0]}, r"input_ids must be a \(batch, sequence\) tensor .*\(input_ids\[None\]\)"),
+    (lambda b: {"input_ids": b["input_ids"][0]},
+     r"input_ids must be a \(batch, sequence\) tensor .*\(input_ids\[None\]\)"),
     (lambda b: {"input_ids": b["input_ids"].index_fill(1, torch.tensor([2]), 5000)},
      r"input_ids holds ids from \d+ to 5000, but the vocabulary has \d+ tokens"),
     (lambda b: {"input_ids": b["input_ids"].index_fill(1, torch.tensor([0]), -100)},
@@ -83,7 +85,8 @@ def test_labels_with_ignored_positions_are_fine(composite, batch_all):
 def test_modality_inputs_that_do_not_match_the_batch_are_refused(composite, batch_all, no_encoder_runs):
     model, _ = composite
     two_images = batch_all["pixel_values"].repeat(2, 1, 1, 1)
-    with pytest.raises(ValueError, match=r"Modality 'image': the prompt has \d+ placeholder positions but 2 input\(s\)"):
+    message = r"Modality 'image': the prompt has \d+ placeholder positions but 2 input\(s\)"
+    with pytest.raises(ValueError, match=message):
         model(**_with(batch_all, pixel_values=two_images))
 
 
@@ -91,17 +94,23 @@ def test_modality_inputs_that_do_not_match_the_batch_are_refused(composite, batc
 
 @pytest.mark.parametrize(("key", "change", "message"), [
     ("pixel_values", lambda t: t[..., : IMAGE_SIZE // 2, : IMAGE_SIZE // 2],
-     rf"Modality 'image' \(image\): each item must have shape \(3, {IMAGE_SIZE}, {IMAGE_SIZE}\) \(channels, height, width\), "
-     rf"got \(3, {IMAGE_SIZE // 2}, {IMAGE_SIZE // 2}\)"),
-    ("pixel_values", lambda t: t[:, :1], r"Modality 'image' \(image\): each item must have shape \(3, 32, 32\).* got \(1, 32, 32\)"),
+     rf"Modality 'image' \(image\): each item must have shape \(3, {IMAGE_SIZE}, {IMAGE_SIZE}\) "
+     rf"\(channels, height, width\), got \(3, {IMAGE_SIZE // 2}, {IMAGE_SIZE // 2}\)"),
+    ("pixel_values", lambda t: t[:, :1],
+     r"Modality 'image' \(image\): each item must have shape \(3, 32, 32\).* got \(1, 32, 32\)"),
     ("pixel_values", lambda t: t.permute(0, 2, 3, 1), r"got \(32, 32, 3\)"),
-    ("pixel_values_videos", lambda t: t[:, :1], r"Modality 'video' \(video\): each item must have shape \(2, 3, 32, 32\)"),
-    ("input_features", lambda t: t[:, : MEL_BINS // 2], rf"Modality 'audio' \(audio\): each item must have shape \({MEL_BINS}, 100\)"),
-    ("input_features", lambda t: t[..., :50], rf"each item must have shape \({MEL_BINS}, 100\) .* got \({MEL_BINS}, 50\)"),
+    ("pixel_values_videos", lambda t: t[:, :1],
+     r"Modality 'video' \(video\): each item must have shape \(2, 3, 32, 32\)"),
+    ("input_features", lambda t: t[:, : MEL_BINS // 2],
+     rf"Modality 'audio' \(audio\): each item must have shape \({MEL_BINS}, 100\)"),
+    ("input_features", lambda t: t[..., :50],
+     rf"each item must have shape \({MEL_BINS}, 100\) .* got \({MEL_BINS}, 50\)"),
     ("point_clouds", lambda t: t[..., :3], r"Modality 'point' \(point\): each item must have shape \('any', 6\)"),
     ("point_clouds", lambda t: t[:, :4], r"Modality 'point' \(point\): each cloud needs at least 8 points, got 4"),
-    ("pixel_values", lambda t: (t * 60 + 120).round().to(torch.uint8), r"Modality 'image' \(image\) takes normalised pixel values, got torch.uint8"),
-    ("point_clouds", lambda t: t.double().long(), r"Modality 'point' \(point\) takes floating-point values, got torch.int64"),
+    ("pixel_values", lambda t: (t * 60 + 120).round().to(torch.uint8),
+     r"Modality 'image' \(image\) takes normalised pixel values, got torch.uint8"),
+    ("point_clouds", lambda t: t.double().long(),
+     r"Modality 'point' \(point\) takes floating-point values, got torch.int64"),
 ])
 def test_wrong_modality_shapes_and_dtypes_are_refused_before_the_encoder(key, change, message, composite, batch_all,
                                                                           no_encoder_runs):
@@ -115,9 +124,10 @@ def test_non_finite_modality_inputs_are_refused(key, value, composite, batch_all
     model, _ = composite
     damaged = batch_all[key].clone()
     damaged.view(-1)[7] = value
-    name = {"point_clouds": "point", "pixel_values": "image", "input_features": "audio", "pixel_values_videos": "video"}[key]
-    _refused(model, rf"Modality '{name}' \({name}\): the input holds 1 NaN or infinite value\(s\) of {damaged.numel()}",
-             **_with(batch_all, **{key: damaged}))
+    name = {"point_clouds": "point", "pixel_values": "image", "input_features": "audio",
+            "pixel_values_videos": "video"}[key]
+    message = rf"Modality '{name}' \({name}\): the input holds 1 NaN or infinite value\(s\) of {damaged.numel()}"
+    _refused(model, message, **_with(batch_all, **{key: damaged}))
 
 
 def test_raw_pixel_values_are_refused_but_every_normalised_range_passes(composite, batch_all, no_encoder_runs):
@@ -149,7 +159,8 @@ def test_value_checks_run_once_per_prompt_and_never_on_decode_steps(composite, m
     calls = []
     original = torch.aminmax
     monkeypatch.setattr(torch, "aminmax", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
-    model.generate(**processor(text="USER: hello there ASSISTANT:"), max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    prompt = processor(text="USER: hello there ASSISTANT:")
+    model.generate(**prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False)
     assert len(calls) == 1
 
 
@@ -159,8 +170,9 @@ def test_value_checks_run_once_per_prompt_and_never_on_decode_steps(composite, m
 def test_an_image_array_whose_layout_is_ambiguous_is_refused_unless_stated(shape, composite):
     _, processor = composite
     image = np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8)
-    with pytest.raises(ValueError, match=rf"Modality 'image': the image array of shape \({shape[0]}, {shape[1]}, "
-                                         rf"{shape[2]}\) could be channels-first or channels-last; pass images_kwargs"):
+    message = (rf"Modality 'image': the image array of shape \({shape[0]}, {shape[1]}, {shape[2]}\) could be "
+               r"channels-first or channels-last; pass images_kwargs")
+    with pytest.raises(ValueError, match=message):
         processor(text="<image>", images=[image])
     stated = processor(text="<image>", images=[image], images_kwargs={"input_data_format": "channels_last"})
     assert stated["pixel_values"].shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
@@ -181,7 +193,8 @@ def test_image_arrays_in_either_clear_layout_and_without_channels_of_1_or_3(comp
     last = rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)
     both = processor(text="<image> <image>", images=[last, np.ascontiguousarray(last.transpose(2, 0, 1))])
     torch.testing.assert_close(both["pixel_values"][0], both["pixel_values"][1])
-    with pytest.raises(ValueError, match=r"shape \(20, 24, 4\) has no channel dimension of size 1 or 3 .*\(drop an alpha"):
+    message = r"shape \(20, 24, 4\) has no channel dimension of size 1 or 3 .*\(drop an alpha"
+    with pytest.raises(ValueError, match=message):
         processor(text="<image>", images=[rng.integers(0, 255, (20, 24, 4), dtype=np.uint8)])
 
 

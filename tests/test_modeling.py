@@ -134,7 +134,8 @@ def test_input_for_a_modality_the_composite_lacks_is_refused(batch_all):
 
 def test_malformed_modality_tensor_is_refused(composite, batch_all):
     model, _ = composite
-    with pytest.raises(ValueError, match=r"Modality 'point' \(point\) takes a non-empty tensor \(items, points, values per point\)"):
+    message = r"Modality 'point' \(point\) takes a non-empty tensor \(items, points, values per point\)"
+    with pytest.raises(ValueError, match=message):
         model(**{**batch_all, "point_clouds": batch_all["point_clouds"][0]})
 
 

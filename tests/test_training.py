@@ -458,15 +458,23 @@ def test_the_whole_dataset_is_checked_before_the_first_step_and_every_bad_sample
 
     bad = {
         "no-answer": (sample("no-answer", answer=None), "no assistant (`gpt`) turn"),
-        "odd-turn": ({**sample("odd-turn"), "conversations": [{"from": "robot", "value": "x"}]}, "every turn needs `from`"),
+        "odd-turn": (
+            {**sample("odd-turn"), "conversations": [{"from": "robot", "value": "x"}]}, "every turn needs `from`"
+        ),
         "missing": (sample("missing", inputs=["nowhere.png"]), "nowhere.png: no such file"),
         "empty": (sample("empty", inputs=[str(tmp_path / "empty.png")]), "empty.png: the file is empty"),
-        "truncated": (sample("truncated", inputs=[str(tmp_path / "truncated.png")]), "truncated.png: not a readable image file"),
-        "not-an-image": (sample("not-an-image", inputs=[str(tmp_path / "text.png")]), "text.png: not a readable image file"),
+        "truncated": (
+            sample("truncated", inputs=[str(tmp_path / "truncated.png")]), "truncated.png: not a readable image file"
+        ),
+        "not-an-image": (
+            sample("not-an-image", inputs=[str(tmp_path / "text.png")]), "text.png: not a readable image file"
+        ),
         "video-as-image": (sample("video-as-image", inputs=[str(tmp_path / "frames.npy")]), "with (2, 3) dimensions"),
         "two-placeholders": (sample("two-placeholders", question="<image> <image> Same?"),
                              "has 2 <image> placeholder(s) but 1 image input(s)"),
-        "no-placeholder": (sample("no-placeholder", question="What colour?"), "has 0 <image> placeholder(s) but 1 image"),
+        "no-placeholder": (
+            sample("no-placeholder", question="What colour?"), "has 0 <image> placeholder(s) but 1 image"
+        ),
         "no-input": (sample("no-input", inputs=()), "has 1 <image> placeholder(s) but 0 image input(s)"),
         "other-modality": (sample("other-modality", key="audio"), "modal_inputs key 'audio' names no modality"),
     }

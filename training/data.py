@@ -89,8 +89,8 @@ class ConversationDataset(Dataset):
             role = ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
             if role is None or not isinstance(turn.get("value"), str):
                 raise DataError(
-                    f"Sample {self.sample_id(index)}: every turn needs `from` (human/gpt/system) and a string `value`, "
-                    f"got {turn!r}."
+                    f"Sample {self.sample_id(index)}: every turn needs `from` (human/gpt/system) and a string "
+                    f"`value`, got {turn!r}."
                 )
             messages.append({"role": role, "content": turn["value"]})
         if not any(message["role"] == "assistant" for message in messages):

@@ -24,15 +24,23 @@ class MediaError(ValueError):
     """A media file that cannot be read as the modality it is given for."""
 
 
+def _existing_media_file(path: Path, kind: str) -> str:
+    """The suffix of `path`, refusing a suffix `kind` does not take and a file that does not exist."""
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES_BY_KIND[kind]:
+        raise MediaError(
+            f"{path}: a {kind} input must be one of {list(SUFFIXES_BY_KIND[kind])}, not {suffix or 'no suffix'!r}."
+        )
+    if not path.is_file():
+        raise MediaError(f"{path}: no such file (relative paths start from --media_root).")
+    return suffix
+
+
 def load_media(path: str | Path, kind: str) -> Any:
     """The raw input the processor takes for one item of `kind`: a PIL image, a `(frames, h, w, 3)` uint8 array, a
     float32 mono waveform, or a `(points, dims)` float array."""
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in SUFFIXES_BY_KIND[kind]:
-        raise MediaError(f"{path}: a {kind} input must be one of {list(SUFFIXES_BY_KIND[kind])}, not {suffix or 'no suffix'!r}.")
-    if not path.is_file():
-        raise MediaError(f"{path}: no such file (relative paths start from --media_root).")
+    suffix = _existing_media_file(path, kind)
     if suffix == ".npy":
         return np.load(path, allow_pickle=False)
     if suffix == ".wav":
@@ -55,11 +63,7 @@ def check_media(path: str | Path, kind: str) -> None:
     array of the right dimensions, finite for audio and point clouds, a WAV header with samples). Raises `MediaError`.
     A JPEG truncated inside its compressed data can pass: Pillow's verification does not decode it."""
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in SUFFIXES_BY_KIND[kind]:
-        raise MediaError(f"{path}: a {kind} input must be one of {list(SUFFIXES_BY_KIND[kind])}, not {suffix or 'no suffix'!r}.")
-    if not path.is_file():
-        raise MediaError(f"{path}: no such file (relative paths start from --media_root).")
+    suffix = _existing_media_file(path, kind)
     if path.stat().st_size == 0:
         raise MediaError(f"{path}: the file is empty.")
     try:
@@ -70,7 +74,8 @@ def check_media(path: str | Path, kind: str) -> None:
                 if reader.getnframes() == 0:
                     raise MediaError(f"{path}: the WAV file holds no samples.")
                 if reader.getsampwidth() not in (1, 2, 4):
-                    raise MediaError(f"{path}: {8 * reader.getsampwidth()}-bit WAV is not supported; use 8, 16 or 32-bit PCM.")
+                    bits = 8 * reader.getsampwidth()
+                    raise MediaError(f"{path}: {bits}-bit WAV is not supported; use 8, 16 or 32-bit PCM.")
         else:
             from PIL import Image
 
@@ -86,8 +91,8 @@ def _check_npy(path: Path, kind: str) -> None:
     array = np.load(path, mmap_mode="r", allow_pickle=False)  # reads the header; the data stays on disk
     if array.dtype.kind not in "biuf" or array.ndim not in _NPY_DIMENSIONS[kind] or array.size == 0:
         raise MediaError(
-            f"{path}: an .npy {kind} input must hold a non-empty numeric array with {_NPY_DIMENSIONS[kind]} dimensions, got "
-            f"{array.dtype} of shape {array.shape}."
+            f"{path}: an .npy {kind} input must hold a non-empty numeric array with {_NPY_DIMENSIONS[kind]} "
+            f"dimensions, got {array.dtype} of shape {array.shape}."
         )
     if kind in ("audio", "point") and not np.isfinite(array).all():
         raise MediaError(f"{path}: the {kind} holds NaN or infinite values.")
