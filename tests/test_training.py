@@ -286,7 +286,7 @@ def test_weight_search_accuracy_scores_against_the_given_answers(world, stage2, 
         return folders[candidate.sources[0].weight]
 
     expected_scores: dict[float, float] = {}
-    chosen, scores = search_weights(recipe, compose_candidate)
+    chosen, scores = search_weights(recipe, compose_candidate, tmp_path / "search")
     assert scores == expected_scores and set(scores) == {0.5, 1.0}
     assert scores[chosen] == max(scores.values())
 
