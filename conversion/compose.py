@@ -67,8 +67,9 @@ def compose(
 
     Args:
         recipe: a YAML file, a dict, or a parsed `Recipe`.
-        output_dir: the folder to create. It appears only once complete (written beside it, then renamed).
-        force: replace an existing `output_dir`.
+        output_dir: the folder to create. It appears only once complete (written beside it, then renamed), and may
+            not overlap the inputs or contain the current directory (see `output.py`).
+        force: replace an existing `output_dir` that is a composite (never another folder).
         verify: load the result in a fresh process through the auto classes and run one forward before finishing.
         max_shard_size: the largest weight shard, e.g. "2GB"; it also bounds the memory the writing needs.
         push_to_hub: a Hub repo id to upload the finished folder to (with its model card).
@@ -81,14 +82,14 @@ def compose(
     # Held for the whole run: one run per output; it also cleans up what an earlier, killed run of it left.
     with OutputRun(output) as run:
         check_replaceable(output, force)  # before any source is read; checked again before the output is replaced
-        search_result = None
-        if recipe.weight_search is not None:
-            recipe, search_result = _search_weights(recipe, run, max_shard_size)
         with recording_inputs() as inputs:
             base = BaseModel(locate(recipe.base, "base"))
             sources = [read_source(source, locate(source.path, source.label)) for source in recipe.sources]
         refuse_overlap(output, inputs)
         check_compatibility(base, sources, recipe)
+        search_result = None
+        if recipe.weight_search is not None:  # the λ it picks reaches the plan through `recipe.weights()`
+            recipe, search_result = _search_weights(recipe, run, max_shard_size)
         composition = _composition(recipe, base.location, sources)
         if search_result is not None:
             composition["weight_search"] = search_result
@@ -193,8 +194,8 @@ def floating_keys(config) -> set[str]:
 def checked_output_tensor(key: str, tensor: torch.Tensor, reads: list[TensorRead], floating: bool,
                           dtype: torch.dtype) -> torch.Tensor:
     """`tensor`, the composite's `key` computed from `reads`, in `dtype` if floating; refused when a source gave
-    integers where the composite needs floating-point values (or the reverse), or when it is not finite in `dtype`
-    (the sources' tensors are finite: `TensorStore` checks every one, so the merge itself overflowed)."""
+    integers where the composite needs floating-point values (or the reverse), or when it is not finite in `dtype`:
+    then the source tensor that holds NaN / Inf is named, or else the merge itself overflowed."""
     if floating:
         integers = [read for read in reads if not read.dtype.is_floating_point]
         if integers or not tensor.is_floating_point():
@@ -207,6 +208,10 @@ def checked_output_tensor(key: str, tensor: torch.Tensor, reads: list[TensorRead
         tensor = tensor.to(dtype)
         bad = non_finite_count(tensor)
         if bad:
+            for read in reads:
+                message = read.non_finite_message()
+                if message is not None:
+                    raise ConversionError(message)
             raise ConversionError(
                 f"Tensor {key!r} of the composite comes out with {bad} NaN or infinite value(s) in {dtype} although "
                 "every source tensor is finite: the merge overflows. Check the sources' `weight` in the recipe."

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conversion.errors import ConversionError
-from conversion.tensors import TensorStore, open_model_weights, recording_reads
+from conversion.tensors import TensorStore, non_finite_count, open_model_weights, recording_reads
 from conversion.writer import ShardedWriter
 
 
@@ -143,17 +143,31 @@ def test_a_shard_index_may_name_files_in_subfolders(tmp_path):
     (torch.float8_e4m3fn, float("nan")),  # float8_e4m3fn has no infinity
 ])
 @pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
-def test_nan_or_inf_in_a_checkpoint_is_refused_naming_it_and_the_tensor(dtype, value, suffix, tmp_path):
+def test_a_read_tells_its_nan_or_inf_naming_the_checkpoint_and_the_tensor(dtype, value, suffix, tmp_path):
+    """The writer checks what it writes; when that is not finite, the reads it came from name the culprit."""
     clean, damaged = torch.randn(70, 5), torch.randn(70, 5)
     damaged[33, 2] = value
     tensors = {"clean": clean.to(dtype), "layers.3.weight": damaged.to(dtype)}
     path = tmp_path / f"model{suffix}"
     save_file(tensors, str(path)) if suffix == ".safetensors" else torch.save(tensors, path)
     store = TensorStore([path], "sources[2] (mine)")
-    assert torch.equal(store.get("clean").float(), tensors["clean"].float())
-    expected = rf"^sources\[2\] \(mine\): tensor 'layers\.3\.weight' in model{suffix} holds 1 NaN or infinite value"
-    with pytest.raises(ConversionError, match=expected):
-        store.get("layers.3.weight")
+    with recording_reads() as reads:
+        assert torch.equal(store.get("clean").float(), tensors["clean"].float())
+        assert non_finite_count(store.get("layers.3.weight")) == 1
+    assert reads[0].non_finite_message() is None
+    assert reads[1].non_finite_message() == (
+        f"sources[2] (mine): tensor 'layers.3.weight' in model{suffix} holds 1 NaN or infinite value(s) of 350; the "
+        "checkpoint is damaged or was saved from a diverged run. Use a sound checkpoint."
+    )
+    assert len(reads) == 2, "reading again to name a culprit is not itself recorded"
+
+
+def test_non_finite_values_are_counted_in_every_chunk(monkeypatch):
+    monkeypatch.setattr("conversion.tensors._FINITE_CHECK_CHUNK", 7)
+    tensor = torch.zeros(10, 5)
+    tensor[0, 0], tensor[4, 2], tensor[9, 4] = float("nan"), float("inf"), -float("inf")
+    assert non_finite_count(tensor) == 3 and non_finite_count(tensor.bfloat16()) == 3
+    assert non_finite_count(torch.arange(5)) == 0 and non_finite_count(torch.zeros(0)) == 0
 
 
 def test_every_read_is_recorded_with_its_dtype(tmp_path):
@@ -164,6 +178,7 @@ def test_every_read_is_recorded_with_its_dtype(tmp_path):
         store.get("a")
     assert [(read.key, read.dtype, read.file) for read in reads] == [("b", torch.int32, "m.safetensors"),
                                                                      ("a", torch.float32, "m.safetensors")]
+    assert reads[0].describe() == "source: tensor 'b' in m.safetensors"
     store.get("a")  # outside the block: nothing recorded
     assert len(reads) == 2
 
