@@ -209,8 +209,8 @@ class TensorRead:
         if not bad:
             return None
         return (
-            f"{self.describe()} holds {bad} NaN or infinite value(s) of {tensor.numel()}; the checkpoint is damaged or "
-            "was saved from a diverged run. Use a sound checkpoint."
+            f"{self.describe()} holds {bad} NaN or infinite value(s) of {tensor.numel()}; the checkpoint is damaged "
+            "or was saved from a diverged run. Use a sound checkpoint."
         )
 
 

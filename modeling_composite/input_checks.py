@@ -4,7 +4,8 @@ torch or an encoder, or silent garbage.
 
 Cost: checks of dtypes and shapes read tensor metadata only. Checks of values (token ids in range, finite modality
 inputs, normalised pixels) need one host sync per tensor; they run when a prompt is read (a prefill syncs anyway, to
-count placeholders) and never on a decode step (one new token, a cache, no modality inputs), which stays sync-free.
+count placeholders) and never on a decode step (one new token, a cache, no modality inputs) nor while torch.compile
+traces, so decode steps stay sync-free and capturable.
 
 Not checked: pixel values scaled to [0, 1] but not normalised (they lie inside the normalised range), audio features
 outside the feature extractor's usual range, and anything about the meaning of an input.
@@ -29,9 +30,16 @@ def _describe(value) -> str:
     return type(value).__name__
 
 
-def is_decode_step(input_length: int, past_length: int, has_modality_inputs: bool) -> bool:
-    """A generated token being fed back: the ids come from the model itself, so value checks are skipped there."""
-    return past_length > 0 and input_length == 1 and not has_modality_inputs
+def is_decode_step(input_length: int, past_length: int | None, has_modality_inputs: bool) -> bool:
+    """A generated token being fed back: the ids come from the model itself, so value checks are skipped there.
+    `past_length` None: a cache whose length is not read (a compilable one keeps it on the device)."""
+    continuing = past_length is None or past_length > 0
+    return continuing and input_length == 1 and not has_modality_inputs
+
+
+def _checking_values() -> bool:
+    # Reading a value back is a host sync, and a graph break under torch.compile.
+    return not torch.compiler.is_compiling()
 
 
 def check_text_inputs(
@@ -40,11 +48,12 @@ def check_text_inputs(
     input_ids: torch.Tensor | None,
     inputs_embeds: torch.Tensor | None,
     attention_mask: torch.Tensor | None,
-    past_length: int,
+    past_length: int | None,
     has_modality_inputs: bool,
 ) -> None:
     """`input_ids` (integer ids in range) or `inputs_embeds` (`(batch, seq, hidden)`), and an `attention_mask` whose
-    batch matches and that covers the cached and the new positions. Ids are range-checked except on decode steps."""
+    batch matches and that covers the cached (when `past_length` is known) and the new positions. Ids are
+    range-checked except on decode steps."""
     if input_ids is not None:
         if not torch.is_tensor(input_ids) or input_ids.ndim != 2:
             raise CompositeInputError(
@@ -57,7 +66,7 @@ def check_text_inputs(
                 "unchanged (a float tensor would be rounded into other tokens)."
             )
         decode_step = is_decode_step(input_ids.shape[1], past_length, has_modality_inputs)
-        if not decode_step and input_ids.numel():
+        if not decode_step and input_ids.numel() and _checking_values():
             low, high = (int(value) for value in torch.aminmax(input_ids))
             if low < 0 or high >= vocab_size:
                 raise CompositeInputError(
@@ -80,10 +89,11 @@ def check_text_inputs(
             f"attention_mask must be a (batch, sequence) tensor for the batch of {batch} prompt(s), got "
             f"{_describe(attention_mask)}; pad the prompts together and pass the mask the tokenizer returns."
         )
-    if attention_mask.ndim == 2 and attention_mask.shape[1] < past_length + length:
+    cached = past_length or 0
+    if attention_mask.ndim == 2 and attention_mask.shape[1] < cached + length:
         raise CompositeInputError(
-            f"attention_mask covers {attention_mask.shape[1]} positions but the model sees {past_length + length} "
-            f"({past_length} cached + {length} new); pass a mask for every position."
+            f"attention_mask covers {attention_mask.shape[1]} positions but the model sees {cached + length} "
+            f"({cached} cached + {length} new); pass a mask for every position."
         )
 
 
@@ -95,7 +105,7 @@ def check_labels(labels: torch.Tensor | None, batch: int, length: int, vocab_siz
         raise CompositeInputError(
             f"labels must be an integer tensor of the inputs' shape {(batch, length)}, got {_describe(labels)}."
         )
-    if labels.numel():
+    if labels.numel() and _checking_values():
         low, high = (int(value) for value in torch.aminmax(labels))
         if (low < 0 and low != -100) or high >= vocab_size:
             raise CompositeInputError(
@@ -161,7 +171,7 @@ def check_modality_items(name: str, kind: str, entry: dict, encoder_config, item
             )
     if expected[0] is None and kind == "audio" and hasattr(encoder_config, "patch_size"):
         _check_beats_frames(name, entry, encoder_config, items.shape[1])
-    if check_values:
+    if check_values and _checking_values():
         _check_values(name, kind, items)
 
 

@@ -363,7 +363,9 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
         (dtype, item shape for its encoder, finite, normalised pixels); see `input_checks.py`. A decode step (one new
         token, a cache, no modality inputs) costs no host sync here."""
         by_modality = self.collect_modality_inputs(standard_inputs, modality_inputs)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        # A compilable cache keeps its length on the device: not read here (see `_continues_a_sequence`).
+        compilable = getattr(past_key_values, "is_compileable", False) or torch.compiler.is_compiling()
+        past_length = None if compilable else past_key_values.get_seq_length() if past_key_values is not None else 0
         check_text_inputs(
             self.get_input_embeddings().weight.shape[0],
             self.config.get_text_config().hidden_size,
