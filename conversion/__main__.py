@@ -1,7 +1,7 @@
 """Command line: `python -m conversion RECIPE.yaml OUTPUT_DIR [--force] [--push-to-hub REPO_ID [--private]]`.
 
-Exit status 0 on success, 2 on a problem with the recipe, a source or the output (one line on stderr saying what
-and how to fix it), 130 when interrupted.
+Exit status 0 on success, 2 on any failure (the last line on stderr, and for a problem found before writing the only
+one, says what and how to fix it), 130 when interrupted.
 
 The conversion code (torch, transformers) is imported only once the arguments are parsed, so that `--help` and
 `--example-recipe` answer at once.
@@ -10,6 +10,7 @@ The conversion code (torch, transformers) is imported only once the arguments ar
 import argparse
 import logging
 import sys
+import traceback
 
 from .errors import ConversionError
 
@@ -94,13 +95,26 @@ def main(argv: list[str] | None = None) -> int:
             private=args.private,
         )
     except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print("error: " + str(error).replace("\n", " "), file=sys.stderr)
+        return 2
+    except Exception as error:  # a failure nobody anticipated still ends in one line and status 2
+        print(_unexpected(error, args.verbose), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
     print(f"composite written to {path}")
     return 0
+
+
+def _unexpected(error: Exception, verbose: bool) -> str:
+    """The error line for an exception that is not a `ConversionError` (a bug, or a failure we did not foresee);
+    with --verbose the traceback comes first, so the line stays last."""
+    if verbose:
+        traceback.print_exc(file=sys.stderr)
+    problem = " ".join(str(error).split()) or "no message"
+    hint = "" if verbose else "; rerun with -v for the traceback"
+    return f"error: unexpected {type(error).__name__}: {problem} (please report it{hint})"
 
 
 if __name__ == "__main__":

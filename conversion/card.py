@@ -74,7 +74,7 @@ class CardInfo:
     modalities: dict[str, dict]
     recipe_yaml: str  # the recipe text, verbatim
     repo_id: str | None = None  # where it will be pushed: the usage snippet loads it from there
-    folder: str | None = None  # else the folder it is written to, which the snippet loads (else the name stands in)
+    folder: str | None = None  # else the name of the folder it is written to, which the snippet loads from its parent
     license: str | None = None
     notes: list[str] = field(default_factory=list)  # Markdown paragraphs for the end of the Limitations section
     # The conventions of a ties / dare merge (normalize, lambda, rescale), as `MergeSettings.provenance()` gives them.

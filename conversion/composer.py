@@ -7,6 +7,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import jinja2
+import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, WhisperFeatureExtractor
 
@@ -21,18 +23,22 @@ from modeling_composite.builder import (
     processor_modalities,
     register_processor_auto_classes,
 )
+from modeling_composite.modeling_composite import CompositeMLLMForCausalLM
 from modeling_composite.processing_composite import CompositeMLLMProcessor
 
 from .card import CardInfo, CardSource, render_model_card
 from .paper_cards import paper_notes
 from .detect import read_source
 from .errors import ConversionError
-from .locate import Location, locate
+from .locate import Location, locate, recording_inputs
+from .output import OutputRun, check_replaceable, hold_for_test, output_path, refuse_overlap
 from .plan import Plan, build_plan, check_compatibility
+from .provenance import forget_local_paths, public_recipe_text, public_reference
 from .recipe import Recipe, load_recipe
 from .sources import BaseModel, Source
+from .tensors import TensorRead, non_finite_count, recording_reads
 from .verify import verify_composite
-from .writer import ShardedWriter, atomic_output, check_destination, parse_size
+from .writer import ShardedWriter, parse_size
 
 
 logger = logging.getLogger(__name__)
@@ -62,8 +68,9 @@ def compose(
     Args:
         recipe: a YAML file (its relative paths start from its folder), a dict, or a parsed `Recipe` (relative paths
             start from the current directory).
-        output_dir: the folder to create. It appears only once complete (written beside it, then renamed).
-        force: replace an existing `output_dir`.
+        output_dir: the folder to create. It appears only once complete (written beside it, then renamed), and may
+            not overlap the inputs or contain the current directory (see `output.py`).
+        force: replace an existing `output_dir` that is a composite (never another folder).
         verify: load the result in a fresh process through the auto classes and run one forward before finishing.
         max_shard_size: the largest weight shard, e.g. "2GB"; it also bounds the memory the writing needs.
         push_to_hub: a Hub repo id to upload the finished folder to (with its model card). The token, the repo id
@@ -73,59 +80,73 @@ def compose(
         token: Hub token for the upload (default: the logged-in one).
     """
     recipe = load_recipe(recipe)
-    output_dir = Path(output_dir)
     shard_bytes = parse_size(max_shard_size)
-    check_destination(output_dir, force)  # before any source is read; atomic_output checks again before writing
-    if push_to_hub:
-        from .hub import check_push_access
+    output = output_path(output_dir)
+    # Held for the whole run: one run per output; it also cleans up what an earlier, killed run of it left.
+    with OutputRun(output) as run:
+        check_replaceable(output, force)  # before any source is read; checked again before the output is replaced
+        if push_to_hub:
+            from .hub import check_push_access
 
-        check_push_access(push_to_hub, token=token)
-    search_result = None
-    if recipe.weight_search is not None:
-        from .weight_search import search_weights
-
-        chosen, scores = search_weights(
-            recipe, lambda candidate, folder: compose(candidate, folder, verify=False, max_shard_size=max_shard_size)
+            check_push_access(push_to_hub, token=token)
+        with recording_inputs() as inputs:
+            base = BaseModel(locate(recipe.base, "base"))
+            sources = [read_source(source, locate(source.path, source.label)) for source in recipe.sources]
+        refuse_overlap(output, inputs)
+        _log_sources(base, sources, recipe)
+        check_compatibility(base, sources, recipe)
+        search_result = None
+        if recipe.weight_search is not None:  # the λ it picks reaches the plan through `recipe.weights()`
+            recipe, search_result = _search_weights(recipe, run, max_shard_size)
+        composition = _composition(recipe, base.location, sources)
+        if search_result is not None:
+            composition["weight_search"] = search_result
+        plan = build_plan(base, sources, recipe, composition)
+        forget_local_paths(plan.config, public_reference(base.location.reference, base.location.hub_id))
+        _log_weights(recipe)
+        processor = _processor(plan, recipe)  # before writing: it checks that the sources' processors can be combined
+        check_chat_template(processor)
+        logger.info(
+            "composite: %d modalities (%s), %d tensors", len(plan.modalities), ", ".join(plan.modalities),
+            len(plan.producers)
         )
-        logger.info("weight search: λ = %g for every source (%s: %s)", chosen, recipe.weight_search.objective,
-                    ", ".join(f"{value:g} -> {score:.3f}" for value, score in scores.items()))
-        search_result = {"objective": recipe.weight_search.objective, "data": recipe.weight_search.data,
-                         "grid": recipe.weight_search.grid,
-                         "scores": {str(value): score for value, score in scores.items()}, "chosen": chosen}
-        recipe = dataclasses.replace(
-            recipe, sources=[dataclasses.replace(source, weight=chosen) for source in recipe.sources]
-        )
-
-    base = BaseModel(locate(recipe.base, "base"))
-    sources = [read_source(source, locate(source.path, source.label)) for source in recipe.sources]
-    _log_sources(base, sources, recipe)
-    check_compatibility(base, sources, recipe)
-    composition = _composition(recipe, base.location, sources)
-    if search_result is not None:
-        composition["weight_search"] = search_result
-    plan = build_plan(base, sources, recipe, composition)
-    _log_weights(recipe)
-    logger.info(
-        "composite: %d modalities (%s), %d tensors", len(plan.modalities), ", ".join(plan.modalities), len(plan.producers)
-    )
-    processor = _processor(plan, recipe)  # before writing: it checks that the sources' processors can be combined
-    with atomic_output(output_dir, force) as folder:
-        try:
+        with run.staged(force) as folder:
             _write_weights(plan, folder, shard_bytes)
-            _write_metadata(plan, processor, folder, base, recipe, push_to_hub, output_dir)
-        except OSError as error:
-            raise ConversionError(f"Writing the composite failed ({error}); check the free space and permissions.") from None
-        if verify:
-            report = verify_composite(folder)
-            logger.info(
-                "verified: a fresh process loaded %s through the auto classes (no missing or unexpected weights) and "
-                "ran one forward over %d positions with every modality; logits are finite",
-                report["class"],
-                report["sequence"],
-            )
-    if push_to_hub:
-        _push(output_dir, push_to_hub, private, token)
-    return output_dir
+            _write_metadata(plan, processor, folder, base, recipe, push_to_hub, output)
+            hold_for_test("written")
+            if verify:
+                report = verify_composite(folder, scratch=run.new_folder("verify"))
+                logger.info(
+                    "verified: a fresh process loaded %s through the auto classes (no missing or unexpected weights) "
+                    "and ran one forward over %d positions with every modality; logits are finite",
+                    report["class"],
+                    report["sequence"],
+                )
+        if push_to_hub:
+            _push(output, push_to_hub, private, token)
+    return Path(output_dir)
+
+
+def _search_weights(recipe: Recipe, run: OutputRun, max_shard_size: str | int) -> tuple[Recipe, dict]:
+    """Choose λ by `recipe.weight_search`, composing the candidates in scratch space beside the output."""
+    from .weight_search import search_weights
+
+    scratch = run.new_folder("search")
+    try:
+        chosen, scores = search_weights(
+            recipe,
+            lambda candidate, folder: compose(candidate, folder, verify=False, max_shard_size=max_shard_size),
+            scratch,
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    search = recipe.weight_search
+    logger.info("weight search: λ = %g for every source (%s: %s)", chosen, search.objective,
+                ", ".join(f"{value:g} -> {score:.3f}" for value, score in scores.items()))
+    result = {"objective": search.objective, "data": public_reference(search.data), "grid": search.grid,
+              "scores": {str(value): score for value, score in scores.items()}, "chosen": chosen}
+    sources = [dataclasses.replace(source, weight=chosen) for source in recipe.sources]
+    return dataclasses.replace(recipe, sources=sources), result
 
 
 def _log_weights(recipe: Recipe) -> None:
@@ -173,10 +194,11 @@ def _composition(recipe: Recipe, base: Location, sources: list[Source]) -> dict:
         "density": recipe.merge.density,
         "seed": recipe.merge.seed if recipe.merge.rule.startswith("dare") else None,
         **recipe.merge.provenance(),
-        "base": {"reference": base.reference, "hub_id": base.hub_id, "revision": base.revision},
+        "base": {"reference": public_reference(base.reference, base.hub_id), "hub_id": base.hub_id,
+                 "revision": base.revision},
         "sources": [
             {
-                "reference": source.location.reference,
+                "reference": public_reference(source.location.reference, source.location.hub_id),
                 "hub_id": source.location.hub_id,
                 "revision": source.location.revision,
                 "format": source.format,
@@ -189,35 +211,123 @@ def _composition(recipe: Recipe, base: Location, sources: list[Source]) -> dict:
 
 
 def _write_weights(plan: Plan, folder: Path, shard_bytes: int) -> None:
+    floating = floating_keys(plan.config)
     writer = ShardedWriter(folder, shard_bytes, plan.shapes)
-    for key, produce in tqdm(plan.producers.items(), desc="writing tensors", unit="tensor", leave=False):
-        tensor = produce()
-        writer.add(key, tensor.to(plan.dtype) if tensor.is_floating_point() else tensor)
-    files = writer.close()
+    # A context manager, so that the progress bar is gone before an error line is printed.
+    with tqdm(total=len(plan.producers), desc="writing tensors", unit="tensor", leave=False) as progress:
+        try:
+            for key, produce in plan.producers.items():
+                with recording_reads() as reads:
+                    tensor = produce()
+                writer.add(key, checked_output_tensor(key, tensor, reads, key in floating, plan.dtype))
+                progress.update()
+            files = writer.close()
+        except OSError as error:
+            raise _write_failed(error) from None
     logger.info("wrote %.1f MB of weights in %s", writer.total_bytes / 1e6, ", ".join(files))
 
 
+def floating_keys(config) -> set[str]:
+    """The keys of a composite of `config` that hold floating-point values (built on the meta device: no memory);
+    the others are integer buffers such as BatchNorm's `num_batches_tracked`."""
+    with torch.device("meta"):
+        model = CompositeMLLMForCausalLM(config)
+    return {key for key, value in model.state_dict().items() if value.is_floating_point()}
+
+
+def checked_output_tensor(key: str, tensor: torch.Tensor, reads: list[TensorRead], floating: bool,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """`tensor`, the composite's `key` computed from `reads`, in `dtype` if floating; refused when a source gave
+    integers where the composite needs floating-point values (or the reverse), or when it is not finite in `dtype`:
+    then the source tensor that holds NaN / Inf is named, or else the merge itself overflowed."""
+    if floating:
+        integers = [read for read in reads if not read.dtype.is_floating_point]
+        if integers or not tensor.is_floating_point():
+            what = integers[0].describe() if integers else f"the composite's {key!r}"
+            got = integers[0].dtype if integers else tensor.dtype
+            raise ConversionError(
+                f"{what} holds {got} values where the composite needs floating-point weights ({key}); the checkpoint "
+                "does not hold what its format says."
+            )
+        tensor = tensor.to(dtype)
+        bad = non_finite_count(tensor)
+        if bad:
+            for read in reads:
+                message = read.non_finite_message()
+                if message is not None:
+                    raise ConversionError(message)
+            raise ConversionError(
+                f"Tensor {key!r} of the composite comes out with {bad} NaN or infinite value(s) in {dtype} although "
+                "every source tensor is finite: the merge overflows. Check the sources' `weight` in the recipe."
+            )
+    elif tensor.is_floating_point():
+        names = ", ".join(read.describe() for read in reads) or key
+        raise ConversionError(f"{names} holds {tensor.dtype} values where the composite keeps integers ({key}).")
+    return tensor
+
+
+_CHAT_TEMPLATE_PROBE = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hi."}]
+
+
+def check_chat_template(processor: CompositeMLLMProcessor) -> None:
+    """Compile the composite's chat template and render a plain exchange with it, as training and inference will:
+    a template that fails does so now, not in a user's `apply_chat_template`."""
+    tokenizer, template = processor.tokenizer, processor.chat_template
+    try:
+        tokenizer.apply_chat_template(_CHAT_TEMPLATE_PROBE, chat_template=template, tokenize=False)
+        tokenizer.apply_chat_template(_CHAT_TEMPLATE_PROBE[:1], chat_template=template, tokenize=False,
+                                      add_generation_prompt=True)
+    except jinja2.TemplateSyntaxError as error:
+        raise ConversionError(
+            f"chat_template is not a valid Jinja template (line {error.lineno}: {error.message}); fix it, or use one "
+            f"of the named templates {list(CHAT_TEMPLATE_NAMES)}."
+        ) from None
+    except Exception as error:  # anything a template raises while rendering (undefined names, raise_exception, ...)
+        raise ConversionError(
+            f"chat_template fails on a plain user/assistant exchange ({type(error).__name__}: {error}); fix it, or "
+            f"use one of the named templates {list(CHAT_TEMPLATE_NAMES)}."
+        ) from None
+
+
 def _write_metadata(plan: Plan, processor: CompositeMLLMProcessor, folder: Path, base: BaseModel, recipe: Recipe,
-                    push_to_hub: str | None, output_dir: Path) -> None:
-    config = plan.config
-    config.architectures = ["CompositeMLLMForCausalLM"]
-    config.auto_map = composite_auto_map()
-    config.save_pretrained(folder)
-    _generation_config(base, plan).save_pretrained(folder)
-    # Records `auto_map` in the processor files, so that AutoProcessor finds the remote classes.
-    register_processor_auto_classes(processor)
-    processor.save_pretrained(folder)
-    package = Path(modeling_composite.__file__).parent
-    for name in REMOTE_CODE_FILES:
-        shutil.copyfile(package / name, folder / name)
-    (folder / RECIPE_FILE).write_text(recipe.text)
-    card = render_model_card(_card_info(plan, recipe, push_to_hub, output_dir))
-    card.save(folder / "README.md")
+                    push_to_hub: str | None, output: Path) -> None:
+    recipe_text = public_recipe_text(recipe.text)
+    try:
+        config = plan.config
+        config.architectures = ["CompositeMLLMForCausalLM"]
+        config.auto_map = composite_auto_map()
+        config.save_pretrained(folder)
+        _generation_config(base, plan).save_pretrained(folder)
+        # Records `auto_map` in the processor files, so that AutoProcessor finds the remote classes.
+        register_processor_auto_classes(processor)
+        processor.save_pretrained(folder)
+        package = Path(modeling_composite.__file__).parent
+        for name in REMOTE_CODE_FILES:
+            shutil.copyfile(package / name, folder / name)
+        (folder / RECIPE_FILE).write_text(recipe_text)
+        card = render_model_card(_card_info(plan, recipe, recipe_text, push_to_hub, output))
+        card.save(folder / "README.md")
+    except OSError as error:
+        raise _write_failed(error) from None
+    except Exception as error:
+        # The tokenizers library reports its own write errors ("No space left on device (os error 28)") as plain
+        # `Exception`; anything more specific is not a write error.
+        if type(error) is not Exception:
+            raise
+        raise _write_failed(error) from None
+
+
+def _write_failed(error: BaseException) -> ConversionError:
+    return ConversionError(f"Writing the composite failed ({error}); check the free space and permissions.")
 
 
 def _generation_config(base: BaseModel, plan: Plan) -> GenerationConfig:
     if (base.location.folder / "generation_config.json").is_file():
-        generation = GenerationConfig.from_pretrained(base.location.folder)
+        try:
+            generation = GenerationConfig.from_pretrained(base.location.folder)
+        except Exception as error:  # a damaged file of the base's, whatever transformers makes of it
+            problem = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ConversionError(f"{base.label}: cannot read its generation_config.json ({problem}).") from None
     else:
         generation = GenerationConfig.from_model_config(plan.config.get_text_config())
     tokenizer = plan.tokenizer
@@ -278,7 +388,7 @@ def _processor(plan: Plan, recipe: Recipe) -> CompositeMLLMProcessor:
     )
 
 
-def _card_info(plan: Plan, recipe: Recipe, repo_id: str | None, output_dir: Path) -> CardInfo:
+def _card_info(plan: Plan, recipe: Recipe, recipe_text: str, repo_id: str | None, output: Path) -> CardInfo:
     """What the card states, read from the provenance recorded in the config, so card and config cannot disagree."""
     config = plan.config
     composition = config.composition
@@ -301,9 +411,11 @@ def _card_info(plan: Plan, recipe: Recipe, repo_id: str | None, output_dir: Path
             }
             for name, entry in config.modalities.items()
         },
-        recipe_yaml=recipe.text,
+        recipe_yaml=recipe_text,
         repo_id=repo_id,
-        folder=str(output_dir.resolve()),
+        # By name, not by absolute path: the card must not publish where the user's files live (it may be uploaded
+        # by hand later); the snippets run from the folder that holds the composite.
+        folder=output.name,
         license=recipe.license,
         # Modalities from the paper's checkpoints: say what their encoders are and where preprocessing differs.
         notes=paper_notes([kind for source in composition["sources"] if source["format"] == "modelcompose"

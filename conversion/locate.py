@@ -1,8 +1,11 @@
 """Find a model folder from a recipe reference: a local folder, or a Hub repository `org/name[/sub/folder][@revision]`
 (fetched with `huggingface_hub.snapshot_download`, which also serves it from the local cache when offline)."""
 
+import contextlib
 import logging
 import re
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +17,29 @@ logger = logging.getLogger(__name__)
 _HUB_REFERENCE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?P<sub>(?:/[\w.-]+)*)(?:@(?P<revision>[\w./-]+))?$")
 # Weight formats the conversion never reads; skipping them keeps a Hub download to what is needed.
 _IGNORED_DOWNLOADS = ["*.msgpack", "*.h5", "*.onnx", "*.ot", "*.tflite", "*.gguf", "flax_model*", "tf_model*"]
+
+
+# The inputs (folders and files) the conversion running in this context has read: its output must stay clear of them.
+_RECORDED_INPUTS: ContextVar[list[tuple[Path, str]] | None] = ContextVar("recorded_inputs", default=None)
+
+
+@contextlib.contextmanager
+def recording_inputs() -> Iterator[list[tuple[Path, str]]]:
+    """Collect, as (path, what) pairs, every folder `locate` finds and every file read through `record_input` inside
+    the block."""
+    inputs: list[tuple[Path, str]] = []
+    token = _RECORDED_INPUTS.set(inputs)
+    try:
+        yield inputs
+    finally:
+        _RECORDED_INPUTS.reset(token)
+
+
+def record_input(path: Path, what: str) -> None:
+    """Note `path` as an input of the running conversion (no-op outside `recording_inputs`)."""
+    inputs = _RECORDED_INPUTS.get()
+    if inputs is not None:
+        inputs.append((Path(path), what))
 
 
 @dataclass
@@ -31,6 +57,7 @@ def locate(reference: str, what: str) -> Location:
     path = Path(reference).expanduser()
     if path.is_dir():
         logger.debug("%s: local folder %s", what, path.resolve())
+        record_input(path, what)
         return Location(reference=reference, folder=path.resolve())
     if path.exists():
         raise ConversionError(f"{what}: {reference!r} is a file; give the folder that holds the model's files.")
@@ -64,6 +91,7 @@ def locate(reference: str, what: str) -> Location:
     if not folder.is_dir():
         raise ConversionError(f"{what}: the Hub repository {repo_id!r} has no folder {sub_folder!r}.")
     logger.info("%s: %s at %s", what, reference, folder)
+    record_input(folder, what)
     return Location(reference=reference, folder=folder, hub_id=repo_id, revision=snapshot.name)
 
 
@@ -78,6 +106,7 @@ def locate_checkpoint_file(reference: str, what: str, encoder: str, example: str
     if path.is_file():
         if path.suffix not in CHECKPOINT_SUFFIXES:
             raise ConversionError(f"{what}: {reference!r} is not a .pt or .bin checkpoint ({encoder}'s is {example}).")
+        record_input(path, what)
         return Location(reference=reference, folder=path.resolve().parent), path.resolve()
     location = locate(reference, what)
     candidates = sorted(file for file in location.folder.iterdir() if file.is_file() and file.suffix in CHECKPOINT_SUFFIXES)

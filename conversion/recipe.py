@@ -166,6 +166,25 @@ def _unknown_keys(where: str, given: dict, allowed: tuple[str, ...]) -> None:
         raise ConversionError(f"{where}: unknown key(s) {unknown}; allowed keys are {list(allowed)}.")
 
 
+# λ multiplies float32 tensors: a weight beyond float32's range cannot even be applied.
+_LARGEST_WEIGHT = 3.4e38
+
+
+def merge_weight(where: str, value: Any) -> float:
+    """A λ: a finite number within float32's range. YAML 1.1 reads `1e-3` (no dot, unsigned exponent) as text, so
+    text that is a number is taken as that number."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConversionError(f"{where} must be a finite number (λ for the text parameters), got {value!r}.")
+    if abs(value) > _LARGEST_WEIGHT:
+        raise ConversionError(f"{where} is {value:g}, beyond what float32 weights can be multiplied by; use a sane λ.")
+    return float(value)
+
+
 def _require_str(where: str, value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ConversionError(f"{where} must be a non-empty string, got {value!r}.")
@@ -236,11 +255,8 @@ def _parse_source(index: int, raw: Any) -> SourceRecipe:
         if raw["format"] not in SOURCE_FORMATS:
             raise ConversionError(f"{where}.format {raw['format']!r} is unknown; use one of {list(SOURCE_FORMATS)}.")
         source.format = raw["format"]
-    weight = raw.get("weight")
-    if weight is not None:
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-            raise ConversionError(f"{where}.weight must be a finite number (λ for its text parameters), got {weight!r}.")
-        source.weight = float(weight)
+    if raw.get("weight") is not None:
+        source.weight = merge_weight(f"{where}.weight", raw["weight"])
     modalities = raw.get("modalities")
     if modalities is not None:
         if isinstance(modalities, str):
@@ -374,9 +390,9 @@ def _parse_weight_search(raw: Any) -> WeightSearch | None:
         raise ConversionError(f"weight_search must be a mapping with grid, objective and data, got {raw!r}.")
     _unknown_keys("weight_search", raw, _WEIGHT_SEARCH_KEYS)
     grid = raw.get("grid")
-    if (not isinstance(grid, list) or not grid
-            or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in grid)):
+    if not isinstance(grid, list) or not grid:
         raise ConversionError(f"weight_search.grid must be a non-empty list of numbers (λ candidates), got {grid!r}.")
+    grid = [merge_weight(f"weight_search.grid[{index}]", value) for index, value in enumerate(grid)]
     objective = raw.get("objective", "agreement")
     if objective not in WEIGHT_SEARCH_OBJECTIVES:
         raise ConversionError(f"weight_search.objective {objective!r} is unknown; use one of {list(WEIGHT_SEARCH_OBJECTIVES)}.")
@@ -385,7 +401,7 @@ def _parse_weight_search(raw: Any) -> WeightSearch | None:
         raise ConversionError(f"weight_search.max_samples must be a positive integer, got {max_samples!r}.")
     media_root = raw.get("media_root")
     return WeightSearch(
-        grid=[float(value) for value in grid],
+        grid=grid,
         objective=objective,
         data=_require_str("weight_search.data", raw.get("data")),
         media_root=None if media_root is None else _require_str("weight_search.media_root", media_root),

@@ -154,31 +154,43 @@ class BaseModel:
         return self.store.get(key)
 
 
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
 def load_config(folder: Path, label: str) -> PreTrainedConfig:
     if not (folder / "config.json").is_file():
         raise ConversionError(f"{label}: {folder} has no config.json.")
+    read_json(folder / "config.json", label)  # a JSON object, before transformers reads it
     try:
         return AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    except (ValueError, KeyError, OSError, json.JSONDecodeError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConversionError(f"{label}: cannot read its config.json ({first_line}).") from None
+    except Exception as error:  # anything transformers raises on a config it cannot use: the source's problem
+        raise ConversionError(f"{label}: cannot read its config.json ({_first_line(error)}).") from None
 
 
 def load_tokenizer(folder: Path, label: str) -> PreTrainedTokenizerBase | None:
     if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (folder / name).is_file():
+            read_json(folder / name, label)
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    except (ValueError, KeyError, OSError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConversionError(f"{label}: cannot load its tokenizer ({first_line}).") from None
+    except Exception as error:  # anything the tokenizer libraries raise on files they cannot use: the source's problem
+        raise ConversionError(f"{label}: cannot load its tokenizer ({_first_line(error)}).") from None
 
 
 def read_json(path: Path, label: str) -> dict:
+    """A JSON file of a source that must hold a JSON object (configs, indexes): anything else is refused by name."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
         raise ConversionError(f"{label}: cannot read {path.name} ({error}).") from None
+    if not isinstance(value, dict):
+        raise ConversionError(
+            f"{label}: {path.name} holds a JSON {type(value).__name__}, not an object; the file is damaged."
+        )
+    return value
 
 
 def map_keys(store: TensorStore, rules: list[tuple[str, str]], label: str, dropped: tuple[str, ...] = ()) -> dict[str, dict[str, str]]:

@@ -1,15 +1,18 @@
 """Check a written composite the way a user will load it: in a fresh Python process, through the auto classes with
 `trust_remote_code=True`, one forward pass with an input for every modality."""
 
+import contextlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from .errors import ConversionError
+from .output import hold_for_test
 
 
 logger = logging.getLogger(__name__)
@@ -56,33 +59,46 @@ print(json.dumps({
 _KEEP_HINT = "nothing was kept; rerun with --no-verify to keep the folder and inspect it"
 
 
-def verify_composite(folder: Path, timeout: int = 3600) -> dict:
-    """Load `folder` in a fresh process and run one forward; raise `ConversionError` when that fails."""
+def verify_composite(folder: Path, scratch: Path | None = None, timeout: int = 3600) -> dict:
+    """Load `folder` in a fresh process and run one forward; raise `ConversionError` when that fails. `scratch` is an
+    empty folder for the process's module cache (default: a temporary one), removed afterwards."""
     logger.debug("verifying %s in a fresh process (%s -c <load and run>)", folder, sys.executable)
-    with tempfile.TemporaryDirectory() as scratch:
+    with contextlib.ExitStack() as stack:
+        if scratch is None:
+            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        else:
+            stack.callback(shutil.rmtree, scratch, ignore_errors=True)
         # A fresh module cache, so that the folder's own remote code is what runs.
         environment = {**os.environ, "HF_MODULES_CACHE": str(Path(scratch) / "modules"), "HF_HUB_OFFLINE": "1"}
-        try:
-            result = subprocess.run(
-                [sys.executable, "-c", _SCRIPT, str(Path(folder).resolve())],
-                cwd=scratch,
-                env=environment,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-            )
-        except subprocess.TimeoutExpired:
-            raise ConversionError(
-                f"Verification took over {timeout} s and was stopped; {_KEEP_HINT} by hand."
-            ) from None
-    for line in result.stderr.strip().splitlines():
+        process = subprocess.Popen(
+            [sys.executable, "-c", _SCRIPT, str(Path(folder).resolve())],
+            cwd=scratch,
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        with process:
+            hold_for_test("verifying")
+            try:
+                stdout, stderr = process.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.communicate()
+                raise ConversionError(
+                    f"Verification took over {timeout} s and was stopped; {_KEEP_HINT} by hand."
+                ) from None
+            except BaseException:
+                process.kill()  # interrupted: the check must not outlive the run
+                raise
+    for line in stderr.strip().splitlines():
         logger.debug("verification: %s", line)
-    if result.returncode != 0 or not result.stdout.strip():
-        last_lines = " | ".join(result.stderr.strip().splitlines()[-3:])
+    if process.returncode != 0 or not stdout.strip():
+        last_lines = " | ".join(stderr.strip().splitlines()[-3:])
         raise ConversionError(
             f"Verification failed: the written composite does not load and run ({last_lines}); {_KEEP_HINT}."
         )
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = json.loads(stdout.strip().splitlines()[-1])
     if report["loading_problems"] or not report["finite"]:
         raise ConversionError(f"Verification failed: {report}; {_KEEP_HINT}.")
     logger.debug("verification report: %s", report)

@@ -13,7 +13,6 @@ The best candidate wins (the earlier one on a tie). Only the questions given are
 
 import dataclasses
 import logging
-import tempfile
 from pathlib import Path
 
 import torch
@@ -55,10 +54,11 @@ def answer_questions(folder: Path, samples: list[dict], media_root: str | None) 
     return answers
 
 
-def search_weights(recipe: Recipe, compose_candidate) -> tuple[float, dict[float, float]]:
+def search_weights(recipe: Recipe, compose_candidate, scratch: Path) -> tuple[float, dict[float, float]]:
     """The λ of `recipe.weight_search.grid` with the best score, and every candidate's score.
 
-    `compose_candidate(recipe, folder)` builds a recipe (without weight search) into `folder`.
+    `compose_candidate(recipe, folder)` builds a recipe (without weight search) into `folder`, a new folder inside
+    `scratch` (the caller's to remove).
     """
     from training.data import DataError, load_samples
 
@@ -68,42 +68,41 @@ def search_weights(recipe: Recipe, compose_candidate) -> tuple[float, dict[float
     except DataError as error:
         raise ConversionError(f"weight_search.data: {error}") from None
     answers_given = {}
-    with tempfile.TemporaryDirectory(prefix="weight-search-") as scratch:
-        scratch = Path(scratch)
-        references: list[dict[int, str]] = []
-        if search.objective == "agreement":
-            for number, source in enumerate(recipe.sources):
-                alone = dataclasses.replace(
-                    recipe, sources=[dataclasses.replace(source, weight=1.0, index=0)], weight_search=None
-                )
-                folder = compose_candidate(alone, scratch / f"source-{number}")
-                references.append(answer_questions(folder, samples, search.media_root))
-                if not references[-1]:
-                    raise ConversionError(
-                        f"weight_search: no question in {search.data} is about the modalities of {source.label}; "
-                        "agreement needs some for every source."
-                    )
-        else:
-            from training.data import ROLES
-
-            for index, sample in enumerate(samples):
-                turns = [turn for turn in sample["conversations"] if ROLES.get(turn.get("from")) == "assistant"]
-                if turns and isinstance(turns[-1].get("value"), str):
-                    answers_given[index] = _first_word(turns[-1]["value"])
-            if not answers_given:
-                raise ConversionError(f"weight_search: objective accuracy needs answers (`gpt` turns) in {search.data}.")
-        scores = {}
-        for value in search.grid:
-            candidate = dataclasses.replace(
-                recipe, sources=[dataclasses.replace(source, weight=value) for source in recipe.sources], weight_search=None
+    references: list[dict[int, str]] = []
+    if search.objective == "agreement":
+        for number, source in enumerate(recipe.sources):
+            alone = dataclasses.replace(
+                recipe, sources=[dataclasses.replace(source, weight=1.0, index=0)], weight_search=None
             )
-            folder = compose_candidate(candidate, scratch / f"lambda-{value}")
-            answers = answer_questions(folder, samples, search.media_root)
-            if search.objective == "agreement":
-                rates = [sum(answers.get(i) == a for i, a in ref.items()) / len(ref) for ref in references]
-                scores[value] = sum(rates) / len(rates)
-            else:
-                scores[value] = sum(answers.get(i) == a for i, a in answers_given.items()) / len(answers_given)
-            logger.info("weight search: λ = %g scores %.3f (%s)", value, scores[value], search.objective)
+            folder = compose_candidate(alone, scratch / f"source-{number}")
+            references.append(answer_questions(folder, samples, search.media_root))
+            if not references[-1]:
+                raise ConversionError(
+                    f"weight_search: no question in {search.data} is about the modalities of {source.label}; "
+                    "agreement needs some for every source."
+                )
+    else:
+        from training.data import ROLES
+
+        for index, sample in enumerate(samples):
+            turns = [turn for turn in sample["conversations"] if ROLES.get(turn.get("from")) == "assistant"]
+            if turns and isinstance(turns[-1].get("value"), str):
+                answers_given[index] = _first_word(turns[-1]["value"])
+        if not answers_given:
+            raise ConversionError(f"weight_search: objective accuracy needs answers (`gpt` turns) in {search.data}.")
+    scores = {}
+    for value in search.grid:
+        candidate = dataclasses.replace(
+            recipe, sources=[dataclasses.replace(source, weight=value) for source in recipe.sources],
+            weight_search=None,
+        )
+        folder = compose_candidate(candidate, scratch / f"lambda-{value}")
+        answers = answer_questions(folder, samples, search.media_root)
+        if search.objective == "agreement":
+            rates = [sum(answers.get(i) == a for i, a in ref.items()) / len(ref) for ref in references]
+            scores[value] = sum(rates) / len(rates)
+        else:
+            scores[value] = sum(answers.get(i) == a for i, a in answers_given.items()) / len(answers_given)
+        logger.info("weight search: λ = %g scores %.3f (%s)", value, scores[value], search.objective)
     best = max(scores, key=lambda value: (scores[value], -search.grid.index(value)))
     return best, scores

@@ -1,26 +1,19 @@
-"""Streamed, sharded safetensors output, and an output folder that appears only when it is complete.
-
-`ShardedWriter` streams tensors to disk as they come (memory holds one tensor, never a shard), starting a new shard
-when the next tensor would pass the size cap. `atomic_output` hands out a temporary folder beside the destination and
-renames it into place only when the work inside succeeded; on any error, Ctrl-C or SIGTERM, the temporary folder is
-removed and the destination is untouched.
+"""Streamed, sharded safetensors output: `ShardedWriter` streams tensors to disk as they come (memory holds one
+tensor, never a shard), starting a new shard when the next tensor would pass the size cap. (The folder it writes into,
+and how that becomes the output, is `output.py`'s.)
 """
 
-import contextlib
 import json
 import logging
 import os
 import re
-import shutil
-import signal
 import struct
-import tempfile
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
 from .errors import ConversionError
+from .output import hold_for_test
 from .tensors import SAFETENSORS_DTYPES
 
 
@@ -97,6 +90,7 @@ class ShardedWriter:
         self._file.write(struct.pack("<Q", self._header_room) + header + b" " * (self._header_room - len(header)))
         self._file.close()
         self._file, self._entries, self._shard_bytes = None, {}, 0
+        hold_for_test("shard-written")
 
     def close(self) -> list[str]:
         """Close the last shard, give the shards their final names and write the index. Returns the file names."""
@@ -133,62 +127,3 @@ def _header_room(shapes: dict[str, tuple[int, ...]]) -> int:
         entry = {key: {"dtype": "F8_E4M3", "shape": list(shape), "data_offsets": [widest, widest]}}
         room += len(json.dumps(entry, separators=(",", ":")))
     return (room + 7) // 8 * 8
-
-
-class _Terminated(BaseException):
-    """SIGTERM, turned into an exception so that the temporary folder is cleaned up as on Ctrl-C."""
-
-
-def _raise_terminated(signum, frame):
-    raise _Terminated()
-
-
-def check_destination(destination: Path, force: bool) -> None:
-    """Refuse an existing output without `force`, and one that is not a folder in any case."""
-    if destination.exists() and not force:
-        raise ConversionError(f"The output {str(destination)!r} already exists; pass --force to replace it.")
-    if destination.exists() and not destination.is_dir():
-        raise ConversionError(f"The output {str(destination)!r} exists and is not a folder; remove it or pick another path.")
-
-
-@contextlib.contextmanager
-def atomic_output(destination: Path, force: bool) -> Iterator[Path]:
-    """A temporary folder that becomes `destination` when the block succeeds. An existing `destination` is refused
-    unless `force`, in which case it is replaced only at the very end."""
-    destination = Path(destination)
-    check_destination(destination, force)
-    parent = destination.parent.resolve()
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ConversionError(f"Cannot create the output's parent folder {str(parent)!r} ({error}).") from None
-    # Beside the destination, so that the final rename stays on one file system (and is atomic).
-    try:
-        temporary = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=parent))
-    except OSError as error:
-        raise ConversionError(f"Cannot write beside the output in {str(parent)!r} ({error.strerror}); pick a writable place.") from None
-    previous_handler = None
-    if _in_main_thread():
-        previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield temporary
-        if destination.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old-", dir=parent))
-            os.replace(destination, backup / destination.name)
-            os.replace(temporary, destination)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(temporary, destination)
-    except _Terminated:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise KeyboardInterrupt("terminated") from None
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
-
-
-def _in_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()

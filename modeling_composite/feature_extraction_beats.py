@@ -96,6 +96,11 @@ class CompositeBeatsFeatureExtractor(SequenceFeatureExtractor):
         # Povey's window: a symmetric Hann window to the power 0.85 (zero at both ends).
         self.window = torch.hann_window(FRAME_LENGTH, periodic=False).pow(0.85).numpy()
 
+    @property
+    def n_samples(self) -> int:
+        """The longest waveform whose frames all fit in `max_length` (named as Whisper's extractor names it)."""
+        return FRAME_LENGTH + (self.max_length - 1) * FRAME_SHIFT
+
     def log_mel_fbank(self, waveform: np.ndarray) -> np.ndarray:
         """Kaldi fbank `(frames, num_mel_bins)` of one waveform in [-1, 1] (before normalisation). Only whole frames
         count, as Kaldi's snip-edges default: a clip shorter than one frame (25 ms) has none."""

@@ -16,6 +16,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.utils import can_return_tuple, logging
 
 from .configuration_composite import CompositeMLLMConfig, parse_projector_spec, parse_qformer_spec
+from .input_checks import check_generation_length, check_labels, check_modality_items, check_text_inputs
 from .modeling_beats import CompositeBeatsEncoder
 from .modeling_languagebind_video import CompositeLanguageBindVideoEncoder
 from .modeling_point_encoder import CompositePointEncoder
@@ -321,7 +322,7 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
         per-frame tokens, frame-major, as `(items * frames, tokens, width)`."""
         entry = self.config.modalities[modality]
         encoder = self.encoders[modality]
-        self._check_input_shape(modality, inputs)
+        check_modality_items(modality, entry["kind"], entry, encoder.config, inputs)  # before the encoder runs
         items = inputs.shape[0]
         if entry["kind"] == "video":
             frames = inputs.shape[1]
@@ -350,13 +351,38 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
             return projector(features.to(self._compute_dtype))
 
     def _check_input_shape(self, modality: str, inputs: torch.Tensor) -> None:
-        kind = self.config.modalities[modality]["kind"]
-        expected_ndim = {"image": 4, "video": 5, "audio": 3, "point": 3}[kind]
-        if not torch.is_tensor(inputs) or inputs.ndim != expected_ndim or inputs.numel() == 0:
-            raise ValueError(
-                f"Modality {modality!r} ({kind}) expects a non-empty tensor with {expected_ndim} dimensions (items "
-                f"first), got {tuple(inputs.shape) if torch.is_tensor(inputs) else type(inputs).__name__}."
-            )
+        entry, encoder_config = self.config.modalities[modality], self.encoders[modality].config
+        check_modality_items(modality, entry["kind"], entry, encoder_config, inputs, check_values=False)
+
+    def check_inputs(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None,
+        standard_inputs: dict[str, torch.Tensor | None],
+        modality_inputs: dict[str, torch.Tensor] | None,
+    ) -> None:
+        """Refuse unusable inputs before anything runs (no encoder, no embedding lookup), naming the input or modality
+        and the numbers: text inputs (dtypes, shapes, batch sizes, token ids in range) and every modality's input
+        (dtype, item shape for its encoder, finite, normalised pixels); see `input_checks.py`. A decode step (one new
+        token, a cache, no modality inputs) costs no host sync here."""
+        by_modality = self.collect_modality_inputs(standard_inputs, modality_inputs)
+        # A compilable cache keeps its length on the device: not read here (see `_continues_a_sequence`).
+        compilable = getattr(past_key_values, "is_compileable", False) or torch.compiler.is_compiling()
+        past_length = None if compilable else past_key_values.get_seq_length() if past_key_values is not None else 0
+        check_text_inputs(
+            self.get_input_embeddings().weight.shape[0],
+            self.config.get_text_config().hidden_size,
+            input_ids,
+            inputs_embeds,
+            attention_mask,
+            past_length,
+            bool(by_modality),
+        )
+        for name, items in by_modality.items():
+            entry = self.config.modalities[name]
+            check_modality_items(name, entry["kind"], entry, self.encoders[name].config, items)
 
     def collect_modality_inputs(
         self, standard_inputs: dict[str, torch.Tensor | None], modality_inputs: dict[str, torch.Tensor] | None
@@ -437,14 +463,15 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
         past_key_values = take_cache(past_key_values, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
         standard = {
             "pixel_values": pixel_values,
             "pixel_values_videos": pixel_values_videos,
             "input_features": input_features,
             "point_clouds": point_clouds,
         }
+        self.check_inputs(input_ids, inputs_embeds, attention_mask, past_key_values, standard, modality_inputs)
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
         inputs_by_modality = self.collect_modality_inputs(standard, modality_inputs)
         continuing = _continues_a_sequence(past_key_values)
         # A decode step is text, even a placeholder the model itself generated: no modality index to search for, and
@@ -624,6 +651,10 @@ class CompositeMLLMForCausalLM(CompositeMLLMPreTrainedModel, GenerationMixin):
             labels (`torch.LongTensor` of shape `(batch, seq)`, *optional*): next-token targets (-100 is ignored).
             logits_to_keep (`int` or `torch.Tensor`, default 0): compute logits only for the last N positions (0: all).
         """
+        if labels is not None:
+            reference = input_ids if input_ids is not None else inputs_embeds
+            if reference is not None:
+                check_labels(labels, *reference.shape[:2], self.config.get_text_config().vocab_size)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -664,8 +695,16 @@ class CompositeMLLMForCausalLM(CompositeMLLMPreTrainedModel, GenerationMixin):
         chunk_size = kwargs.get("prefill_chunk_size", getattr(generation_config or self.generation_config,
                                                               "prefill_chunk_size", None))
         raw_inputs = [name for name in _INPUTS_ONLY_AT_PREFILL if kwargs.get(name) is not None]
+        prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        if torch.is_tensor(prompt) and prompt.ndim >= 2:
+            settings = generation_config or self.generation_config
+            check_generation_length(
+                getattr(self.config.get_text_config(), "max_position_embeddings", None),
+                prompt.shape[1],
+                kwargs.get("max_new_tokens", getattr(settings, "max_new_tokens", None)),
+                kwargs.get("max_length", getattr(settings, "max_length", None)),
+            )
         if chunk_size is not None and raw_inputs:
-            prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
             positions = prompt.shape[1] if prompt is not None else None
             if positions is None or positions > chunk_size:
                 raise ValueError(

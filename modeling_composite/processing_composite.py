@@ -8,6 +8,10 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import BatchFeature, ProcessorMixin
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
 
 
 # The keyword of `__call__` that carries the raw inputs of each modality kind, and the tensor it becomes.
@@ -136,7 +140,12 @@ class CompositeMLLMProcessor(ProcessorMixin):
         texts = [text] if isinstance(text, str) else list(text)
         raw_inputs = {"image": images, "video": videos, "audio": audio, "point": point_clouds}
         sampling_rate = kwargs.pop("sampling_rate", None)
-        kwargs.pop("images_kwargs", None), kwargs.pop("videos_kwargs", None), kwargs.pop("audio_kwargs", None)
+        # Of the per-kind keyword groups, only the layout of image arrays is taken (to settle an ambiguous one).
+        layouts = {
+            kind: (kwargs.pop(group, None) or {}).get("input_data_format")
+            for kind, group in (("image", "images_kwargs"), ("video", "videos_kwargs"))
+        }
+        kwargs.pop("audio_kwargs", None)
         # Built per call rather than kept on the instance: ProcessorMixin saves instance attributes, and `modalities`
         # may be edited after construction.
         placeholders, pattern = self._placeholder_pattern()
@@ -162,7 +171,7 @@ class CompositeMLLMProcessor(ProcessorMixin):
             for name, group in grouped.items():
                 if not group:
                     continue
-                processed = self._process_items(name, self.modalities[name], group, sampling_rate)
+                processed = self._process_items(name, self.modalities[name], group, sampling_rate, layouts.get(kind))
                 if len(owners) == 1:
                     data[_OUTPUT_NAME_BY_KIND[kind]] = processed
                 else:
@@ -211,9 +220,13 @@ class CompositeMLLMProcessor(ProcessorMixin):
             "fill the placeholders in order of appearance)."
         )
 
-    def _process_items(self, name: str, entry: dict, items: list, sampling_rate: int | None) -> np.ndarray:
+    def _process_items(
+        self, name: str, entry: dict, items: list, sampling_rate: int | None, layout: str | None = None
+    ) -> np.ndarray:
         kind = entry["kind"]
-        settings = entry.get("image_processor_kwargs") or {}
+        settings = dict(entry.get("image_processor_kwargs") or {})
+        if layout is not None:
+            settings["input_data_format"] = layout
         if kind == "image":
             return self._process_images(name, items, settings)
         if kind == "video":
@@ -230,6 +243,8 @@ class CompositeMLLMProcessor(ProcessorMixin):
                     f"Modality {name!r}: got an empty or malformed image ({_describe(image)}); pass PIL images or "
                     "arrays of shape (height, width[, channels])."
                 )
+            if "input_data_format" not in settings:
+                _check_image_layout(name, image)
         # The modality's own settings win over the image processor's defaults; the arrays are always numpy here.
         outputs = self.image_processor(images, **{**settings, "return_tensors": "np"})
         # Video-LLaVA's image processor still names its image output `pixel_values_images` by default.
@@ -251,10 +266,53 @@ class CompositeMLLMProcessor(ProcessorMixin):
                     f"{_describe(clip)}."
                 )
             arrays.append(array)
+        _warn_if_cut(name, arrays, expected_rate, _window_samples(self.feature_extractor))
         features = self.feature_extractor(
             arrays, sampling_rate=expected_rate, padding="max_length", truncation=True, return_tensors="np"
         )
         return np.asarray(features["input_features"])
+
+
+def _window_samples(feature_extractor: Any) -> int | None:
+    """The longest waveform the feature extractor keeps (`n_samples`, as Whisper's names it), if it has a window."""
+    samples = getattr(feature_extractor, "n_samples", None)
+    return samples if isinstance(samples, int) and samples > 0 else None
+
+
+def _warn_if_cut(name: str, clips: list[np.ndarray], sampling_rate: int, window: int | None) -> None:
+    """The composite reads audio through a fixed window: say so when a clip is longer and its end is dropped."""
+    if window is None:
+        return
+    for index, clip in enumerate(clips):
+        if clip.shape[0] > window:
+            logger.warning(
+                f"Modality {name!r}: audio clip {index} is {clip.shape[0] / sampling_rate:.1f} s long but the "
+                f"composite reads a fixed window of {window / sampling_rate:.1f} s; everything after that is cut off. "
+                "Split long audio into clips of at most that length."
+            )
+
+
+# Channel counts an image array may have (grayscale, RGB), as transformers infers them.
+_CHANNEL_COUNTS = (1, 3)
+
+
+def _check_image_layout(name: str, image: Any) -> None:
+    """An image array `(height, width, channels)` or `(channels, height, width)` must say which one it is: refuse
+    arrays whose first and last dimensions could both be the channels (e.g. `(3, 224, 3)`), or neither can."""
+    if not _is_array(image) or image.ndim != 3:
+        return
+    first, last = image.shape[0] in _CHANNEL_COUNTS, image.shape[-1] in _CHANNEL_COUNTS
+    if first and last:
+        raise ValueError(
+            f"Modality {name!r}: the image array of shape {tuple(image.shape)} could be channels-first or "
+            "channels-last; pass images_kwargs={'input_data_format': 'channels_last'} (or 'channels_first'; "
+            "videos_kwargs for video frames), or a PIL image."
+        )
+    if not first and not last:
+        raise ValueError(
+            f"Modality {name!r}: the image array of shape {tuple(image.shape)} has no channel dimension of size 1 or "
+            "3 first or last; pass (height, width, 3) RGB or (height, width) grayscale arrays (drop an alpha channel)."
+        )
 
 
 def _check_modalities(modalities: dict[str, Any]) -> None:

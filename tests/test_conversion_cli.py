@@ -1,21 +1,22 @@
 """The command line: bad recipes and sources are refused with exit status 2, one line naming the problem and no
-output; an interrupted run leaves no composite; a good run verifies, writes a model card and pushes to the Hub."""
+output; tensors that lie are refused while streaming; a good run verifies, writes a model card and pushes to the Hub.
+(Interrupted runs and the output folder: test_conversion_output.py.)"""
 
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from huggingface_hub import ModelCard
+from safetensors.torch import load_file, save_file
 
 from conversion.__main__ import main
+from conversion.recipe import parse_recipe
 from conversion.tiny_sources import save_tiny_llava
 from fake_hub import FakeHub
 from hub_cache import cache_repos
@@ -64,7 +65,35 @@ def bad_sources(tiny_sources, tmp_path_factory):
     config = json.loads((no_strategy / "config.json").read_text())
     del config["lora_strategy"]
     (no_strategy / "config.json").write_text(json.dumps(config))
-    return {"wide": wide, "other_vocab": other_vocab, "corrupt": corrupt, "pickled": pickled, "no_strategy": no_strategy}
+    listed = {}
+    for name in ("llava", "base"):  # a config.json that is a JSON list
+        listed[name] = shutil.copytree(tiny_sources[name], root / f"{name}_list_config")
+        (listed[name] / "config.json").write_text("[1, 2]")
+    return {
+        "wide": wide, "other_vocab": other_vocab, "corrupt": corrupt, "pickled": pickled, "no_strategy": no_strategy,
+        "list_config": listed["llava"], "list_config_base": listed["base"], **_lying_sources(tiny_sources, root),
+    }
+
+
+def _lying_sources(tiny_sources: dict, root: Path) -> dict[str, Path]:
+    """Copies of the LLaVA source whose weights lie: integers where floats belong, NaN or Inf in a weight."""
+    damage = {
+        "int_projector": ("model.multi_modal_projector.linear_1.weight", lambda t: (t * 100).to(torch.int32)),
+        "int_llm": ("model.language_model.layers.1.mlp.up_proj.weight", lambda t: (t * 100).to(torch.int64)),
+        "nan_llm": (
+            "model.language_model.layers.0.self_attn.q_proj.weight",
+            lambda t: t.index_fill(1, torch.tensor([3]), float("nan")),
+        ),
+        "inf_encoder": ("model.vision_tower.embeddings.patch_embedding.weight", lambda t: t.fill_(float("inf"))),
+    }
+    folders = {}
+    for name, (key, change) in damage.items():
+        folder = shutil.copytree(tiny_sources["llava"], root / name)
+        tensors = load_file(str(folder / "model.safetensors"))
+        tensors[key] = change(tensors[key])
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        folders[name] = folder
+    return folders
 
 
 def _bad_recipes(sources: dict, bad: dict) -> dict[str, tuple[dict, str]]:
@@ -111,7 +140,70 @@ def _bad_recipes(sources: dict, bad: dict) -> dict[str, tuple[dict, str]]:
             {"base": base, "sources": [{**llava, "feature_layer": -1, "encoder": clip}]},
             "['encoder', 'feature_layer'] do not apply to a llava source",
         ),
+        "a weight beyond float32": (
+            {"base": base, "sources": [{**llava, "weight": "1e300"}]}, "is 1e+300, beyond what float32"
+        ),
+        "a source config that is a list": (
+            {"base": base, "sources": [{"path": str(bad["list_config"])}]},
+            "config.json holds a JSON list, not an object",
+        ),
+        "a base config that is a list": (
+            {"base": str(bad["list_config_base"]), "sources": [llava]}, "config.json holds a JSON list, not an object"
+        ),
+        "a chat template that is not Jinja": (
+            {"base": base, "sources": [llava], "chat_template": "{% for m in messages %}{{ m.content }"},
+            "chat_template is not a valid Jinja template (line 1:",
+        ),
+        "a chat template that fails to render": (
+            {"base": base, "sources": [llava], "chat_template": "{{ messages[0].content | no_such_filter }}"},
+            "chat_template is not a valid Jinja template",
+        ),
+        "a chat template that raises": (
+            {"base": base, "sources": [llava], "chat_template": "{{ raise_exception('roles must alternate') }}"},
+            "chat_template fails on a plain user/assistant exchange (TemplateError: roles must alternate)",
+        ),
     }
+
+
+def _lying_recipes(sources: dict, bad: dict) -> dict[str, tuple[dict, str]]:
+    """Recipes whose problem shows only once a tensor is read (after the checks): refused while writing."""
+    base = str(sources["base"])
+    source = lambda name: {"base": base, "sources": [{"path": str(bad[name])}]}  # noqa: E731
+    tensor = lambda key: f"tensor 'model.{key}' in model.safetensors"  # noqa: E731
+    return {
+        "an int32 projector": (
+            source("int_projector"),
+            tensor("multi_modal_projector.linear_1.weight")
+            + " holds torch.int32 values where the composite needs floating-point weights",
+        ),
+        "an int64 LLM weight": (
+            source("int_llm"), tensor("language_model.layers.1.mlp.up_proj.weight") + " holds torch.int64 values"
+        ),
+        "NaN in an LLM weight": (
+            source("nan_llm"),
+            tensor("language_model.layers.0.self_attn.q_proj.weight") + " holds 64 NaN or infinite value(s) of 4096",
+        ),
+        "Inf in an encoder": (
+            source("inf_encoder"), tensor("vision_tower.embeddings.patch_embedding.weight") + " holds"
+        ),
+        "a merge that overflows float16": (
+            {"base": base, "dtype": "float16", "sources": [{"path": str(sources["llava"]), "weight": 1.0e9}]},
+            "NaN or infinite value(s) in torch.float16 although every source tensor is finite: the merge overflows",
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", ["an int32 projector", "an int64 LLM weight", "NaN in an LLM weight",
+                                  "Inf in an encoder", "a merge that overflows float16"])
+def test_a_tensor_that_lies_is_refused_while_streaming_naming_the_source_and_tensor(case, tiny_sources, bad_sources,
+                                                                                    tmp_path, capsys):
+    recipe, message = _lying_recipes(tiny_sources, bad_sources)[case]
+    code, _, err = _run([_write_recipe(tmp_path, recipe), tmp_path / "out", "--no-verify"], capsys)
+    assert code == 2
+    assert message in err.splitlines()[-1], err
+    if case != "a merge that overflows float16":
+        assert err.splitlines()[-1].startswith("error: sources[0] (")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["recipe.yaml"], "no partial folder may be left"
 
 
 @pytest.mark.parametrize(
@@ -119,7 +211,9 @@ def _bad_recipes(sources: dict, bad: dict) -> dict[str, tuple[dict, str]]:
     ["unknown method", "unknown rule", "missing source", "other hidden size", "other vocabulary", "duplicate modality",
      "damc on a full fine-tune", "corrupt safetensors", "pickle with code", "rename to a bad name",
      "rename onto another modality", "paper checkpoint with no strategy", "negative weight with ties",
-     "a key the format does not read", "the paper's modality name"],
+     "a key the format does not read", "the paper's modality name", "a weight beyond float32",
+     "a source config that is a list", "a base config that is a list", "a chat template that is not Jinja",
+     "a chat template that fails to render", "a chat template that raises"],
 )
 def test_bad_recipe_or_source_exits_2_with_one_line_and_no_output(case, tiny_sources, bad_sources, tmp_path, capsys):
     recipe, message = _bad_recipes(tiny_sources, bad_sources)[case]
@@ -132,62 +226,6 @@ def test_bad_recipe_or_source_exits_2_with_one_line_and_no_output(case, tiny_sou
     assert sorted(path.name for path in tmp_path.iterdir()) == ["recipe.yaml"], "no partial folder may be left"
 
 
-def test_existing_output_needs_force(tiny_sources, tmp_path, capsys):
-    output = tmp_path / "out"
-    output.mkdir()
-    (output / "keep.txt").write_text("mine")
-    recipe = _write_recipe(tmp_path, {"base": str(tiny_sources["base"]), "sources": [str(tiny_sources["llava"])]})
-    code, _, err = _run([recipe, output, "--no-verify"], capsys)
-    assert code == 2 and "already exists; pass --force" in err
-    assert (output / "keep.txt").read_text() == "mine"
-    code, _, _ = _run([recipe, output, "--no-verify", "--force"], capsys)
-    assert code == 0
-    assert not (output / "keep.txt").exists() and (output / "model.safetensors").is_file()
-
-
-_SLOW_WRITER = r"""
-import sys, time
-from pathlib import Path
-from conversion import writer
-from conversion.__main__ import main
-
-marker = Path(sys.argv[3])
-original_add = writer.ShardedWriter.add
-
-def slow_add(self, key, tensor):
-    original_add(self, key, tensor)
-    if any(self.folder.glob("*.safetensors")):
-        marker.touch()  # a shard is on disk: the parent may interrupt now
-    time.sleep(0.2)
-
-writer.ShardedWriter.add = slow_add
-sys.exit(main([sys.argv[1], sys.argv[2], "--no-verify", "--max-shard-size", "4KB"]))
-"""
-
-
-@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGKILL])
-def test_a_kill_during_writing_leaves_no_output(signal_number, tiny_sources, tmp_path):
-    recipe = _write_recipe(tmp_path, {"base": str(tiny_sources["base"]), "sources": [str(tiny_sources["llava"])]})
-    output, marker = tmp_path / "out", tmp_path / "writing"
-    process = subprocess.Popen(
-        [sys.executable, "-c", _SLOW_WRITER, str(recipe), str(output), str(marker)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    deadline = time.monotonic() + 120
-    while not marker.exists():
-        assert process.poll() is None, process.communicate()[1]
-        assert time.monotonic() < deadline, "the conversion never started writing"
-        time.sleep(0.05)
-    partial = [path for path in tmp_path.iterdir() if path.name.startswith(".out.partial-")]
-    assert partial and any(partial[0].iterdir()), "shards are being written beside the output"
-    process.send_signal(signal_number)
-    _, err = process.communicate(timeout=60)
-    assert not output.exists()
-    if signal_number == signal.SIGTERM:
-        # A catchable signal also cleans up the temporary folder.
-        assert process.returncode == 130, err
-        assert "interrupted" in err
-        assert not [path for path in tmp_path.iterdir() if path.name.startswith(".out.")]
 
 
 def test_hub_sources_convert_offline_verify_and_get_a_model_card(tiny_sources, tmp_path):
@@ -265,3 +303,26 @@ def test_remote_code_pointers_of_a_source_never_reach_the_composite(tiny_sources
     assert code == 0, err
     for name in ("tokenizer_config.json", "processor_config.json", "config.json"):
         assert "evil" not in (tmp_path / "out" / name).read_text()
+
+
+@pytest.mark.parametrize(("written", "value"), [("1e-3", 0.001), ("0.5", 0.5), ("1.0e+2", 100.0), ("-2", -2.0)])
+def test_a_weight_yaml_reads_as_text_is_taken_as_the_number_it_is(written, value):
+    # YAML 1.1 reads 1e-3 (no dot, unsigned exponent) as a string.
+    recipe = parse_recipe(yaml.safe_load(f"base: b\nsources:\n  - path: x/y\n    weight: {written}\n"))
+    assert recipe.sources[0].weight == value
+
+
+def test_an_unexpected_failure_still_ends_in_one_line_and_status_2(monkeypatch, tmp_path, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("something nobody foresaw\nover two lines")
+
+    monkeypatch.setattr("conversion.composer.compose", broken)  # what main() imports when it runs
+    code, _, err = _run([tmp_path / "recipe.yaml", tmp_path / "out"], capsys)
+    assert code == 2
+    assert err.splitlines() == [
+        "error: unexpected RuntimeError: something nobody foresaw over two lines (please report it; rerun with -v for "
+        "the traceback)"
+    ]
+    code, _, err = _run([tmp_path / "recipe.yaml", tmp_path / "out", "-v"], capsys)
+    assert code == 2 and err.startswith("Traceback")
+    assert err.splitlines()[-1].startswith("error: unexpected RuntimeError")

@@ -205,8 +205,9 @@ def _usage_blocks(card: str) -> list[str]:
     return [block.code for block in code_blocks(usage) if block.language == "python"]
 
 
-def _run_card_snippets(blocks: list[str], hf_home: Path) -> None:
-    """Every usage block of a card, each in a fresh namespace, in a process that cannot import this package."""
+def _run_card_snippets(blocks: list[str], hf_home: Path, cwd: Path | None = None) -> None:
+    """Every usage block of a card, each in a fresh namespace, in a process that cannot import this package (run in
+    `cwd`, by default `hf_home`)."""
     scripts = []
     for index, code in enumerate(blocks):
         script = hf_home / f"card_snippet_{index}.py"
@@ -214,7 +215,7 @@ def _run_card_snippets(blocks: list[str], hf_home: Path) -> None:
         scripts.append(str(script))
     environment = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "TRANSFORMERS_"))}
     environment.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", PYTHONPATH="", TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run([sys.executable, "-I", "-c", RUNNER, *scripts], cwd=hf_home, env=environment,
+    result = subprocess.run([sys.executable, "-I", "-c", RUNNER, *scripts], cwd=cwd or hf_home, env=environment,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-6000:]
     assert result.stdout.count("ran ") == len(blocks)
@@ -235,12 +236,14 @@ def test_a_local_composite_card_runs_as_written(tiny_sources, tmp_path):
     card = (output / "README.md").read_text()
     blocks = _usage_blocks(card)
     assert len(blocks) == 3  # generate, 4-bit, pipeline
-    assert f'from_pretrained({json.dumps(str(output.resolve()))}, trust_remote_code=True)' in blocks[0]
+    # By the folder's name, run from the folder that holds it: the card publishes no local path.
+    assert 'from_pretrained("composite", trust_remote_code=True)' in blocks[0]
+    assert str(tmp_path) not in card
     assert "images=[image, chart_image]" in blocks[0] and "videos=[video]" in blocks[0]
     assert "modality_inputs" not in card
     hf_home = tmp_path / "hf_home"
     hf_home.mkdir()
-    _run_card_snippets(blocks, hf_home)
+    _run_card_snippets(blocks, hf_home, cwd=output.parent)
 
 
 def test_a_pushed_composite_card_runs_as_written_by_repo_id(tiny_sources, tmp_path, fake_hub, monkeypatch):  # noqa: F811

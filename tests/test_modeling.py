@@ -134,7 +134,8 @@ def test_input_for_a_modality_the_composite_lacks_is_refused(batch_all):
 
 def test_malformed_modality_tensor_is_refused(composite, batch_all):
     model, _ = composite
-    with pytest.raises(ValueError, match=r"Modality 'point' \(point\) expects a non-empty tensor with 3 dimensions"):
+    message = r"Modality 'point' \(point\) takes a non-empty tensor \(items, points, values per point\)"
+    with pytest.raises(ValueError, match=message):
         model(**{**batch_all, "point_clouds": batch_all["point_clouds"][0]})
 
 
@@ -281,14 +282,20 @@ def test_return_dict_false_gives_tuples(composite, batch_all):
     torch.testing.assert_close(as_tuple[0], as_dict.logits, rtol=0, atol=0)
 
 
-def test_generation_may_run_past_max_position_embeddings_like_the_text_model(composite):
-    """Only the prompt is checked against `max_position_embeddings`; decoding past it goes on, with transformers'
-    own warning, as it does for the text model alone."""
+def test_generation_that_would_run_past_max_position_embeddings_is_refused_before_it_starts(composite):
+    """The prompt is checked in forward; generate() also refuses to decode past the text model's positions (the
+    composite's config has no top-level max_position_embeddings, so transformers' own warning never fires for it).
+    Up to the limit works."""
     model, _ = composite
     limit = model.config.get_text_config().max_position_embeddings
     prompt = torch.full((1, limit - 2), 70)
-    output = model.generate(input_ids=prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-    assert output.shape[1] == limit + 2
+    with pytest.raises(ValueError, match=rf"would run to {limit + 2} positions \({limit - 2} in the prompt \+ 4 new\) "
+                                         rf"but the text model has {limit} .* at most 2 new tokens"):
+        model.generate(input_ids=prompt, max_new_tokens=4, do_sample=False)
+    with pytest.raises(ValueError, match=rf"would run to {limit + 1} positions \(max_length\)"):
+        model.generate(input_ids=prompt, max_length=limit + 1, do_sample=False)
+    output = model.generate(input_ids=prompt, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    assert output.shape[1] == limit
 
 
 def test_chunked_prefill_that_would_split_point_clouds_is_refused(composite, raw_inputs):

@@ -291,7 +291,7 @@ def test_weight_search_accuracy_scores_against_the_given_answers(world, stage2, 
         return folders[candidate.sources[0].weight]
 
     expected_scores: dict[float, float] = {}
-    chosen, scores = search_weights(recipe, compose_candidate)
+    chosen, scores = search_weights(recipe, compose_candidate, tmp_path / "search")
     assert scores == expected_scores and set(scores) == {0.5, 1.0}
     assert scores[chosen] == max(scores.values())
 
@@ -562,3 +562,55 @@ def test_an_unreachable_recorded_base_is_a_clear_error(recorded, world, stage1, 
     assert last.startswith(f"error: The text teacher {recorded!r} (the base LLM recorded in the source's config "
                            "(composition.base)) cannot be loaded: ")
     assert last.endswith("Pass --text_distillation_teacher with the base LLM's folder or Hub id.")
+
+
+def test_the_whole_dataset_is_checked_before_the_first_step_and_every_bad_sample_reported(world, tmp_path):
+    """One run reports every unusable sample by id, and nothing is trained or written (no output folder)."""
+    good = json.loads((world / "data.json").read_text())[:2]
+    png = (world / "0.png").read_bytes()
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "truncated.png").write_bytes(png[: len(png) // 2])
+    (tmp_path / "text.png").write_text("not an image")
+    np.save(tmp_path / "frames.npy", np.zeros((2, 8, 8, 3), np.uint8))  # a video where an image belongs
+    ok = str(world / "0.png")
+
+    def sample(sample_id, question="<image>\nWhat colour?", answer="red", inputs=(ok,), key="image"):
+        turns = [{"from": "human", "value": question}] + ([{"from": "gpt", "value": answer}] if answer else [])
+        return {"id": sample_id, "conversations": turns, "modal_inputs": {key: list(inputs)} if inputs else {}}
+
+    bad = {
+        "no-answer": (sample("no-answer", answer=None), "no assistant (`gpt`) turn"),
+        "odd-turn": (
+            {**sample("odd-turn"), "conversations": [{"from": "robot", "value": "x"}]}, "every turn needs `from`"
+        ),
+        "missing": (sample("missing", inputs=["nowhere.png"]), "nowhere.png: no such file"),
+        "empty": (sample("empty", inputs=[str(tmp_path / "empty.png")]), "empty.png: the file is empty"),
+        "truncated": (
+            sample("truncated", inputs=[str(tmp_path / "truncated.png")]), "truncated.png: not a readable image file"
+        ),
+        "not-an-image": (
+            sample("not-an-image", inputs=[str(tmp_path / "text.png")]), "text.png: not a readable image file"
+        ),
+        "video-as-image": (sample("video-as-image", inputs=[str(tmp_path / "frames.npy")]), "with (2, 3) dimensions"),
+        "two-placeholders": (sample("two-placeholders", question="<image> <image> Same?"),
+                             "has 2 <image> placeholder(s) but 1 image input(s)"),
+        "no-placeholder": (
+            sample("no-placeholder", question="What colour?"), "has 0 <image> placeholder(s) but 1 image"
+        ),
+        "no-input": (sample("no-input", inputs=()), "has 1 <image> placeholder(s) but 0 image input(s)"),
+        "other-modality": (sample("other-modality", key="audio"), "modal_inputs key 'audio' names no modality"),
+    }
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([good[0], *(case for case, _ in bad.values()), good[1]]))
+    output = tmp_path / "out"
+    arguments = SourceDataArguments(data_path=str(data), media_root=str(world))
+    with pytest.raises(DataError) as caught:
+        train_source(_model_args(world), arguments, _training_args(output, 1, 2))
+    lines = str(caught.value).splitlines()
+    assert lines[0] == (f"{len(bad)} of {len(bad) + 2} training samples cannot be used (nothing was trained); fix or "
+                        "remove them:")
+    reported = {line.strip().split(": ", 1)[0] for line in lines[1:]}
+    assert reported == set(bad)
+    for sample_id, (_, message) in bad.items():
+        assert any(line.strip().startswith(f"{sample_id}: ") and message in line for line in lines[1:]), sample_id
+    assert not output.exists()

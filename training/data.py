@@ -76,21 +76,25 @@ class ConversationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _sample_id(self, index: int) -> str:
+    def sample_id(self, index: int) -> str:
         return str(self.samples[index].get("id", f"#{index}"))
+
+    def check_turns(self, index: int) -> None:
+        """Raise `DataError` when the sample's turns cannot be trained on (malformed turns, no assistant turn)."""
+        self._messages(index)
 
     def _messages(self, index: int, key: str = "conversations") -> list[dict[str, str]]:
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         for turn in self.samples[index][key]:
-            role = ROLES.get(turn.get("from"))
+            role = ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
             if role is None or not isinstance(turn.get("value"), str):
                 raise DataError(
-                    f"Sample {self._sample_id(index)}: every turn needs `from` (human/gpt/system) and a string `value`, "
-                    f"got {turn!r}."
+                    f"Sample {self.sample_id(index)}: every turn needs `from` (human/gpt/system) and a string "
+                    f"`value`, got {turn!r}."
                 )
             messages.append({"role": role, "content": turn["value"]})
         if not any(message["role"] == "assistant" for message in messages):
-            raise DataError(f"Sample {self._sample_id(index)}: no assistant (`gpt`) turn, so nothing to learn.")
+            raise DataError(f"Sample {self.sample_id(index)}: no assistant (`gpt`) turn, so nothing to learn.")
         return messages
 
     def _pieces(self, index: int, key: str = "conversations") -> list[tuple[str, bool]]:
@@ -106,7 +110,7 @@ class ConversationDataset(Dataset):
             full = self._render(messages[: position + 1])
             if not prompt.startswith(done) or not full.startswith(prompt):
                 raise DataError(
-                    f"Sample {self._sample_id(index)}: the chat template does not render the conversation as a "
+                    f"Sample {self.sample_id(index)}: the chat template does not render the conversation as a "
                     "growing prefix, so answers cannot be told from prompts."
                 )
             # Whitespace the template puts after an answer separates it from the next turn: it is not learned.
@@ -130,7 +134,7 @@ class ConversationDataset(Dataset):
 
     def modality_names(self, index: int) -> set[str]:
         """The modalities a sample gives inputs for."""
-        return {self._modality_of_key(index, key) for key in (self.samples[index].get("modal_inputs") or {})}
+        return {self.modality_of_key(index, key) for key in (self.samples[index].get("modal_inputs") or {})}
 
     def modality_inputs(self, index: int) -> dict[str, torch.Tensor]:
         """The sample's inputs as model tensors, by modality name."""
@@ -140,13 +144,13 @@ class ConversationDataset(Dataset):
         raw = self.samples[index].get("modal_inputs") or {}
         inputs = {}
         for key, paths in raw.items():
-            name = self._modality_of_key(index, key)
+            name = self.modality_of_key(index, key)
             kind = self.modalities[name]["kind"]
             paths = [paths] if isinstance(paths, str) else list(paths)
             try:
-                items = [load_media(self._resolve(path), kind) for path in paths]
+                items = [load_media(self.resolve(path), kind) for path in paths]
             except MediaError as error:
-                raise DataError(f"Sample {self._sample_id(index)}: {error}") from None
+                raise DataError(f"Sample {self.sample_id(index)}: {error}") from None
             if not items:
                 continue
             placeholder = self.modalities[name]["placeholder"]
@@ -158,19 +162,20 @@ class ConversationDataset(Dataset):
             )
         return inputs
 
-    def _modality_of_key(self, index: int, key: str) -> str:
+    def modality_of_key(self, index: int, key: str) -> str:
         if key in self.modalities:
             return key
         kind = PAPER_KEYS.get(key, key)
         owners = [name for name, entry in self.modalities.items() if entry["kind"] == kind]
         if len(owners) != 1:
             raise DataError(
-                f"Sample {self._sample_id(index)}: modal_inputs key {key!r} names no modality of this model "
+                f"Sample {self.sample_id(index)}: modal_inputs key {key!r} names no modality of this model "
                 f"({sorted(self.modalities)})."
             )
         return owners[0]
 
-    def _resolve(self, path: str) -> Path:
+    def resolve(self, path: str) -> Path:
+        """A media path of the data: absolute, or relative to `media_root`."""
         candidate = Path(path)
         return candidate if candidate.is_absolute() or self.media_root is None else self.media_root / candidate
 
@@ -197,7 +202,7 @@ class ConversationDataset(Dataset):
         input_ids, labels = self._token_ids(index)
         if len(input_ids) > self.model_max_length:
             raise DataError(
-                f"Sample {self._sample_id(index)}: {len(input_ids)} tokens (modality positions included) exceed "
+                f"Sample {self.sample_id(index)}: {len(input_ids)} tokens (modality positions included) exceed "
                 f"model_max_length {self.model_max_length}; shorten it or raise the limit."
             )
         item = {"input_ids": input_ids, "labels": labels, "modality_inputs": self._modality_inputs(index)}
@@ -212,13 +217,13 @@ class ConversationDataset(Dataset):
         last token of that input's text (a name, the end of a caption): both close the input."""
         if not isinstance(self.samples[index].get("text_conversations"), list):
             raise DataError(
-                f"Sample {self._sample_id(index)}: no `text_conversations` list (the conversation with every input "
+                f"Sample {self.sample_id(index)}: no `text_conversations` list (the conversation with every input "
                 "written as text), which distillation from the base LLM needs."
             )
         text_ids, _ = self._token_ids(index, "text_conversations")
         if self._placeholder_ids.intersection(text_ids):
             raise DataError(
-                f"Sample {self._sample_id(index)}: `text_conversations` still has a modality placeholder; write every "
+                f"Sample {self.sample_id(index)}: `text_conversations` still has a modality placeholder; write every "
                 "input as text there."
             )
         inputs = [position for position, token in enumerate(input_ids) if token in self._placeholder_ids]
@@ -228,7 +233,7 @@ class ConversationDataset(Dataset):
         # The text version needs the same `after` tokens, the input's text before them, and BOS or a prompt before it.
         if after + 1 >= len(text_ids) or text_ids[len(text_ids) - after :] != input_ids[len(input_ids) - after :]:
             raise DataError(
-                f"Sample {self._sample_id(index)}: the text after its last input differs between `conversations` and "
+                f"Sample {self.sample_id(index)}: the text after its last input differs between `conversations` and "
                 "`text_conversations`; only the inputs themselves may be rewritten as text."
             )
         return {"input_ids": text_ids, "aligned": after + 1}

@@ -13,6 +13,7 @@ from .arguments import SourceDataArguments, SourceModelArguments, SourceTraining
 from .data import ConversationCollator, ConversationDataset, load_samples
 from .distillation import hidden_state_distillation_loss, load_text_teacher
 from .model import SourceModelError, build_source_model, trainable_parameter_groups
+from .validation import validate_dataset
 
 
 logger = logging.getLogger(__name__)
@@ -158,6 +159,7 @@ def train_source(
         with_text_version=distilling,
         cache_samples=data_args.cache_samples,
     )
+    validate_dataset(dataset)  # every bad sample at once, before anything is trained or written
     text_teacher = _text_teacher(model, training_args) if distilling else None
     if getattr(training_args, "activation_checkpointing", False) or training_args.gradient_checkpointing:
         # The frozen embeddings give no gradient to checkpointed layers' inputs; this makes them require one.
