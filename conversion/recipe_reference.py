@@ -13,9 +13,16 @@ method: naive                      # naive | damc. damc keeps each modality's ow
                                    #   or `python -m training --decoupled true`)
 base: lmsys/vicuna-7b-v1.5         # the base LLM every source was fine-tuned from (its tokenizer is the composite's)
 merge:                             # how the sources' text deltas are combined (default: {rule: linear})
-  rule: linear                     # linear | ties | dare_linear | dare_ties
+  rule: linear                     # linear (mergekit's task_arithmetic; alias: task_arithmetic) | ties | dare_linear
+                                   #   | dare_ties
   # density: 0.5                   # ties and dare rules only: the fraction of each delta kept
   # seed: 0                        # dare rules only: seed of the random drop
+  # normalize: false               # divide by the weights that contributed (mergekit's; default true for ties,
+                                   #   false for linear, dare_linear and dare_ties)
+  # lambda: 1.0                    # multiplies the merged delta (mergekit's global lambda)
+  # rescale: true                  # ties and dare rules only: scale each trimmed or dropped delta back to its L1 norm
+                                   #   (mergekit's; default true for the dare rules, false for ties)
+  # int8_mask: false               # accepted for mergekit configs; changes nothing (masks here are always boolean)
 dtype: bfloat16                    # float32 | float16 | bfloat16 (default: the base's dtype)
 chat_template: default             # default | vicuna_v1 (the paper's, with its system line) | a Jinja template
 license: apache-2.0                # optional; the model card's license (a Hub license id)

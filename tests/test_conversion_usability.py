@@ -129,9 +129,9 @@ def test_relative_paths_start_from_the_recipe_folder_whatever_the_current_direct
     monkeypatch.chdir(elsewhere)
     output = compose(recipe, "out", verify=False)
     assert (elsewhere / "out" / "config.json").is_file() and output == Path("out")
-    # The composite records where its base came from, usable from anywhere.
+    # The composite records a local base by its folder's name only (it publishes no local path).
     config = json.loads((elsewhere / "out" / "config.json").read_text())
-    assert config["composition"]["base"]["reference"] == str(project / "models" / "base")
+    assert config["composition"]["base"]["reference"] == "base"
 
     hub = _write(project / "hub.yaml", {"base": "org/base", "sources": ["org/llava@v1", "org/repo/sub/folder"]})
     parsed = load_recipe(hub)
