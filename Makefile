@@ -2,6 +2,10 @@
 # CUDA build), later runs reuse it.
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
+# A second environment with the oldest transformers the remote code supports (tests/requirements-oldest.txt): the
+# remote-code tests also load their saved composites there. Only `make test` needs it.
+OLDEST_VENV ?= .venv-oldest
+TORCH := torch==2.13.0
 
 .PHONY: demo convert-demo test
 
@@ -13,12 +17,19 @@ demo: $(VENV)/.installed
 convert-demo: $(VENV)/.installed
 	$(PYTHON) demo.py
 
-test: $(VENV)/.installed
-	$(PYTHON) -m pytest -q
+test: $(VENV)/.installed $(OLDEST_VENV)/.installed
+	COMPOSITE_OLDEST_PYTHON="$(abspath $(OLDEST_VENV))/bin/python" $(PYTHON) -m pytest -q
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet "torch==2.13.0"
+	$(VENV)/bin/pip install --quiet "$(TORCH)"
 	$(VENV)/bin/pip install --quiet -e ".[dev,benchmarks]"
+	touch $@
+
+$(OLDEST_VENV)/.installed: tests/requirements-oldest.txt
+	python3 -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/pip install --quiet --upgrade pip
+	$(OLDEST_VENV)/bin/pip install --quiet "$(TORCH)"
+	$(OLDEST_VENV)/bin/pip install --quiet -r tests/requirements-oldest.txt
 	touch $@

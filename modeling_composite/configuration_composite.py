@@ -7,8 +7,8 @@ import re
 from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
 
+from .compat import SubConfigSpec, auto_sub_config
 from .configuration_beats import CompositeBeatsConfig
 from .configuration_languagebind_video import CompositeLanguageBindVideoConfig
 from .configuration_point_encoder import CompositePointEncoderConfig
@@ -234,7 +234,10 @@ class CompositeMLLMConfig(PreTrainedConfig):
     """
 
     model_type = "composite_mllm"
-    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+    if SubConfigSpec is not None:  # transformers >= 5.20
+        sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+    else:
+        sub_configs = {"text_config": AutoConfig}
 
     text_config: dict | PreTrainedConfig | None = None
     modalities: dict | None = None
@@ -246,6 +249,7 @@ class CompositeMLLMConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        self.text_config = auto_sub_config(self.text_config, default_model_type="llama")
         super().__post_init__(**kwargs)
         vocab_size = getattr(self.text_config, "vocab_size", None)
         raw_modalities = self.modalities or {}

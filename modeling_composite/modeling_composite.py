@@ -15,7 +15,13 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import can_return_tuple, logging
 
+# transformers 5.8 and 5.9 copy a local folder's remote code per entry file with only the files that it imports
+# itself, and then fail on the missing ones: this file (the entry of every model auto class) imports all of them.
+from .compat import MINIMUM_TRANSFORMERS  # noqa: F401
+from .configuration_beats import CompositeBeatsConfig  # noqa: F401
 from .configuration_composite import CompositeMLLMConfig, parse_projector_spec, parse_qformer_spec
+from .configuration_languagebind_video import CompositeLanguageBindVideoConfig  # noqa: F401
+from .configuration_point_encoder import CompositePointEncoderConfig  # noqa: F401
 from .input_checks import check_generation_length, check_labels, check_modality_items, check_text_inputs
 from .modeling_beats import CompositeBeatsEncoder
 from .modeling_languagebind_video import CompositeLanguageBindVideoEncoder
@@ -37,14 +43,18 @@ from .routing import (
 logger = logging.get_logger(__name__)
 
 
-# The standard input name of each modality kind; `generate()` drops the first three after prefill by itself.
+# The standard input name of each modality kind.
 INPUT_NAME_BY_KIND = {
     "image": "pixel_values",
     "video": "pixel_values_videos",
     "audio": "input_features",
     "point": "point_clouds",
 }
+# Inputs that transformers' generate() knows nothing of (it refuses to split the standard ones in a chunked prefill).
 _INPUTS_ONLY_AT_PREFILL = ("point_clouds", "modality_inputs")
+# Every modality input: only the prefill reads them, decode steps are text (the features are in the cache).
+# transformers >= 5.15 drops the standard ones after prefill by itself, older releases pass them on every step.
+_MODALITY_INPUT_NAMES = (*INPUT_NAME_BY_KIND.values(), "modality_inputs")
 
 
 # transformers 5.24 renamed the key-value cache `past_key_values` -> `cache` in forward arguments, model outputs and
@@ -723,9 +733,9 @@ class CompositeMLLMForCausalLM(CompositeMLLMPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> dict:
         # `inputs_embeds` is named in the signature: generate() accepts it only from models whose signature does.
-        # generate() drops the standard multimodal inputs after prefill by itself; ours (point clouds and inputs by
-        # modality name) are dropped here, so decode steps are text only, as the modality features are in the cache.
-        held_back = {name: kwargs.pop(name, None) for name in _INPUTS_ONLY_AT_PREFILL}
+        # Modality inputs go to the prefill only (or to every step without a cache): held back here rather than left to
+        # generate(), which drops only the standard ones and only in recent releases.
+        held_back = {name: kwargs.pop(name, None) for name in _MODALITY_INPUT_NAMES}
         model_inputs = super().prepare_inputs_for_generation(
             input_ids,
             attention_mask=attention_mask,

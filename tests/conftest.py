@@ -49,24 +49,60 @@ def batch_all(composite, raw_inputs):
 
 
 @pytest.fixture(scope="session")
-def saved_composite(composite, batch_all, tmp_path_factory):
-    """The composite saved as a folder, plus its reference inputs and logits for fresh-process checks."""
+def saved_composite(composite, raw_inputs, batch_all, tmp_path_factory):
+    """The composite saved as a folder, plus what fresh-process checks compare with: the raw inputs and the batch
+    the processor makes of them, the logits, greedy tokens and generation settings."""
     model, processor = composite
     folder = tmp_path_factory.mktemp("composite")
     save_composite(model, processor, folder)
     with torch.no_grad():
         logits = model(**batch_all).logits
-    torch.save({"batch": dict(batch_all), "logits": logits}, folder.parent / "reference.pt")
+        generated = model.generate(**batch_all, max_new_tokens=3, do_sample=False)
+    generation = {
+        name: getattr(model.generation_config, name) for name in ("eos_token_id", "pad_token_id", "suppress_tokens")
+    }
+    reference = {
+        "prompt": PROMPT_ALL,
+        "raw_inputs": raw_inputs,
+        "batch": dict(batch_all),
+        "logits": logits,
+        "generated": generated,
+        "generation": generation,
+    }
+    torch.save(reference, folder.parent / "reference.pt")
     return folder
 
 
-def run_fresh_python(script: str, *args: str, hf_home: Path, timeout: int = 300) -> str:
-    """Run `script` in a new interpreter that cannot import this package (other cwd, no PYTHONPATH), offline, with
-    its own HF_HOME. Returns stdout; fails the test with stderr on a non-zero exit."""
+# `make test` sets this to the interpreter of a second environment holding the oldest transformers the remote code
+# supports (`tests/requirements-oldest.txt`): the remote-code tests then also load the composites this environment
+# saves there, as a user with an older transformers loads a composite published with current tools.
+OLDEST_PYTHON_VARIABLE = "COMPOSITE_OLDEST_PYTHON"
+
+
+def remote_code_python(environment: str) -> str:
+    """The interpreter that loads saved composites: this one (`current`) or the oldest-transformers one (`oldest`,
+    skipped when `COMPOSITE_OLDEST_PYTHON` is unset)."""
+    if environment == "current":
+        return sys.executable
+    python = os.environ.get(OLDEST_PYTHON_VARIABLE)
+    if not python:
+        pytest.skip(f"{OLDEST_PYTHON_VARIABLE} is unset (`make test` sets it): no run under the oldest transformers")
+    return python
+
+
+@pytest.fixture(params=["current", "oldest"])
+def remote_python(request) -> str:
+    """Each remote-code test runs under this environment's transformers and under the oldest supported one."""
+    return remote_code_python(request.param)
+
+
+def run_fresh_python(script: str, *args: str, hf_home: Path, timeout: int = 300, python: str = sys.executable) -> str:
+    """Run `script` in a new interpreter (`python`, by default this one) that cannot import this package (other cwd,
+    no PYTHONPATH), offline, with its own HF_HOME. Returns stdout; fails the test with stderr on a non-zero exit."""
     environment = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "TRANSFORMERS_"))}
     environment.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", PYTHONPATH="", TOKENIZERS_PARALLELISM="false")
     result = subprocess.run(
-        [sys.executable, "-I", "-c", script, *args],
+        [python, "-I", "-c", script, *args],
         cwd=hf_home,
         env=environment,
         capture_output=True,

@@ -22,7 +22,7 @@ from conversion.recipe import load_recipe
 from modeling_composite.builder import VICUNA_V1_SYSTEM
 from modeling_composite.modeling_composite import CompositeMLLMForCausalLM, build_encoder
 
-from conftest import run_fresh_python
+from conftest import remote_code_python, run_fresh_python
 
 
 RECIPES = Path(__file__).resolve().parent.parent / "conversion" / "recipes"
@@ -100,8 +100,11 @@ def test_every_released_recipe_parses_and_names_the_papers_sources():
         assert all(source.format == "modelcompose" and source.encoder for source in recipe.sources)
 
 
-@pytest.mark.parametrize("method", ["damc", "naive"])
-def test_four_modality_composite_converts_and_runs_in_a_fresh_process(paper_world, tmp_path, method):
+# The paper's encoders (BEATs with its fbank, LanguageBind video, PointBERT) are remote code too: the DAMC composite
+# also loads under the oldest supported transformers.
+@pytest.mark.parametrize("method, environment", [("damc", "current"), ("naive", "current"), ("damc", "oldest")])
+def test_four_modality_composite_converts_and_runs_in_a_fresh_process(paper_world, tmp_path, method, environment):
+    python = remote_code_python(environment)
     output = tmp_path / "composite"
     model, processor = _convert(_recipe(paper_world, method), output)
     config = model.config
@@ -133,7 +136,7 @@ print(type(processor.feature_extractor).__name__, (logits - saved["logits"]).abs
     # The converted composite's card says what the paper's encoders are and where preprocessing differs.
     card = (output / "README.md").read_text()
     assert all(note in card for note in paper_notes(["image", "audio", "video", "point"]))
-    out = run_fresh_python(script, str(output), str(tmp_path / "reference.pt"), hf_home=tmp_path)
+    out = run_fresh_python(script, str(output), str(tmp_path / "reference.pt"), hf_home=tmp_path, python=python)
     extractor, difference = out.split()
     assert extractor == "CompositeBeatsFeatureExtractor" and float(difference) == 0.0
 
@@ -155,12 +158,12 @@ print(",".join(quantized), torch.nn.functional.cosine_similarity(a, b, dim=0).it
 """
 
 
-def test_four_modality_composite_loads_and_generates_in_4bit(paper_world, tmp_path):
+def test_four_modality_composite_loads_and_generates_in_4bit(paper_world, tmp_path, remote_python):
     output = tmp_path / "composite"
     model, processor = _convert(_recipe(paper_world, "damc"), output)
     torch.save({"batch": dict(_inputs(processor))}, tmp_path / "batch.pt")
     quantized, cosine, new_tokens = run_fresh_python(
-        FOUR_BIT, str(output), str(tmp_path / "batch.pt"), hf_home=tmp_path
+        FOUR_BIT, str(output), str(tmp_path / "batch.pt"), hf_home=tmp_path, python=remote_python
     ).split()
     # Every encoder and projector has 4-bit linears (BEATs, the Q-Former, LanguageBind, PointBERT, CLIP, MLPs).
     assert quantized == ",".join(f"{part}.{kind}" for part in ("encoders", "projectors")
