@@ -734,8 +734,9 @@ class CompositeMLLMForCausalLM(CompositeMLLMPreTrainedModel, GenerationMixin):
     ) -> dict:
         # `inputs_embeds` is named in the signature: generate() accepts it only from models whose signature does.
         # Modality inputs go to the prefill only (or to every step without a cache): held back here rather than left to
-        # generate(), which drops only the standard ones and only in recent releases.
-        held_back = {name: kwargs.pop(name, None) for name in _MODALITY_INPUT_NAMES}
+        # generate(), which drops only the standard ones and only in recent releases. Before transformers 5.23 a
+        # chunked prefill (in one chunk: see `generate`) comes with is_first_iteration=False; the cache tells then.
+        held_back = {name: kwargs.pop(name) for name in _MODALITY_INPUT_NAMES if kwargs.get(name) is not None}
         model_inputs = super().prepare_inputs_for_generation(
             input_ids,
             attention_mask=attention_mask,
@@ -743,8 +744,9 @@ class CompositeMLLMForCausalLM(CompositeMLLMPreTrainedModel, GenerationMixin):
             is_first_iteration=is_first_iteration,
             **kwargs,
         )
-        if is_first_iteration or not kwargs.get("use_cache", True):
-            model_inputs.update({name: value for name, value in held_back.items() if value is not None})
+        prefill = is_first_iteration or not _continues_a_sequence(kwargs.get(CACHE_NAME))
+        if held_back and (prefill or not kwargs.get("use_cache", True)):
+            model_inputs.update(held_back)
         return model_inputs
 
     def _expand_inputs_for_generation(
