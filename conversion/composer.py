@@ -9,6 +9,7 @@ from typing import Any
 
 import jinja2
 import torch
+import transformers
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, WhisperFeatureExtractor
 
@@ -23,6 +24,7 @@ from modeling_composite.builder import (
     processor_modalities,
     register_processor_auto_classes,
 )
+from modeling_composite.compat import TOOLS_MINIMUM_TRANSFORMERS, check_transformers_version
 from modeling_composite.modeling_composite import CompositeMLLMForCausalLM
 from modeling_composite.processing_composite import CompositeMLLMProcessor
 
@@ -40,6 +42,9 @@ from .tensors import TensorRead, non_finite_count, recording_reads
 from .verify import verify_composite
 from .writer import ShardedWriter, parse_size
 
+
+# Conversion uses transformers APIs newer than the remote code's floor (README: Supported versions).
+check_transformers_version(transformers.__version__, TOOLS_MINIMUM_TRANSFORMERS, needed_by="Conversion")
 
 logger = logging.getLogger(__name__)
 

@@ -15,16 +15,21 @@ from transformers import AutoConfig, PreTrainedConfig
 # an older release would load such a composite with its vision towers left at random, and before 5.4 configs were
 # not dataclasses yet.
 MINIMUM_TRANSFORMERS = (5, 6)
+# Not for the remote code: the package's conversion and training, tested from 5.23 (5.6 lacks `AutoImageProcessor`'s
+# PIL fallback without torchvision, the current Qwen2-Audio layout and `activation_checkpointing`).
+TOOLS_MINIMUM_TRANSFORMERS = (5, 23)
 
 
-def check_transformers_version(version: str) -> None:
-    """Raise ImportError, naming both versions and the fix, when transformers `version` is older than the minimum."""
+def check_transformers_version(
+    version: str, minimum: tuple[int, int] = MINIMUM_TRANSFORMERS, needed_by: str = "This composite's remote code"
+) -> None:
+    """Raise ImportError, naming both versions and the fix, when transformers `version` is older than `minimum`."""
     match = re.match(r"(\d+)\.(\d+)", version)
-    if match is None or (int(match.group(1)), int(match.group(2))) < MINIMUM_TRANSFORMERS:
-        required = ".".join(map(str, MINIMUM_TRANSFORMERS))
+    if match is None or (int(match.group(1)), int(match.group(2))) < minimum:
+        required = ".".join(map(str, minimum))
         raise ImportError(
-            f"This composite's remote code needs transformers >= {required}, but transformers {version} is "
-            f"installed: pip install -U 'transformers>={required}'."
+            f"{needed_by} needs transformers >= {required}, but transformers {version} is installed: "
+            f"pip install -U 'transformers>={required}'."
         )
 
 

@@ -14,7 +14,7 @@ import pytest
 import transformers
 
 from modeling_composite.builder import save_composite
-from modeling_composite.compat import MINIMUM_TRANSFORMERS, check_transformers_version
+from modeling_composite.compat import MINIMUM_TRANSFORMERS, TOOLS_MINIMUM_TRANSFORMERS, check_transformers_version
 from modeling_composite.tiny import build_tiny_composite
 
 from conftest import remote_code_python, run_fresh_python
@@ -187,6 +187,15 @@ def test_an_older_transformers_gets_one_error_naming_both_versions(version):
 @pytest.mark.parametrize("version", ["5.6.0", "5.16.1", "5.19.0", "5.26.0.dev0", "6.0.0", transformers.__version__])
 def test_supported_transformers_versions_pass_the_check(version):
     check_transformers_version(version)
+
+
+@pytest.mark.parametrize("version, refused", [("5.22.2", True), ("5.16.1", True), ("5.23.0", False), ("5.25.0", False)])
+def test_conversion_and_training_check_their_own_newer_floor(version, refused):
+    if refused:
+        with pytest.raises(ImportError, match=rf"^Conversion needs transformers >= 5\.23, but transformers {version}"):
+            check_transformers_version(version, TOOLS_MINIMUM_TRANSFORMERS, needed_by="Conversion")
+    else:
+        check_transformers_version(version, TOOLS_MINIMUM_TRANSFORMERS, needed_by="Conversion")
 
 
 def test_the_oldest_environment_holds_the_lower_bound_of_pyproject():
