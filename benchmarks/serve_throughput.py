@@ -14,7 +14,8 @@ then serves both with vLLM, each engine in a process of its own, on two workload
   every placeholder position replaced by a text token (the same number of positions, no encoders, no routing).
 
 Greedy decoding, `--new-tokens` tokens per request (end-of-sequence ignored), all requests submitted at once
-(continuous batching). Engine start-up (and compilation) is not timed. The transformers baseline generates the same
+(continuous batching), after a warm-up batch of as many other requests. Engine start-up (and compilation) is not
+timed. The transformers baseline generates the same
 requests with the composite in left-padded batches of `--hf-batch-size`. Prints one table: requests/s and generated
 tokens/s, and the composite's throughput relative to the plain LLM's.
 """
@@ -55,10 +56,11 @@ def build(root: Path) -> tuple[Path, Path]:
     return root / "composite", root / "plain"
 
 
-def workload(kind: str, count: int) -> list[dict]:
-    rng = np.random.default_rng(0)
+def workload(kind: str, count: int, first: int = 0) -> list[dict]:
+    """`count` distinct requests, numbered from `first` (the warm-up takes other numbers: no prefix-cache hits)."""
+    rng = np.random.default_rng(first)
     requests = []
-    for index in range(count):
+    for index in range(first, first + count):
         question = f"USER: question {index}: what do you see and hear, and what do they share? ASSISTANT:"
         if kind == "text":
             requests.append({"prompt": question, "data": {}})
@@ -89,16 +91,19 @@ def run_vllm(model: str, kind: str, count: int, new_tokens: int, eager: bool, pl
     """One engine, one workload: the timed `generate` of every request at once."""
     from vllm import LLM, SamplingParams
 
-    requests = workload(kind, count)
+    requests, warmup = workload(kind, count), workload(kind, count, first=count)
     if plain is not None:
-        batch = _plain_prompts(plain, requests)
+        batch, warmup_batch = _plain_prompts(plain, requests), _plain_prompts(plain, warmup)
         llm = LLM(model, dtype="float32", enforce_eager=eager, kv_cache_memory_bytes=2**30, max_num_seqs=count)
     else:
-        batch = [{"prompt": request["prompt"], "multi_modal_data": request["data"]} for request in requests]
+        batch, warmup_batch = (
+            [{"prompt": request["prompt"], "multi_modal_data": request["data"]} for request in group]
+            for group in (requests, warmup)
+        )
         llm = LLM(model, trust_remote_code=True, dtype="float32", enforce_eager=eager, kv_cache_memory_bytes=2**30,
                   max_num_seqs=count, limit_mm_per_prompt={"image": 1, "audio": 1})
     sampling = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
-    llm.generate(batch[:2], sampling, use_tqdm=False)  # warm-up
+    llm.generate(warmup_batch, sampling, use_tqdm=False)  # the same shapes, other requests
     start = time.perf_counter()
     outputs = llm.generate(batch, sampling, use_tqdm=False)
     seconds = time.perf_counter() - start

@@ -29,18 +29,10 @@ from vllm.multimodal.processing import (
     PromptUpdateDetails,
 )
 
+from modeling_composite.modeling_composite import INPUT_NAME_BY_KIND
+from modeling_composite.processing_composite import CALL_ARGUMENT_BY_KIND
+
 from .modalities import describe_keys, modality_keys
-
-
-# The keyword of the composite processor's `__call__` that takes the raw items of each kind, and the model input it
-# gives for a kind the composite has one modality of (several: `modality_inputs[name]`).
-CALL_ARGUMENT_BY_KIND = {"image": "images", "video": "videos", "audio": "audio", "point": "point_clouds"}
-OUTPUT_NAME_BY_KIND = {
-    "image": "pixel_values",
-    "video": "pixel_values_videos",
-    "audio": "input_features",
-    "point": "point_clouds",
-}
 
 
 def input_field(name: str) -> str:
@@ -198,8 +190,9 @@ class CompositeMultiModalProcessor(BaseMultiModalProcessor[CompositeProcessingIn
             extra["sampling_rate"] = processor.feature_extractor.sampling_rate
         text = entry["placeholder"] * len(items)
         batch = processor(text=text, **{CALL_ARGUMENT_BY_KIND[kind]: items}, return_tensors="pt", **extra)
+        # A kind the composite has one modality of gives its standard input name; several, `modality_inputs[name]`.
         by_name = batch.get("modality_inputs")
-        return by_name[name] if by_name is not None else batch[OUTPUT_NAME_BY_KIND[kind]]
+        return by_name[name] if by_name is not None else batch[INPUT_NAME_BY_KIND[kind]]
 
     def _get_mm_fields_config(
         self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
