@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from doc_blocks import vllm_blocks
+from doc_snippets import code_blocks
 from vllm_support import MAX_NEW_TOKENS, build_servable_composite, requests
 
 
@@ -172,8 +172,12 @@ def test_readme_server_and_client(composites, tmp_path):
     import cv2
     import soundfile
 
-    blocks = vllm_blocks((ROOT / "README.md").read_text())
-    command, client = blocks["bash"], blocks["python"]
+    # The blocks the documentation tests of the main environment skip as needing vLLM: the command and the client.
+    blocks = [
+        block for block in code_blocks((ROOT / "README.md").read_text()) if (block.skip or "").startswith("needs vLLM")
+    ]
+    (command,) = [block.code for block in blocks if block.language == "bash"]
+    (client,) = [block.code for block in blocks if block.language == "python"]
     shutil.copytree(composites["damc"], tmp_path / "my-composite")
     port = _free_port()
     rng = np.random.default_rng(1)
