@@ -5,9 +5,10 @@ Run in an environment with vLLM and the plugin (`make test` builds `.venv-vllm`)
 
     .venv-vllm/bin/python -m benchmarks.serve_throughput [--requests 32] [--new-tokens 32] [--eager]
 
-It builds a small random DAMC composite (image + audio, Llama text model of width 256, 4 layers, heads of 64) and
-the plain LLM it was composed from (the same text weights: the composite's merged text delta is folded into them),
-then serves both with vLLM, each engine in a process of its own, on two workloads:
+It builds a small random DAMC composite (image + audio, Llama text model of width 256, 4 layers, heads of 64; routed
+deltas of rank 16 per modality and 32 for the text), a NaiveMC composite of the same parts (no routed layers: what the
+Transformers backend and the encoders cost alone), and the plain LLM they were composed from (the same text weights),
+then serves each with vLLM, each engine in a process of its own, on two workloads:
 
 - `text`: text-only prompts, the same for both;
 - `modal`: prompts with an image and an audio clip each; the plain LLM gets the composite's expanded prompt with
@@ -43,17 +44,22 @@ TEXT = {
 KINDS = ("image", "audio")
 
 
-def build(root: Path) -> tuple[Path, Path]:
-    """The composite and its plain LLM, saved under `root`."""
+def build(root: Path) -> dict[str, Path]:
+    """The DAMC composite, a NaiveMC composite of the same parts (no routed layers), and their plain LLM, saved under
+    `root`."""
     from modeling_composite.builder import save_composite
     from modeling_composite.tiny import build_tiny_composite, tiny_llm, tiny_tokenizer
 
-    composite, processor = build_tiny_composite(kinds=KINDS, lora_rank=16, text_rank=32, text_overrides=TEXT)
-    save_composite(composite, processor, root / "composite")
-    plain = tiny_llm("llama", seed=0, **TEXT)  # the weights the composite's text model was built from
-    plain.save_pretrained(root / "plain")
-    tiny_tokenizer().save_pretrained(root / "plain")
-    return root / "composite", root / "plain"
+    folders = {name: root / name for name in ("damc", "naive", "plain")}
+    for name, lora_rank in (("damc", 16), ("naive", None)):
+        composite, processor = build_tiny_composite(
+            kinds=KINDS, lora_rank=lora_rank, text_rank=32, text_overrides=TEXT
+        )
+        save_composite(composite, processor, folders[name])
+    plain = tiny_llm("llama", seed=0, **TEXT)  # the weights the composites' text model was built from
+    plain.save_pretrained(folders["plain"])
+    tiny_tokenizer().save_pretrained(folders["plain"])
+    return folders
 
 
 def workload(kind: str, count: int, first: int = 0) -> list[dict]:
@@ -169,13 +175,14 @@ def main() -> None:
     common = ["--requests", str(args.requests), "--new-tokens", str(args.new_tokens),
               "--hf-batch-size", str(args.hf_batch_size)] + (["--eager"] if args.eager else [])
     with tempfile.TemporaryDirectory() as root:
-        composite, plain = build(Path(root))
+        folders = {name: str(folder) for name, folder in build(Path(root)).items()}
         rows = []
         for kind in ("text", "modal"):
             measured = {
-                "vLLM, plain LLM": _phase(["vllm", str(plain), kind, "--plain-of", str(composite), *common]),
-                "vLLM, composite (plugin)": _phase(["vllm", str(composite), kind, *common]),
-                "transformers generate, composite": _phase(["transformers", str(composite), kind, *common]),
+                "vLLM, plain LLM": _phase(["vllm", folders["plain"], kind, "--plain-of", folders["damc"], *common]),
+                "vLLM + plugin, DAMC composite": _phase(["vllm", folders["damc"], kind, *common]),
+                "vLLM + plugin, NaiveMC composite": _phase(["vllm", folders["naive"], kind, *common]),
+                "transformers generate, DAMC": _phase(["transformers", folders["damc"], kind, *common]),
             }
             baseline = measured["vLLM, plain LLM"]["tokens"] / measured["vLLM, plain LLM"]["seconds"]
             for name, result in measured.items():
