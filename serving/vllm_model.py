@@ -102,7 +102,7 @@ class CompositeMLLMForVLLM(MultiModalMixin, CausalMixin):
                 "vLLM needs: it was saved by an older version of the composite code. Load it with transformers and "
                 "save it again (`save_composite`), or convert it again."
             )
-        self.keys = modality_keys(self.config.modalities)
+        modality_keys(self.config.modalities)  # refuses two modalities that requests could not tell apart
         self.text_model = _compilable_text_model_class()(self.model, vllm_config=vllm_config, prefix=prefix)
         placeholder_ids = [entry["placeholder_id"] for entry in self.config.modalities.values()]
         self.register_buffer("placeholder_ids", torch.tensor(placeholder_ids, dtype=torch.long), persistent=False)
@@ -119,16 +119,10 @@ class CompositeMLLMForVLLM(MultiModalMixin, CausalMixin):
 
     def recursive_replace(self) -> None:
         if self.tp_group.world_size > 1:
-            routed = [
-                f"model.{name}" for name, module in self.model.named_modules() if hasattr(module, "delta_factors")
-            ]
+            # Names and patterns relative to `self.model`: the backend prefixes both with "model." before matching.
+            routed = [name for name, module in self.model.named_modules() if hasattr(module, "delta_factors")]
             if routed:
-                plan = {f"model.{pattern}": style for pattern, style in (self.model.tp_plan or {}).items()}
-                # The backend prefixes the plan's patterns with "model." itself.
-                self.model._tp_plan = {
-                    pattern.removeprefix("model."): style
-                    for pattern, style in routed_factor_tp_plan(plan, routed).items()
-                }
+                self.model._tp_plan = routed_factor_tp_plan(self.model.tp_plan or {}, routed)
         super().recursive_replace()
 
     def embed_multimodal(self, **kwargs: object) -> list[torch.Tensor]:

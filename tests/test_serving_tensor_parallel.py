@@ -25,14 +25,18 @@ def damc():
 
 
 def _routed_names(model) -> list[str]:
-    return [f"model.{name}" for name, module in model.model.named_modules() if hasattr(module, "delta_factors")]
+    """The routed projections, named relative to the composite's base model (as the plugin names them)."""
+    return [name for name, module in model.model.named_modules() if hasattr(module, "delta_factors")]
 
 
 def test_factor_styles_follow_their_projection(damc):
-    plan = {f"model.{pattern}": style for pattern, style in damc.model.tp_plan.items()}
+    # As the plugin does: the base model's plan and names; the backend then prefixes every pattern and name with
+    # "model." before matching.
     routed = _routed_names(damc)
-    factored = routed_factor_tp_plan(plan, routed)
-    for name in routed:
+    plan = {f"model.{pattern}": style for pattern, style in damc.model.tp_plan.items()}
+    factored = routed_factor_tp_plan(damc.model.tp_plan, routed)
+    factored = {f"model.{pattern}": style for pattern, style in factored.items()}
+    for name in (f"model.{name}" for name in routed):
         projection_style = _style(plan, name)
         styles = {part: _style(factored, f"{name}.{part}") for part in ("base_layer", "lora_A", "lora_B")}
         if projection_style == "colwise":
@@ -40,8 +44,10 @@ def test_factor_styles_follow_their_projection(damc):
         else:
             assert projection_style == "rowwise", name
             assert styles == {"base_layer": "rowwise", "lora_A": "rowwise", "lora_B": "replicate"}, name
+    # A layer's factor patterns match that layer only (layer 1's would otherwise catch layer 10's and replicate it).
+    assert _style(factored, "model.language_model.layers.10.self_attn.q_proj.lora_A") == "colwise"
     # Without the factor patterns, the projection's pattern would split both factors like the projection.
-    assert _style(plan, f"{routed[0]}.lora_A") == _style(plan, routed[0])
+    assert _style(plan, f"model.{routed[0]}.lora_A") == _style(plan, f"model.{routed[0]}")
 
 
 def test_unplannable_projection_is_refused(damc):
