@@ -593,11 +593,15 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
         )
 
     @contextmanager
-    def routing(self, modality_index: torch.LongTensor | None) -> Iterator[RoutingPlan | None]:
+    def routing(
+        self, modality_index: torch.LongTensor | None, static_shapes: bool = False
+    ) -> Iterator[RoutingPlan | None]:
         """Route calls of the text model (`self.language_model`) inside this block as the composite's forward does
         for positions of `modality_index` (None: text only). For running the LLM on prepared embeddings (benchmarks,
-        serving engines): `with model.model.routing(index): model.model.language_model(inputs_embeds=...)`."""
-        plan = None if modality_index is None else self.plan_routing(modality_index)
+        serving engines): `with model.model.routing(index): model.model.language_model(inputs_embeds=...)`.
+        `static_shapes=True` plans every row and column with no host sync (`plan_routing`): inside a graph compiled
+        once (vLLM), with the index computed in the graph too, so that the plan is data flow of each call."""
+        plan = None if modality_index is None else self.plan_routing(modality_index, static_shapes=static_shapes)
         previous, self.routing_channel.plan = self.routing_channel.plan, plan
         try:
             yield plan

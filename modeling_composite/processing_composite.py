@@ -15,7 +15,7 @@ logger = logging.get_logger(__name__)
 
 
 # The keyword of `__call__` that carries the raw inputs of each modality kind, and the tensor it becomes.
-_CALL_ARGUMENT_BY_KIND = {"image": "images", "video": "videos", "audio": "audio", "point": "point_clouds"}
+CALL_ARGUMENT_BY_KIND = {"image": "images", "video": "videos", "audio": "audio", "point": "point_clouds"}
 _OUTPUT_NAME_BY_KIND = {
     "image": "pixel_values",
     "video": "pixel_values_videos",
@@ -158,7 +158,7 @@ class CompositeMLLMProcessor(ProcessorMixin):
             if not owners:
                 if items:
                     raise ValueError(
-                        f"Got {_CALL_ARGUMENT_BY_KIND[kind]} but this composite has no {kind} modality "
+                        f"Got {CALL_ARGUMENT_BY_KIND[kind]} but this composite has no {kind} modality "
                         f"(it has: { {name: entry['kind'] for name, entry in self.modalities.items()} })."
                     )
                 continue
@@ -215,7 +215,7 @@ class CompositeMLLMProcessor(ProcessorMixin):
             )
         tokens = ", ".join(self.modalities[name]["placeholder"] for name in owners)
         return (
-            f"The {kind} modalities {owners} share `{_CALL_ARGUMENT_BY_KIND[kind]}=`: the text has {found} of their "
+            f"The {kind} modalities {owners} share `{CALL_ARGUMENT_BY_KIND[kind]}=`: the text has {found} of their "
             f"placeholders ({tokens}) but {given} {kind} input(s) were given; use one placeholder per input (inputs "
             "fill the placeholders in order of appearance)."
         )

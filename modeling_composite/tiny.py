@@ -165,10 +165,13 @@ def build_tiny_composite(
     randomize_deltas: bool = True,
     seed: int = 0,
     spec_overrides: dict[str, dict[str, Any]] | None = None,
+    text_overrides: dict | None = None,
 ) -> tuple[CompositeMLLMForCausalLM, CompositeMLLMProcessor]:
     """A tiny random composite of the given modality kinds. With `randomize_deltas`, the low-rank deltas (which
     start at zero) get random values so that routing changes outputs. `spec_overrides` sets fields of a kind's
-    `ModalitySpec` (e.g. `{"audio": {"projector": "qformer_2N_1L", "projector_options": {...}}}`)."""
+    `ModalitySpec` (e.g. `{"audio": {"projector": "qformer_2N_1L", "projector_options": {...}}}`); `text_overrides`
+    change the text config (e.g. `num_attention_heads=2, num_key_value_heads=1` for heads of 32, the smallest vLLM's
+    CPU attention runs)."""
     specs = tiny_modality_specs(kinds, lora_rank)
     for kind, fields in (spec_overrides or {}).items():
         specs[kind] = dataclasses.replace(specs[kind], **fields)
@@ -177,7 +180,7 @@ def build_tiny_composite(
     torch.manual_seed(seed)
     text_lora = {"r": text_rank, "alpha": float(text_rank), "folded": True} if lora_rank and text_rank else None
     model, processor = compose(
-        tiny_llm(text_model_type, seed=seed),
+        tiny_llm(text_model_type, seed=seed, **(text_overrides or {})),
         tiny_tokenizer(),
         specs,
         image_processor=tiny_image_processor(),

@@ -1,0 +1,29 @@
+"""How a composite's modalities are addressed in vLLM requests (no vLLM import: shared by the plugin and tests).
+
+vLLM's OpenAI server turns content items into data of the modalities `image`, `video` and `audio`; the offline `LLM`
+API takes `multi_modal_data` keyed by any modality name the model declares. A modality that is the only one of its
+kind among image, video and audio is addressed by its kind (so that the server's content types reach it, whatever
+its name); every other modality (point clouds, and each of two modalities of one kind) by its own name.
+"""
+
+SERVER_KINDS = ("image", "video", "audio")
+
+
+def modality_keys(modalities: dict[str, dict]) -> dict[str, str]:
+    """vLLM modality key -> composite modality name, for the composite config's `modalities`."""
+    kinds = [entry["kind"] for entry in modalities.values()]
+    keys: dict[str, str] = {}
+    for name, entry in modalities.items():
+        kind = entry["kind"]
+        key = kind if kind in SERVER_KINDS and kinds.count(kind) == 1 else name
+        if key in keys:
+            raise ValueError(
+                f"Modalities {keys[key]!r} and {name!r} would both be addressed as {key!r} in vLLM requests (a "
+                f"modality named after a kind that another modality has alone); rename one of them."
+            )
+        keys[key] = name
+    return keys
+
+
+def describe_keys(keys: dict[str, str]) -> str:
+    return ", ".join(key if key == name else f"{key} (modality {name!r})" for key, name in keys.items())
