@@ -207,10 +207,13 @@ def test_format_table():
     assert lines[3].split() == ["base", "100.0", "-"]
     # Aligned: every value column ends at the same place on every line.
     assert len({len(line) for line in (lines[0], lines[2])}) == 1
+    # A score with a 95% interval reads as the estimate and half the interval's width.
+    table = format_table({"composite": {"image": (0.875, 0.8, 0.93), "audio": 0.5}}, ["image", "audio"])
+    assert table.splitlines()[2].split() == ["composite", "87.5", "±6.5", "50.0"]
 
 
 def test_plot_table_writes_a_png(tmp_path):
-    rows = {"composite": {"image": 0.875, "audio": None}, "base": {"image": 0.5, "audio": 0.25}}
+    rows = {"composite": {"image": (0.875, 0.8, 0.93), "audio": None}, "base": {"image": 0.5, "audio": 0.25}}
     path = plot_table(rows, ["image", "audio"], tmp_path / "plots" / "acc.png", title="tiny MCUB")
     assert path.exists() and path.stat().st_size > 1000
     with Image.open(path) as image:

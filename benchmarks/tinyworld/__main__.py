@@ -1,6 +1,7 @@
 """The tiny world end to end (the project's demo): train the base LLM and one DAMC and one NaiveMC source per modality,
-compose each family with the converter, evaluate, print the table, write it as JSON and PNG, and answer a few tiny
-MCUB questions through `pipeline()` with the DAMC composite loaded in 4-bit.
+compose each family with the converter, evaluate, print the table (each figure with its 95% bootstrap interval over
+the test questions), write it as JSON and PNG, and answer a few tiny MCUB questions through `pipeline()` with the
+DAMC composite loaded in 4-bit.
 
     python -m benchmarks.tinyworld [--work outputs/tinyworld] [--seed 0] [--text-lora-learning-rate 1e-3]
         [--text-distillation-weight 5]
@@ -14,12 +15,14 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .evaluate import question_inputs
-from .questions import mcub_split, unimodal_split
+from .questions import PLACEHOLDERS, mcub_split, unimodal_split
 from .report import format_table, plot_table
-from .run import Settings, run
+from .run import Results, Settings, accuracies, run
+from .stats import bootstrap, mean_accuracy
 from .world import MODALITIES, make_concepts
 
 
@@ -41,18 +44,29 @@ def examples(folder: Path, settings: Settings, count: int = 3) -> None:
     concepts = {concept.name: concept for concept in make_concepts(settings.seed)}
     for question in unimodal_split(list(concepts.values()), "image", 2 * count, settings.seed, "test")[1::2]:
         image = question_inputs(question, concepts, "test")["images"][0]
-        text = question.prompt().split("> ", 1)[1]
-        messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}]
-        answer = chat(text=messages, max_new_tokens=2, generate_kwargs={"do_sample": False})
+        # The prompt's text around its image, in order (some wordings put the question before the input).
+        before, after = (part.strip() for part in question.prompt().split(PLACEHOLDERS["image"]))
+        content = [{"type": "text", "text": before}] if before else []
+        content += [{"type": "image", "image": image}, {"type": "text", "text": after}]
+        answer = chat(text=[{"role": "user", "content": content}], max_new_tokens=2,
+                      generate_kwargs={"do_sample": False})
         reply = answer[0]["generated_text"][-1]["content"].strip()
-        print(f"  pipeline  [image={question.items[0][1]}] {text} -> {reply!r} (gold {question.answer})")
+        print(f"  pipeline  [image={question.items[0][1]}] {question.prompt()} -> {reply!r} (gold {question.answer})")
     for question in mcub_split(list(concepts.values()), 4, count, settings.seed, "test"):
         batch = processor(text=f"USER: {question.prompt()} ASSISTANT:", **question_inputs(question, concepts, "test"))
         output = model.generate(**batch, max_new_tokens=2, do_sample=False)
         reply = processor.decode(output[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip()
         shown = " ".join(f"{modality}={name}" for modality, name in question.items)
-        print(f"  generate  [{shown}] {question.prompt().rsplit('> ', 1)[1]} -> {reply!r} "
+        print(f"  generate  [{shown}] {question.prompt()} -> {reply!r} "
               f"(gold {question.answer}: all {question.meta['shared']})")
+
+
+def with_intervals(results: Results) -> dict[str, dict[str, tuple[float, float, float]]]:
+    """Each accuracy with its 95% interval from a bootstrap over the test questions (one training run: the noise of
+    the question sample, not of training; `python -m benchmarks.tinyworld.sweep` adds seeds)."""
+    return {row: {column: bootstrap([np.asarray(values, dtype=float)], mean_accuracy)
+                  for column, values in columns.items()}
+            for row, columns in results.items()}
 
 
 def main() -> None:
@@ -81,27 +95,31 @@ def main() -> None:
     settings = Settings(seed=args.seed, text_lora_learning_rate=args.text_lora_learning_rate,
                         text_distillation_weight=args.text_distillation_weight)
     start = time.perf_counter()
-    rows = run(work, settings)
+    results = run(work, settings)
+    rows = with_intervals(results)
     table = format_table(rows, COLUMNS)
-    print(f"\ntiny world (seed {settings.seed}): accuracy %, chance 25 for letters "
+    print(f"\ntiny world (seed {settings.seed}): accuracy % ± half its 95% interval (bootstrap over questions); "
+          f"chance 25 for letters, unimodal = half names, half letters "
           f"({settings.unimodal_questions} unimodal questions per modality, {settings.mcub_questions} per MCUB split)")
     print(table)
-    (work / "results.json").write_text(json.dumps({"settings": vars(settings), "rows": rows}, indent=1))
+    (work / "results.json").write_text(json.dumps(
+        {"settings": vars(settings), "rows": rows, "accuracy": accuracies(results), "per_question": results},
+        indent=1))
     # One bar per family in the plot: each source fills its own modality's column.
     plotted = {f"sources ({family})": {} for family in ("damc", "naive")}
     for label, row in rows.items():
-        family = label.split("(")[-1].rstrip(")")
-        target = f"sources ({family})" if "source (" in label else label
+        target = f"sources ({label.split('(')[-1].rstrip(')')})" if " source (" in label else label
         plotted.setdefault(target, {}).update(row)
-    plot = plot_table(plotted, COLUMNS, work / "results.png", "tiny world: each source alone vs the composites")
+    plot = plot_table(plotted, COLUMNS, work / "results.png",
+                      "tiny world: the base LLM on names, each source alone, the composites")
     print(f"wrote {work / 'results.json'} and {plot} ({time.perf_counter() - start:.0f} s)")
     if args.search_lambda:
-        report_lambda_search(work, settings, rows)
+        report_lambda_search(work, settings, accuracies(results))
     logging.getLogger().setLevel(logging.ERROR)  # bitsandbytes' notice about optional CPU kernels
     examples(work / "composites" / "damc-built" / "model", settings)
 
 
-def report_lambda_search(work: Path, settings: Settings, rows: dict[str, dict]) -> None:
+def report_lambda_search(work: Path, settings: Settings, rows: dict[str, dict[str, float]]) -> None:
     """λ chosen on the validation split (supervised) and by agreement with the sources (unsupervised), each scored
     on the test split against λ = 1/N."""
     from .lambda_search import search
@@ -110,14 +128,14 @@ def report_lambda_search(work: Path, settings: Settings, rows: dict[str, dict]) 
     sources = build_world(work, settings)
     results = search(work, sources, settings)
     table = {}
-    for family, result in results.items():
+    for name, result in results.items():
         for value, entry in result["grid"].items():
-            table[f"{family} λ={value}"] = {"validation": entry["validation"], "agreement": entry["agreement"]}
+            table[f"{name} λ={value}"] = {"validation": entry["validation"], "agreement": entry["agreement"]}
         for criterion in ("supervised", "unsupervised"):
             chosen = result[criterion]
             test = evaluate_composite(Path(result["grid"][chosen]["folder"]), settings)
-            table[f"{family} {criterion} pick λ={chosen}"] = {**test}
-        table[f"{family} λ=1/4 (default)"] = rows[f"{family} composite"]
+            table[f"{name} {criterion} pick λ={chosen}"] = accuracies({"": test})[""]
+        table[f"{name} λ=1/4 (default)"] = rows[f"{name} composite"]
     print("\nλ search (validation and agreement select; test reports):")
     print(format_table(table, ["validation", "agreement", *COLUMNS]))
     (work / "lambda_search.json").write_text(json.dumps({"search": results, "table": table}, indent=1, default=str))

@@ -21,17 +21,16 @@ from .questions import (
     identify_question,
     mcub_question,
     recall_question,
+    template_words,
 )
 from .world import ATTRIBUTES, NAMES, Concept
 
 
-TEMPLATE_WORDS = ["USER:", "ASSISTANT:", "which", "fits", "all", "?", "what", "is", "it", *ATTRIBUTES]
-
-
 def world_tokenizer() -> PreTrainedTokenizerFast:
     """One token per word of the world (names, attribute values, template words, option letters); BOS first."""
-    words = [*TEMPLATE_WORDS, *LETTERS, *NAMES, *(value for values in ATTRIBUTES.values() for value in values)]
-    vocab = {token: index for index, token in enumerate([*SPECIAL_TOKENS, *words])}
+    words = ["USER:", "ASSISTANT:", *template_words(), *LETTERS, *NAMES,
+             *(value for values in ATTRIBUTES.values() for value in values)]
+    vocab = {token: index for index, token in enumerate(dict.fromkeys([*SPECIAL_TOKENS, *words]))}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
@@ -60,7 +59,8 @@ def base_llm(tokenizer: PreTrainedTokenizerFast, seed: int) -> torch.nn.Module:
 
 def base_corpus(concepts: list[Concept], count: int, seed: int) -> list[Question]:
     """Text-only questions: every (concept, attribute) fact, and a mix of single-item and 2-4 item "which fits all"
-    questions (never with a held-out concept set, see `held_out`) and "what is it" questions."""
+    questions (never with a held-out concept set, see `held_out`) and "what is it" questions, all in the training
+    wordings and orders."""
     rng = random.Random(f"base-{seed}")
     questions: list[Question] = []
     for concept in concepts:
@@ -75,7 +75,7 @@ def base_corpus(concepts: list[Concept], count: int, seed: int) -> list[Question
         elif draw < 0.3:
             questions.append(as_text(attribute_question(rng, rng.choice(concepts), "text", f"base-{index}")))
         elif draw < 0.35:
-            questions.append(as_text(identify_question(rng.choice(concepts), "text", f"base-{index}")))
+            questions.append(as_text(identify_question(rng, rng.choice(concepts), "text", f"base-{index}")))
         elif draw < 0.4:
             questions.append(as_text(caption_question(rng.choice(concepts), "text", f"base-{index}")))
         else:

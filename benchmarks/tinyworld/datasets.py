@@ -40,7 +40,7 @@ def source_questions(concepts: list[Concept], modality: str, stage: int, count: 
         elif draw < 0.25:
             questions.append(recall_question(rng, concept, modality, qid))
         elif draw < 0.35:
-            questions.append(identify_question(concept, modality, qid))
+            questions.append(identify_question(rng, concept, modality, qid))
         elif draw < 0.7:
             questions.append(attribute_question(rng, concept, modality, qid))
         else:

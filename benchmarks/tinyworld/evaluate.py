@@ -53,12 +53,21 @@ def first_tokens(model, processor, questions: list[Question], concepts: dict[str
     return answers
 
 
+def correctness(
+    model, processor, questions: list[Question], concepts: dict[str, Concept], split: str, batch_size: int = 32
+) -> list[bool]:
+    """Whether each answer is right: exact match of the first letter for multiple choice, of the first word for open
+    answers (names)."""
+    predictions = first_tokens(model, processor, questions, concepts, split, batch_size)
+    return [is_correct(question, prediction) for question, prediction in zip(questions, predictions)]
+
+
 def score(
     model, processor, questions: list[Question], concepts: dict[str, Concept], split: str, batch_size: int = 32
 ) -> float:
-    """Accuracy: exact match of the first letter for multiple choice, of the first word for open answers (names)."""
-    predictions = first_tokens(model, processor, questions, concepts, split, batch_size)
-    return sum(is_correct(question, prediction) for question, prediction in zip(questions, predictions)) / len(questions)
+    """Accuracy (see `correctness`)."""
+    results = correctness(model, processor, questions, concepts, split, batch_size)
+    return sum(results) / len(results)
 
 
 def is_correct(question: Question, prediction: str) -> bool:
@@ -68,7 +77,6 @@ def is_correct(question: Question, prediction: str) -> bool:
     return bool(words) and words[0] == question.answer
 
 
-def score_text(model, tokenizer, questions: list[Question], concepts: dict[str, Concept]) -> float:
-    """The base LLM on the text-only versions of the questions."""
-    return score(model, tokenizer, [as_text(question) for question in questions], concepts, "text")
-
+def correctness_text(model, tokenizer, questions: list[Question], concepts: dict[str, Concept]) -> list[bool]:
+    """The base LLM on the text-only versions of the questions (every input written as its concept's name)."""
+    return correctness(model, tokenizer, [as_text(question) for question in questions], concepts, "text")

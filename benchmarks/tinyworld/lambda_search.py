@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .evaluate import first_tokens, is_correct, score
 from .questions import mcub_split, unimodal_split
-from .run import FAMILIES, Settings, compose_family, load
+from .run import METHODS, Settings, compose, load
 from .world import MODALITIES, make_concepts
 
 
@@ -23,32 +23,32 @@ def _validation(settings: Settings):
 
 
 def search(work: Path, sources: dict[str, Path], settings: Settings, grid: tuple[float, ...] = GRID) -> dict:
-    """For each family and each λ of the grid: the supervised validation score (mean over unimodal and MCUB
+    """For each method and each λ of the grid: the supervised validation score (mean over unimodal and MCUB
     accuracies) and the unsupervised agreement score; returns them with the λ each criterion picks."""
     by_name, unimodal, mcub = _validation(settings)
     reference: dict[str, dict[str, list[str]]] = {}
-    for family in FAMILIES:
+    for family in dict.fromkeys(method.sources for method in METHODS.values()):
         reference[family] = {}
         for modality in MODALITIES:
             model, processor = load(sources[f"{modality}-{family}"])
             reference[family][modality] = first_tokens(model, processor, unimodal[modality], by_name, "val")
     results: dict = {}
-    for family in FAMILIES:
+    for name, method in METHODS.items():
         table = {}
         for value in grid:
-            folder = compose_family(work / f"lambda-{value}", sources, family, dict.fromkeys(MODALITIES, value))
+            folder = compose(work / f"lambda-{value}", sources, name, dict.fromkeys(MODALITIES, value))
             model, processor = load(folder)
             accuracies, agreement = [], []
             for modality in MODALITIES:
                 # One pass answers both criteria: scored against the labels, and against the source's answers.
                 answers = first_tokens(model, processor, unimodal[modality], by_name, "val")
                 accuracies.append(sum(map(is_correct, unimodal[modality], answers)) / len(answers))
-                same = sum(a == b for a, b in zip(answers, reference[family][modality]))
+                same = sum(a == b for a, b in zip(answers, reference[method.sources][modality]))
                 agreement.append(same / len(answers))
             accuracies += [score(model, processor, mcub[k], by_name, "val") for k in mcub]
             table[value] = {"validation": sum(accuracies) / len(accuracies), "agreement": sum(agreement) / len(agreement),
                             "folder": str(folder)}
-        results[family] = {
+        results[name] = {
             "grid": table,
             "supervised": max(table, key=lambda v: table[v]["validation"]),
             "unsupervised": max(table, key=lambda v: table[v]["agreement"]),

@@ -1,9 +1,11 @@
 """Scoring and reporting of the tiny world's multiple-choice answers: letter accuracy, a text table and a bar chart.
 
-Scores are fractions in [0, 1]; tables and charts show them as percentages.
+Scores are fractions in [0, 1], or (estimate, low, high) with a 95% interval; tables and charts show percentages.
 """
 
 from pathlib import Path
+
+Score = float | tuple[float, float, float]
 
 LETTERS = "ABCD"
 
@@ -26,12 +28,18 @@ def accuracy(predictions: list[str], answers: list[str]) -> float:
     return hits / len(answers)
 
 
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}"
+def _percent(value: Score | None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, tuple):
+        estimate, low, high = value
+        return f"{100 * estimate:.1f} ±{100 * (high - low) / 2:.1f}"
+    return f"{100 * value:.1f}"
 
 
-def format_table(rows: dict[str, dict[str, float | None]], columns: list[str]) -> str:
-    """A plain-text table: one line per row label, one column per name, scores as percentages ("-" when missing)."""
+def format_table(rows: dict[str, dict[str, Score | None]], columns: list[str]) -> str:
+    """A plain-text table: one line per row label, one column per name, scores as percentages ("-" when missing); a
+    score with an interval reads `estimate ±half its width`."""
     cells = [[label] + [_percent(values.get(column)) for column in columns] for label, values in rows.items()]
     header = [""] + list(columns)
     widths = [max(len(line[index]) for line in [header] + cells) for index in range(len(header))]
@@ -46,13 +54,14 @@ def format_table(rows: dict[str, dict[str, float | None]], columns: list[str]) -
 
 
 def plot_table(
-    rows: dict[str, dict[str, float | None]],
+    rows: dict[str, dict[str, Score | None]],
     columns: list[str],
     path: str | Path,
     title: str,
     chance: float = 0.25,
 ) -> Path:
-    """A grouped bar chart (a group per column, a bar per row, in %) with a dashed chance line, saved as PNG."""
+    """A grouped bar chart (a group per column, a bar per row, in %; intervals as error bars) with a dashed chance
+    line, saved as PNG."""
     import matplotlib
 
     # A headless backend: reports are written by scripts and tests without a display.
@@ -68,12 +77,11 @@ def plot_table(
         present = [(position, values[column]) for position, column in enumerate(columns)
                    if values.get(column) is not None]
         offset = (index - (len(rows) - 1) / 2) * width
-        axes.bar(
-            [position + offset for position, _ in present],
-            [100 * value for _, value in present],
-            width=width,
-            label=label,
-        )
+        estimates = [100 * (value[0] if isinstance(value, tuple) else value) for _, value in present]
+        errors = [[100 * (value[0] - value[1]) if isinstance(value, tuple) else 0.0 for _, value in present],
+                  [100 * (value[2] - value[0]) if isinstance(value, tuple) else 0.0 for _, value in present]]
+        axes.bar([position + offset for position, _ in present], estimates, width=width, label=label,
+                 yerr=errors if any(map(any, errors)) else None, capsize=2)
     axes.axhline(100 * chance, color="grey", linestyle="--", linewidth=1, label="chance")
     axes.set_xticks(range(len(columns)))
     axes.set_xticklabels(columns)

@@ -1,10 +1,11 @@
 """The whole tiny world, end to end, with caching: train the base LLM -> train one decoupled (DAMC) and one shared-LoRA
-(NaiveMC) source per modality with the project's trainer -> compose each family with the converter -> evaluate every
-model on the unimodal benchmarks and tiny MCUB-2/3/4 -> print one table (and write it as JSON and a PNG).
+(NaiveMC) source per modality with the project's trainer -> compose each method's sources with the converter ->
+evaluate every model on the unimodal benchmarks and tiny MCUB-2/3/4, question by question.
 
 Every step writes its folder with a `.done` file holding the settings it was made with and the `.done` of what it was
 made from; a later run with the same settings reuses it (and rebuilds whatever depends on a rebuilt step), so reruns
-only evaluate. Keys hold no paths: a moved work folder stays valid.
+only read the evaluation back. Keys hold no paths: a moved work folder stays valid. What depends on the seed alone
+(the base LLM, the encoders, the data, stage 1) may live in a `shared` folder that several runs reuse.
 """
 
 import json
@@ -16,9 +17,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from conversion import compose
+from conversion import compose as compose_folder
 from modeling_composite.modeling_composite import CompositeMLLMForCausalLM
 from modeling_composite.processing_composite import CompositeMLLMProcessor
 from modeling_composite.tiny import (
@@ -32,8 +33,8 @@ from training import SourceDataArguments, SourceModelArguments, SourceTrainingAr
 
 from .base import train_base
 from .datasets import write_source_data
-from .evaluate import score
-from .questions import mcub_split, unimodal_split
+from .evaluate import correctness, correctness_text
+from .questions import Question, mcub_split, unimodal_split
 from .world import MODALITIES, make_concepts
 
 
@@ -45,9 +46,21 @@ ENCODER_SETTINGS = {
     "audio": {},
     "point": {},
 }
-FAMILIES = {"damc": True, "naive": False}  # family -> decoupled
+FAMILIES = {"damc": True, "naive": False}  # family of sources -> decoupled
+
+
+@dataclass(frozen=True)
+class Method:
+    """A composite the tiny world builds: the family of sources it composes and the recipe's `method`."""
+
+    sources: str
+    recipe_method: str
+
+
+# Composite name -> method; a new method is one more entry (every table, plot and sweep follows this mapping).
+METHODS = {"naive": Method("naive", "naive"), "damc": Method("damc", "damc")}
 # Part of every cache key: bump it when the code that makes an artifact changes what it makes.
-WORLD_VERSION = 7  # 7: low-rank factors saved as linear layers (`lora_A.<name>.weight`)
+WORLD_VERSION = 8  # 8: balanced world, questions in several wordings and random option orders (issue 23)
 
 
 @dataclass
@@ -72,8 +85,10 @@ class Settings:
     stage2_samples: int = 2400
     batch_size: int = 32
     lora_rank: int = 8
-    # Of the DAMC sources' text LoRA (NaiveMC's shared LoRA trains at the main rate); 0 freezes it.
+    # Of the DAMC sources' text LoRA (their modality LoRA trains at 3e-3); 0 freezes it.
     text_lora_learning_rate: float = 1e-3
+    # Of the NaiveMC sources' shared LoRA, the one LoRA they have (it adapts text and modality tokens alike).
+    shared_lora_learning_rate: float = 3e-3
     # Stage 2 of both families: pull each source towards the base LLM reading the input's name (0: the paper's loss).
     text_distillation_weight: float = 5.0
     prefix_tokens: int = 0
@@ -86,6 +101,9 @@ STAGE1_SETTINGS = (
     "seed", "stage1_steps", "stage1_samples", "stage1_learning_rate", "projector", "projector_options", "batch_size",
     "version",
 )
+# What no training step depends on (changing them only evaluates again), and what only one family's sources do.
+EVALUATION_SETTINGS = ("mcub_questions", "unimodal_questions")
+FAMILY_ONLY_SETTINGS = {"damc": ("text_lora_learning_rate",), "naive": ("shared_lora_learning_rate",)}
 
 
 def _cached(folder: Path, key: dict, build: Callable[[Path], object], label: str) -> Path:
@@ -142,34 +160,46 @@ def _training_args(folder: Path, settings: Settings, stage: int, **overrides) ->
     )
 
 
-def build_world(work: Path, settings: Settings) -> dict[str, Path]:
-    """Train (or reuse) the base, the encoders, the data and every source; returns name -> source folder."""
+def _source_key(settings: Settings, family: str) -> dict:
+    """What a family's stage-2 sources depend on: every training setting but the other family's rate."""
+    others = {name for other, names in FAMILY_ONLY_SETTINGS.items() if other != family for name in names}
+    skipped = others | set(EVALUATION_SETTINGS)
+    return {**{name: value for name, value in asdict(settings).items() if name not in skipped},
+            "version": WORLD_VERSION, "family": family}
+
+
+def build_world(work: Path, settings: Settings, shared: Path | None = None) -> dict[str, Path]:
+    """Train (or reuse) the base, the encoders, the data and every source; returns name -> source folder. What depends
+    on the seed alone goes under `shared` (default: `work`), so that runs that differ in stage 2 reuse it."""
+    shared = work if shared is None else shared
     concepts = make_concepts(settings.seed)
     key = {**asdict(settings), "version": WORLD_VERSION}
     # Stage 1 depends on these settings only, so that a change to stage 2 (a distillation weight, a rate) reuses it.
     stage1_key = {name: key[name] for name in STAGE1_SETTINGS}
     projector_options = json.dumps(settings.projector_options) if settings.projector_options else None
     base = _cached(
-        work / "base",
-        {"seed": settings.seed, "steps": settings.base_steps, "corpus": settings.base_corpus},
+        shared / "base",
+        {"seed": settings.seed, "steps": settings.base_steps, "corpus": settings.base_corpus,
+         "version": WORLD_VERSION},
         lambda folder: train_base(folder, concepts, settings.seed, settings.base_steps, settings.base_corpus),
         "base LLM",
     )
     sources = {}
     for modality in MODALITIES:
-        encoder = _cached(work / "encoders" / modality, {"seed": settings.seed, "version": WORLD_VERSION},
+        encoder = _cached(shared / "encoders" / modality, {"seed": settings.seed, "version": WORLD_VERSION},
                           lambda folder, m=modality: _save_encoder(m, folder, settings.seed), f"{modality} encoder")
         data = {}
         for stage, count in ((1, settings.stage1_samples), (2, settings.stage2_samples)):
             data[stage] = _cached(
-                work / "data" / f"{modality}-stage{stage}",
+                shared / "data" / f"{modality}-stage{stage}",
                 {"seed": settings.seed, "count": count, "version": WORLD_VERSION},
-                lambda folder, m=modality, s=stage, n=count: write_source_data(folder, concepts, m, s, n, settings.seed),
+                lambda folder, m=modality, s=stage, n=count: write_source_data(folder, concepts, m, s, n,
+                                                                              settings.seed),
                 f"{modality} stage-{stage} data",
             )
         model_args = dict(modality=modality, kind=KINDS[modality], **ENCODER_SETTINGS[modality])
         stage1 = _cached(
-            work / "sources" / f"{modality}-stage1",
+            shared / "sources" / f"{modality}-stage1",
             {**stage1_key, "base": (base / ".done").read_text(), "encoder": (encoder / ".done").read_text()},
             lambda folder, m=modality, d=data[1], e=encoder, a=model_args: train_source(
                 SourceModelArguments(base_model=str(base), encoder=str(e), projector=settings.projector,
@@ -182,7 +212,7 @@ def build_world(work: Path, settings: Settings) -> dict[str, Path]:
         for family, decoupled in FAMILIES.items():
             sources[f"{modality}-{family}"] = _cached(
                 work / "sources" / f"{modality}-{family}",
-                {**key, "family": family, "stage1": (stage1 / ".done").read_text()},
+                {**_source_key(settings, family), "stage1": (stage1 / ".done").read_text()},
                 lambda folder, m=modality, d=data[2], a=model_args, dec=decoupled: train_source(
                     SourceModelArguments(
                         init_from=str(stage1), decoupled=dec, lora_rank=settings.lora_rank,
@@ -190,7 +220,8 @@ def build_world(work: Path, settings: Settings) -> dict[str, Path]:
                         suffix_tokens=settings.suffix_tokens, **a,
                     ),
                     SourceDataArguments(data_path=str(d / f"{m}-stage2.json"), media_root=str(d), cache_samples=True),
-                    _training_args(folder, settings, 2, learning_rate=3e-3, projector_learning_rate=1e-3,
+                    _training_args(folder, settings, 2, projector_learning_rate=1e-3,
+                                   learning_rate=3e-3 if dec else settings.shared_lora_learning_rate,
                                    text_lora_learning_rate=settings.text_lora_learning_rate,
                                    text_distillation_weight=settings.text_distillation_weight),
                 ),
@@ -200,22 +231,25 @@ def build_world(work: Path, settings: Settings) -> dict[str, Path]:
     return sources
 
 
-def compose_family(work: Path, sources: dict[str, Path], family: str, weights: dict[str, float] | None = None) -> Path:
-    """Compose the four sources of a family with the converter (linear rule; λ = 1/N unless given)."""
+def compose(work: Path, sources: dict[str, Path], name: str, weights: dict[str, float] | None = None) -> Path:
+    """Compose the four sources of method `name` (a key of `METHODS`) with the converter (linear rule; λ = 1/N unless
+    given)."""
+    method = METHODS[name]
     weights = weights or {modality: 1.0 / len(MODALITIES) for modality in MODALITIES}
     recipe = {
-        "name": f"tinyworld-{family}",
-        "method": family,
+        "name": f"tinyworld-{name}",
+        "method": method.recipe_method,
         "base": str(sources["base"]),
         "merge": {"rule": "linear"},
-        "sources": [{"path": str(sources[f"{m}-{family}"]), "weight": weights[m]} for m in MODALITIES],
+        "sources": [{"path": str(sources[f"{m}-{method.sources}"]), "weight": weights[m]} for m in MODALITIES],
         "dtype": "float32",
     }
-    output = work / "composites" / family
-    marker = {"recipe": recipe, "sources": {m: (sources[f"{m}-{family}"] / ".done").read_text() for m in MODALITIES}}
-    return _cached(output.parent / f"{family}-built", marker,
-                   lambda folder: compose(recipe, folder / "model", force=True, verify=False),
-                   f"compose {family}") / "model"
+    output = work / "composites" / name
+    marker = {"recipe": recipe,
+              "sources": {m: (sources[f"{m}-{method.sources}"] / ".done").read_text() for m in MODALITIES}}
+    return _cached(output.parent / f"{name}-built", marker,
+                   lambda folder: compose_folder(recipe, folder / "model", force=True, verify=False),
+                   f"compose {name}") / "model"
 
 
 def load(folder: Path) -> tuple[CompositeMLLMForCausalLM, CompositeMLLMProcessor]:
@@ -223,39 +257,65 @@ def load(folder: Path) -> tuple[CompositeMLLMForCausalLM, CompositeMLLMProcessor
     return model, CompositeMLLMProcessor.from_pretrained(folder, trust_remote_code=False)
 
 
-def evaluate_all(sources: dict[str, Path], composites: dict[str, Path], settings: Settings) -> dict[str, dict]:
-    """Rows: each single source (on its own modality), then each composite; columns: unimodal accuracy per modality
-    and tiny MCUB-2/3/4."""
+# Per-question results: row label -> column -> whether each test question was answered right.
+Results = dict[str, dict[str, list[bool]]]
+BASE_ROW = "base LLM (inputs as names)"
+
+
+def evaluation_questions(settings: Settings) -> dict[str, list[Question]]:
+    """The test split by column: unimodal questions per modality, then tiny MCUB-2/3/4."""
     concepts = make_concepts(settings.seed)
-    by_name = {concept.name: concept for concept in concepts}
-    unimodal = {m: unimodal_split(concepts, m, settings.unimodal_questions, settings.seed, "test") for m in MODALITIES}
-    rows: dict[str, dict] = {}
+    columns = {m: unimodal_split(concepts, m, settings.unimodal_questions, settings.seed, "test") for m in MODALITIES}
+    for k in (2, 3, 4):
+        columns[f"MCUB-{k}"] = mcub_split(concepts, k, settings.mcub_questions, settings.seed, "test")
+    return columns
+
+
+def evaluate_all(sources: dict[str, Path], composites: dict[str, Path], settings: Settings) -> Results:
+    """Rows: the base LLM reading every input as its concept's name (what the sources are taught to hand it), each
+    single source (on its own modality), then each composite; columns: unimodal per modality and tiny MCUB-2/3/4."""
+    by_name = {concept.name: concept for concept in make_concepts(settings.seed)}
+    columns = evaluation_questions(settings)
+    base = AutoModelForCausalLM.from_pretrained(sources["base"]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(sources["base"])
+    rows: Results = {BASE_ROW: {column: correctness_text(base, tokenizer, questions, by_name)
+                                for column, questions in columns.items()}}
     for family in FAMILIES:
         for modality in MODALITIES:
             model, processor = load(sources[f"{modality}-{family}"])
-            rows[f"{modality} source ({family})"] = {modality: score(model, processor, unimodal[modality], by_name, "test")}
-    for family, folder in composites.items():
-        rows[f"{family} composite"] = evaluate_composite(folder, settings)
+            rows[f"{modality} source ({family})"] = {
+                modality: correctness(model, processor, columns[modality], by_name, "test")}
+    for name, folder in composites.items():
+        rows[f"{name} composite"] = evaluate_composite(folder, settings)
     return rows
 
 
-def evaluate_composite(folder: Path, settings: Settings) -> dict[str, float]:
-    """A composite's test accuracy: unimodal per modality and tiny MCUB-2/3/4."""
-    concepts = make_concepts(settings.seed)
-    by_name = {concept.name: concept for concept in concepts}
+def evaluate_composite(folder: Path, settings: Settings) -> dict[str, list[bool]]:
+    """A composite's results on the test split, by column."""
+    by_name = {concept.name: concept for concept in make_concepts(settings.seed)}
     model, processor = load(folder)
-    row = {}
-    for modality in MODALITIES:
-        questions = unimodal_split(concepts, modality, settings.unimodal_questions, settings.seed, "test")
-        row[modality] = score(model, processor, questions, by_name, "test")
-    for k in (2, 3, 4):
-        questions = mcub_split(concepts, k, settings.mcub_questions, settings.seed, "test")
-        row[f"MCUB-{k}"] = score(model, processor, questions, by_name, "test")
-    return row
+    return {column: correctness(model, processor, questions, by_name, "test")
+            for column, questions in evaluation_questions(settings).items()}
 
 
-def run(work: Path, settings: Settings) -> dict[str, dict]:
+def accuracies(results: Results) -> dict[str, dict[str, float]]:
+    return {row: {column: sum(values) / len(values) for column, values in columns.items()}
+            for row, columns in results.items()}
+
+
+def run(work: Path, settings: Settings, shared: Path | None = None) -> Results:
+    """Build (or reuse) the world and every composite of `METHODS`, and evaluate them (cached in
+    `work/evaluation/results.json`)."""
     torch.set_num_threads(max(torch.get_num_threads(), 1))
-    sources = build_world(work, settings)
-    composites = {family: compose_family(work, sources, family) for family in FAMILIES}
-    return evaluate_all(sources, composites, settings)
+    sources = build_world(work, settings, shared)
+    composites = {name: compose(work, sources, name) for name in METHODS}
+    made_from = {name: (folder.parent / ".done").read_text() for name, folder in composites.items()}
+    made_from.update({name: (folder / ".done").read_text() for name, folder in sources.items()})
+    key = {**asdict(settings), "version": WORLD_VERSION, "made_from": made_from}
+    evaluation = _cached(
+        work / "evaluation", key,
+        lambda folder: (folder / "results.json").write_text(
+            json.dumps(evaluate_all(sources, composites, settings))),
+        "evaluation",
+    )
+    return json.loads((evaluation / "results.json").read_text())

@@ -1,9 +1,10 @@
 """The concepts of the tiny world and their attributes.
 
 24 concepts: every (colour, shape) pair, each with a size, a sound (pitch, timbre, rhythm) and a motion drawn from a
-seed. Every modality identifies a concept on its own: images and point clouds show colour and shape (images also
-size), videos show colour, shape, size and motion, and sounds are unique per concept in (pitch, timbre, rhythm). What a
-modality does not show (the sound of a picture, the colour of a sound) is knowledge that lives in the LLM.
+seed, every value of an attribute held by equally many concepts. Every modality identifies a concept on its own:
+images and point clouds show colour and shape (images also size), videos show colour, shape, size and motion, and
+sounds are unique per concept in (pitch, timbre, rhythm). What a modality does not show (the sound of a picture, the
+colour of a sound) is knowledge that lives in the LLM.
 """
 
 import itertools
@@ -54,29 +55,34 @@ class Concept:
         return tuple(getattr(self, attribute) for attribute in RENDERED[modality])
 
 
+def _balanced(rng: random.Random, values: tuple[str, ...], count: int) -> list[str]:
+    """`count` values, each of `values` equally often, in random order."""
+    drawn = [values[index % len(values)] for index in range(count)]
+    rng.shuffle(drawn)
+    return drawn
+
+
 def make_concepts(seed: int = 0) -> list[Concept]:
-    """The world's concepts: one per (colour, shape) pair; size and motion drawn at random, sounds drawn without
-    replacement so that no two concepts sound alike."""
+    """The world's concepts: one per (colour, shape) pair; every value of every attribute held by equally many concepts
+    (so that no value is a likelier answer than another of its type), drawn at random, and no two concepts alike in
+    sound: each pitch goes with six of the nine (timbre, rhythm) pairs, all but a random one per timbre and rhythm."""
     rng = random.Random(seed)
     names = list(NAMES)
     rng.shuffle(names)
-    sounds = list(itertools.product(ATTRIBUTES["pitch"], ATTRIBUTES["timbre"], ATTRIBUTES["rhythm"]))
+    pairs = list(itertools.product(ATTRIBUTES["colour"], ATTRIBUTES["shape"]))
+    timbres, rhythms = ATTRIBUTES["timbre"], ATTRIBUTES["rhythm"]
+    sounds = []
+    for pitch in ATTRIBUTES["pitch"]:
+        left_out = dict(zip(timbres, rng.sample(rhythms, len(rhythms))))
+        sounds += [(pitch, timbre, rhythm) for timbre in timbres for rhythm in rhythms if left_out[timbre] != rhythm]
     rng.shuffle(sounds)
-    concepts = []
-    for index, (colour, shape) in enumerate(itertools.product(ATTRIBUTES["colour"], ATTRIBUTES["shape"])):
-        pitch, timbre, rhythm = sounds[index]
-        concepts.append(
-            Concept(
-                name=names[index],
-                colour=colour,
-                shape=shape,
-                size=rng.choice(ATTRIBUTES["size"]),
-                pitch=pitch,
-                timbre=timbre,
-                rhythm=rhythm,
-                motion=rng.choice(ATTRIBUTES["motion"]),
-            )
-        )
+    sizes = _balanced(rng, ATTRIBUTES["size"], len(pairs))
+    motions = _balanced(rng, ATTRIBUTES["motion"], len(pairs))
+    concepts = [
+        Concept(name=names[index], colour=colour, shape=shape, size=sizes[index], pitch=sounds[index][0],
+                timbre=sounds[index][1], rhythm=sounds[index][2], motion=motions[index])
+        for index, (colour, shape) in enumerate(pairs)
+    ]
     for modality in MODALITIES:
         rendered = [concept.rendered(modality) for concept in concepts]
         if len(set(rendered)) != len(rendered):
