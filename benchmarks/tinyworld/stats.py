@@ -87,6 +87,8 @@ def bootstrap(
     for draw in range(resamples):
         chosen = rng.integers(len(groups), size=len(groups)) if len(groups) > 1 else [0]
         values[draw] = statistic([groups[g][rng.integers(len(groups[g]), size=len(groups[g]))] for g in chosen])
+    if np.isnan(values).all():  # an undefined statistic (a retention over sources that answered nothing)
+        return statistic(list(groups)), math.nan, math.nan
     tail = 100 * (1 - level) / 2
     low, high = np.nanpercentile(values, [tail, 100 - tail])
     return statistic(list(groups)), float(low), float(high)

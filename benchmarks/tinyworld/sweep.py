@@ -1,0 +1,201 @@
+"""The tiny world over seeds, distillation and the strength of the sources' text adaptation, with error bars.
+
+    python -m benchmarks.tinyworld.sweep [--work outputs/tinyworld-sweep] [--seeds 0 1 2] [--distillation on off]
+        [--scales 0.5 1 2] [--smoke]
+
+Cells: every seed x distillation (on: the demo's weight, off: the paper's loss) x scale of the rate of whatever
+adapts the sources' text tokens (the DAMC sources' text LoRA, the NaiveMC sources' shared LoRA), as a multiple of
+the demo's rates. A cell is the demo's pipeline with those settings; for each seed the base LLM, the encoders, the
+data and stage 1 are built once and shared by its cells. Every step is cached (see `run.py`): an interrupted sweep
+resumes where it stopped, and a finished one only reads its results back.
+
+For each (distillation, scale) and each composite method of `run.METHODS`: the sources' unimodal accuracy, the
+composite's unimodal retention (composite / source, averaged over modalities) and tiny MCUB-2/3/4, each as the mean
+over seeds with a 95% interval from a bootstrap over seeds and, within each, over test questions. Printed as a table,
+written to `summary.json` and plotted to `sweep.png` (x: scale, y: MCUB-4, a line and band per method).
+
+`--smoke` runs every step at a few steps and questions (under `<work>/smoke`): it checks the wiring, not quality.
+"""
+
+import argparse
+import itertools
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from .run import BASE_ROW, METHODS, Results, Settings, run
+from .stats import bootstrap, mean_accuracy, mean_retention
+from .world import MODALITIES
+
+
+logger = logging.getLogger("tinyworld")
+DISTILLATION = {"on": Settings.text_distillation_weight, "off": 0.0}
+MCUB = ("MCUB-2", "MCUB-3", "MCUB-4")
+COLUMNS = ("sources", "retention", *MCUB)
+# A few steps and questions each: the whole pipeline in about a minute per cell.
+SMOKE = dict(base_steps=4, base_corpus=300, stage1_steps=2, stage1_samples=16, stage2_steps=2, stage2_samples=16,
+             batch_size=4, mcub_questions=8, unimodal_questions=8)
+
+
+def cell_settings(seed: int, distillation: str, scale: float, smoke: bool = False) -> Settings:
+    defaults = Settings(**SMOKE) if smoke else Settings()
+    return replace(defaults, seed=seed, text_distillation_weight=DISTILLATION[distillation],
+                   text_lora_learning_rate=scale * defaults.text_lora_learning_rate,
+                   shared_lora_learning_rate=scale * defaults.shared_lora_learning_rate)
+
+
+def cell_folder(work: Path, seed: int, distillation: str, scale: float) -> Path:
+    return work / f"seed-{seed}" / f"distillation-{distillation}-scale-{scale:g}"
+
+
+def run_sweep(work: Path, seeds: list[int], distillations: list[str], scales: list[float],
+              smoke: bool = False) -> dict[tuple[int, str, float], Results]:
+    """Build (or read back) every cell; returns (seed, distillation, scale) -> per-question results."""
+    cells = list(itertools.product(seeds, distillations, scales))
+    results = {}
+    start = time.perf_counter()
+    for index, (seed, distillation, scale) in enumerate(cells):
+        cell_start = time.perf_counter()
+        results[seed, distillation, scale] = run(
+            cell_folder(work, seed, distillation, scale), cell_settings(seed, distillation, scale, smoke),
+            shared=work / f"seed-{seed}" / "shared",
+        )
+        logger.info("cell %d/%d (seed %d, distillation %s, scale %g): %.0f s (%.0f s in all)", index + 1, len(cells),
+                    seed, distillation, scale, time.perf_counter() - cell_start, time.perf_counter() - start)
+    return results
+
+
+def _retention_groups(runs: list[Results], method: str) -> list[np.ndarray]:
+    """Per seed: (questions, modalities, 2), the composite's result then its source's on each unimodal question."""
+    family = METHODS[method].sources
+    return [
+        np.stack([np.stack([np.asarray(rows[f"{method} composite"][m], dtype=float),
+                            np.asarray(rows[f"{m} source ({family})"][m], dtype=float)], axis=-1)
+                  for m in MODALITIES], axis=1)
+        for rows in runs
+    ]
+
+
+def _sources_groups(runs: list[Results], method: str) -> list[np.ndarray]:
+    """Per seed: each unimodal question's result by its modality's source, all modalities in one column."""
+    family = METHODS[method].sources
+    return [np.concatenate([np.asarray(rows[f"{m} source ({family})"][m], dtype=float) for m in MODALITIES])
+            for rows in runs]
+
+
+def summarize(results: dict[tuple[int, str, float], Results], resamples: int = 2000) -> dict:
+    """(distillation, scale) -> method -> column -> (mean, low, high) over the seeds present, and the base LLM's
+    MCUB on names (it depends on the seed only) under `base`."""
+    seeds = sorted({seed for seed, _, _ in results})
+    settings = sorted({(distillation, scale) for _, distillation, scale in results})
+    summary: dict = {"seeds": seeds, "cells": {}}
+    for distillation, scale in settings:
+        runs = [results[seed, distillation, scale] for seed in seeds if (seed, distillation, scale) in results]
+        table = {}
+        for method in METHODS:
+            table[method] = {
+                "sources": bootstrap(_sources_groups(runs, method), mean_accuracy, resamples),
+                "retention": bootstrap(_retention_groups(runs, method), mean_retention, resamples),
+                **{column: bootstrap([np.asarray(rows[f"{method} composite"][column], dtype=float) for rows in runs],
+                                     mean_accuracy, resamples) for column in MCUB},
+            }
+        summary["cells"][f"distillation {distillation}, scale {scale:g}"] = {
+            "distillation": distillation, "scale": scale, "seeds": len(runs), "methods": table}
+    base_runs = {seed: rows for (seed, _, _), rows in results.items()}
+    summary["base"] = {column: bootstrap([np.asarray(base_runs[seed][BASE_ROW][column], dtype=float)
+                                          for seed in sorted(base_runs)], mean_accuracy, resamples)
+                       for column in MCUB}
+    return summary
+
+
+def _cell(value: tuple[float, float, float], ratio: bool = False) -> str:
+    estimate, low, high = (100 * v for v in value)
+    return f"{estimate:.1f} [{low:.1f}, {high:.1f}]" if not ratio else f"{estimate:.0f}% [{low:.0f}, {high:.0f}]"
+
+
+def format_summary(summary: dict) -> str:
+    """One line per (distillation, scale, method): mean [95% interval] of each column."""
+    header = ["distillation", "scale", "method", "sources unimodal", "retention", *MCUB]
+    lines = []
+    for cell in summary["cells"].values():
+        for method, values in cell["methods"].items():
+            lines.append([cell["distillation"], f"{cell['scale']:g}x", method, _cell(values["sources"]),
+                          _cell(values["retention"], ratio=True), *(_cell(values[column]) for column in MCUB)])
+    lines.append(["-", "-", "base LLM, names", "-", "-", *(_cell(summary["base"][column]) for column in MCUB)])
+    widths = [max(len(line[i]) for line in [header, *lines]) for i in range(len(header))]
+    render = lambda line: "  ".join(  # noqa: E731
+        value.ljust(width) if i < 3 else value.rjust(width) for i, (value, width) in enumerate(zip(line, widths)))
+    return "\n".join([render(header), "  ".join("-" * width for width in widths), *map(render, lines)]).rstrip()
+
+
+def plot_summary(summary: dict, path: Path) -> Path:
+    """MCUB-4 against the scale (log axis), a line and a 95% band per method; one panel per distillation setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: written by a script
+    import matplotlib.pyplot as plt
+
+    panels = list(dict.fromkeys(cell["distillation"] for cell in summary["cells"].values()))
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), sharey=True, squeeze=False)
+    for axis, distillation in zip(axes[0], panels):
+        cells = sorted((cell for cell in summary["cells"].values() if cell["distillation"] == distillation),
+                       key=lambda cell: cell["scale"])
+        scales = [cell["scale"] for cell in cells]
+        for method in METHODS:
+            estimate, low, high = (np.array([100 * cell["methods"][method]["MCUB-4"][i] for cell in cells])
+                                   for i in range(3))
+            axis.plot(scales, estimate, marker="o", label=method)
+            axis.fill_between(scales, low, high, alpha=0.2)
+        base = summary["base"]["MCUB-4"]
+        axis.axhspan(100 * base[1], 100 * base[2], color="grey", alpha=0.15, label="base LLM on names")
+        axis.axhline(25, color="grey", linestyle="--", linewidth=1, label="chance")
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(scales, [f"{scale:g}x" for scale in scales])
+        axis.set_xlabel("text-adaptation rate (x demo's)")
+        axis.set_title(f"distillation {distillation}")
+        axis.set_ylim(0, 100)
+    seeds = len(summary["seeds"])
+    axes[0][0].set_ylabel(f"tiny MCUB-4 (%), {seeds} seed{'s' if seeds > 1 else ''}, 95% band")
+    axes[0][-1].legend(fontsize="small")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="outputs/tinyworld-sweep", help="folder for every artifact (cached)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--distillation", nargs="+", choices=list(DISTILLATION), default=list(DISTILLATION))
+    parser.add_argument("--scales", type=float, nargs="+", default=[0.5, 1.0, 2.0],
+                        help="multiples of the demo's text-LoRA rates (DAMC text LoRA, NaiveMC shared LoRA)")
+    parser.add_argument("--smoke", action="store_true", help="a few steps and questions per cell, under <work>/smoke")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("transformers", "training", "httpx", "bitsandbytes"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("conversion").setLevel(logging.ERROR)  # the expected "large deltas" warning, see __main__
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    work = Path(args.work) / "smoke" if args.smoke else Path(args.work)
+    start = time.perf_counter()
+    results = run_sweep(work, args.seeds, args.distillation, args.scales, args.smoke)
+    summary = summarize(results)
+    print(f"\ntiny world sweep: mean over seeds {args.seeds} [95% interval, bootstrap over seeds and questions]; "
+          "scale: text-LoRA rates as a multiple of the demo's")
+    print(format_summary(summary))
+    (work / "summary.json").write_text(json.dumps(summary, indent=1))
+    plot = plot_summary(summary, work / "sweep.png")
+    print(f"wrote {work / 'summary.json'} and {plot} ({time.perf_counter() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
