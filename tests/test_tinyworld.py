@@ -247,11 +247,11 @@ def test_pipeline_runs_end_to_end_at_a_few_steps(tmp_path):
         return changed
 
     # A stage-2 setting of both families retrains the stage-2 sources and what follows, and reuses the base and
-    # stage 1; one family's rate retrains that family only; more questions only evaluate again.
+    # stage 1; one family's rate retrains that family only, and the number of questions retrains nothing.
     run(tmp_path, replace(settings, text_distillation_weight=0.0))
     assert rebuilt() == {f"{m}-{f}" for m in MODALITIES for f in ("damc", "naive")} | {
         "damc-built", "naive-built", "evaluation"}
-    run(tmp_path, replace(settings, text_distillation_weight=0.0, shared_lora_learning_rate=1e-3))
+    rows = run(tmp_path, replace(settings, text_distillation_weight=0.0, shared_lora_learning_rate=1e-3,
+                                 mcub_questions=6))
     assert rebuilt() == {f"{m}-naive" for m in MODALITIES} | {"naive-built", "evaluation"}
-    run(tmp_path, replace(settings, text_distillation_weight=0.0, shared_lora_learning_rate=1e-3, mcub_questions=6))
-    assert rebuilt() == {"evaluation"}
+    assert len(rows["damc composite"]["MCUB-4"]) == 6
