@@ -57,6 +57,10 @@ class CardSource:
     format: str  # llava | video_llava | qwen2_audio | modelcompose | peft | composite
     modalities: dict[str, str]  # modality name in the composite -> kind (image | video | audio | point)
     weight: float
+    # Method routed: the rank of the factors its modality tokens use (None: a modality LoRA of its own, or no delta),
+    # and the share of its delta's squared Frobenius norm they keep.
+    rank: int | None = None
+    energy_kept: float | None = None
 
 
 @dataclass
@@ -64,7 +68,7 @@ class CardInfo:
     """Everything the card states about a composite."""
 
     name: str
-    method: str  # naive | damc
+    method: str  # naive | damc | routed
     rule: str  # linear | ties | dare_linear | dare_ties
     density: float | None
     seed: int | None
@@ -79,6 +83,8 @@ class CardInfo:
     notes: list[str] = field(default_factory=list)  # Markdown paragraphs for the end of the Limitations section
     # The conventions of a ties / dare merge (normalize, lambda, rescale), as `MergeSettings.provenance()` gives them.
     merge_options: dict[str, object] = field(default_factory=dict)
+    # Method routed: {"rank", "energy_kept"} of the merged text delta that modality tokens take off again.
+    text_routing: dict | None = None
 
 
 def template_path() -> Path:
@@ -162,6 +168,8 @@ def _template_values(info: CardInfo) -> dict:
         "source_count": len(info.sources),
         "modality_rows": [_modality_row(name, entry) for name, entry in info.modalities.items()],
         "source_rows": [_source_row(source) for source in info.sources],
+        "routed_rows": [_routed_row(source) for source in info.sources] if info.method == "routed" else [],
+        "text_routing": _text_routing(info.text_routing),
         "base_reference": _source_link(info.base, in_table=False),
         "base_revision": _code(info.base.revision, in_table=False) if info.base.revision else "",
         "repo_literal": _python_string(repo),
@@ -214,6 +222,24 @@ def _source_row(source: CardSource) -> dict[str, str]:
         "modalities": modalities or "-",
         "weight": _number(source.weight),
     }
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _routed_row(source: CardSource) -> dict[str, str]:
+    return {
+        "reference": _source_link(source, in_table=True),
+        "rank": "-" if source.rank is None else str(source.rank),
+        "energy": _share(source.energy_kept),
+    }
+
+
+def _text_routing(text: dict | None) -> str:
+    if not text or not text.get("rank"):
+        return ""
+    return f"rank {text['rank']}, keeping {_share(text['energy_kept'])} of its energy"
 
 
 def _source_link(source: CardSource, in_table: bool) -> str:

@@ -117,6 +117,7 @@ def compose(
         )
         with run.staged(force) as folder:
             _write_weights(plan, folder, shard_bytes)
+            _record_routing(plan)
             _write_metadata(plan, processor, folder, base, recipe, push_to_hub, output)
             hold_for_test("written")
             if verify:
@@ -213,6 +214,26 @@ def _composition(recipe: Recipe, base: Location, sources: list[Source]) -> dict:
             for source, weight in zip(sources, recipe.weights())
         ],
     }
+
+
+def _record_routing(plan: Plan) -> None:
+    """Method routed: each source's rank and the share of its delta's energy that its factors keep (known once every
+    factor was written), into the config's composition, which the card reads."""
+    if plan.routed is None:
+        return
+    routing = plan.routed.provenance()
+    composition = plan.config.composition
+    for entry, routed in zip(composition["sources"], routing["sources"]):
+        entry.update(routed)
+    composition["routing"] = {"text": routing["text"], "modalities": routing["modalities"]}
+    for source, entry in zip(plan.routed.sources, composition["sources"]):
+        if entry["energy_kept"] is not None and entry["energy_kept"] < 1.0:
+            logger.info("%s: its rank-%d factors keep %.1f%% of its delta's energy (squared Frobenius norm)",
+                        source.label, entry["rank"], 100 * entry["energy_kept"])
+    text = routing["text"]
+    if text["energy_kept"] is not None and text["energy_kept"] < 1.0:
+        logger.info("the text block (rank %d) keeps %.1f%% of the merged delta's energy", text["rank"],
+                    100 * text["energy_kept"])
 
 
 def _write_weights(plan: Plan, folder: Path, shard_bytes: int) -> None:
@@ -405,6 +426,7 @@ def _card_info(plan: Plan, recipe: Recipe, recipe_text: str, repo_id: str | None
         seed=recipe.merge.seed,
         merge_options=recipe.merge.provenance(),
         base=CardSource(**composition["base"], format="base", modalities={}, weight=1.0),
+        text_routing=composition.get("routing", {}).get("text"),
         sources=[CardSource(**source) for source in composition["sources"]],
         modalities={
             name: {

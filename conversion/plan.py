@@ -21,6 +21,7 @@ from modeling_composite.modeling_composite import CompositeMLLMForCausalLM, delt
 from .errors import ConversionError
 from .merge import merge_deltas
 from .recipe import Recipe
+from .routed import RoutedSetup, check_routed, routed_setup
 from .sources import ARCHITECTURE_FIELDS, VOCAB_KEYS, BaseModel, LowRank, ModalityPart, Source
 from .tensors import Lazy
 from .weighted_sum import WeightedSum
@@ -38,6 +39,8 @@ class Plan:
     config: CompositeMLLMConfig
     tokenizer: PreTrainedTokenizerBase
     modalities: dict[str, tuple[int, ModalityPart]]
+    # method routed: its factors and what they keep (recorded in the config's composition once written).
+    routed: RoutedSetup | None = None
     producers: dict[str, Producer] = field(default_factory=dict)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     dtype: torch.dtype = torch.float32
@@ -80,8 +83,11 @@ def check_compatibility(base: BaseModel, sources: list[Source], recipe: Recipe) 
         if plain:
             raise ConversionError(
                 f"method damc needs sources with decoupled modality parameters, but {plain[0].label} ({plain[0].format}) "
-                "has none (a full fine-tune or a single shared LoRA); use `method: naive`."
+                "has none (a full fine-tune or a single shared LoRA); use `method: routed` (each modality's tokens "
+                "get their source's whole delta) or `method: naive`."
             )
+    if recipe.method == "routed":
+        check_routed(base, sources, recipe)
 
 
 def _check_architecture(base: BaseModel, source: Source) -> None:
@@ -145,7 +151,7 @@ def _check_text_tensors(base: BaseModel, source: Source) -> None:
             _check_low_rank(source, base, key, low_rank, f"the {part.name} LoRA")
 
 
-def _modality_entry(part: ModalityPart, placeholder: str, placeholder_id: int, damc: bool) -> dict:
+def _modality_entry(part: ModalityPart, placeholder: str, placeholder_id: int, lora: dict | None) -> dict:
     tokens = part.tokens_per_item or count_encoder_tokens(
         part.encoder_config, part.kind, part.feature_select, part.num_frames,
         audio_frames=getattr(part.feature_extractor, "max_length", 1024),
@@ -164,7 +170,7 @@ def _modality_entry(part: ModalityPart, placeholder: str, placeholder_id: int, d
         "num_frames": part.num_frames,
         "prefix_tokens": part.prefix.shape[0] if part.prefix is not None else 0,
         "suffix_tokens": part.suffix.shape[0] if part.suffix is not None else 0,
-        "lora": dict(part.lora) if damc and part.lora else None,
+        "lora": lora,
     }
 
 
@@ -217,19 +223,25 @@ def build_plan(base: BaseModel, sources: list[Source], recipe: Recipe, compositi
     dtype = _torch_dtype(recipe.dtype or getattr(base.config, "dtype", None))
     text_ranks = [_text_rank(source) if damc else 0 for source in sources]
     text_lora = {"r": sum(text_ranks), "alpha": float(sum(text_ranks)), "folded": True} if damc and sum(text_ranks) else None
+    loras = {name: dict(part.lora) if damc and part.lora else None for name, (_, part) in modalities.items()}
+    target_modules = _target_modules(sources) if damc else None
+    routed = routed_setup(base, sources, recipe) if recipe.method == "routed" else None
+    if routed is not None:
+        text_lora, target_modules = routed.text_lora, routed.target_modules
+        loras = {name: routed.modality_lora(name) for name in modalities}
     config = CompositeMLLMConfig(
         text_config=text_config.to_dict(),
         modalities={
-            name: _modality_entry(part, placeholders[name], token_ids[placeholders[name]], damc)
+            name: _modality_entry(part, placeholders[name], token_ids[placeholders[name]], loras[name])
             for name, (_, part) in modalities.items()
         },
-        lora_target_modules=_target_modules(sources) if damc else None,
+        lora_target_modules=target_modules,
         text_lora=text_lora,
         lora_layout="stacked",
         composition=composition,
         dtype=dtype,
     )
-    plan = Plan(config=config, tokenizer=tokenizer, modalities=modalities, dtype=dtype)
+    plan = Plan(config=config, tokenizer=tokenizer, modalities=modalities, routed=routed, dtype=dtype)
     _plan_llm(plan, base, sources, weights, recipe, text_ranks)
     _plan_modalities(plan)
     _check_against_model(plan)
@@ -246,12 +258,12 @@ def _plan_llm(plan: Plan, base: BaseModel, sources: list[Source], weights: list[
     warned: set[int] = set()
     checked = [0] * len(sources)
 
-    def merged(key: str) -> torch.Tensor:
+    def merged(key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         # Every row of the base's embedding / LM head merges like any tensor (rows a source has beyond the base's
         # are its own added tokens: dropped, except its placeholder's row, which `_vocab_rows` places).
         if rule == "linear":
             # Vocabulary rows are edited after the merge (`_vocab_rows`), so they stay float32 until written.
-            dtype = torch.float32 if key in VOCAB_KEYS else plan.dtype
+            dtype = dtype or (torch.float32 if key in VOCAB_KEYS else plan.dtype)
             merged_tensor = _linear_merge(key, base, sources, weights, warned, checked, dtype)
         else:
             base_tensor = base.get(key).float()
@@ -274,7 +286,11 @@ def _plan_llm(plan: Plan, base: BaseModel, sources: list[Source], weights: list[
         shape = base.shape(key)
         plan.shapes[out_key] = (rows, *shape[1:]) if key in VOCAB_KEYS else shape
         if is_routed and parameter == "weight":
-            _plan_routed(plan, key, f"model.language_model.{module[len('model.'):]}", base, sources, weights, text_ranks)
+            prefix = f"model.language_model.{module[len('model.'):]}"
+            if plan.routed is not None:
+                _plan_routed_factors(plan, key, prefix, lambda key: merged(key, torch.float32))
+            else:
+                _plan_routed(plan, key, prefix, base, sources, weights, text_ranks)
 
 
 # A fine-tune moves weights by a few percent of their norm; a delta as large as the weight itself means the source
@@ -372,6 +388,22 @@ def _plan_routed(plan: Plan, key: str, prefix: str, base: BaseModel, sources: li
                 blocks.append(low_rank.lora_a.load().float() if low_rank else torch.zeros(block.rank, in_features))
             else:
                 blocks.append(low_rank.lora_b.load().float() if low_rank else torch.zeros(out_features, block.rank))
+        return torch.cat(blocks, dim=0 if side == "A" else 1)
+
+    plan.producers[f"{prefix}.lora_A.weight"] = lambda: stacked("A")
+    plan.producers[f"{prefix}.lora_B.weight"] = lambda: stacked("B")
+    plan.shapes[f"{prefix}.lora_A.weight"] = (layout.rank, in_features)
+    plan.shapes[f"{prefix}.lora_B.weight"] = (out_features, layout.rank)
+
+
+def _plan_routed_factors(plan: Plan, key: str, prefix: str, merged: Callable[[str], torch.Tensor]) -> None:
+    """The stacked factors of one routed layer of a `method: routed` composite, in the layout's column order (see
+    `routed.py`)."""
+    out_features, in_features = plan.routed.base.shape(key)
+    layout = delta_layout(plan.config)
+
+    def stacked(side: str) -> torch.Tensor:
+        blocks = [plan.routed.factor(key, side, block.name, merged) for block in layout.blocks]
         return torch.cat(blocks, dim=0 if side == "A" else 1)
 
     plan.producers[f"{prefix}.lora_A.weight"] = lambda: stacked("A")

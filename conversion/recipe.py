@@ -3,7 +3,7 @@
 A recipe is YAML (or the same structure as a dict)::
 
     name: my-composite
-    method: naive                # naive | damc
+    method: naive                # naive | damc | routed
     base: lmsys/vicuna-7b-v1.5   # local folder or Hub id[@revision]
     merge: {rule: linear}        # linear | ties | dare_linear | dare_ties (+ density, seed, and mergekit's normalize,
                                  # lambda, rescale, int8_mask)
@@ -34,12 +34,14 @@ from .merge import DEFAULT_NORMALIZE, DEFAULT_RESCALE, MERGE_RULES
 logger = logging.getLogger(__name__)
 
 
-METHODS = ("naive", "damc")
+METHODS = ("naive", "damc", "routed")
 SOURCE_FORMATS = ("llava", "video_llava", "qwen2_audio", "modelcompose", "peft", "composite")
 DTYPES = ("float32", "float16", "bfloat16")
 MODALITY_KINDS = ("image", "video", "audio", "point")
 
-_TOP_LEVEL_KEYS = ("name", "method", "base", "merge", "sources", "dtype", "chat_template", "license", "weight_search")
+_TOP_LEVEL_KEYS = (
+    "name", "method", "base", "merge", "sources", "dtype", "chat_template", "license", "weight_search", "rank"
+)
 _WEIGHT_SEARCH_KEYS = ("grid", "objective", "data", "media_root", "max_samples")
 WEIGHT_SEARCH_OBJECTIVES = ("accuracy", "agreement")
 _MERGE_KEYS = ("rule", "density", "seed", "normalize", "lambda", "rescale", "int8_mask")
@@ -56,6 +58,7 @@ _SOURCE_KEYS = (
     "kind",
     "feature_layer",
     "feature_select",
+    "rank",
 )
 
 
@@ -108,6 +111,8 @@ class SourceRecipe:
     kind: str | None = None
     feature_layer: int | str | None = None
     feature_select: str | None = None
+    # method routed: the rank of the truncated SVD of a full fine-tune's delta (None: the recipe's `rank`).
+    rank: int | None = None
     index: int = 0
 
     @property
@@ -140,7 +145,13 @@ class Recipe:
     chat_template: str | None = None
     license: str | None = None
     weight_search: WeightSearch | None = None
+    # method routed: the rank of every full fine-tune source that gives none of its own.
+    rank: int | None = None
     text: str = ""
+
+    def source_rank(self, source: SourceRecipe) -> int | None:
+        """The rank a full fine-tune source's delta gets under method routed: its own `rank`, else the recipe's."""
+        return source.rank if source.rank is not None else self.rank
 
     def given_weights(self) -> list[float]:
         """λ of every source as the recipe gives it (all or none of them, see `_check_weights_all_or_none`), else
@@ -290,7 +301,18 @@ def _parse_source(index: int, raw: Any) -> SourceRecipe:
         if raw["feature_select"] not in ("patch", "full"):
             raise ConversionError(f"{where}.feature_select must be 'patch' (drop CLS) or 'full', got {raw['feature_select']!r}.")
         source.feature_select = raw["feature_select"]
+    if raw.get("rank") is not None:
+        source.rank = _parse_rank(f"{where}.rank", raw["rank"])
     return source
+
+
+def _parse_rank(where: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConversionError(
+            f"{where} must be a positive integer (the rank of the truncated SVD of a full fine-tune's delta under "
+            f"method routed), got {value!r}."
+        )
+    return value
 
 
 def parse_recipe(raw: Any, text: str = "") -> Recipe:
@@ -326,8 +348,17 @@ def parse_recipe(raw: Any, text: str = "") -> Recipe:
         chat_template=chat_template,
         license=None if license_id is None else _require_str("license", license_id),
         weight_search=_parse_weight_search(raw.get("weight_search")),
+        rank=None if raw.get("rank") is None else _parse_rank("rank", raw["rank"]),
         text=text,
     )
+    if method != "routed":
+        ranked = ["rank"] if recipe.rank is not None else []
+        ranked += [f"sources[{source.index}].rank" for source in recipe.sources if source.rank is not None]
+        if ranked:
+            raise ConversionError(
+                f"{', '.join(ranked)}: `rank` only applies to method routed (the rank with which a full fine-tune's "
+                f"delta reaches its modality's tokens); method {method} does not use it, so remove it."
+            )
     _check_weights_all_or_none(recipe.sources)
     if recipe.weight_search is not None and any(source.weight is not None for source in recipe.sources):
         raise ConversionError(
