@@ -228,7 +228,7 @@ def test_pipeline_runs_end_to_end_at_a_few_steps(tmp_path):
                         stage2_samples=8, batch_size=4, mcub_questions=4, unimodal_questions=4)
     rows = run(tmp_path, settings)
     assert set(rows) == {f"{m} source ({f})" for m in MODALITIES for f in ("damc", "naive")} | {
-        "damc composite", "naive composite", BASE_ROW}
+        "damc composite", "naive composite", "routed composite", BASE_ROW}
     columns = {*MODALITIES, "MCUB-2", "MCUB-3", "MCUB-4"}
     assert set(rows["damc composite"]) == set(rows[BASE_ROW]) == columns
     assert all(len(results) == 4 and all(isinstance(r, bool) for r in results)
@@ -237,6 +237,9 @@ def test_pipeline_runs_end_to_end_at_a_few_steps(tmp_path):
     assert all(entry["lora"] for entry in damc["modalities"].values())
     naive = json.loads((tmp_path / "composites" / "naive-built" / "model" / "config.json").read_text())
     assert not any(entry["lora"] for entry in naive["modalities"].values())
+    routed = json.loads((tmp_path / "composites" / "routed-built" / "model" / "config.json").read_text())
+    assert {entry["delta"] for entry in routed["composition"]["routing"]["modalities"].values()} == {"source_lora"}
+    assert len(routed["composition"]["routing"]["modalities"]) == len(MODALITIES)
     stamps = {path: path.stat().st_mtime for path in tmp_path.glob("**/.done")}
     assert run(tmp_path, settings) == rows
     assert {path: path.stat().st_mtime for path in tmp_path.glob("**/.done")} == stamps
@@ -247,11 +250,13 @@ def test_pipeline_runs_end_to_end_at_a_few_steps(tmp_path):
         return changed
 
     # A stage-2 setting of both families retrains the stage-2 sources and what follows, and reuses the base and
-    # stage 1; one family's rate retrains that family only, and the number of questions retrains nothing.
+    # stage 1; one family's rate retrains that family only (and the composites made of it), and the number of
+    # questions retrains nothing.
     run(tmp_path, replace(settings, text_distillation_weight=0.0))
     assert rebuilt() == {f"{m}-{f}" for m in MODALITIES for f in ("damc", "naive")} | {
-        "damc-built", "naive-built", "evaluation"}
+        "damc-built", "naive-built", "routed-built", "evaluation", "evaluation-routed"}
     rows = run(tmp_path, replace(settings, text_distillation_weight=0.0, shared_lora_learning_rate=1e-3,
                                  mcub_questions=6))
-    assert rebuilt() == {f"{m}-naive" for m in MODALITIES} | {"naive-built", "evaluation"}
+    assert rebuilt() == {f"{m}-naive" for m in MODALITIES} | {"naive-built", "routed-built", "evaluation",
+                                                               "evaluation-routed"}
     assert len(rows["damc composite"]["MCUB-4"]) == 6

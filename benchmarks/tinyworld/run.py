@@ -1,6 +1,6 @@
 """The whole tiny world, end to end, with caching: train the base LLM -> train one decoupled (DAMC) and one shared-LoRA
-(NaiveMC) source per modality with the project's trainer -> compose each method's sources with the converter ->
-evaluate every model on the unimodal benchmarks and tiny MCUB-2/3/4, question by question.
+(NaiveMC) source per modality with the project's trainer -> compose each method's sources with the converter (NaiveMC
+and routed from the shared-LoRA sources, DAMC from the decoupled ones) -> evaluate every model on the unimodal benchmarks and tiny MCUB-2/3/4, question by question.
 
 Every step writes its folder with a `.done` file holding the settings it was made with and the `.done` of what it was
 made from; a later run with the same settings reuses it (and rebuilds whatever depends on a rebuilt step), so reruns
@@ -58,7 +58,12 @@ class Method:
 
 
 # Composite name -> method; a new method is one more entry (every table, plot and sweep follows this mapping).
-METHODS = {"naive": Method("naive", "naive"), "damc": Method("damc", "damc")}
+# `routed`: the NaiveMC sources, each modality's tokens with their own source's LoRA and text tokens with the merge.
+METHODS = {"naive": Method("naive", "naive"), "damc": Method("damc", "damc"), "routed": Method("naive", "routed")}
+# The composites the `evaluation` step covers (with the base LLM and the sources): its cache key names these only,
+# and every later method is evaluated in a step of its own (`evaluation-<name>`), so that adding a method leaves the
+# evaluations already cached valid.
+JOINTLY_EVALUATED = ("naive", "damc")
 # Part of every cache key: bump it when the code that makes an artifact changes what it makes.
 WORLD_VERSION = 8  # 8: balanced world, questions in several wordings and random option orders (issue 23)
 
@@ -310,13 +315,25 @@ def run(work: Path, settings: Settings, shared: Path | None = None) -> Results:
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     sources = build_world(work, settings, shared)
     composites = {name: compose(work, sources, name) for name in METHODS}
-    made_from = {name: (folder.parent / ".done").read_text() for name, folder in composites.items()}
+    joint = {name: folder for name, folder in composites.items() if name in JOINTLY_EVALUATED}
+    made_from = {name: (folder.parent / ".done").read_text() for name, folder in joint.items()}
     made_from.update({name: (folder / ".done").read_text() for name, folder in sources.items()})
     key = {**asdict(settings), "version": WORLD_VERSION, "made_from": made_from}
     evaluation = _cached(
         work / "evaluation", key,
-        lambda folder: (folder / "results.json").write_text(
-            json.dumps(evaluate_all(sources, composites, settings))),
+        lambda folder: (folder / "results.json").write_text(json.dumps(evaluate_all(sources, joint, settings))),
         "evaluation",
     )
-    return json.loads((evaluation / "results.json").read_text())
+    results = json.loads((evaluation / "results.json").read_text())
+    for name, folder in composites.items():
+        if name in joint:
+            continue
+        own = _cached(
+            work / f"evaluation-{name}",
+            {**asdict(settings), "version": WORLD_VERSION, "made_from": (folder.parent / ".done").read_text()},
+            lambda output, folder=folder: (output / "results.json").write_text(
+                json.dumps(evaluate_composite(folder, settings))),
+            f"evaluation of {name}",
+        )
+        results[f"{name} composite"] = json.loads((own / "results.json").read_text())
+    return results
