@@ -11,6 +11,10 @@ name: vision-video                 # optional; titles the model card (default: t
 method: naive                      # naive | damc. damc keeps each modality's own low-rank delta for its tokens and
                                    #   needs sources trained with decoupled parameters (paper checkpoints `*-damc`,
                                    #   or `python -m training --decoupled true`)
+                                   #   | routed: each modality's tokens get their own source's whole delta (a LoRA as
+                                   #   it is, a full fine-tune as a rank-`rank` SVD), text tokens the merged one
+# rank: 256                        # routed only: the rank of every full fine-tune's routed delta (no default; a
+                                   #   source's own `rank:` overrides it; refused for LoRA sources)
 base: lmsys/vicuna-7b-v1.5         # the base LLM every source was fine-tuned from (its tokenizer is the composite's)
 merge:                             # how the sources' text deltas are combined (default: {rule: linear})
   rule: linear                     # linear (mergekit's task_arithmetic; alias: task_arithmetic) | ties | dare_linear
@@ -35,6 +39,7 @@ sources:                           # one entry per source model; a bare string i
                                    #   gets 1/N (the paper's default). Not with weight_search.
     modalities: [image]            # take only these of the source's modalities (default: all)
     rename: {image: photo}         # new names for its modalities: names must be unique in a composite
+    # rank: 256                    # routed only, full fine-tunes: this source's rank (default: the top-level rank)
   - path: Adu2021/ModelCompose/multimodal-vicuna-7b-v1.5-vision-naivemc
     format: modelcompose
     weight: 0.5
