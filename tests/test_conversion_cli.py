@@ -110,7 +110,7 @@ def _bad_recipes(sources: dict, bad: dict) -> dict[str, tuple[dict, str]]:
             {"base": base, "sources": [llava, {"path": str(sources["llava_2"])}]},
             "Two sources claim the modality name 'image'",
         ),
-        "damc on a full fine-tune": ({"method": "damc", "base": base, "sources": [llava]}, "use `method: naive`"),
+        "damc on a full fine-tune": ({"method": "damc", "base": base, "sources": [llava]}, "use `method: routed`"),
         "corrupt safetensors": ({"base": base, "sources": [{"path": str(bad["corrupt"])}]}, "is not a valid safetensors file"),
         "rename to a bad name": (
             {"base": base, "sources": [{**llava, "rename": {"image": "my image"}}]}, "'my image' cannot name a modality"
