@@ -21,7 +21,7 @@ from modeling_composite.modeling_composite import CompositeMLLMForCausalLM, delt
 from .errors import ConversionError
 from .merge import merge_deltas
 from .recipe import Recipe
-from .routed import RoutedSetup, check_routed, routed_setup
+from .routed import RoutedSetup, check_routed, routed_setup, source_rank
 from .sources import ARCHITECTURE_FIELDS, VOCAB_KEYS, BaseModel, LowRank, ModalityPart, Source
 from .tensors import Lazy
 from .weighted_sum import WeightedSum
@@ -183,13 +183,6 @@ def _target_modules(sources: list[Source]) -> list[str]:
     return ordered + sorted(names - set(ordered))
 
 
-def _text_rank(source: Source) -> int:
-    ranks = {low_rank.rank for low_rank in source.text_lora.values()}
-    if len(ranks) > 1:
-        raise ConversionError(f"{source.label}: its text LoRA has different ranks per layer {sorted(ranks)}; not supported.")
-    return ranks.pop() if ranks else 0
-
-
 def _check_modality_ranks(sources: list[Source]) -> None:
     for source in sources:
         for part in source.modalities.values():
@@ -221,7 +214,7 @@ def build_plan(base: BaseModel, sources: list[Source], recipe: Recipe, compositi
     text_config = copy.deepcopy(base.config)
     text_config.vocab_size = rows
     dtype = _torch_dtype(recipe.dtype or getattr(base.config, "dtype", None))
-    text_ranks = [_text_rank(source) if damc else 0 for source in sources]
+    text_ranks = [source_rank(source) if damc else 0 for source in sources]
     text_lora = {"r": sum(text_ranks), "alpha": float(sum(text_ranks)), "folded": True} if damc and sum(text_ranks) else None
     loras = {name: dict(part.lora) if damc and part.lora else None for name, (_, part) in modalities.items()}
     target_modules = _target_modules(sources) if damc else None

@@ -45,7 +45,9 @@ def source_rank(source: Source) -> int:
     """The rank of a low-rank source's text LoRA (0 without one)."""
     ranks = {low_rank.rank for low_rank in source.text_lora.values()}
     if len(ranks) > 1:
-        raise ConversionError(f"{source.label}: its text LoRA has different ranks per layer {sorted(ranks)}; not supported.")
+        raise ConversionError(
+            f"{source.label}: its text LoRA has different ranks per layer {sorted(ranks)}; not supported."
+        )
     return ranks.pop() if ranks else 0
 
 
@@ -57,8 +59,8 @@ def check_routed(base: BaseModel, sources: list[Source], recipe: Recipe) -> None
         if low_rank_delta(source):
             if own is not None:
                 raise ConversionError(
-                    f"sources[{source.recipe.index}].rank: {source.label}'s text delta is a LoRA (rank {source_rank(source)}), which the "
-                    "routed layers take exactly; `rank` only applies to full fine-tunes, so remove it."
+                    f"sources[{source.recipe.index}].rank: {source.label} is a LoRA (rank {source_rank(source)}), "
+                    "which the routed layers take exactly; `rank` only applies to full fine-tunes, so remove it."
                 )
         elif recipe.source_rank(source.recipe) is None:
             raise ConversionError(
@@ -232,7 +234,8 @@ def routed_setup(base: BaseModel, sources: list[Source], recipe: Recipe) -> Rout
                             source.label, name)
     text_exact = recipe.merge.rule == "linear" and all(low_rank_delta(source) for source in sources)
     text_rank = sum(ranks) if text_exact else min(sum(ranks), full_rank)
-    target_modules = [name for name in DEFAULT_LORA_TARGET_MODULES if any(key.endswith(f".{name}.weight") for key in keys)]
+    target_modules = [name for name in DEFAULT_LORA_TARGET_MODULES
+                      if any(key.endswith(f".{name}.weight") for key in keys)]
     target_modules += sorted({key.rsplit(".", 2)[-2] for key in keys} - set(target_modules))
     return RoutedSetup(base, sources, recipe.weights(), recipe, modalities, text_rank if modalities else 0,
                        text_exact, target_modules)

@@ -74,6 +74,11 @@ def _text_logits(model, processor, reference) -> tuple[torch.Tensor, torch.Tenso
     return got[..., :vocab], expected[..., :vocab]
 
 
+def _load(output):
+    model = CompositeMLLMForCausalLM.from_pretrained(output).eval()
+    return model, CompositeMLLMProcessor.from_pretrained(output), output
+
+
 @pytest.fixture(scope="module")
 def lora_routed(tiny_sources, tmp_path_factory):
     """A LoRA source without modality parameters (paper NaiveMC: image) and a decoupled one (paper DAMC: chart)."""
@@ -83,11 +88,12 @@ def lora_routed(tiny_sources, tmp_path_factory):
         "base": str(tiny_sources["base"]),
         "sources": [
             {"path": str(sources[0]), "encoder": str(tiny_sources["clip"]), "weight": 0.5},
-            {"path": str(sources[1]), "encoder": str(tiny_sources["clip"]), "weight": 0.25, "rename": {"image": "chart"}},
+            {"path": str(sources[1]), "encoder": str(tiny_sources["clip"]), "weight": 0.25,
+             "rename": {"image": "chart"}},
         ],
     }
     output = compose(recipe, tmp_path_factory.mktemp("routed") / "out", verify=False)
-    return CompositeMLLMForCausalLM.from_pretrained(output).eval(), CompositeMLLMProcessor.from_pretrained(output), output
+    return _load(output)
 
 
 def test_lora_sources_route_exactly(lora_routed, tiny_sources):
@@ -134,8 +140,7 @@ def _routed_llavas(tiny_sources, folder, rank: int):
         "sources": [{"path": str(tiny_sources["llava"]), "weight": 0.5},
                     {"path": str(tiny_sources["llava_2"]), "weight": 0.5, "rename": {"image": "chart"}}],
     }
-    output = compose(recipe, folder, verify=False)
-    return CompositeMLLMForCausalLM.from_pretrained(output).eval(), CompositeMLLMProcessor.from_pretrained(output), output
+    return _load(compose(recipe, folder, verify=False))
 
 
 def test_full_fine_tunes_converge_to_their_source_as_rank_grows(tiny_sources, tmp_path):
@@ -166,7 +171,8 @@ def test_full_fine_tunes_converge_to_their_source_as_rank_grows(tiny_sources, tm
 
 def test_truncated_svd_is_optimal_and_exact_at_full_rank():
     generator = torch.Generator().manual_seed(0)
-    left, right = torch.linalg.qr(torch.randn(96, 48, generator=generator))[0], torch.randn(48, 80, generator=generator)
+    left = torch.linalg.qr(torch.randn(96, 48, generator=generator))[0]
+    right = torch.randn(48, 80, generator=generator)
     spectrum = 0.7 ** torch.arange(48, dtype=torch.float32)
     matrix = (left * spectrum) @ torch.linalg.qr(right.T)[0].T  # singular values 0.7^k
     exact = torch.linalg.svdvals(matrix)
@@ -193,7 +199,7 @@ def test_truncated_svd_takes_the_randomized_path_reproducibly():
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"rank": None}, "is a full fine-tune (llava): method routed gives its modality tokens a rank-r truncated SVD"),
+        ({"rank": None}, "is a full fine-tune (llava): method routed gives its modality tokens a rank-r truncated"),
         ({"rank": 0}, "rank must be a positive integer"),
         ({"rank": "8"}, "rank must be a positive integer"),
         ({"rank": True}, "rank must be a positive integer"),
@@ -216,7 +222,7 @@ def test_a_rank_that_would_go_unused_is_refused(tiny_sources, tmp_path):
     base = {"method": "routed", "base": str(tiny_sources["base"])}
     with pytest.raises(ConversionError, match=r"sources\[0\]\.rank: .* is a LoRA \(rank 4\).*remove it"):
         compose({**base, "sources": [{**lora, "rank": 4}]}, tmp_path / "a", verify=False)
-    with pytest.raises(ConversionError, match="the recipe's `rank` applies to full fine-tune sources .* there is none"):
+    with pytest.raises(ConversionError, match="recipe's `rank` applies to full fine-tune sources .* there is none"):
         compose({**base, "rank": 4, "sources": [lora]}, tmp_path / "b", verify=False)
 
 

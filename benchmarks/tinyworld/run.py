@@ -1,6 +1,7 @@
 """The whole tiny world, end to end, with caching: train the base LLM -> train one decoupled (DAMC) and one shared-LoRA
 (NaiveMC) source per modality with the project's trainer -> compose each method's sources with the converter (NaiveMC
-and routed from the shared-LoRA sources, DAMC from the decoupled ones) -> evaluate every model on the unimodal benchmarks and tiny MCUB-2/3/4, question by question.
+and routed from the shared-LoRA sources, DAMC from the decoupled ones) -> evaluate every model on the unimodal
+benchmarks and tiny MCUB-2/3/4, question by question.
 
 Every step writes its folder with a `.done` file holding the settings it was made with and the `.done` of what it was
 made from; a later run with the same settings reuses it (and rebuilds whatever depends on a rebuilt step), so reruns
