@@ -1,4 +1,4 @@
-"""Conversion speed and memory: our converter (NaiveMC-linear and DAMC) on three synthetic sources of a ~1B-parameter
+"""Conversion speed and memory: our converter (NaiveMC-linear, DAMC and routed) on three synthetic sources of a ~1B-parameter
 LLM, and the same linear merge of the three LLMs through mergekit, in one run.
 
     python -m benchmarks.conversion_speed [--params 1e9] [--workdir /tmp/composite-conversion-bench] [--small]
@@ -8,7 +8,8 @@ shards with a `model.safetensors.index.json`, sharing one random base LLM (TinyL
 
 - `base/`: the base `LlamaForCausalLM` and its tokenizer;
 - `llava_{i}/`: three LLaVA-1.5 checkpoints (transformers' `LlavaForConditionalGeneration` layout, a small CLIP tower):
-  full fine-tunes of the base (every LLM tensor perturbed), what the NaiveMC-linear recipe reads;
+  full fine-tunes of the base (every LLM tensor perturbed), what the NaiveMC-linear and the routed recipe (rank
+  `ROUTED_RANK`: one truncated SVD per projection per source, and one of the merged delta) read;
 - `llm_{i}/`: the same three fine-tuned LLMs (bit-identical tensors) as plain `LlamaForCausalLM` folders, what
   mergekit reads (it does not read LLaVA checkpoints);
 - `damc_{i}/`: three decoupled sources as our trainer (`python -m training --stage 2`) writes them: a one-modality
@@ -51,6 +52,8 @@ from benchmarks import write_figures
 REPOSITORY = Path(__file__).resolve().parent.parent
 MERGEKIT_VENV = REPOSITORY / "benchmarks" / ".mergekit-venv"
 SOURCES = 3
+# The rank of the full fine-tunes' routed deltas in the `ours routed` leg.
+ROUTED_RANK = 64
 DELTA_SCALE = 0.004  # a fine-tune's change of each LLM weight, relative to weights of scale 0.02
 LORA_RANK = 64
 _FORMAT_VERSION = 3  # bump when the synthetic sources change, so a stale workdir is rewritten (3: factor keys)
@@ -447,6 +450,10 @@ def measure(folders: dict[str, Path], workdir: Path, shard_size: str, repeats: i
                               "sources": [{"path": str(folders[f"llava_{i}"]), "rename": renames[i]} for i in range(SOURCES)]},
         "ours damc": {"method": "damc", "base": str(folders["base"]), "merge": {"rule": "linear"}, "dtype": "bfloat16",
                       "sources": [{"path": str(folders[f"damc_{i}"]), "rename": renames[i]} for i in range(SOURCES)]},
+        # The NaiveMC sources again, each image's tokens with a rank-64 SVD of its own source's delta.
+        "ours routed": {"method": "routed", "base": str(folders["base"]), "merge": {"rule": "linear"},
+                        "dtype": "bfloat16", "rank": ROUTED_RANK,
+                        "sources": [{"path": str(folders[f"llava_{i}"]), "rename": renames[i]} for i in range(SOURCES)]},
     }
     mergekit_config = {
         "merge_method": "linear",
@@ -539,7 +546,7 @@ def main() -> None:
           f"{'cold' if args.cold else 'warm'} page cache, {os.cpu_count()} CPUs, median of {args.repeats}")
     print(f"{'tool':<18} {'wall s':>8} {'read GB':>8} {'GB/s':>6} {'peak RSS GiB':>13} {'anon GiB':>9} "
           f"{'rchar GB':>9} {'disk GB':>8}")
-    for label in ("ours naive-linear", "ours damc", "mergekit linear"):
+    for label in ("ours naive-linear", "ours damc", "ours routed", "mergekit linear"):
         row = results[label]
         print(f"{label:<18} {row['wall_s']:>8.1f} {row['input_bytes'] / 1e9:>8.2f} "
               f"{row['throughput_bytes_per_s'] / 1e9:>6.2f} {row['peak_rss_bytes'] / gib:>13.2f} "
@@ -549,7 +556,7 @@ def main() -> None:
           f"{ratios['peak_rss']:.2f}, peak anonymous RSS {ratios['peak_anon_rss']:.2f}")
     print(f"peak RSS target: 1.5 GiB + 2 x largest tensor ({largest / 1e6:.0f} MB) = {target / gib:.2f} GiB; "
           + ", ".join(f"{label}: {'met' if results[label]['peak_rss_bytes'] <= target else 'missed'}"
-                      for label in ("ours naive-linear", "ours damc")))
+                      for label in ("ours naive-linear", "ours damc", "ours routed")))
     print(f"same merge: max |ours - mergekit| over sampled LLM tensors = "
           f"{results['check']['max_abs_diff_ours_vs_mergekit']:.2e}")
     print(f"wrote {write_figures(report, args.output)}")
