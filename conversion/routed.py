@@ -5,17 +5,18 @@ Tokens of modality m use `W0 + T_src(m)`, the whole delta of the source it came 
 4-bit, generation and serving need nothing new:
 
 - the merged text delta is folded into the base weights (text tokens, and every decoded token, cost the plain layer);
-- the text block of the stacked factors holds the merged delta in low-rank form (modality rows take it off again):
-  each source's LoRA stacked with `λ_i` folded in, exactly, when every source's delta is low-rank and the rule is
-  linear; otherwise the rank-R truncated SVD of the dense merged delta, R = the sum of the sources' ranks;
 - each modality's block holds what its tokens used in their source: the source's own modality LoRA (a decoupled
-  source: as DAMC), its text LoRA (a LoRA source: exact), or the rank-r truncated SVD of its dense delta (a full
-  fine-tune, `rank:` in the recipe). Two modalities of one source get the same factors; a modality whose source
-  changed nothing has no block and its tokens use the text weights.
+  source: as DAMC), its text LoRA (a LoRA source: exact), or `[T_src]_r`, the rank-r truncated SVD of its dense delta
+  (a full fine-tune, `rank:` in the recipe). Two modalities of one source get the same factors; a modality whose
+  source changed nothing has no block and its tokens use the text weights;
+- the text block holds the merged delta in low-rank form, which modality rows take off again: with the linear rule
+  the sources' own factors stacked with `λ_i` folded into B (`Σ λ_i [T_i]`, rank R = Σ r_i, no SVD of its own; exact
+  for LoRAs, as in DAMC); a ties / dare merge is no combination of the deltas, so there it is the rank-R truncated
+  SVD of the dense merged delta.
 
-So modality rows compute `W0 + merge(T) - [merge(T)]_R + [T_src]_r`, exact for LoRA sources and at full rank, and text
-rows compute `W0 + merge(T)` exactly. The other LLM parameters (embeddings, norms, LM head, biases) cannot be routed
-by the layers and follow the merge, as in DAMC and NaiveMC.
+So modality rows compute `W0 + merge(T) - [merge(T)]_R + [T_src]_r`: exact for LoRA sources and at full rank; text
+rows compute `W0 + merge(T)` exactly at every rank. The other LLM parameters (embeddings, norms, LM head, biases)
+cannot be routed by the layers and follow the merge, as in DAMC and NaiveMC.
 """
 
 import logging
@@ -28,7 +29,7 @@ from modeling_composite.configuration_composite import DEFAULT_LORA_TARGET_MODUL
 from .errors import ConversionError
 from .low_rank import truncated_svd
 from .recipe import Recipe
-from .sources import BaseModel, Source
+from .sources import BaseModel, LowRank, Source
 
 
 logger = logging.getLogger(__name__)
@@ -107,6 +108,8 @@ class RoutedSetup:
     weights: list[float]
     recipe: Recipe
     modalities: dict[str, ModalityDelta]
+    # Per source: the rank of its routed delta (its LoRA's, or the truncated SVD's), 0 where it has none.
+    ranks: list[int]
     text_rank: int
     text_exact: bool
     target_modules: list[str]
@@ -140,51 +143,62 @@ class RoutedSetup:
         out_features, in_features = self.base.shape(key)
         blocks: dict[tuple[str, str], torch.Tensor] = {}
         base_tensor = None
-        if self.text_rank:
-            if self.text_exact:
-                parts_a, parts_b = [], []
-                for source, weight in zip(self.sources, self.weights):
-                    rank, low_rank = source_rank(source), source.text_lora.get(key)
-                    parts_a.append(low_rank.lora_a.load().float() if low_rank else torch.zeros(rank, in_features))
-                    parts_b.append(low_rank.lora_b.load().float() * (weight * low_rank.scaling) if low_rank
-                                   else torch.zeros(out_features, rank))
-                blocks["text", "A"], blocks["text", "B"] = torch.cat(parts_a), torch.cat(parts_b, dim=1)
-            else:
-                base_tensor = self.base.get(key).float()
-                factors = truncated_svd(merged(key) - base_tensor, self.text_rank, seed=_seed(key, -1))
-                self._measure("text", factors)
-                blocks["text", "A"], blocks["text", "B"] = factors.lora_a, factors.lora_b
-        by_source: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def source_pair(index: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """The factors of source `index`'s whole delta on this projection (scaling folded into B), computed once:
+            its LoRA, or the truncated SVD of its dense delta (zeros where it changed nothing)."""
+            nonlocal base_tensor
+            if index not in pairs:
+                source, rank = self.sources[index], self.ranks[index]
+                if low_rank_delta(source):
+                    low_rank = source.text_lora.get(key)
+                    pairs[index] = _pair(low_rank, rank, in_features, out_features, fold_scaling=True)
+                else:
+                    base_tensor = self.base.get(key).float() if base_tensor is None else base_tensor
+                    factors = truncated_svd(source.text_delta(key, base_tensor), rank, seed=_seed(key, index))
+                    self._measure(index, factors.kept, factors.total)
+                    pairs[index] = (factors.lora_a, factors.lora_b)
+            return pairs[index]
+
         for name, delta in self.modalities.items():
-            source = self.sources[delta.source]
             if delta.how == "modality_lora":
-                low_rank = source.modalities[name].lora_factors.get(key)
-                pair = (low_rank.lora_a.load().float(), low_rank.lora_b.load().float()) if low_rank else None
-            elif delta.source in by_source:
-                pair = by_source[delta.source]  # a second modality of the same source: the same delta
-            elif delta.how == "source_lora":
-                low_rank = source.text_lora.get(key)
-                pair = (low_rank.lora_a.load().float(), low_rank.lora_b.load().float() * low_rank.scaling) \
-                    if low_rank else None
-                by_source[delta.source] = pair
+                low_rank = self.sources[delta.source].modalities[name].lora_factors.get(key)
+                # Unscaled: its own scaling is the config's (`alpha / r`), as DAMC writes it.
+                blocks[name, "A"], blocks[name, "B"] = _pair(low_rank, delta.rank, in_features, out_features, False)
             else:
+                blocks[name, "A"], blocks[name, "B"] = source_pair(delta.source)
+        if not self.text_rank:
+            return blocks
+        if self.recipe.merge.rule == "linear":
+            # `Σ λ_i T_i` from the sources' own factors, λ_i folded into B: no SVD of its own; exact for LoRAs.
+            indices = [index for index, rank in enumerate(self.ranks) if rank]
+            blocks["text", "A"] = torch.cat([source_pair(index)[0] for index in indices])
+            blocks["text", "B"] = torch.cat([source_pair(index)[1] * self.weights[index] for index in indices], dim=1)
+            if not self.text_exact:
                 base_tensor = self.base.get(key).float() if base_tensor is None else base_tensor
-                factors = truncated_svd(source.text_delta(key, base_tensor), delta.rank, seed=_seed(key, delta.source))
-                self._measure(delta.source, factors)
-                pair = by_source[delta.source] = (factors.lora_a, factors.lora_b)
-            if pair is None:
-                pair = (torch.zeros(delta.rank, in_features), torch.zeros(out_features, delta.rank))
-            blocks[name, "A"], blocks[name, "B"] = pair
+                target = merged(key) - base_tensor
+                left_out = target - blocks["text", "B"] @ blocks["text", "A"]
+                total = float(target.square().sum())
+                self._measure("text", total - float(left_out.square().sum()), total)
+        else:
+            # A ties / dare merge is no combination of the deltas: its best rank-R approximation instead.
+            base_tensor = self.base.get(key).float() if base_tensor is None else base_tensor
+            factors = truncated_svd(merged(key) - base_tensor, self.text_rank, seed=_seed(key, -1))
+            self._measure("text", factors.kept, factors.total)
+            blocks["text", "A"], blocks["text", "B"] = factors.lora_a, factors.lora_b
         return blocks
 
-    def _measure(self, who, factors) -> None:
-        kept, total = self.energy.get(who, (0.0, 0.0))
-        self.energy[who] = (kept + factors.kept, total + factors.total)
+    def _measure(self, who: int | str, kept: float, total: float) -> None:
+        """Add one projection's squared Frobenius norms: of the delta, and of it minus what its factors leave out."""
+        kept_so_far, total_so_far = self.energy.get(who, (0.0, 0.0))
+        self.energy[who] = (kept_so_far + kept, total_so_far + total)
 
     def provenance(self) -> dict:
         """What the config's `composition` records about the routing (after every factor was written): per source
-        its rank and the share of its delta's squared Frobenius norm (over every routed projection) that its factors
-        keep, and the same for the text block."""
+        its rank and the energy its factors keep, `1 - Σ_p |T_p - B_p A_p|² / Σ_p |T_p|²` over the routed
+        projections p (squared Frobenius norms; for a truncated SVD, an orthogonal projection of `T_p`, this is also
+        `Σ_p |B_p A_p|² / Σ_p |T_p|²`), and the same for the text block against the merged delta."""
         ranks = {}
         for delta in self.modalities.values():
             if delta.how != "modality_lora":
@@ -199,6 +213,15 @@ class RoutedSetup:
         return {"sources": sources, "text": text,
                 "modalities": {name: {"source": delta.source, "delta": delta.how, "rank": delta.rank}
                                for name, delta in self.modalities.items()}}
+
+
+def _pair(low_rank: LowRank | None, rank: int, in_features: int, out_features: int,
+          fold_scaling: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(A, B)` of a LoRA in float32 (its scaling folded into B if asked), or zeros where it has no factors."""
+    if low_rank is None:
+        return torch.zeros(rank, in_features), torch.zeros(out_features, rank)
+    scaling = low_rank.scaling if fold_scaling else 1.0
+    return low_rank.lora_a.load().float(), low_rank.lora_b.load().float() * scaling
 
 
 def _share(measured: tuple[float, float] | None) -> float | None:
@@ -233,9 +256,9 @@ def routed_setup(base: BaseModel, sources: list[Source], recipe: Recipe) -> Rout
                 logger.info("%s: it leaves the LLM unchanged, so its %s tokens use the merged text weights.",
                             source.label, name)
     text_exact = recipe.merge.rule == "linear" and all(low_rank_delta(source) for source in sources)
-    text_rank = sum(ranks) if text_exact else min(sum(ranks), full_rank)
+    text_rank = sum(ranks) if recipe.merge.rule == "linear" else min(sum(ranks), full_rank)
     target_modules = [name for name in DEFAULT_LORA_TARGET_MODULES
                       if any(key.endswith(f".{name}.weight") for key in keys)]
     target_modules += sorted({key.rsplit(".", 2)[-2] for key in keys} - set(target_modules))
-    return RoutedSetup(base, sources, recipe.weights(), recipe, modalities, text_rank if modalities else 0,
+    return RoutedSetup(base, sources, recipe.weights(), recipe, modalities, ranks, text_rank if modalities else 0,
                        text_exact, target_modules)

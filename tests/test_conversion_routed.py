@@ -169,6 +169,30 @@ def test_full_fine_tunes_converge_to_their_source_as_rank_grows(tiny_sources, tm
     assert "**routing**" in card and "## Routing" in card and "| 64 | 100.0% |" in card
 
 
+def test_a_ties_merge_routes_through_the_svd_of_the_merged_delta(tiny_sources, tmp_path):
+    """ties is no combination of the deltas: the text block is the truncated SVD of the merged delta. At full rank,
+    text tokens match the NaiveMC ties composite and image tokens the first source's projections."""
+    sources = [{"path": str(tiny_sources["llava"])},
+               {"path": str(tiny_sources["llava_2"]), "rename": {"image": "chart"}}]
+    recipe = {"base": str(tiny_sources["base"]), "merge": {"rule": "ties", "density": 0.5}, "sources": sources}
+    naive = CompositeMLLMForCausalLM.from_pretrained(compose(recipe, tmp_path / "naive", verify=False)).eval()
+    model, processor, output = _load(compose({**recipe, "method": "routed", "rank": 64}, tmp_path / "routed",
+                                             verify=False))
+    batch = processor(text="USER: Which colour is the sky? ASSISTANT:")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, naive(**batch).logits, rtol=1e-4, atol=1e-5)
+    merged = {f"model.{key}": value for key, value in naive.model.language_model.state_dict().items()
+              if "embed_tokens" not in key}
+    first = _llava_llm(tiny_sources["llava"])
+    projections = {key: value for key, value in first.items() if key.endswith("_proj.weight")}
+    got, expected = _modality_hidden_states(model, processor, "<image>",
+                                            _plain_llm(tiny_sources["base"], {**merged, **projections}, add=False))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    composition = json.loads((output / "config.json").read_text())["composition"]
+    assert composition["routing"]["text"]["rank"] == 64  # 64 + 64, capped at the layers' full rank
+    assert composition["routing"]["text"]["energy_kept"] == pytest.approx(1.0, abs=1e-6)
+
+
 def test_truncated_svd_is_optimal_and_exact_at_full_rank():
     generator = torch.Generator().manual_seed(0)
     left = torch.linalg.qr(torch.randn(96, 48, generator=generator))[0]
