@@ -1,5 +1,5 @@
-"""Conversion speed and memory: our converter (NaiveMC-linear, DAMC and routed) on three synthetic sources of a ~1B-parameter
-LLM, and the same linear merge of the three LLMs through mergekit, in one run.
+"""Conversion speed and memory: our converter (NaiveMC-linear, DAMC and routed) on three synthetic sources of a
+~1B-parameter LLM, and the same linear merge of the three LLMs through mergekit, in one run.
 
     python -m benchmarks.conversion_speed [--params 1e9] [--workdir /tmp/composite-conversion-bench] [--small]
 
@@ -9,7 +9,7 @@ shards with a `model.safetensors.index.json`, sharing one random base LLM (TinyL
 - `base/`: the base `LlamaForCausalLM` and its tokenizer;
 - `llava_{i}/`: three LLaVA-1.5 checkpoints (transformers' `LlavaForConditionalGeneration` layout, a small CLIP tower):
   full fine-tunes of the base (every LLM tensor perturbed), what the NaiveMC-linear and the routed recipe (rank
-  `ROUTED_RANK`: one truncated SVD per projection per source, and one of the merged delta) read;
+  `ROUTED_RANK`: one truncated SVD per projection per source; the `linear` text block stacks those factors) read;
 - `llm_{i}/`: the same three fine-tuned LLMs (bit-identical tensors) as plain `LlamaForCausalLM` folders, what
   mergekit reads (it does not read LLaVA checkpoints);
 - `damc_{i}/`: three decoupled sources as our trainer (`python -m training --stage 2`) writes them: a one-modality
