@@ -119,7 +119,16 @@ def read_composite(recipe: SourceRecipe, location: Location) -> Source:
         text_lora=text_lora,
         decoupled=any(part.lora for part in parts.values()),
         text_lora_unfolded=not text_lora_config.get("folded", True),
+        text_lora_exact=_text_lora_exact(config.composition),
     )
+
+
+def _text_lora_exact(composition: dict) -> bool:
+    """Whether a composite's text factors are exactly its merged text delta, from its provenance: rule linear, and
+    under method routed a text block that kept all of the merged delta (composites without provenance are taken as
+    DAMC's linear default)."""
+    kept = ((composition.get("routing") or {}).get("text") or {}).get("energy_kept")
+    return composition.get("rule", "linear") == "linear" and kept in (None, 1.0)
 
 
 def _add_factor(factors: dict, store, key: str, module_key: str, tail: str, modality: str | None, layout,

@@ -14,12 +14,15 @@ Tokens of modality m use `W0 + T_src(m)`, the whole delta of the source it came 
   for LoRAs, as in DAMC); a ties / dare merge is no combination of the deltas, so there it is the rank-R truncated
   SVD of the dense merged delta.
 
-So modality rows compute `W0 + merge(T) - [merge(T)]_R + [T_src]_r`: exact for LoRA sources and at full rank; text
-rows compute `W0 + merge(T)` exactly at every rank. The other LLM parameters (embeddings, norms, LM head, biases)
+So modality rows compute `W0 + merge(T) - text_block + [T_src]_r` (the text block `Σ λ_i [T_i]` or `[merge(T)]_R`):
+exact for LoRA sources under the linear rule and at full rank; text rows compute `W0 + merge(T)` exactly at every
+rank. The other LLM parameters (embeddings, norms, LM head, biases)
 cannot be routed by the layers and follow the merge, as in DAMC and NaiveMC.
 """
 
 import logging
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -37,9 +40,13 @@ logger = logging.getLogger(__name__)
 
 def low_rank_delta(source: Source) -> bool:
     """Whether a source's text delta on the routed projections is exactly its LoRA: a LoRA without LLM weights (peft,
-    modelcompose), or a composite of ours, whose base weights hold `W0` plus, folded, that same LoRA. A full
-    fine-tune (and a NaiveMC composite, which has no LoRA of its own) is dense."""
-    return source.full_weights is None or (source.format == "composite" and bool(source.text_lora))
+    modelcompose), or a composite of ours whose base weights hold `W0` plus, folded, exactly that LoRA (its
+    provenance says so: see `Source.text_lora_exact`). A full fine-tune, a NaiveMC composite (no LoRA of its own) and a
+    composite whose text factors only approximate its merged delta (ties / dare, or routed from full fine-tunes) are
+    dense."""
+    if source.full_weights is None:
+        return True
+    return source.format == "composite" and bool(source.text_lora) and source.text_lora_exact
 
 
 def source_rank(source: Source) -> int:
@@ -61,7 +68,8 @@ def check_routed(base: BaseModel, sources: list[Source], recipe: Recipe) -> None
             if own is not None:
                 raise ConversionError(
                     f"sources[{source.recipe.index}].rank: {source.label} is a LoRA (rank {source_rank(source)}), "
-                    "which the routed layers take exactly; `rank` only applies to full fine-tunes, so remove it."
+                    "which the routed layers hold at its own rank; `rank` only applies to full fine-tunes, so remove "
+                    "it."
                 )
         elif recipe.source_rank(source.recipe) is None:
             raise ConversionError(
@@ -70,10 +78,10 @@ def check_routed(base: BaseModel, sources: list[Source], recipe: Recipe) -> None
                 f"every full fine-tune), e.g. `rank: 64`; rank {full_rank} and up keeps it exactly."
             )
     if recipe.rank is not None and all(low_rank_delta(source) or source.recipe.rank is not None for source in sources):
-        raise ConversionError(
-            "rank: the recipe's `rank` applies to full fine-tune sources without a `rank` of their own, and there is "
-            "none (LoRA sources are routed exactly); remove it."
-        )
+        # A default, like PEFT's `r` beside `rank_pattern`: unused is worth a word, not a refusal (the λ search's
+        # one-source candidates inherit it, whatever their source is).
+        logger.warning("rank: the recipe's `rank` (%d) applies to full fine-tunes without a `rank` of their own, and "
+                       "no source is one; it is unused.", recipe.rank)
 
 
 def routed_keys(base: BaseModel, sources: list[Source]) -> list[str]:
@@ -127,7 +135,7 @@ class RoutedSetup:
         delta = self.modalities.get(name)
         return None if delta is None else {"r": delta.rank, "alpha": delta.alpha}
 
-    def factor(self, key: str, side: str, block: str, merged: "callable") -> torch.Tensor:
+    def factor(self, key: str, side: str, block: str, merged: Callable[[str], torch.Tensor]) -> torch.Tensor:
         """Side `A` or `B` of one block (`text` or a modality) of projection `key`. The factors of a projection are
         computed once, when its first factor is asked for, and dropped when its last one was (the writer asks for
         them one after the other), so memory holds one projection's dense deltas at most."""
@@ -139,7 +147,7 @@ class RoutedSetup:
             del self._factors[key]
         return tensor
 
-    def _compute(self, key: str, merged: "callable") -> dict[tuple[str, str], torch.Tensor]:
+    def _compute(self, key: str, merged: Callable[[str], torch.Tensor]) -> dict[tuple[str, str], torch.Tensor]:
         out_features, in_features = self.base.shape(key)
         blocks: dict[tuple[str, str], torch.Tensor] = {}
         base_tensor = None
@@ -225,15 +233,18 @@ def _pair(low_rank: LowRank | None, rank: int, in_features: int, out_features: i
 
 
 def _share(measured: tuple[float, float] | None) -> float | None:
+    """`kept / total` within [0, 1]. It is below 0 where the stacked text block misses the merged delta by more than
+    the delta's own size (sources whose deltas cancel in the merge): none of it is kept, so 0."""
     if measured is None:
         return None
     kept, total = measured
-    return 1.0 if total == 0 else min(kept / total, 1.0)
+    return 1.0 if total == 0 else min(max(kept / total, 0.0), 1.0)
 
 
 def _seed(key: str, index: int) -> int:
-    """A fixed seed per tensor and source for the randomized SVD: conversions are reproducible."""
-    return sum(key.encode()) * 1009 + index + 1
+    """A fixed seed per tensor and source for the randomized SVD: conversions are reproducible (a CRC, not `hash`,
+    which Python salts per process)."""
+    return zlib.crc32(f"{key}:{index}".encode())
 
 
 def routed_setup(base: BaseModel, sources: list[Source], recipe: Recipe) -> RoutedSetup:

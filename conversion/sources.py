@@ -95,6 +95,9 @@ class Source:
     decoupled: bool = False
     # With full weights too: the text LoRA is not folded into them (a composite saved in training form).
     text_lora_unfolded: bool = False
+    # A composite: its text LoRA is exactly the delta its LLM weights hold (merge rule linear, text block kept whole);
+    # else the factors only approximate it (ties / dare, routed full fine-tunes), and the weights are what it is.
+    text_lora_exact: bool = True
 
     @property
     def label(self) -> str:

@@ -3,6 +3,7 @@ against plain transformers LLMs built here from the source files: exact for LoRA
 error that shrinks with `rank` and vanishes at full rank."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -217,6 +218,8 @@ def test_truncated_svd_takes_the_randomized_path_reproducibly():
     matrix += 1e-3 * torch.randn(200, 160, generator=generator)
     first, again = truncated_svd(matrix, 8, seed=3), truncated_svd(matrix, 8, seed=3)
     assert torch.equal(first.lora_a, again.lora_a)
+    # The full SVD ignores the seed: another seed draws another sketch, so other rounding.
+    assert not torch.equal(first.lora_a, truncated_svd(matrix, 8, seed=4).lora_a)
     assert first.kept == pytest.approx(float(torch.linalg.svdvals(matrix)[:8].square().sum()), rel=1e-5)
 
 
@@ -241,13 +244,16 @@ def test_routed_recipes_are_refused_with_the_fix(tiny_sources, tmp_path, change,
     assert not (tmp_path / "out").exists()
 
 
-def test_a_rank_that_would_go_unused_is_refused(tiny_sources, tmp_path):
+def test_a_rank_on_a_lora_is_refused_and_an_unused_default_is_said(tiny_sources, tmp_path, caplog):
     lora = {"path": str(tiny_sources["paper_naive"]), "encoder": str(tiny_sources["clip"])}
     base = {"method": "routed", "base": str(tiny_sources["base"])}
     with pytest.raises(ConversionError, match=r"sources\[0\]\.rank: .* is a LoRA \(rank 4\).*remove it"):
         compose({**base, "sources": [{**lora, "rank": 4}]}, tmp_path / "a", verify=False)
-    with pytest.raises(ConversionError, match="recipe's `rank` applies to full fine-tune sources .* there is none"):
+    # The recipe's `rank` is a default for full fine-tunes: with none among the sources it is unused, and said so.
+    with caplog.at_level(logging.WARNING, logger="conversion.routed"):
         compose({**base, "rank": 4, "sources": [lora]}, tmp_path / "b", verify=False)
+    assert "the recipe's `rank` (4) applies to full fine-tunes" in caplog.text
+    assert (tmp_path / "b" / "config.json").is_file()
 
 
 def test_every_source_format_routes(tiny_sources, tmp_path, lora_routed):
@@ -275,3 +281,16 @@ def test_every_source_format_routes(tiny_sources, tmp_path, lora_routed):
     config = json.loads((again / "config.json").read_text())
     assert [entry["delta"] for entry in config["composition"]["routing"]["modalities"].values()] == \
         ["modality_lora", "modality_lora"]
+
+
+def test_a_composite_whose_text_factors_approximate_its_delta_counts_as_a_full_fine_tune(tiny_sources, tmp_path):
+    """A routed composite of a full fine-tune holds factors that keep only part of its merged delta: routed again, it
+    is read through its weights (and so needs `rank`), never as if its factors were its delta."""
+    first = tmp_path / "first"
+    compose({"method": "routed", "base": str(tiny_sources["base"]), "rank": 2,
+             "sources": [str(tiny_sources["llava"])]}, first, verify=False)
+    assert json.loads((first / "config.json").read_text())["composition"]["routing"]["text"]["energy_kept"] < 1
+    with pytest.raises(ConversionError, match=r"is a full fine-tune \(composite\).*set `rank:`"):
+        compose({"method": "routed", "base": str(tiny_sources["base"]), "sources": [str(first)]}, tmp_path / "again",
+                verify=False)
+
