@@ -49,7 +49,8 @@ video = rng.integers(0, 255, (3, 36, 36, 3), dtype=np.uint8)
 audio = (rng.standard_normal(8000) * 0.1).astype(np.float32)
 cloud = rng.standard_normal((200, 6)).astype(np.float32)
 
-messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is this?"}]}]
+messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                         {"type": "text", "text": "What is this?"}]}]
 answer = chat(text=messages, max_new_tokens=8)[0]["generated_text"][-1]["content"]
 print(f"[pipeline image-text-to-text] image           -> {answer!r}")
 

@@ -95,7 +95,8 @@ def llm_shape(parameters: float) -> LlmShape:
 class StreamedCheckpoint:
     """Writes one checkpoint's tensors straight to safetensors shards, one tensor in memory at a time: every key,
     shape and dtype is known up front, so each shard's header is written first and the tensors are appended in order.
-    Shards are capped at `shard_bytes` and listed in `model.safetensors.index.json` (one shard: `model.safetensors`)."""
+    Shards are capped at `shard_bytes` and listed in `model.safetensors.index.json` (one shard:
+    `model.safetensors`)."""
 
     _DTYPES = {torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64", torch.float16: "F16"}
 

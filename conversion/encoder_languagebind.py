@@ -46,7 +46,8 @@ _REQUIRED_VISION_FIELDS = (
 )
 # Fields LanguageBind's own config class gives defaults to (its defaults, used when a config leaves them out).
 _OPTIONAL_VISION_FIELDS = {"num_channels": 3, "attention_dropout": 0.0, "initializer_range": 0.02, "initializer_factor": 1.0}
-# LanguageBind's video transform: OpenAI CLIP's normalisation, short side scaled to the tower's size (224), centre crop.
+# LanguageBind's video transform: OpenAI CLIP's normalisation, short side scaled to the tower's size (224),
+# centre crop.
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 _BILINEAR = 2  # PIL.Image.BILINEAR: pytorchvideo's ShortSideScale interpolates bilinearly
@@ -115,8 +116,8 @@ def _read_vision_config(folder, label: str) -> dict[str, Any]:
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
     if model_type != LANGUAGEBIND_VIDEO_MODEL_TYPE:
         raise ConversionError(
-            f"{label}: config.json has model_type {model_type!r}, not {LANGUAGEBIND_VIDEO_MODEL_TYPE!r}; `encoder:` of a "
-            "video source must be a LanguageBind video model (LanguageBind/LanguageBind_Video_merge)."
+            f"{label}: config.json has model_type {model_type!r}, not {LANGUAGEBIND_VIDEO_MODEL_TYPE!r}; "
+            "`encoder:` of a video source must be a LanguageBind video model (LanguageBind/LanguageBind_Video_merge)."
         )
     vision_config = raw.get("vision_config")
     if not isinstance(vision_config, dict):

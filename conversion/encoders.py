@@ -68,8 +68,8 @@ def not_an_encoder(what: str, config: dict, expected: str) -> str:
         )
     if any(name.endswith("ForCausalLM") for name in architectures):
         return (
-            f"{what} is a language model ({model_type}), where an encoder belongs; it is the base LLM, and the encoder "
-            f"is {expected}"
+            f"{what} is a language model ({model_type}), where an encoder belongs; it is the base LLM, and the "
+            f"encoder is {expected}"
         )
     return f"{what} has model_type {model_type!r}, which is not {expected}"
 

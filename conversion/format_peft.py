@@ -19,7 +19,8 @@ from .tensors import Lazy, TensorStore
 
 _LORA_KEY = re.compile(r"^base_model\.model\.(model\.layers\.\d+\.[\w.]+?)\.lora_([AB])(?:\.default)?\.weight$")
 # Projector key layouts in the wild: original LLaVA (`model.mm_projector.0`), LLaVA's LoRA releases
-# (`non_lora_trainables.bin`: `base_model.model.model.mm_projector.0`), and transformers' (`multi_modal_projector.linear_1`).
+# (`non_lora_trainables.bin`: `base_model.model.model.mm_projector.0`), and transformers'
+# (`multi_modal_projector.linear_1`).
 _SEQUENTIAL_PROJECTOR = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?mm_projector\.(?:(\d+)\.)?(weight|bias)$")
 _NAMED_PROJECTOR = re.compile(r"^(?:model\.)?(?:multi_modal_projector\.)?linear_(\d+)\.(weight|bias)$")
 _DEFAULT_PROJECTOR_FILES = ("non_lora_trainables.bin", "mm_projector.safetensors", "mm_projector.bin")
@@ -56,7 +57,8 @@ def _projector_file(recipe: SourceRecipe, location: Location) -> Path:
         if (location.folder / name).is_file():
             return location.folder / name
     raise ConversionError(
-        f"{recipe.label}: a PEFT source needs its projector weights; set `projector:` to the file (e.g. mm_projector.bin)."
+        f"{recipe.label}: a PEFT source needs its projector weights; "
+        "set `projector:` to the file (e.g. mm_projector.bin)."
     )
 
 

@@ -144,7 +144,10 @@ def read_video_llava(recipe: SourceRecipe, location: Location) -> Source:
     # Video-LLaVA keeps every frame's CLS token and fixes the frame count through video_seq_length.
     per_frame = (vision.image_size // vision.patch_size) ** 2 + 1
     if config.video_seq_length % per_frame:
-        raise ConversionError(f"{label}: video_seq_length {config.video_seq_length} is not a whole number of frames of {per_frame} tokens.")
+        raise ConversionError(
+            f"{label}: video_seq_length {config.video_seq_length} is not a whole number of frames of "
+            f"{per_frame} tokens."
+        )
     # Video-LLaVA's image processor is CLIP's with a different output name; the composite uses CLIP's.
     settings = {key: value for key, value in processor.image_processor.to_dict().items() if key in CLIP_IMAGE_SETTINGS}
     image_processor = clip_image_processor(**settings)

@@ -84,8 +84,8 @@ def locate(reference: str, what: str) -> Location:
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
         problem = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ConversionError(
-            f"{what}: {reference!r} is not a local folder and could not be fetched from the Hub ({problem}); check the "
-            "id, your network and login (`hf auth login`), or download it and give the local path."
+            f"{what}: {reference!r} is not a local folder and could not be fetched from the Hub ({problem}); "
+            "check the id, your network and login (`hf auth login`), or download it and give the local path."
         ) from None
     folder = snapshot / sub_folder if sub_folder else snapshot
     if not folder.is_dir():

@@ -82,9 +82,9 @@ def check_compatibility(base: BaseModel, sources: list[Source], recipe: Recipe) 
         plain = [source for source in sources if not source.decoupled]
         if plain:
             raise ConversionError(
-                f"method damc needs sources with decoupled modality parameters, but {plain[0].label} ({plain[0].format}) "
-                "has none (a full fine-tune or a single shared LoRA); use `method: routed` (each modality's tokens "
-                "get their source's whole delta) or `method: naive`."
+                f"method damc needs sources with decoupled modality parameters, but {plain[0].label} "
+                f"({plain[0].format}) has none (a full fine-tune or a single shared LoRA); use `method: routed` "
+                "(each modality's tokens get their source's whole delta) or `method: naive`."
             )
     if recipe.method == "routed":
         check_routed(base, sources, recipe)
@@ -124,7 +124,8 @@ def _check_low_rank(source: Source, base: BaseModel, key: str, low_rank: LowRank
     rank = low_rank.rank
     if tuple(low_rank.lora_a.shape) != (rank, in_features) or tuple(low_rank.lora_b.shape) != (out_features, rank):
         raise ConversionError(
-            f"{source.label}: {what} at {key!r} has A {tuple(low_rank.lora_a.shape)} and B {tuple(low_rank.lora_b.shape)}, "
+            f"{source.label}: {what} at {key!r} has A {tuple(low_rank.lora_a.shape)} "
+            f"and B {tuple(low_rank.lora_b.shape)}, "
             f"which do not fit the base's weight of shape {(out_features, in_features)}."
         )
 
@@ -141,8 +142,8 @@ def _check_text_tensors(base: BaseModel, source: Source) -> None:
             vocab_ok = key in VOCAB_KEYS and got[1:] == expected[1:] and got[0] >= expected[0]
             if got != expected and not vocab_ok:
                 raise ConversionError(
-                    f"{source.label}: tensor {key!r} has shape {got} but the base's is {expected}; the source is not a "
-                    "fine-tune of this base."
+                    f"{source.label}: tensor {key!r} has shape {got} but the base's is {expected}; the source is "
+                    "not a fine-tune of this base."
                 )
     for key, low_rank in source.text_lora.items():
         _check_low_rank(source, base, key, low_rank, "its text LoRA")

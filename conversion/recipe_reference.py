@@ -1,5 +1,6 @@
-"""The recipe reference that `composite-convert --example-recipe` prints: every key a recipe may hold, with what it does
-and its default. It is also a valid recipe (tests parse it), and imports nothing, so that printing it is instant."""
+"""The recipe reference that `composite-convert --example-recipe` prints: every key a recipe may hold, with what it
+does and its default. It is also a valid recipe (tests parse it), and imports nothing, so that printing it is
+instant."""
 
 EXAMPLE_RECIPE = """\
 # A composite recipe: every key, with its default. Only `base` and `sources` are required.

@@ -104,8 +104,8 @@ class Source:
         return self.recipe.label
 
     def text_delta(self, key: str, base_tensor: torch.Tensor) -> torch.Tensor | None:
-        """This source's change to LLM tensor `key` (float32, the shape of `base_tensor`: for the embedding and LM head,
-        the base's rows), or None where it changed nothing."""
+        """This source's change to LLM tensor `key` (float32, the shape of `base_tensor`: for the embedding and LM
+        head, the base's rows), or None where it changed nothing."""
         low_rank = self.low_rank_delta(key)
         if self.full_weights is None:
             return low_rank

@@ -770,7 +770,8 @@ def save_tiny_languagebind_video(
     weights.update({f"text_model.{name}": tensor for name, tensor in CLIPTextModel(text_config).state_dict().items()})
     tokens = (IMAGE_SIZE // PATCH_SIZE) ** 2 + 1
     weights.update({
-        "text_projection.weight": _random((16, 16), generator), "visual_projection.weight": _random((16, HIDDEN), generator),
+        "text_projection.weight": _random((16, 16), generator),
+        "visual_projection.weight": _random((16, HIDDEN), generator),
         "logit_scale": torch.tensor(2.6592), "vision_model.embeddings.position_ids": torch.arange(tokens)[None],
         **(extra or {}),
     })  # fmt: skip

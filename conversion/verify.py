@@ -34,8 +34,10 @@ rng = np.random.default_rng(0)
 raw = {
     "image": ("images", lambda: np.full((48, 48, 3), 128, dtype=np.uint8)),
     "video": ("videos", lambda: rng.integers(0, 255, (4, 48, 48, 3), dtype=np.uint8)),
-    "audio": ("audio", lambda: (rng.standard_normal(processor.feature_extractor.sampling_rate) * 0.1).astype(np.float32)),
-    "point": ("point_clouds", lambda: rng.standard_normal((256, config.encoder_config(name).point_dims)).astype(np.float32)),
+    "audio": ("audio",
+              lambda: (rng.standard_normal(processor.feature_extractor.sampling_rate) * 0.1).astype(np.float32)),
+    "point": ("point_clouds",
+              lambda: rng.standard_normal((256, config.encoder_config(name).point_dims)).astype(np.float32)),
 }
 inputs, placeholders = {}, []
 for name, entry in config.modalities.items():

@@ -45,7 +45,8 @@ _MODALITY_FIELDS: dict[str, Any] = {
 
 
 def parse_projector_spec(spec: str) -> int:
-    """Number of linear layers in a projector spec: `linear` is 1, `mlp{N}x_gelu` is N (linear layers joined by GELU)."""
+    """Number of linear layers in a projector spec: `linear` is 1, `mlp{N}x_gelu` is N (linear layers joined by
+    GELU)."""
     match = _PROJECTOR_PATTERN.match(spec) if isinstance(spec, str) else None
     if match is None or (match.group(2) is not None and int(match.group(2)) < 1):
         raise ValueError(
@@ -83,7 +84,8 @@ def _check_projector(name: str, spec: str, options: Any) -> None:
         raise ValueError(f"Modality {name!r}: projector_options only apply to Q-Former projectors, not {spec!r}.")
     if not isinstance(options, dict) or set(options) - set(QFORMER_OPTIONS):
         raise ValueError(
-            f"Modality {name!r}: projector_options must be a dict with keys among {list(QFORMER_OPTIONS)}, got {options!r}."
+            f"Modality {name!r}: projector_options must be a dict with keys among {list(QFORMER_OPTIONS)}, "
+            f"got {options!r}."
         )
     for key, value in options.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -154,7 +156,8 @@ def normalize_modality(name: str, entry: dict[str, Any], vocab_size: int | None 
     normalized["encoder"].pop("transformers_version", None)
     if normalized["feature_select"] not in FEATURE_SELECTIONS:
         raise ValueError(
-            f"Modality {name!r}: feature_select {normalized['feature_select']!r} is not one of {list(FEATURE_SELECTIONS)}."
+            f"Modality {name!r}: feature_select {normalized['feature_select']!r} is not one of "
+            f"{list(FEATURE_SELECTIONS)}."
         )
     layer = normalized["feature_layer"]
     if layer != "last" and (not isinstance(layer, int) or isinstance(layer, bool)):

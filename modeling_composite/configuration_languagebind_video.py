@@ -18,7 +18,8 @@ class CompositeLanguageBindVideoConfig(PreTrainedConfig):
         hidden_act (`str`, default `"gelu"`): MLP activation (LanguageBind starts from an OpenCLIP ViT-L/14, which uses
             exact GELU, not OpenAI's quick GELU).
         layer_norm_eps (`float`, default 1e-5), attention_dropout (`float`, default 0.0).
-        initializer_range (`float`, default 0.02), initializer_factor (`float`, default 1.0): random initialisation only.
+        initializer_range (`float`, default 0.02), initializer_factor (`float`, default 1.0): random initialisation
+            only.
         num_frames (`int`, default 8): frames per video; also the length of each layer's temporal position embedding.
         add_time_attn (`bool`, default True): whether every layer first attends across the frames (at each token
             position) before its usual attention across the tokens of a frame. Without it the model is a plain CLIP ViT
@@ -46,7 +47,8 @@ class CompositeLanguageBindVideoConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})."
+                f"hidden_size ({self.hidden_size}) must be divisible by "
+                f"num_attention_heads ({self.num_attention_heads})."
             )
         if self.num_frames < 1:
             raise ValueError(f"num_frames must be at least 1, got {self.num_frames}.")

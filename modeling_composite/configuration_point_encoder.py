@@ -5,8 +5,8 @@ from transformers import PreTrainedConfig
 
 class CompositePointEncoderConfig(PreTrainedConfig):
     r"""
-    Configuration of [`CompositePointEncoder`]. Defaults follow PointBERT as trained in PointLLM (8192 points with xyz +
-    rgb, 512 groups of 32 points, 12 layers of width 384).
+    Configuration of [`CompositePointEncoder`]. Defaults follow PointBERT as trained in PointLLM (8192 points with
+    xyz + rgb, 512 groups of 32 points, 12 layers of width 384).
 
     Args:
         point_dims (`int`, default 6): values per point: 3 (xyz) or 6 (xyz + rgb).
@@ -15,7 +15,8 @@ class CompositePointEncoderConfig(PreTrainedConfig):
         group_size (`int`, default 32): nearest neighbours gathered around each centre.
         encoder_dims (`int`, default 256): width of the per-group mini-PointNet's output.
         hidden_size (`int`, default 384): transformer width.
-        num_hidden_layers (`int`, default 12), num_attention_heads (`int`, default 6), mlp_ratio (`float`, default 4.0).
+        num_hidden_layers (`int`, default 12), num_attention_heads (`int`, default 6),
+            mlp_ratio (`float`, default 4.0).
         layer_norm_eps (`float`, default 1e-5), initializer_range (`float`, default 0.02).
     """
 
@@ -39,7 +40,8 @@ class CompositePointEncoderConfig(PreTrainedConfig):
             raise ValueError(f"point_dims must be 3 (xyz) or 6 (xyz + rgb), got {self.point_dims}.")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})."
+                f"hidden_size ({self.hidden_size}) must be divisible by "
+                f"num_attention_heads ({self.num_attention_heads})."
             )
         if not 1 <= self.group_size <= self.num_points or not 1 <= self.num_groups <= self.num_points:
             raise ValueError(

@@ -397,7 +397,8 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
     def collect_modality_inputs(
         self, standard_inputs: dict[str, torch.Tensor | None], modality_inputs: dict[str, torch.Tensor] | None
     ) -> dict[str, torch.Tensor]:
-        """Map inputs given by standard name (`pixel_values`, ...) or by modality name to the composite's modalities."""
+        """Map inputs given by standard name (`pixel_values`, ...) or by modality name to the composite's
+        modalities."""
         resolved = {}
         for input_name, value in standard_inputs.items():
             if value is None:
@@ -461,7 +462,8 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
         Args:
             pixel_values (`torch.FloatTensor` of shape `(num_images, channels, height, width)`, *optional*):
                 Images, in the order their placeholders appear in the batch.
-            pixel_values_videos (`torch.FloatTensor` of shape `(num_videos, frames, channels, height, width)`, *optional*):
+            pixel_values_videos (`torch.FloatTensor` of shape `(num_videos, frames, channels, height, width)`,
+                *optional*):
                 Videos (the image tower runs on every frame).
             input_features (`torch.FloatTensor` of shape `(num_clips, mel_bins, frames)`, *optional*):
                 Log-mel features of audio clips.

@@ -163,7 +163,8 @@ class CompositePointEncoder(PreTrainedModel):
         config = self.config
         if point_clouds.ndim != 3 or point_clouds.shape[-1] != config.point_dims:
             raise ValueError(
-                f"point_clouds must have shape (batch, num_points, {config.point_dims}), got {tuple(point_clouds.shape)}."
+                f"point_clouds must have shape (batch, num_points, {config.point_dims}), "
+                f"got {tuple(point_clouds.shape)}."
             )
         if point_clouds.shape[1] < max(config.num_groups, config.group_size):
             raise ValueError(

@@ -47,7 +47,8 @@ def _with(batch: dict, **changes) -> dict:
     (lambda b: {"input_ids": b["input_ids"].index_fill(1, torch.tensor([0]), -100)},
      r"input_ids holds ids from -100 to \d+.*not -100"),
     (lambda b: {"attention_mask": b["attention_mask"].repeat(2, 1)},
-     r"attention_mask must be a \(batch, sequence\) tensor for the batch of 1 prompt\(s\), got .* shape \(2, \d+\)"),
+     (r"attention_mask must be a \(batch, sequence\) tensor for the batch of 1 prompt\(s\), "
+      r"got .* shape \(2, \d+\)")),
     (lambda b: {"attention_mask": b["attention_mask"][:, :-3]},
      r"attention_mask covers \d+ positions but the model sees \d+ \(0 cached \+ \d+ new\)"),
 ])

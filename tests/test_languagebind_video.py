@@ -113,7 +113,8 @@ def test_temporal_attention_changes_the_features():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_frame_attention_is_clip_attention_on_the_same_weights(dtype):
-    """The attention across frames is CLIP's attention (transformers' class as the oracle), only laid out differently."""
+    """The attention across frames is CLIP's attention (transformers' class as the oracle), only laid out
+    differently."""
     model = tiny_encoder().to(dtype)
     ours = model.encoder.layers[0].temporal_attn
     clip = CLIPAttention(CLIPVisionConfig(hidden_size=32, num_attention_heads=4)).to(dtype).eval()

@@ -145,7 +145,8 @@ FOUR_BIT = """
 import sys, torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 folder, saved = sys.argv[1], torch.load(sys.argv[2])
-batch = {name: value.to(torch.bfloat16) if value.is_floating_point() else value for name, value in saved["batch"].items()}
+batch = {name: value.to(torch.bfloat16) if value.is_floating_point() else value
+         for name, value in saved["batch"].items()}
 quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
 model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, quantization_config=quantization)
 full = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.bfloat16)

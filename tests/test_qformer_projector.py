@@ -108,12 +108,15 @@ def test_published_layout_loads_strictly_with_every_tensor_in_place(tmp_path):
         "audio_query_tokens": "query_tokens",
         "audio_llama_proj.weight": "projection.weight",
         "audio_Qformer.bert.embeddings.LayerNorm.bias": "qformer.layernorm.bias",
-        "audio_Qformer.bert.encoder.layer.1.crossattention.self.key.weight":
-            "qformer.encoder.layer.1.crossattention.attention.key.weight",
-        "audio_Qformer.bert.encoder.layer.0.attention.self.value.bias":
-            "qformer.encoder.layer.0.attention.attention.value.bias",
-        "audio_Qformer.bert.encoder.layer.1.output_query.LayerNorm.weight":
-            "qformer.encoder.layer.1.output_query.LayerNorm.weight",
+        "audio_Qformer.bert.encoder.layer.1.crossattention.self.key.weight": (
+            "qformer.encoder.layer.1.crossattention.attention.key.weight"
+        ),
+        "audio_Qformer.bert.encoder.layer.0.attention.self.value.bias": (
+            "qformer.encoder.layer.0.attention.attention.value.bias"
+        ),
+        "audio_Qformer.bert.encoder.layer.1.output_query.LayerNorm.weight": (
+            "qformer.encoder.layer.1.output_query.LayerNorm.weight"
+        ),
     }
     for paper, ours in moved.items():
         torch.testing.assert_close(state[ours], tensors[PREFIX + paper], rtol=0, atol=0)

@@ -1,5 +1,5 @@
-"""The source trainer on a tiny config: the loss falls, stages train what they should, the output loads through the auto
-classes in a fresh process and composes with the converter."""
+"""The source trainer on a tiny config: the loss falls, stages train what they should, the output loads through the
+auto classes in a fresh process and composes with the converter."""
 
 import json
 import shutil

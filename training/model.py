@@ -117,8 +117,8 @@ def _preprocessor(kind: str, location: str) -> dict[str, Any]:
             return {"feature_extractor": AutoFeatureExtractor.from_pretrained(location)}
     except (OSError, ValueError) as error:
         raise SourceModelError(
-            f"{location}: no {kind} preprocessor config ({str(error).splitlines()[0]}); pass --processor with a folder "
-            "that has one."
+            f"{location}: no {kind} preprocessor config ({str(error).splitlines()[0]}); pass --processor with a "
+            "folder that has one."
         ) from None
     return {}
 

@@ -1,6 +1,7 @@
 """Run a composite on a paper-format benchmark: batched greedy generation, resumable predictions, scores.
 
-    python -m benchmarks.mcub --model FOLDER_OR_HUB_ID --questions Q.json --answers A.json --media-root DIR --output DIR \
+    python -m benchmarks.mcub --model FOLDER_OR_HUB_ID --questions Q.json --answers A.json --media-root DIR \
+        --output DIR \
         [--task mcub|avqa|music-avqa] [--batch-size 8] [--max-new-tokens 128] [--limit N] \
         [--dtype float32|bfloat16|float16] [--load-in-4bit] [--device cpu|cuda] [--skip-missing]
 
