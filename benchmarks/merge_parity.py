@@ -82,7 +82,7 @@ def run_ours(folders: dict[str, Path], merge: dict, weights: tuple[float, float]
                           {"path": str(folders["llava_1"]), "weight": weights[1], "rename": {"image": "chart"}}]}
     folder = compose(recipe, output, force=True, verify=False)
     state = load_file(str(folder / "model.safetensors"))
-    placeholders = [entry["placeholder_id"]
+    placeholders = [entry.placeholder_id
                     for entry in json.loads((folder / "config.json").read_text())["modalities"].values()]
     llm = {("lm_head.weight" if key == "lm_head.weight" else "model." + key[len("model.language_model."):]): value
            for key, value in state.items() if key.startswith("model.language_model.") or key == "lm_head.weight"}

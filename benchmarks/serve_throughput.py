@@ -84,7 +84,7 @@ def _plain_prompts(composite: str, requests: list[dict]) -> list[dict]:
 
     processor = AutoProcessor.from_pretrained(composite, trust_remote_code=True)
     config = AutoConfig.from_pretrained(composite, trust_remote_code=True)
-    placeholder_ids = {entry["placeholder_id"] for entry in config.modalities.values()}
+    placeholder_ids = {entry.placeholder_id for entry in config.modalities.values()}
     filler = processor.tokenizer.convert_tokens_to_ids("a")
     prompts = []
     for request in requests:

@@ -21,7 +21,6 @@ from modeling_composite.builder import (
     composite_auto_map,
     named_chat_template,
     placeholder_suppression,
-    processor_modalities,
     register_processor_auto_classes,
 )
 from modeling_composite.compat import TOOLS_MINIMUM_TRANSFORMERS, check_transformers_version
@@ -33,6 +32,7 @@ from .paper_cards import paper_notes
 from .detect import read_source
 from .errors import ConversionError
 from .locate import Location, locate, recording_inputs
+from .merge import MERGE_RULES
 from .output import OutputRun, check_replaceable, hold_for_test, output_path, refuse_overlap
 from .plan import Plan, build_plan, check_compatibility
 from .provenance import forget_local_paths, public_recipe_text, public_reference
@@ -198,7 +198,7 @@ def _composition(recipe: Recipe, base: Location, sources: list[Source]) -> dict:
         "method": recipe.method,
         "rule": recipe.merge.rule,
         "density": recipe.merge.density,
-        "seed": recipe.merge.seed if recipe.merge.rule.startswith("dare") else None,
+        "seed": recipe.merge.seed if MERGE_RULES[recipe.merge.rule].sparsify == "drop" else None,
         **recipe.merge.provenance(),
         "base": {"reference": public_reference(base.reference, base.hub_id), "hub_id": base.hub_id,
                  "revision": base.revision},
@@ -398,7 +398,7 @@ def _processor(plan: Plan, recipe: Recipe) -> CompositeMLLMProcessor:
         differing = image_processor_overrides(shared, processor.to_dict())
         if differing:
             overrides[name] = differing
-    modalities = processor_modalities(plan.config, overrides)
+    modalities = plan.config.processor_modalities(overrides)
     # Sources' processor files may point at remote code of their own (`auto_map`); none of it may reach a composite
     # that users load with trust_remote_code=True.
     for part in (image_processor, feature_extractor):
@@ -430,11 +430,11 @@ def _card_info(plan: Plan, recipe: Recipe, recipe_text: str, repo_id: str | None
         sources=[CardSource(**source) for source in composition["sources"]],
         modalities={
             name: {
-                "kind": entry["kind"],
-                "encoder": entry["encoder"]["model_type"],
-                "placeholder": entry["placeholder"],
+                "kind": entry.kind,
+                "encoder": entry.encoder["model_type"],
+                "placeholder": entry.placeholder,
                 "positions_per_item": config.positions_per_item(name),
-                "lora_rank": entry["lora"]["r"] if entry["lora"] else None,
+                "lora_rank": entry.lora["r"] if entry.lora else None,
             }
             for name, entry in config.modalities.items()
         },

@@ -8,7 +8,6 @@ by the config's layout) or `per_delta` (`text_lora_[AB]` and `lora_[AB].<modalit
 """
 
 import copy
-import re
 
 from transformers import AutoFeatureExtractor
 
@@ -16,17 +15,22 @@ from modeling_composite.configuration_composite import CompositeMLLMConfig, buil
 from modeling_composite.feature_extraction_beats import CompositeBeatsFeatureExtractor
 from modeling_composite.modeling_composite import delta_layout
 from modeling_composite.processing_composite import CompositeMLLMProcessor
+from modeling_composite.state_dict_keys import (
+    ENCODERS_PREFIX,
+    LM_HEAD,
+    PROJECTORS_PREFIX,
+    TEXT,
+    TEXT_MODEL_PREFIX,
+    RoutedKey,
+    parse_routed_key,
+)
 
 from .errors import ConversionError
 from .locate import Location
+from .merge import merge_rule
 from .recipe import SourceRecipe
 from .sources import LowRank, ModalityPart, Source, select_modalities
 from .tensors import Lazy, open_model_weights
-
-
-_ROUTED = re.compile(
-    r"^model\.language_model\.(.+)\.(base_layer\.(weight|bias)|text_lora_[AB]\.weight|lora_[AB]\.(?:(\w+)\.)?weight)$"
-)
 
 
 def read_composite(recipe: SourceRecipe, location: Location) -> Source:
@@ -44,18 +48,16 @@ def read_composite(recipe: SourceRecipe, location: Location) -> Source:
     encoders: dict[str, dict[str, Lazy]] = {name: {} for name in config.modalities}
     projectors: dict[str, dict[str, Lazy]] = {name: {} for name in config.modalities}
     for key in store.keys():
-        if match := _ROUTED.match(key):
-            module, tail = match.group(1), match.group(2)
-            if tail.startswith("base_layer."):
-                full[f"model.{module}.{match.group(3)}"] = Lazy(store, key)
+        if routed := parse_routed_key(key, TEXT_MODEL_PREFIX):
+            if routed.is_base_layer:
+                full[f"model.{routed.module}.{routed.parameter}"] = Lazy(store, key)
             else:
-                module_key = f"model.{module}.weight"
-                _add_factor(factors, store, key, module_key, tail, match.group(4), layout, stacked, label)
-        elif key.startswith("model.language_model."):
-            full["model." + key[len("model.language_model."):]] = Lazy(store, key)
-        elif key == "lm_head.weight":
+                _add_factor(factors, store, key, f"model.{routed.module}.weight", routed, layout, stacked, label)
+        elif key.startswith(TEXT_MODEL_PREFIX):
+            full["model." + key[len(TEXT_MODEL_PREFIX):]] = Lazy(store, key)
+        elif key == LM_HEAD:
             full[key] = Lazy(store, key)
-        elif key.startswith(("model.encoders.", "model.projectors.")):
+        elif key.startswith((ENCODERS_PREFIX, PROJECTORS_PREFIX)):
             _, group, name, rest = key.split(".", 3)
             if name not in config.modalities:
                 raise ConversionError(f"{label}: tensor {key!r} belongs to no modality of its config.")
@@ -64,7 +66,7 @@ def read_composite(recipe: SourceRecipe, location: Location) -> Source:
             raise ConversionError(f"{label}: tensor {key!r} is not part of a composite.")
 
     text_lora_config = config.text_lora or {}
-    text_lora = _low_ranks(factors, "text", layout)
+    text_lora = _low_ranks(factors, TEXT, layout)
     # A composite's own feature extractor (BEATs' fbank) is remote code of its folder; the installed package has the
     # same class, registered so that the processor loads it from here without running the folder's code.
     AutoFeatureExtractor.register(CompositeMLLMConfig, CompositeBeatsFeatureExtractor, exist_ok=True)
@@ -75,38 +77,38 @@ def read_composite(recipe: SourceRecipe, location: Location) -> Source:
     embed_key = "model.language_model.embed_tokens.weight"
     parts = {}
     for name, entry in config.modalities.items():
-        lora = entry["lora"]
-        placeholder_id = entry["placeholder_id"]
+        lora = entry.lora
+        placeholder_id = entry.placeholder_id
         rows = {"model.embed_tokens.weight": Lazy(store, embed_key, lambda t, i=placeholder_id: t[i])}
         if "lm_head.weight" in store:
             rows["lm_head.weight"] = Lazy(store, "lm_head.weight", lambda t, i=placeholder_id: t[i])
         projector = projectors[name]
         prefix, suffix = projector.pop("prefix", None), projector.pop("suffix", None)
         image_processor = None
-        if entry["kind"] in ("image", "video"):
+        if entry.kind in ("image", "video"):
             overrides = processor.modalities.get(name, {}).get("image_processor_kwargs") or {}
             shared = processor.image_processor
             image_processor = type(shared).from_dict({**shared.to_dict(), **overrides}) if overrides else copy.deepcopy(shared)
         parts[name] = ModalityPart(
             name=name,
-            kind=entry["kind"],
-            encoder_config=build_encoder_config(entry["encoder"]),
+            kind=entry.kind,
+            encoder_config=build_encoder_config(entry.encoder),
             encoder_weights=encoders[name],
-            projector=entry["projector"],
-            projector_bias=entry["projector_bias"],
-            projector_options=entry["projector_options"],
+            projector=entry.projector,
+            projector_bias=entry.projector_bias,
+            projector_options=entry.projector_options,
             projector_weights=projector,
-            feature_layer=entry["feature_layer"],
-            feature_select=entry["feature_select"],
-            num_frames=entry["num_frames"],
-            tokens_per_item=entry["tokens_per_item"],
+            feature_layer=entry.feature_layer,
+            feature_select=entry.feature_select,
+            num_frames=entry.num_frames,
+            tokens_per_item=entry.tokens_per_item,
             prefix=prefix,
             suffix=suffix,
             lora=dict(lora) if lora else None,
             lora_factors=_low_ranks(factors, name, layout) if lora is not None else {},
             placeholder_rows=rows,
             image_processor=image_processor,
-            feature_extractor=processor.feature_extractor if entry["kind"] == "audio" else None,
+            feature_extractor=processor.feature_extractor if entry.kind == "audio" else None,
         )
     return Source(
         recipe=recipe,
@@ -124,25 +126,25 @@ def read_composite(recipe: SourceRecipe, location: Location) -> Source:
 
 
 def _text_lora_exact(composition: dict) -> bool:
-    """Whether a composite's text factors are exactly its merged text delta, from its provenance: rule linear, and
-    under method routed a text block that kept all of the merged delta (composites without provenance are taken as
-    DAMC's linear default)."""
+    """Whether a composite's text factors are exactly its merged text delta, from its provenance: a rule whose merge
+    is a weighted sum (linear), and under method routed a text block that kept all of the merged delta (composites
+    without provenance are taken as DAMC's linear default)."""
     kept = ((composition.get("routing") or {}).get("text") or {}).get("energy_kept")
-    return composition.get("rule", "linear") == "linear" and kept in (None, 1.0)
+    rule = merge_rule(composition.get("rule", "linear"))
+    return rule is not None and rule.is_weighted_sum and kept in (None, 1.0)
 
 
-def _add_factor(factors: dict, store, key: str, module_key: str, tail: str, modality: str | None, layout,
-                stacked: bool, label: str) -> None:
+def _add_factor(factors: dict, store, key: str, module_key: str, routed: RoutedKey, layout, stacked: bool,
+                label: str) -> None:
     """File one factor tensor under the delta(s) it holds: a stacked factor is sliced into every delta of the layout
     (A by rows, B by columns); a per-delta factor names its delta."""
-    side = "A" if tail.startswith(("lora_A", "text_lora_A")) else "B"
+    side, name = routed.side, routed.delta
     names = [block.name for block in layout.blocks] if layout is not None else []
-    name = "text" if tail.startswith("text_lora_") else modality
     if name is not None and name not in names:
         raise ConversionError(
             f"{label}: tensor {key!r} is a factor of {name!r}, a delta its config does not have {names}."
         )
-    if stacked != (modality is None and not tail.startswith("text_lora_")):
+    if stacked != routed.stacked:
         storage = "stacked" if stacked else "per_delta"
         raise ConversionError(f"{label}: tensor {key!r} does not fit its config's lora_layout {storage!r}.")
     if not stacked:

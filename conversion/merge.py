@@ -41,18 +41,67 @@ inputs, same output, bit for bit.
 import math
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from .errors import ConversionError
+from .weighted_sum import WeightedSum
 
 
-MERGE_RULES = ("linear", "ties", "dare_linear", "dare_ties")
-_RULES_WITH_DENSITY = ("ties", "dare_linear", "dare_ties")
-_SIGN_ELECTION_RULES = ("ties", "dare_ties")
-# mergekit's defaults (its `default_normalize` / `default_rescale` per method); `linear` is its `task_arithmetic`.
-DEFAULT_NORMALIZE = {"linear": False, "ties": True, "dare_linear": False, "dare_ties": False}
-DEFAULT_RESCALE = {"ties": False, "dare_linear": True, "dare_ties": True}
+@dataclass(frozen=True)
+class MergeRule:
+    """One merge rule of the registry `MERGE_RULES`: the steps it takes (see the module docstring) and mergekit's
+    defaults for its parameters (its `default_normalize` / `default_rescale` per method).
+
+    - `sparsify`: None (every entry counts), `"trim"` (TIES: the `density` fraction of largest magnitude) or `"drop"`
+      (DARE: each entry kept with probability `density`, seeded by `seed`).
+    - `elects_sign`: TIES' sign election (only the entries that agree with it are summed).
+    - `aliases`: mergekit's other names for the same rule.
+    """
+
+    name: str
+    sparsify: str | None
+    elects_sign: bool
+    default_normalize: bool
+    default_rescale: bool = False
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def is_weighted_sum(self) -> bool:
+        """Whether the merged delta is `Σ_i w_i d_i`, normalize and lambda folded into the weights (no entry dropped,
+        trimmed or sign-elected): a combination of the deltas, so the sources' low-rank factors stacked side by side
+        give it exactly (method routed's text block) and the weights can be applied in weight space."""
+        return self.sparsify is None and not self.elects_sign
+
+    @property
+    def parameters(self) -> tuple[str, ...]:
+        """The recipe's `merge:` keys the rule reads besides `rule` (`int8_mask` is accepted and changes nothing)."""
+        sparsifying = ("density", "rescale") + (("seed",) if self.sparsify == "drop" else ())
+        return (sparsifying if self.sparsify else ()) + ("normalize", "lambda")
+
+
+MERGE_RULES: dict[str, MergeRule] = {
+    rule.name: rule
+    for rule in (
+        # Task arithmetic: `Σ_i w_i d_i`, the paper's NaiveMC merge (the converter takes it in weight space, one pass
+        # over the sources' tensors: `plan._linear_merge`, with normalize and lambda folded into the weights).
+        MergeRule("linear", sparsify=None, elects_sign=False, default_normalize=False, aliases=("task_arithmetic",)),
+        MergeRule("ties", sparsify="trim", elects_sign=True, default_normalize=True, default_rescale=False),
+        MergeRule("dare_linear", sparsify="drop", elects_sign=False, default_normalize=False, default_rescale=True),
+        MergeRule("dare_ties", sparsify="drop", elects_sign=True, default_normalize=False, default_rescale=True),
+    )
+}
+
+
+def merge_rule(name: str) -> MergeRule | None:
+    """The rule of this name or of one of its aliases, or None."""
+    for rule in MERGE_RULES.values():
+        if name == rule.name or name in rule.aliases:
+            return rule
+    return None
+
+
 # Below this, mergekit treats a sum of weights as 0 (and a norm as too small to rescale by).
 _EPSILON_SUM = 1e-8
 _EPSILON_NORM = 1e-7
@@ -70,7 +119,8 @@ def merge_deltas(
     lambda_: float = 1.0,
     rescale: bool | None = None,
 ) -> torch.Tensor | None:
-    """Merge the dense deltas of one tensor from several sources with one of `MERGE_RULES` (see the module docstring).
+    """Merge the dense deltas of one tensor from several sources with a rule of `MERGE_RULES` (see the module
+    docstring).
 
     Args:
         deltas: one per source; None when that source does not change the tensor (a zero delta). All the tensors must
@@ -82,9 +132,9 @@ def merge_deltas(
         seed: DARE's seed (with `name` and the source's index, it seeds that source's drop mask).
         name: the tensor's name, used in error messages and mixed into DARE's per-tensor seed so that tensors of the
             same shape do not share one mask.
-        normalize: divide by the sum of the weights that contributed (None: the rule's default, `DEFAULT_NORMALIZE`).
+        normalize: divide by the sum of the weights that contributed (None: the rule's `default_normalize`).
         lambda_: multiplies the merged delta (mergekit's `lambda`).
-        rescale: after trimming or dropping, scale each delta back to its L1 norm (None: `DEFAULT_RESCALE`; ignored
+        rescale: after trimming or dropping, scale each delta back to its L1 norm (None: `default_rescale`; ignored
             by ``linear``).
 
     Returns:
@@ -94,13 +144,13 @@ def merge_deltas(
         ConversionError (a ValueError): an unknown rule, a bad density, seed, weight or option, a length mismatch
             between `deltas` and `weights`, no sources at all, or deltas of different shapes.
     """
-    _check_rule(rule)
-    if rule in _RULES_WITH_DENSITY:
+    spec = _check_rule(rule)
+    if spec.sparsify:
         _check_density(density, rule)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConversionError(f"merge seed must be an integer, got {seed!r}")
-    normalize = DEFAULT_NORMALIZE[rule] if normalize is None else normalize
-    rescale = DEFAULT_RESCALE.get(rule, False) if rescale is None else rescale
+    normalize = spec.default_normalize if normalize is None else normalize
+    rescale = spec.default_rescale if rescale is None else rescale
     for option, value in (("normalize", normalize), ("rescale", rescale)):
         if not isinstance(value, bool):
             raise ConversionError(f"merge option {option} must be true or false, got {value!r}")
@@ -112,7 +162,7 @@ def merge_deltas(
         )
     if not deltas:
         raise ConversionError(f"tensor {name!r}: no sources to merge; give at least one delta (None for no change)")
-    weights = [_check_weight(weight, index, rule, normalize, name) for index, weight in enumerate(weights)]
+    weights = [_check_weight(weight, index, spec, normalize, name) for index, weight in enumerate(weights)]
 
     present = [(index, delta) for index, delta in enumerate(deltas) if delta is not None]
     if not present:
@@ -127,20 +177,21 @@ def merge_deltas(
 
     # Detach so that merging never records an autograd graph (and never aliases a source's parameter).
     sources = [(index, weights[index], delta.detach().to(torch.float32)) for index, delta in present]
-    if rule == "ties" and density < 1.0:
+    if spec.sparsify == "trim" and density < 1.0:
         sources = [(index, weight, _trim_to_top_k(delta, density, rescale)) for index, weight, delta in sources]
-    elif rule in ("dare_linear", "dare_ties") and density < 1.0:
+    elif spec.sparsify == "drop" and density < 1.0:
         sources = [
             (index, weight, _drop(delta, density, rescale, _dare_generator(seed, name, index)))
             for index, weight, delta in sources
         ]
 
-    if rule in _SIGN_ELECTION_RULES:
+    if spec.elects_sign:
         merged, divisor = _elect_sign_and_sum(sources)
     else:
-        merged = torch.zeros_like(sources[0][2])
+        total = WeightedSum(sources[0][2].shape)
         for _, weight, delta in sources:
-            merged.add_(delta, alpha=weight)
+            total.add(delta, weight)
+        merged = total.result(torch.float32)
         # Every source counts, also those that leave this tensor unchanged (mergekit's task vectors of zero).
         divisor = math.fsum(weights)
         if normalize and abs(divisor) < _EPSILON_SUM:
@@ -155,9 +206,10 @@ def merge_deltas(
     return merged
 
 
-def _check_rule(rule: str) -> None:
+def _check_rule(rule: str) -> MergeRule:
     if rule not in MERGE_RULES:
         raise ConversionError(f"unknown merge rule {rule!r}; use one of {', '.join(MERGE_RULES)}")
+    return MERGE_RULES[rule]
 
 
 def _check_density(density: float, rule: str) -> None:
@@ -169,12 +221,12 @@ def _check_density(density: float, rule: str) -> None:
         )
 
 
-def _check_weight(weight: float, index: int, rule: str, normalize: bool, name: str) -> float:
+def _check_weight(weight: float, index: int, rule: MergeRule, normalize: bool, name: str) -> float:
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
         raise ConversionError(f"tensor {name!r}: the weight of source {index} must be a finite number, got {weight!r}")
-    if rule in _SIGN_ELECTION_RULES and normalize and weight < 0:
+    if rule.elects_sign and normalize and weight < 0:
         raise ConversionError(
-            f"tensor {name!r}: merge rule {rule!r} with normalize divides by the weights of the agreeing sources, "
+            f"tensor {name!r}: merge rule {rule.name!r} with normalize divides by the weights of the agreeing sources, "
             f"which must be >= 0, but source {index} has weight {weight!r}; set normalize: false to subtract a task "
             "vector"
         )

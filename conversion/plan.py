@@ -14,12 +14,22 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from modeling_composite.builder import add_placeholder_tokens, count_encoder_tokens
+from modeling_composite.builder import add_placeholder_tokens
 from modeling_composite.configuration_composite import CompositeMLLMConfig, DEFAULT_LORA_TARGET_MODULES
+from modeling_composite.configuration_modality import ModalityConfig, settings_of
 from modeling_composite.modeling_composite import CompositeMLLMForCausalLM, delta_layout
+from modeling_composite.state_dict_keys import (
+    LM_HEAD,
+    PROJECTOR_TOKENS,
+    TEXT_MODEL_PREFIX,
+    base_layer_key,
+    encoder_key,
+    projector_key,
+    stacked_factor_key,
+)
 
 from .errors import ConversionError
-from .merge import merge_deltas
+from .merge import MERGE_RULES, merge_deltas
 from .recipe import Recipe
 from .routed import RoutedSetup, check_routed, routed_setup, source_rank
 from .sources import ARCHITECTURE_FIELDS, VOCAB_KEYS, BaseModel, LowRank, ModalityPart, Source
@@ -152,27 +162,19 @@ def _check_text_tensors(base: BaseModel, source: Source) -> None:
             _check_low_rank(source, base, key, low_rank, f"the {part.name} LoRA")
 
 
-def _modality_entry(part: ModalityPart, placeholder: str, placeholder_id: int, lora: dict | None) -> dict:
-    tokens = part.tokens_per_item or count_encoder_tokens(
-        part.encoder_config, part.kind, part.feature_select, part.num_frames,
+def _modality_entry(part: ModalityPart, placeholder: str, placeholder_id: int, lora: dict | None) -> ModalityConfig:
+    return ModalityConfig.build(
+        part.kind,
+        part.encoder_config,
+        placeholder,
+        placeholder_id,
+        tokens_per_item=part.tokens_per_item or None,
         audio_frames=getattr(part.feature_extractor, "max_length", 1024),
+        **settings_of(part),
+        prefix_tokens=part.prefix.shape[0] if part.prefix is not None else 0,
+        suffix_tokens=part.suffix.shape[0] if part.suffix is not None else 0,
+        lora=lora,
     )
-    return {
-        "kind": part.kind,
-        "encoder": part.encoder_config.to_dict(),
-        "feature_layer": part.feature_layer,
-        "feature_select": part.feature_select,
-        "projector": part.projector,
-        "projector_bias": part.projector_bias,
-        "projector_options": part.projector_options,
-        "placeholder": placeholder,
-        "placeholder_id": placeholder_id,
-        "tokens_per_item": tokens,
-        "num_frames": part.num_frames,
-        "prefix_tokens": part.prefix.shape[0] if part.prefix is not None else 0,
-        "suffix_tokens": part.suffix.shape[0] if part.suffix is not None else 0,
-        "lora": lora,
-    }
 
 
 def _target_modules(sources: list[Source]) -> list[str]:
@@ -255,7 +257,7 @@ def _plan_llm(plan: Plan, base: BaseModel, sources: list[Source], weights: list[
     def merged(key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         # Every row of the base's embedding / LM head merges like any tensor (rows a source has beyond the base's
         # are its own added tokens: dropped, except its placeholder's row, which `_vocab_rows` places).
-        if rule == "linear":
+        if MERGE_RULES[rule].is_weighted_sum:
             # Vocabulary rows are edited after the merge (`_vocab_rows`), so they stay float32 until written.
             dtype = dtype or (torch.float32 if key in VOCAB_KEYS else plan.dtype)
             merged_tensor = _linear_merge(key, base, sources, weights, warned, checked, dtype)
@@ -270,21 +272,21 @@ def _plan_llm(plan: Plan, base: BaseModel, sources: list[Source], weights: list[
     for key in base.keys():
         module, _, parameter = key.rpartition(".")
         is_routed = module.rsplit(".", 1)[-1] in routed and module.startswith("model.")
-        if key == "lm_head.weight":
+        composite_module = TEXT_MODEL_PREFIX + module[len("model.") :]
+        if key == LM_HEAD:
             out_key = key
         elif is_routed:
-            out_key = f"model.language_model.{module[len('model.'):]}.base_layer.{parameter}"
+            out_key = base_layer_key(composite_module, parameter)
         else:
-            out_key = f"model.language_model.{key[len('model.'):]}"
+            out_key = TEXT_MODEL_PREFIX + key[len("model.") :]
         plan.producers[out_key] = lambda key=key: merged(key)
         shape = base.shape(key)
         plan.shapes[out_key] = (rows, *shape[1:]) if key in VOCAB_KEYS else shape
         if is_routed and parameter == "weight":
-            prefix = f"model.language_model.{module[len('model.'):]}"
             if plan.routed is not None:
-                _plan_routed_factors(plan, key, prefix, lambda key: merged(key, torch.float32))
+                _plan_routed_factors(plan, key, composite_module, lambda key: merged(key, torch.float32))
             else:
-                _plan_routed(plan, key, prefix, base, sources, weights, text_ranks)
+                _plan_routed(plan, key, composite_module, base, sources, weights, text_ranks)
 
 
 # A fine-tune moves weights by a few percent of their norm; a delta as large as the weight itself means the source
@@ -354,7 +356,7 @@ def _vocab_rows(tensor: torch.Tensor, key: str, rows: int, vocab: int, plan: Pla
     for name, (_, part) in plan.modalities.items():
         row = part.placeholder_rows.get(key)
         if row is not None:
-            tensor[plan.config.modalities[name]["placeholder_id"]] = row.load().float()
+            tensor[plan.config.modalities[name].placeholder_id] = row.load().float()
     return tensor
 
 
@@ -384,10 +386,10 @@ def _plan_routed(plan: Plan, key: str, prefix: str, base: BaseModel, sources: li
                 blocks.append(low_rank.lora_b.load().float() if low_rank else torch.zeros(out_features, block.rank))
         return torch.cat(blocks, dim=0 if side == "A" else 1)
 
-    plan.producers[f"{prefix}.lora_A.weight"] = lambda: stacked("A")
-    plan.producers[f"{prefix}.lora_B.weight"] = lambda: stacked("B")
-    plan.shapes[f"{prefix}.lora_A.weight"] = (layout.rank, in_features)
-    plan.shapes[f"{prefix}.lora_B.weight"] = (out_features, layout.rank)
+    plan.producers[stacked_factor_key(prefix, "A")] = lambda: stacked("A")
+    plan.producers[stacked_factor_key(prefix, "B")] = lambda: stacked("B")
+    plan.shapes[stacked_factor_key(prefix, "A")] = (layout.rank, in_features)
+    plan.shapes[stacked_factor_key(prefix, "B")] = (out_features, layout.rank)
 
 
 def _plan_routed_factors(plan: Plan, key: str, prefix: str, merged: Callable[[str], torch.Tensor]) -> None:
@@ -400,25 +402,25 @@ def _plan_routed_factors(plan: Plan, key: str, prefix: str, merged: Callable[[st
         blocks = [plan.routed.factor(key, side, block.name, merged) for block in layout.blocks]
         return torch.cat(blocks, dim=0 if side == "A" else 1)
 
-    plan.producers[f"{prefix}.lora_A.weight"] = lambda: stacked("A")
-    plan.producers[f"{prefix}.lora_B.weight"] = lambda: stacked("B")
-    plan.shapes[f"{prefix}.lora_A.weight"] = (layout.rank, in_features)
-    plan.shapes[f"{prefix}.lora_B.weight"] = (out_features, layout.rank)
+    plan.producers[stacked_factor_key(prefix, "A")] = lambda: stacked("A")
+    plan.producers[stacked_factor_key(prefix, "B")] = lambda: stacked("B")
+    plan.shapes[stacked_factor_key(prefix, "A")] = (layout.rank, in_features)
+    plan.shapes[stacked_factor_key(prefix, "B")] = (out_features, layout.rank)
 
 
 def _plan_modalities(plan: Plan) -> None:
     for name, (_, part) in plan.modalities.items():
         for key, lazy in part.encoder_weights.items():
-            plan.producers[f"model.encoders.{name}.{key}"] = lazy.load
-            plan.shapes[f"model.encoders.{name}.{key}"] = tuple(lazy.shape)
+            plan.producers[encoder_key(name, key)] = lazy.load
+            plan.shapes[encoder_key(name, key)] = tuple(lazy.shape)
         for key, lazy in part.projector_weights.items():
-            plan.producers[f"model.projectors.{name}.{key}"] = lazy.load
-            plan.shapes[f"model.projectors.{name}.{key}"] = tuple(lazy.shape)
-        for side in ("prefix", "suffix"):
+            plan.producers[projector_key(name, key)] = lazy.load
+            plan.shapes[projector_key(name, key)] = tuple(lazy.shape)
+        for side in PROJECTOR_TOKENS:
             lazy: Lazy | None = getattr(part, side)
             if lazy is not None:
-                plan.producers[f"model.projectors.{name}.{side}"] = lazy.load
-                plan.shapes[f"model.projectors.{name}.{side}"] = tuple(lazy.shape)
+                plan.producers[projector_key(name, side)] = lazy.load
+                plan.shapes[projector_key(name, side)] = tuple(lazy.shape)
 
 
 def expected_state(config: CompositeMLLMConfig) -> dict[str, tuple[int, ...]]:

@@ -77,5 +77,4 @@ def forget_local_paths(config: CompositeMLLMConfig, base_name: str) -> None:
     encoder configs: the text model is named after the base, encoders by nothing."""
     config.get_text_config()._name_or_path = base_name
     for entry in config.modalities.values():
-        if isinstance(entry.get("encoder"), dict):
-            entry["encoder"].pop("_name_or_path", None)
+        entry.encoder.pop("_name_or_path", None)

@@ -28,16 +28,15 @@ from typing import Any
 import yaml
 
 from .errors import ConversionError
-from .merge import DEFAULT_NORMALIZE, DEFAULT_RESCALE, MERGE_RULES
+from .formats import SOURCE_FORMATS
+from .merge import MERGE_RULES, merge_rule
 
 
 logger = logging.getLogger(__name__)
 
 
 METHODS = ("naive", "damc", "routed")
-SOURCE_FORMATS = ("llava", "video_llava", "qwen2_audio", "modelcompose", "peft", "composite")
 DTYPES = ("float32", "float16", "bfloat16")
-MODALITY_KINDS = ("image", "video", "audio", "point")
 
 _TOP_LEVEL_KEYS = (
     "name", "method", "base", "merge", "sources", "dtype", "chat_template", "license", "weight_search", "rank"
@@ -45,8 +44,6 @@ _TOP_LEVEL_KEYS = (
 _WEIGHT_SEARCH_KEYS = ("grid", "objective", "data", "media_root", "max_samples")
 WEIGHT_SEARCH_OBJECTIVES = ("accuracy", "agreement")
 _MERGE_KEYS = ("rule", "density", "seed", "normalize", "lambda", "rescale", "int8_mask")
-# mergekit's name for the rule this project calls `linear` (the paper's NaiveMC merge): the same rule here.
-_RULE_ALIASES = {"task_arithmetic": "linear"}
 _SOURCE_KEYS = (
     "path",
     "format",
@@ -78,11 +75,11 @@ class MergeSettings:
 
     @property
     def normalizes(self) -> bool:
-        return DEFAULT_NORMALIZE[self.rule] if self.normalize is None else self.normalize
+        return MERGE_RULES[self.rule].default_normalize if self.normalize is None else self.normalize
 
     @property
     def rescales(self) -> bool:
-        return DEFAULT_RESCALE.get(self.rule, False) if self.rescale is None else self.rescale
+        return MERGE_RULES[self.rule].default_rescale if self.rescale is None else self.rescale
 
     def options(self) -> dict[str, object]:
         """`merge_deltas`' keyword arguments for the rules other than linear (whose normalize and lambda go into the
@@ -92,7 +89,7 @@ class MergeSettings:
     def provenance(self) -> dict[str, object]:
         """What a composite's config and card record beyond rule, density and seed: the resolved conventions of a
         rule that sparsifies or elects signs (the linear rule's are in its weights)."""
-        if self.rule == "linear":
+        if MERGE_RULES[self.rule].is_weighted_sum:
             return {}
         return {"normalize": self.normalizes, "lambda": self.lambda_, "rescale": self.rescales}
 
@@ -163,7 +160,7 @@ class Recipe:
         given ones times `merge.lambda`, divided by their sum with `merge.normalize` (mergekit's linear merge, a
         weighted mean of the models). The other rules apply normalize and lambda per entry and take them as given."""
         weights = self.given_weights()
-        if self.merge.rule != "linear":
+        if not MERGE_RULES[self.merge.rule].is_weighted_sum:
             return weights
         scale = self.merge.lambda_
         if self.merge.normalizes:
@@ -211,18 +208,19 @@ def _parse_merge(raw: Any) -> MergeSettings:
         raise ConversionError(f"merge must be a mapping like {{rule: linear}}, got {raw!r}.")
     _unknown_keys("merge", raw, _MERGE_KEYS)
     rule = raw.get("rule", "linear")
-    rule = _RULE_ALIASES.get(rule, rule)
-    if rule not in MERGE_RULES:
+    spec = merge_rule(rule)
+    if spec is None:
         raise ConversionError(
             f"merge.rule {rule!r} is unknown; use one of {list(MERGE_RULES)} (or task_arithmetic, the same as linear)."
         )
+    rule = spec.name
     density = raw.get("density")
-    if rule == "linear":
+    if not spec.sparsify:
         for key in ("density", "rescale"):
             if raw.get(key) is not None:
                 raise ConversionError(
                     f"merge.{key} only applies to the ties and dare rules (they trim or drop entries); remove it for "
-                    "rule linear."
+                    f"rule {rule}."
                 )
     else:
         if density is None:
@@ -253,6 +251,9 @@ def _parse_merge(raw: Any) -> MergeSettings:
 
 
 def _parse_source(index: int, raw: Any) -> SourceRecipe:
+    # Imported here: the modality checks live with the model config, and `--help` must not import transformers.
+    from modeling_composite.configuration_modality import FEATURE_SELECTIONS, MODALITY_KINDS, parse_feature_layer
+
     where = f"sources[{index}]"
     if isinstance(raw, str):
         raw = {"path": raw}
@@ -294,11 +295,13 @@ def _parse_source(index: int, raw: Any) -> SourceRecipe:
         source.kind = raw["kind"]
     if raw.get("feature_layer") is not None:
         layer = raw["feature_layer"]
-        if layer != "last" and (isinstance(layer, bool) or not isinstance(layer, int)):
-            raise ConversionError(f"{where}.feature_layer must be an integer (e.g. -2) or 'last', got {layer!r}.")
-        source.feature_layer = layer
+        try:
+            source.feature_layer = parse_feature_layer(layer)
+        except ValueError:
+            # The parser's message names the config field; this one the recipe key.
+            raise ConversionError(f"{where}.feature_layer must be an integer (e.g. -2) or 'last', got {layer!r}.") from None
     if raw.get("feature_select") is not None:
-        if raw["feature_select"] not in ("patch", "full"):
+        if raw["feature_select"] not in FEATURE_SELECTIONS:
             raise ConversionError(f"{where}.feature_select must be 'patch' (drop CLS) or 'full', got {raw['feature_select']!r}.")
         source.feature_select = raw["feature_select"]
     if raw.get("rank") is not None:
@@ -365,7 +368,7 @@ def parse_recipe(raw: Any, text: str = "") -> Recipe:
             "weight_search chooses the weight of every source; remove the sources' `weight` keys or the weight_search."
         )
     _check_merge_weights(recipe)
-    if method == "damc" and recipe.merge.rule != "linear":
+    if method == "damc" and not MERGE_RULES[recipe.merge.rule].is_weighted_sum:
         raise ConversionError(
             f"method damc merges the text deltas with rule linear only (modality tokens take the merged text delta "
             f"off again as low-rank factors, which a {recipe.merge.rule} merge does not have); use `merge: {{rule: "
@@ -377,12 +380,13 @@ def parse_recipe(raw: Any, text: str = "") -> Recipe:
 def _check_merge_weights(recipe: Recipe) -> None:
     """Weights the merge settings can use, and a note where mergekit's `linear` would differ from ours."""
     merge, given = recipe.merge, recipe.given_weights()
-    if merge.rule in ("ties", "dare_ties") and merge.normalizes and any(weight < 0 for weight in given):
+    elects_sign = MERGE_RULES[merge.rule].elects_sign
+    if elects_sign and merge.normalizes and any(weight < 0 for weight in given):
         raise ConversionError(
             f"merge.rule {merge.rule} with normalize divides by the weights of the sources that agree and needs "
             "weights >= 0; set `normalize: false` (or use linear / dare_linear) to subtract a source."
         )
-    if merge.normalizes and merge.rule in ("linear", "dare_linear") and abs(math.fsum(given)) < 1e-8:
+    if merge.normalizes and not elects_sign and abs(math.fsum(given)) < 1e-8:
         raise ConversionError(
             f"merge.normalize divides by the sum of the sources' weights, which is 0 ({given}); give weights with a "
             "non-zero sum or set `normalize: false`."

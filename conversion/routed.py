@@ -30,7 +30,9 @@ import torch
 from modeling_composite.configuration_composite import DEFAULT_LORA_TARGET_MODULES
 
 from .errors import ConversionError
+from .formats import SOURCE_FORMATS
 from .low_rank import truncated_svd
+from .merge import MERGE_RULES
 from .recipe import Recipe
 from .sources import BaseModel, LowRank, Source
 
@@ -40,13 +42,13 @@ logger = logging.getLogger(__name__)
 
 def low_rank_delta(source: Source) -> bool:
     """Whether a source's text delta on the routed projections is exactly its LoRA: a LoRA without LLM weights (peft,
-    modelcompose), or a composite of ours whose base weights hold `W0` plus, folded, exactly that LoRA (its
-    provenance says so: see `Source.text_lora_exact`). A full fine-tune, a NaiveMC composite (no LoRA of its own) and a
-    composite whose text factors only approximate its merged delta (ties / dare, or routed from full fine-tunes) are
-    dense."""
+    modelcompose), or a composite of ours whose base weights hold `W0` plus, folded, exactly that LoRA (its format
+    folds it, and its provenance says the factors are the whole delta: see `Source.text_lora_exact`). A full
+    fine-tune, a NaiveMC composite (no LoRA of its own) and a composite whose text factors only approximate its merged
+    delta (ties / dare, or routed from full fine-tunes) are dense."""
     if source.full_weights is None:
         return True
-    return source.format == "composite" and bool(source.text_lora) and source.text_lora_exact
+    return SOURCE_FORMATS[source.format].folds_text_lora and bool(source.text_lora) and source.text_lora_exact
 
 
 def source_rank(source: Source) -> int:
@@ -178,7 +180,7 @@ class RoutedSetup:
                 blocks[name, "A"], blocks[name, "B"] = source_pair(delta.source)
         if not self.text_rank:
             return blocks
-        if self.recipe.merge.rule == "linear":
+        if MERGE_RULES[self.recipe.merge.rule].is_weighted_sum:
             # `Σ λ_i T_i` from the sources' own factors, λ_i folded into B: no SVD of its own; exact for LoRAs.
             indices = [index for index, rank in enumerate(self.ranks) if rank]
             blocks["text", "A"] = torch.cat([source_pair(index)[0] for index in indices])
@@ -266,8 +268,9 @@ def routed_setup(base: BaseModel, sources: list[Source], recipe: Recipe) -> Rout
             else:
                 logger.info("%s: it leaves the LLM unchanged, so its %s tokens use the merged text weights.",
                             source.label, name)
-    text_exact = recipe.merge.rule == "linear" and all(low_rank_delta(source) for source in sources)
-    text_rank = sum(ranks) if recipe.merge.rule == "linear" else min(sum(ranks), full_rank)
+    weighted_sum = MERGE_RULES[recipe.merge.rule].is_weighted_sum
+    text_exact = weighted_sum and all(low_rank_delta(source) for source in sources)
+    text_rank = sum(ranks) if weighted_sum else min(sum(ranks), full_rank)
     target_modules = [name for name in DEFAULT_LORA_TARGET_MODULES
                       if any(key.endswith(f".{name}.weight") for key in keys)]
     target_modules += sorted({key.rsplit(".", 2)[-2] for key in keys} - set(target_modules))

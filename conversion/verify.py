@@ -41,9 +41,9 @@ raw = {
 }
 inputs, placeholders = {}, []
 for name, entry in config.modalities.items():
-    argument, make = raw[entry["kind"]]
+    argument, make = raw[entry.kind]
     inputs.setdefault(argument, []).append(make())
-    placeholders.append(entry["placeholder"])
+    placeholders.append(entry.placeholder)
 batch = processor(text="USER: " + " ".join(placeholders) + " Describe. ASSISTANT:", **inputs)
 with torch.no_grad():
     logits = model(**batch).logits

@@ -14,12 +14,12 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, WhisperFeatureExtractor
 from transformers.utils import is_torchvision_available
 
-from .configuration_composite import CompositeMLLMConfig, MODALITY_KINDS
-from .configuration_beats import CompositeBeatsConfig
-from .configuration_languagebind_video import CompositeLanguageBindVideoConfig
-from .configuration_point_encoder import CompositePointEncoderConfig
+from .configuration_composite import CompositeMLLMConfig
+from .configuration_modality import MODALITY_KINDS, ModalityConfig, settings_of
 from .modeling_composite import CompositeMLLMForCausalLM
 from .processing_composite import CompositeMLLMProcessor
+from .routing import RoutedLinear
+from .state_dict_keys import PROJECTOR_TOKENS, base_layer_key, is_factor_key
 
 
 AUTO_MODEL_CLASSES = (
@@ -62,32 +62,6 @@ class ModalitySpec:
     tokens_per_item: int | None = None
 
 
-def count_encoder_tokens(
-    encoder_config, kind: str, feature_select: str, num_frames: int | None, audio_frames: int = 1024
-) -> int:
-    """Features one item yields, from the encoder config: ViTs give a patch grid (+ CLS for CLIP and LanguageBind),
-    Whisper-style audio encoders `max_source_positions // 2` after their average pooling, BEATs one token per 16 x 16
-    patch of its `audio_frames` x mel-bins fbank (the feature extractor's `max_length`), the point encoder its groups
-    + CLS."""
-    model_type = encoder_config.model_type
-    if model_type in ("clip_vision_model", "siglip_vision_model", CompositeLanguageBindVideoConfig.model_type):
-        tokens = (encoder_config.image_size // encoder_config.patch_size) ** 2
-        tokens += 1 if model_type != "siglip_vision_model" else 0
-    elif model_type == CompositeBeatsConfig.model_type:
-        patch = encoder_config.patch_size
-        tokens = (audio_frames // patch) * (encoder_config.num_mel_bins // patch)
-    elif model_type == "qwen2_audio_encoder":
-        tokens = encoder_config.max_source_positions // 2
-    elif model_type == CompositePointEncoderConfig.model_type:
-        tokens = encoder_config.num_groups + 1
-    else:
-        raise ValueError(
-            f"Cannot count the features of encoder type {model_type!r}; pass tokens_per_item in its ModalitySpec."
-        )
-    tokens -= 1 if feature_select == "patch" else 0
-    return tokens * (num_frames if kind == "video" else 1)
-
-
 # The paper's conversation (LLaVA's `vicuna_v1`): this system line, then "USER: q ASSISTANT: a</s>" turns joined by a
 # space after the question and nothing after the answer's `</s>`.
 VICUNA_V1_SYSTEM = (
@@ -112,7 +86,7 @@ def default_chat_template(
 ) -> str:
     """A Vicuna-style chat template whose content items may be text or any modality the composite has.
 
-    `modalities` maps each modality name to (at least) its `kind` and `placeholder`, as [`processor_modalities`]
+    `modalities` maps each modality name to (at least) its `kind` and `placeholder`, as [`CompositeMLLMConfig.processor_modalities`]
     gives them. A content item of a kind (`image`, `video`, `audio`, `point` or `point_cloud`) becomes the placeholder
     of the modality it names in its `"modality"` key, or of the first modality of that kind when it names none,
     followed by a newline; naming a modality that is not of the item's kind raises an error. `default_system` is
@@ -222,26 +196,18 @@ def compose(
     for name, spec in modalities.items():
         if spec.kind not in MODALITY_KINDS:
             raise ValueError(f"Modality {name!r}: kind {spec.kind!r} is not one of {list(MODALITY_KINDS)}.")
-        tokens = spec.tokens_per_item or count_encoder_tokens(
-            spec.encoder.config, spec.kind, spec.feature_select, spec.num_frames,
+        config_entries[name] = ModalityConfig.build(
+            spec.kind,
+            spec.encoder.config,
+            placeholders[name],
+            token_ids[placeholders[name]],
+            tokens_per_item=spec.tokens_per_item or None,
             audio_frames=getattr(feature_extractor, "max_length", 1024),
+            **settings_of(spec),
+            prefix_tokens=spec.prefix_tokens,
+            suffix_tokens=spec.suffix_tokens,
+            lora=spec.lora,
         )
-        config_entries[name] = {
-            "kind": spec.kind,
-            "encoder": spec.encoder.config.to_dict(),
-            "feature_layer": spec.feature_layer,
-            "feature_select": spec.feature_select,
-            "projector": spec.projector,
-            "projector_bias": spec.projector_bias,
-            "projector_options": spec.projector_options,
-            "placeholder": placeholders[name],
-            "placeholder_id": token_ids[placeholders[name]],
-            "tokens_per_item": tokens,
-            "num_frames": spec.num_frames,
-            "prefix_tokens": spec.prefix_tokens,
-            "suffix_tokens": spec.suffix_tokens,
-            "lora": spec.lora,
-        }
     config = CompositeMLLMConfig(
         text_config=language_model.config.to_dict(),
         modalities=config_entries,
@@ -260,42 +226,10 @@ def compose(
         image_processor=image_processor if image_processor is not None else clip_image_processor(),
         feature_extractor=feature_extractor if feature_extractor is not None else WhisperFeatureExtractor(),
         tokenizer=tokenizer,
-        modalities=processor_modalities(config),
-        chat_template=chat_template
-        or default_chat_template(processor_modalities(config)),
+        modalities=config.processor_modalities(),
+        chat_template=chat_template or default_chat_template(config.processor_modalities()),
     )
     return model, processor
-
-
-def processor_modalities(
-    config: CompositeMLLMConfig, image_processor_kwargs: dict[str, dict[str, Any]] | None = None
-) -> dict[str, dict[str, Any]]:
-    """What the processor must know of each modality so that its placeholder expansion matches the model.
-
-    `image_processor_kwargs` maps image or video modality names to the image-processor settings of that modality
-    (`size`, `crop_size`, `image_mean`, ...), for sources trained at different resolutions or normalisations.
-    """
-    unknown = sorted(set(image_processor_kwargs or {}) - set(config.modalities))
-    if unknown:
-        raise ValueError(
-            f"image_processor_kwargs names {unknown}, which are not modalities of {list(config.modalities)}."
-        )
-    entries = {}
-    for name, entry in config.modalities.items():
-        info = {
-            "kind": entry["kind"],
-            "placeholder": entry["placeholder"],
-            "positions_per_item": config.positions_per_item(name),
-        }
-        if entry["kind"] == "video":
-            info["num_frames"] = entry["num_frames"]
-        if entry["kind"] == "point":
-            encoder = config.encoder_config(name)
-            info.update(num_points=encoder.num_points, point_dims=encoder.point_dims)
-        if (image_processor_kwargs or {}).get(name) is not None:
-            info["image_processor_kwargs"] = copy.deepcopy(image_processor_kwargs[name])
-        entries[name] = info
-    return entries
 
 
 def placeholder_suppression(config: CompositeMLLMConfig, generation_config: Any) -> list[int]:
@@ -303,7 +237,7 @@ def placeholder_suppression(config: CompositeMLLMConfig, generation_config: Any)
     placeholder is never a useful answer, and without a cache every step re-reads the whole sequence, where an extra
     placeholder would break the count of modality positions."""
     suppressed = list(generation_config.suppress_tokens or [])
-    return suppressed + [entry["placeholder_id"] for entry in config.modalities.values() if entry["placeholder_id"] not in suppressed]
+    return suppressed + [entry.placeholder_id for entry in config.modalities.values() if entry.placeholder_id not in suppressed]
 
 
 def _generation_defaults(language_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
@@ -323,11 +257,11 @@ def _copy_weights(
     """Copy the parts into the composite with strict key checks; routed layers hold the base weight as
     `base_layer.weight`, so LLM keys are renamed accordingly."""
     composite = model.model
-    routed_names = {name for name, module in composite.language_model.named_modules() if hasattr(module, "base_layer")}
+    routed_names = {name for name, module in composite.language_model.named_modules() if isinstance(module, RoutedLinear)}
     text_state = {}
     for key, value in language_model.get_decoder().state_dict().items():
         module_name, _, parameter = key.rpartition(".")
-        text_state[f"{module_name}.base_layer.{parameter}" if module_name in routed_names else key] = value
+        text_state[base_layer_key(module_name, parameter) if module_name in routed_names else key] = value
     _load_exact(composite.language_model, text_state, "language_model")
     with torch.no_grad():
         model.lm_head.weight.copy_(language_model.get_output_embeddings().weight)
@@ -343,7 +277,7 @@ def _load_exact(module: nn.Module, state: dict, where: str) -> None:
     own = module.state_dict()
     unexpected = sorted(set(state) - set(own))
     missing = sorted(
-        key for key in set(own) - set(state) if "lora_" not in key and not key.endswith(("prefix", "suffix"))
+        key for key in set(own) - set(state) if not is_factor_key(key) and not key.endswith(PROJECTOR_TOKENS)
     )
     if unexpected or missing:
         raise ValueError(f"{where}: weights do not match the composite; unexpected {unexpected[:5]}, missing {missing[:5]}.")

@@ -13,6 +13,8 @@ outside the feature extractor's usual range, and anything about the meaning of a
 
 import torch
 
+from .configuration_modality import ModalityConfig
+
 
 class CompositeInputError(ValueError):
     """An input the composite cannot use; the message names the input or modality, the numbers, and the fix."""
@@ -114,7 +116,7 @@ def check_labels(labels: torch.Tensor | None, batch: int, length: int, vocab_siz
             )
 
 
-def expected_item_shape(kind: str, entry: dict, encoder_config) -> tuple[int | None, ...]:
+def expected_item_shape(kind: str, entry: ModalityConfig, encoder_config) -> tuple[int | None, ...]:
     """The shape of one input item of a modality (None: any size) that its encoder takes, or only the number of
     dimensions (all None) for an encoder this file does not know."""
     model_type = getattr(encoder_config, "model_type", None)
@@ -122,7 +124,7 @@ def expected_item_shape(kind: str, entry: dict, encoder_config) -> tuple[int | N
         size = encoder_config.image_size
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         image = (getattr(encoder_config, "num_channels", 3), height, width)
-        return image if kind == "image" else (entry["num_frames"], *image)
+        return image if kind == "image" else (entry.num_frames, *image)
     if model_type == "qwen2_audio_encoder":
         # Whisper-style: two convolutions (strides 1 and 2) over a fixed window of 2 x max_source_positions frames.
         return (encoder_config.num_mel_bins, 2 * encoder_config.max_source_positions)
@@ -141,7 +143,7 @@ _DIMENSION_NAMES = {
 }
 
 
-def check_modality_items(name: str, kind: str, entry: dict, encoder_config, items, check_values: bool = True) -> None:
+def check_modality_items(name: str, kind: str, entry: ModalityConfig, encoder_config, items, check_values: bool = True) -> None:
     """One modality's input tensor `(items, ...)`: floating point, the item shape its encoder takes, and (with
     `check_values`) finite, with pixels normalised."""
     expected = expected_item_shape(kind, entry, encoder_config)
@@ -175,12 +177,12 @@ def check_modality_items(name: str, kind: str, entry: dict, encoder_config, item
         _check_values(name, kind, items)
 
 
-def _check_beats_frames(name: str, entry: dict, encoder_config, frames: int) -> None:
+def _check_beats_frames(name: str, entry: ModalityConfig, encoder_config, frames: int) -> None:
     """A patch-based audio encoder (BEATs) yields (frames // patch) x (mel bins // patch) features, which must be the
     config's `tokens_per_item` (the feature extractor's window)."""
     patch = encoder_config.patch_size
     per_time_patch = encoder_config.num_mel_bins // patch
-    tokens = entry["tokens_per_item"] + (1 if entry.get("feature_select") == "patch" else 0)
+    tokens = entry.tokens_per_item + (1 if entry.feature_select == "patch" else 0)
     if tokens % per_time_patch == 0 and frames // patch != tokens // per_time_patch:
         raise CompositeInputError(
             f"Modality {name!r} (audio): each clip must have {tokens // per_time_patch * patch} frames (the feature "

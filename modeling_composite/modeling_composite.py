@@ -3,6 +3,7 @@ deltas that only the tokens of their modality use. Names follow transformers' LL
 checkpoint maps onto this model almost key for key (`vision_tower` -> `encoders.<name>`,
 `multi_modal_projector` -> `projectors.<name>`)."""
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from .compat import MINIMUM_TRANSFORMERS  # noqa: F401
 from .configuration_beats import CompositeBeatsConfig  # noqa: F401
 from .configuration_composite import CompositeMLLMConfig, parse_projector_spec, parse_qformer_spec
 from .configuration_languagebind_video import CompositeLanguageBindVideoConfig  # noqa: F401
+from .configuration_modality import ModalityConfig  # noqa: F401
 from .configuration_point_encoder import CompositePointEncoderConfig  # noqa: F401
 from .input_checks import check_generation_length, check_labels, check_modality_items, check_text_inputs
 from .modeling_beats import CompositeBeatsEncoder
@@ -38,6 +40,7 @@ from .routing import (
     plan_routing,
     summarize_index,
 )
+from .state_dict_keys import TEXT_MODEL_PREFIX  # noqa: F401
 
 
 logger = logging.get_logger(__name__)
@@ -145,8 +148,17 @@ class CompositeMLLMProjector(nn.Module):
             width_in = in_features if index == 1 else out_features
             self.add_module(f"linear_{index}", nn.Linear(width_in, out_features, bias=bias))
         self.depth = depth
+        self.out_features = out_features
         self.prefix = nn.Parameter(torch.zeros(prefix, out_features)) if prefix else None
         self.suffix = nn.Parameter(torch.zeros(suffix, out_features)) if suffix else None
+
+    def reset_tokens(self, prefix: int, suffix: int) -> None:
+        """Fresh learnable prefix / suffix tokens (zeros, as the paper initialises them) in the dtype and on the
+        device of the projector's weights (linears or a Q-Former); a count of 0 removes them."""
+        reference = next(parameter for name, parameter in self.named_parameters() if name not in ("prefix", "suffix"))
+        factory = {"dtype": reference.dtype, "device": reference.device}
+        self.prefix = nn.Parameter(torch.zeros(prefix, self.out_features, **factory)) if prefix else None
+        self.suffix = nn.Parameter(torch.zeros(suffix, self.out_features, **factory)) if suffix else None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if self.qformer is not None:
@@ -176,7 +188,7 @@ class CompositeMLLMPreTrainedModel(PreTrainedModel):
 
     @property
     def input_modalities(self) -> tuple[str, ...]:
-        kinds = {entry["kind"] for entry in self.config.modalities.values()}
+        kinds = {entry.kind for entry in self.config.modalities.values()}
         return ("text", *(kind for kind in ("image", "video", "audio") if kind in kinds))
 
     def routed_layers(self) -> list[RoutedLinear]:
@@ -264,9 +276,9 @@ def delta_layout(config: CompositeMLLMConfig) -> DeltaLayout | None:
         return None
     text_lora = config.text_lora or {"r": 0, "alpha": None, "folded": True}
     modality_ranks = {
-        name: (entry["lora"]["r"], entry["lora"]["alpha"])
+        name: (entry.lora["r"], entry.lora["alpha"])
         for name, entry in config.modalities.items()
-        if entry["lora"]
+        if entry.lora
     }
     return DeltaLayout.build(text_lora["r"], text_lora["alpha"], modality_ranks, text_lora["folded"])
 
@@ -289,11 +301,11 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
             self.projectors[name] = CompositeMLLMProjector(
                 encoder_width(encoder_config),
                 text_config.hidden_size,
-                entry["projector"],
-                entry["projector_bias"],
-                entry["prefix_tokens"],
-                entry["suffix_tokens"],
-                entry["projector_options"],
+                entry.projector,
+                entry.projector_bias,
+                entry.prefix_tokens,
+                entry.suffix_tokens,
+                entry.projector_options,
             )
         no_split.update(unsplittable_classes(self.encoders), unsplittable_classes(self.projectors))
         # Encoders live in a ModuleDict, which post_init does not search for `_no_split_modules`.
@@ -332,29 +344,29 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
         per-frame tokens, frame-major, as `(items * frames, tokens, width)`."""
         entry = self.config.modalities[modality]
         encoder = self.encoders[modality]
-        check_modality_items(modality, entry["kind"], entry, encoder.config, inputs)  # before the encoder runs
+        check_modality_items(modality, entry.kind, entry, encoder.config, inputs)  # before the encoder runs
         items = inputs.shape[0]
-        if entry["kind"] == "video":
+        if entry.kind == "video":
             frames = inputs.shape[1]
-            if frames != entry["num_frames"]:
-                raise ValueError(f"Modality {modality!r}: videos must have {entry['num_frames']} frames, got {frames}.")
+            if frames != entry.num_frames:
+                raise ValueError(f"Modality {modality!r}: videos must have {entry.num_frames} frames, got {frames}.")
             if not getattr(encoder, "takes_whole_videos", False):
                 inputs = inputs.flatten(0, 1)
         # Point clouds stay in float32: the encoder groups points by distance in float32 itself, as the paper does,
         # and coordinates rounded to bf16 would pick other neighbours.
-        dtype = torch.float32 if entry["kind"] == "point" else self._compute_dtype
-        layer = entry["feature_layer"]
+        dtype = torch.float32 if entry.kind == "point" else self._compute_dtype
+        layer = entry.feature_layer
         with weights_loaded(encoder):
             inputs = inputs.to(device=next(encoder.parameters()).device, dtype=dtype)
             outputs = encoder(inputs, output_hidden_states=layer != "last", return_dict=True)
         features = outputs.last_hidden_state if layer == "last" else outputs.hidden_states[layer]
-        if entry["feature_select"] == "patch":
+        if entry.feature_select == "patch":
             features = features[:, 1:]
         features = features.reshape(items, -1, features.shape[-1])
-        if features.shape[1] != entry["tokens_per_item"]:
+        if features.shape[1] != entry.tokens_per_item:
             raise ValueError(
                 f"Modality {modality!r}: the encoder gave {features.shape[1]} features per item but the config says "
-                f"tokens_per_item={entry['tokens_per_item']}; check the input size against the encoder config."
+                f"tokens_per_item={entry.tokens_per_item}; check the input size against the encoder config."
             )
         projector = self.projectors[modality]
         with weights_loaded(projector):
@@ -362,7 +374,7 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
 
     def _check_input_shape(self, modality: str, inputs: torch.Tensor) -> None:
         entry, encoder_config = self.config.modalities[modality], self.encoders[modality].config
-        check_modality_items(modality, entry["kind"], entry, encoder_config, inputs, check_values=False)
+        check_modality_items(modality, entry.kind, entry, encoder_config, inputs, check_values=False)
 
     def check_inputs(
         self,
@@ -392,7 +404,7 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
         )
         for name, items in by_modality.items():
             entry = self.config.modalities[name]
-            check_modality_items(name, entry["kind"], entry, self.encoders[name].config, items)
+            check_modality_items(name, entry.kind, entry, self.encoders[name].config, items)
 
     def collect_modality_inputs(
         self, standard_inputs: dict[str, torch.Tensor | None], modality_inputs: dict[str, torch.Tensor] | None
@@ -404,11 +416,11 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
             if value is None:
                 continue
             kind = next(kind for kind, name in INPUT_NAME_BY_KIND.items() if name == input_name)
-            owners = [name for name, entry in self.config.modalities.items() if entry["kind"] == kind]
+            owners = [name for name, entry in self.config.modalities.items() if entry.kind == kind]
             if not owners:
                 raise ValueError(
                     f"Got `{input_name}` but this composite has no {kind} modality (it has: "
-                    f"{ {name: entry['kind'] for name, entry in self.config.modalities.items()} })."
+                    f"{ {name: entry.kind for name, entry in self.config.modalities.items()} })."
                 )
             if len(owners) > 1:
                 raise ValueError(
@@ -433,7 +445,7 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
         index = torch.zeros(reference.shape[:2], dtype=torch.long, device=reference.device)
         embeddings = self.get_input_embeddings()
         for slot, name in enumerate(self.modality_names, start=1):
-            token_id = self.config.modalities[name]["placeholder_id"]
+            token_id = self.config.modalities[name].placeholder_id
             if input_ids is not None:
                 is_placeholder = input_ids == token_id
             else:
@@ -568,13 +580,29 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
             text_lora = {"r": int(text_lora["r"]), "alpha": float(text_lora["alpha"]), "folded": False}
         config.text_lora = text_lora
         for name, lora in (modality_loras or {}).items():
-            config.modalities[name]["lora"] = {"r": int(lora["r"]), "alpha": float(lora["alpha"])}
+            lora = {"r": int(lora["r"]), "alpha": float(lora["alpha"])}
+            config.modalities[name] = dataclasses.replace(config.modalities[name], lora=lora).checked(name)
         config.lora_target_modules = list(target_modules)
         config.lora_layout = lora_layout
         config.lora_dropout = dropout
         self.delta_layout = delta_layout(config)
         inject_routed_layers(self.language_model, self.routing_channel, config.lora_target_modules, self.delta_layout,
                              lora_layout, dropout)
+
+    def add_modality_tokens(self, modality: str, prefix_tokens: int, suffix_tokens: int) -> None:
+        """Give `modality`'s projector fresh learnable prefix / suffix tokens (zeros) and record their counts in the
+        config, so that every item of it then fills `config.positions_per_item(modality)` positions. For training a
+        source (the paper's stage 2); the processor follows with `processor.update_modalities(config)`."""
+        if modality not in self.projectors:
+            raise ValueError(f"{modality!r} is not a modality of this composite {self.modality_names}.")
+        for name, count in (("prefix_tokens", prefix_tokens), ("suffix_tokens", suffix_tokens)):
+            if not isinstance(count, int) or count < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {count!r}.")
+        self.projectors[modality].reset_tokens(prefix_tokens, suffix_tokens)
+        entry = self.config.modalities[modality]
+        self.config.modalities[modality] = dataclasses.replace(
+            entry, prefix_tokens=prefix_tokens, suffix_tokens=suffix_tokens
+        ).checked(modality, self.config.get_text_config().vocab_size)
 
     def plan_routing(
         self, modality_index: torch.LongTensor, static_shapes: bool = False, summary: IndexSummary | None = None

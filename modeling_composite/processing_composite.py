@@ -106,6 +106,15 @@ class CompositeMLLMProcessor(ProcessorMixin):
         _check_modalities(self.modalities)
         super().__init__(image_processor, feature_extractor, tokenizer, chat_template=chat_template, **kwargs)
 
+    def update_modalities(self, config) -> None:
+        """Take the modalities again from the model's `config` (a `CompositeMLLMConfig`), after the model changed what
+        its items fill (`add_modality_tokens`); each modality keeps its own image-processor settings."""
+        settings = {name: entry["image_processor_kwargs"] for name, entry in self.modalities.items()
+                    if entry.get("image_processor_kwargs") is not None}
+        modalities = config.processor_modalities(settings)
+        _check_modalities(modalities)
+        self.modalities = modalities
+
     @property
     def model_input_names(self) -> list[str]:
         names = ["input_ids", "attention_mask"]

@@ -24,7 +24,7 @@ their runs interleave, with no data-dependent shapes and no host syncs inside th
 expand into long runs, so the span is mostly routed rows; text rows inside it cost their share of the low-rank work,
 and so do the columns of modalities other than a row's own (the price of a constant number of kernels).
 
-Storage (`CompositeMLLMConfig.lora_layout`):
+Storage (`CompositeMLLMConfig.lora_layout`; `state_dict_keys` names every key):
 - `stacked` (converted composites): one factor pair per projection, `lora_A.weight` `(R, in)` and `lora_B.weight`
   `(out, R)`, whose column blocks the layout names; a plan uses views of them.
 - `per_delta` (sources being trained, which give the text and the modality delta their own learning rates):
@@ -56,9 +56,9 @@ from transformers import initialization as init
 
 from .configuration_composite import LORA_LAYOUTS
 from .offload import is_offloaded, weights_loaded
+from .state_dict_keys import TEXT
 
 
-TEXT = "text"
 # bitsandbytes' 4-bit kernels need in_features and out_features in these multiples (on CPU it fails otherwise).
 QUANTIZABLE_IN_MULTIPLE, QUANTIZABLE_OUT_MULTIPLE = 64, 32
 

@@ -6,15 +6,29 @@ kind among image, video and audio is addressed by its kind (so that the server's
 its name); every other modality (point clouds, and each of two modalities of one kind) by its own name.
 """
 
+from typing import Any
+
+from modeling_composite.configuration_modality import ModalityConfig
+
+
 SERVER_KINDS = ("image", "video", "audio")
 
 
-def modality_keys(modalities: dict[str, dict]) -> dict[str, str]:
-    """vLLM modality key -> composite modality name, for the composite config's `modalities`."""
-    kinds = [entry["kind"] for entry in modalities.values()]
+def config_modalities(config: Any) -> dict[str, ModalityConfig]:
+    """The composite config's `modalities`, typed: a composite saved before `ModalityConfig` existed keeps plain
+    dicts there (its own remote code builds the config), which read the same."""
+    return {
+        name: entry if isinstance(entry, ModalityConfig) else ModalityConfig.from_dict(name, entry)
+        for name, entry in config.modalities.items()
+    }
+
+
+def modality_keys(modalities: dict[str, ModalityConfig]) -> dict[str, str]:
+    """vLLM modality key -> composite modality name, for the composite's modalities (`config_modalities`)."""
+    kinds = [entry.kind for entry in modalities.values()]
     keys: dict[str, str] = {}
     for name, entry in modalities.items():
-        kind = entry["kind"]
+        kind = entry.kind
         key = kind if kind in SERVER_KINDS and kinds.count(kind) == 1 else name
         if key in keys:
             raise ValueError(

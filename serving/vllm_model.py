@@ -28,7 +28,7 @@ from vllm.model_executor.models.transformers.utils import can_enable_torch_compi
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
-from .modalities import modality_keys
+from .modalities import config_modalities, modality_keys
 from .tensor_parallel import routed_factor_tp_plan
 from .vllm_processing import (
     CompositeDummyInputsBuilder,
@@ -102,9 +102,10 @@ class CompositeMLLMForVLLM(MultiModalMixin, CausalMixin):
                 "vLLM needs: it was saved by an older version of the composite code. Load it with transformers and "
                 "save it again (`save_composite`), or convert it again."
             )
-        modality_keys(self.config.modalities)  # refuses two modalities that requests could not tell apart
+        modalities = config_modalities(self.config)
+        modality_keys(modalities)  # refuses two modalities that requests could not tell apart
         self.text_model = _compilable_text_model_class()(self.model, vllm_config=vllm_config, prefix=prefix)
-        placeholder_ids = [entry["placeholder_id"] for entry in self.config.modalities.values()]
+        placeholder_ids = [entry.placeholder_id for entry in modalities.values()]
         self.register_buffer("placeholder_ids", torch.tensor(placeholder_ids, dtype=torch.long), persistent=False)
 
     @classmethod

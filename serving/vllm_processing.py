@@ -29,10 +29,11 @@ from vllm.multimodal.processing import (
     PromptUpdateDetails,
 )
 
+from modeling_composite.configuration_modality import ModalityConfig
 from modeling_composite.modeling_composite import INPUT_NAME_BY_KIND
 from modeling_composite.processing_composite import CALL_ARGUMENT_BY_KIND
 
-from .modalities import describe_keys, modality_keys
+from .modalities import config_modalities, describe_keys, modality_keys
 
 
 def input_field(name: str) -> str:
@@ -93,8 +94,8 @@ class CompositeDataParser(MultiModalDataParser):
 
 class CompositeProcessingInfo(BaseProcessingInfo):
     @cached_property
-    def modalities(self) -> dict[str, dict]:
-        return self.get_hf_config().modalities
+    def modalities(self) -> dict[str, ModalityConfig]:
+        return config_modalities(self.get_hf_config())
 
     @cached_property
     def keys(self) -> dict[str, str]:
@@ -105,7 +106,7 @@ class CompositeProcessingInfo(BaseProcessingInfo):
         feature_extractor = getattr(self.get_hf_processor(), "feature_extractor", None)
         return CompositeDataParser(
             self.keys,
-            {name: entry["kind"] for name, entry in self.modalities.items()},
+            {name: entry.kind for name, entry in self.modalities.items()},
             target_sr=getattr(feature_extractor, "sampling_rate", None),
             expected_hidden_size=self._get_expected_hidden_size(),
             allow_missing_mm_embeddings=self.allow_missing_mm_embeddings,
@@ -119,7 +120,7 @@ class CompositeProcessingInfo(BaseProcessingInfo):
         return {key: config.positions_per_item(name) for key, name in self.keys.items()}
 
     def placeholder_id(self, key: str) -> int:
-        return self.modalities[self.keys[key]]["placeholder_id"]
+        return self.modalities[self.keys[key]].placeholder_id
 
 
 class CompositeDummyInputsBuilder(BaseDummyInputsBuilder[CompositeProcessingInfo]):
@@ -128,7 +129,7 @@ class CompositeDummyInputsBuilder(BaseDummyInputsBuilder[CompositeProcessingInfo
     def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
         modalities = self.info.modalities
         return "".join(
-            modalities[name]["placeholder"] * mm_counts.get(key, 0) for key, name in self.info.keys.items()
+            modalities[name].placeholder * mm_counts.get(key, 0) for key, name in self.info.keys.items()
         )
 
     def get_dummy_mm_data(self, seq_len: int, mm_counts: Mapping[str, int], mm_options: Any = None) -> dict:
@@ -184,11 +185,11 @@ class CompositeMultiModalProcessor(BaseMultiModalProcessor[CompositeProcessingIn
         """The model inputs of one modality's items, through the composite processor's public call: one placeholder
         per item, the items under their kind's argument."""
         entry = self.info.modalities[name]
-        kind = entry["kind"]
+        kind = entry.kind
         extra = {}
         if kind == "audio":
             extra["sampling_rate"] = processor.feature_extractor.sampling_rate
-        text = entry["placeholder"] * len(items)
+        text = entry.placeholder * len(items)
         batch = processor(text=text, **{CALL_ARGUMENT_BY_KIND[kind]: items}, return_tensors="pt", **extra)
         # A kind the composite has one modality of gives its standard input name; several, `modality_inputs[name]`.
         by_name = batch.get("modality_inputs")

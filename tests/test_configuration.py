@@ -1,8 +1,11 @@
+import json
+
 import pytest
 import torch
 from transformers import AutoConfig
 
 from modeling_composite import CompositeMLLMConfig
+from modeling_composite.configuration_modality import ModalityConfig
 from modeling_composite.tiny import tiny_modality_specs
 
 
@@ -87,3 +90,48 @@ def test_model_round_trip_gives_identical_logits(composite, batch_all, tmp_path)
     reloaded = type(model).from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch_all).logits, model(**batch_all).logits, rtol=0, atol=0)
+
+
+# One modality as config.json stored it before `ModalityConfig` (a plain JSON object of its 14 fields; the tiny
+# audio modality of a converted composite): composites saved then load unchanged and save the same JSON.
+_STORED_AUDIO_ENTRY = {
+    "encoder": {
+        "activation_dropout": 0.0, "activation_function": "gelu", "attention_dropout": 0.0, "d_model": 64,
+        "dropout": 0.0, "encoder_attention_heads": 4, "encoder_ffn_dim": 128, "encoder_layerdrop": 0.0,
+        "encoder_layers": 2, "initializer_range": 0.02, "max_source_positions": 50, "model_type": "qwen2_audio_encoder",
+        "num_mel_bins": 16, "scale_embedding": False,
+    },
+    "feature_layer": "last", "feature_select": "full", "kind": "audio", "lora": {"r": 4, "alpha": 8.0},
+    "num_frames": None, "placeholder": "<audio>", "placeholder_id": 262, "prefix_tokens": 2, "projector": "mlp2x_gelu",
+    "projector_bias": True, "projector_options": None, "suffix_tokens": 1, "tokens_per_item": 25,
+}
+
+
+def test_a_config_json_saved_before_typed_modalities_loads_and_saves_unchanged(tmp_path):
+    stored = {
+        "model_type": "composite_mllm",
+        "text_config": {"model_type": "llama", "vocab_size": 320, "hidden_size": 64, "num_hidden_layers": 2},
+        "modalities": {"audio": _STORED_AUDIO_ENTRY},
+        "lora_layout": "stacked",
+        "text_lora": {"r": 8, "alpha": 8.0, "folded": True},
+    }
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    config = CompositeMLLMConfig.from_pretrained(tmp_path)
+    entry = config.modalities["audio"]
+    assert isinstance(entry, ModalityConfig)
+    assert (entry.kind, entry.placeholder_id, entry.tokens_per_item, entry.lora) == ("audio", 262, 25, {"r": 4, "alpha": 8.0})
+    assert config.positions_per_item("audio") == 2 + 25 + 1
+    assert config.encoder_config("audio").d_model == 64
+    config.save_pretrained(tmp_path / "again")
+    saved = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert saved["modalities"] == {"audio": _STORED_AUDIO_ENTRY}
+    assert CompositeMLLMConfig.from_pretrained(tmp_path / "again").modalities == config.modalities
+
+
+def test_modality_configs_and_their_json_form_make_the_same_config():
+    typed = {name: ModalityConfig.from_dict(name, entry) for name, entry in _entries().items()}
+    text_config = {"model_type": "llama", "vocab_size": 320}
+    from_typed = CompositeMLLMConfig(text_config=text_config, modalities=typed)
+    from_json = CompositeMLLMConfig(text_config=text_config, modalities=_entries())
+    assert from_typed.to_dict()["modalities"] == from_json.to_dict()["modalities"]
+    assert all(isinstance(value, dict) for value in from_json.to_dict()["modalities"].values())

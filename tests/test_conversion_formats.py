@@ -4,6 +4,7 @@ grown, and growing a composite gives the same model as composing its sources dir
 import shutil
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -11,6 +12,10 @@ from transformers import CLIPVisionModel, SiglipImageProcessorPil
 
 from conversion import compose
 from conversion.composer import image_processor_overrides
+from conversion.detect import detect_format
+from conversion.formats import FORMAT_DEPENDENT_KEYS, SOURCE_FORMATS
+from conversion.locate import Location
+from conversion.recipe import SourceRecipe
 from modeling_composite import CompositeMLLMForCausalLM, CompositeMLLMProcessor
 from modeling_composite.builder import clip_image_processor
 
@@ -101,3 +106,16 @@ def test_a_siglip_sources_images_are_processed_as_its_own_processor_does_beside_
     back = image_processor_overrides(siglip.to_dict(), clip_processor.to_dict())
     as_composite = siglip(picture, **back, return_tensors="np")["pixel_values"]
     np.testing.assert_allclose(as_composite, clip_processor(picture, return_tensors="np")["pixel_values"], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "name, folder", [("llava", "llava"), ("video_llava", "video_llava"), ("qwen2_audio", "qwen2_audio"),
+                     ("modelcompose", "paper_damc_a"), ("peft", "peft")]
+)
+def test_each_format_entry_identifies_its_folders_and_reads_them(name, folder, tiny_sources):
+    """A source format is one registry entry: its files identify it (no `format:` needed) and its reader reads it."""
+    recipe = SourceRecipe(path=str(tiny_sources[folder]), encoder=str(tiny_sources["clip"]) if name in ("peft", "modelcompose") else None)
+    location = Location(folder=tiny_sources[folder], reference=str(tiny_sources[folder]))
+    assert detect_format(recipe, location) == name
+    assert SOURCE_FORMATS[name].read(recipe, location).format == name
+    assert set(SOURCE_FORMATS[name].recipe_keys) <= set(FORMAT_DEPENDENT_KEYS)

@@ -221,7 +221,7 @@ def test_damc_modality_tokens_see_only_their_own_delta(damc, tiny_sources):
         expected = reference(inputs_embeds=span, output_hidden_states=True).hidden_states
         got = model(**batch, output_hidden_states=True).hidden_states
     positions = span.shape[1]
-    assert int((batch["input_ids"][0, :positions] == model.config.modalities["image"]["placeholder_id"]).sum()) == positions
+    assert int((batch["input_ids"][0, :positions] == model.config.modalities["image"].placeholder_id).sum()) == positions
     for layer in (1, len(expected) - 1):
         torch.testing.assert_close(got[layer][:, :positions], expected[layer], rtol=1e-4, atol=1e-5)
 

@@ -54,7 +54,7 @@ def test_llava_source_with_weight_one_reproduces_llava(tiny_sources, tmp_path, r
 def test_video_llava_source_reproduces_video_llava_on_images_and_videos(tiny_sources, tmp_path, rng):
     source = tiny_sources["video_llava"]
     model, processor = _convert(tmp_path, tiny_sources["base"], source)
-    assert {name: entry["kind"] for name, entry in model.config.modalities.items()} == {"image": "image", "video": "video"}
+    assert {name: entry.kind for name, entry in model.config.modalities.items()} == {"image": "image", "video": "video"}
     reference = VideoLlavaForConditionalGeneration.from_pretrained(source).eval()
     image = Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))
     video = rng.integers(0, 255, (2, 36, 36, 3), dtype=np.uint8)
@@ -72,7 +72,7 @@ def test_qwen2_audio_source_reproduces_qwen2_audio(tiny_sources, tmp_path, rng):
     model, processor = _convert(tmp_path, tiny_sources["qwen2_base"], source)
     entry = model.config.modalities["audio"]
     # <|audio_bos|> / <|audio_eos|> became the modality's one-token prefix and suffix.
-    assert (entry["prefix_tokens"], entry["suffix_tokens"]) == (1, 1)
+    assert (entry.prefix_tokens, entry.suffix_tokens) == (1, 1)
     reference = Qwen2AudioForConditionalGeneration.from_pretrained(source).eval()
     reference_processor = AutoProcessor.from_pretrained(source)
     # A full-length clip: the composite's audio path is fixed-length (see the issue note on variable-length audio).

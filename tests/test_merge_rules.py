@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conversion.errors import ConversionError
-from conversion.merge import merge_deltas
+from conversion.merge import MERGE_RULES, merge_deltas, merge_rule
 from conversion.recipe import load_recipe
 
 
@@ -305,3 +305,30 @@ def test_weight_search_refuses_settings_that_make_its_candidates_meaningless(mer
     sources = [{"path": "a"}, {"path": "b"}]
     with pytest.raises(ConversionError, match="weight_search gives every source the same λ"):
         load_recipe({**RECIPE, "sources": sources, "merge": merge, "weight_search": search})
+
+
+@pytest.mark.parametrize("rule", sorted(MERGE_RULES))
+def test_each_rule_entry_declares_what_the_recipe_takes(rule, tmp_path):
+    """The registry entry is what a recipe is checked against: a sparsifying rule needs its density and takes
+    rescale, the others refuse both; every alias names its rule; the defaults apply when the recipe says nothing."""
+    spec = MERGE_RULES[rule]
+    recipe_file = tmp_path / "recipe.yaml"
+
+    def parse(merge: str):
+        recipe_file.write_text(f"base: base\nsources: [a, b]\nmerge: {merge}\n")
+        return load_recipe(recipe_file).merge
+
+    if spec.sparsify:
+        assert {"density", "rescale"} <= set(spec.parameters)
+        with pytest.raises(ConversionError, match="needs merge.density"):
+            parse(f"{{rule: {rule}}}")
+        settings = parse(f"{{rule: {rule}, density: 0.5}}")
+        assert settings.rescales is spec.default_rescale
+    else:
+        assert "density" not in spec.parameters
+        with pytest.raises(ConversionError, match="only applies to the ties and dare rules"):
+            parse(f"{{rule: {rule}, density: 0.5}}")
+        settings = parse(f"{{rule: {rule}}}")
+    assert settings.rule == rule and settings.normalizes is spec.default_normalize
+    for alias in spec.aliases:
+        assert merge_rule(alias) is spec and parse(f"{{rule: {alias}}}").rule == rule

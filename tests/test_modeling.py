@@ -53,7 +53,7 @@ def test_a_placeholder_generated_while_decoding_is_read_as_text(composite, batch
     from transformers import DynamicCache
 
     model, _ = composite
-    placeholder = model.config.modalities["image"]["placeholder_id"]
+    placeholder = model.config.modalities["image"].placeholder_id
     text_twin = copy.deepcopy(model)
     used = set(batch_all["input_ids"].flatten().tolist())
     stand_in = next(token for token in range(4, placeholder) if token not in used)  # a byte the prompt lacks
@@ -114,7 +114,7 @@ def test_text_only_prompt_on_a_composite_with_encoders(composite):
 def test_placeholder_count_mismatch_names_the_modality_and_numbers(composite, batch_all):
     model, _ = composite
     ids = batch_all["input_ids"].clone()
-    image_id = model.config.modalities["image"]["placeholder_id"]
+    image_id = model.config.modalities["image"].placeholder_id
     ids[0, (ids[0] == image_id).nonzero()[0]] = 70  # one image position fewer than the image needs
     with pytest.raises(ValueError, match=r"Modality 'image': the prompt has 18 placeholder positions .* need 19"):
         model(**{**batch_all, "input_ids": ids})
@@ -181,7 +181,7 @@ def _llava_and_its_composite():
         },
         image_processor=tiny_image_processor(),
     )
-    assert model.config.modalities["image"]["placeholder_id"] == image_token_id
+    assert model.config.modalities["image"].placeholder_id == image_token_id
     return llava, model, processor
 
 

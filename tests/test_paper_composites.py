@@ -114,9 +114,9 @@ def test_four_modality_composite_converts_and_runs_in_a_fresh_process(paper_worl
     assert {name: config.positions_per_item(name) for name in config.modalities} == {
         "image": 16 + side, "audio": 4 + side, "video": 2 * 17 + side, "point": 513 + side,
     }
-    assert config.modalities["audio"]["projector"] == "qformer_4N_1L"
-    assert config.modalities["audio"]["tokens_per_item"] == 512  # BEATs tokens the Q-Former reads
-    assert all((entry["lora"] is not None) == (method == "damc") for entry in config.modalities.values())
+    assert config.modalities["audio"].projector == "qformer_4N_1L"
+    assert config.modalities["audio"].tokens_per_item == 512  # BEATs tokens the Q-Former reads
+    assert all((entry.lora is not None) == (method == "damc") for entry in config.modalities.values())
     batch = _inputs(processor)
     text = processor.tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True)
     assert text.startswith(VICUNA_V1_SYSTEM + " USER: image: ") and text.endswith("What do they share? ASSISTANT:")

@@ -11,7 +11,7 @@ def test_processor_expands_each_placeholder_to_the_positions_the_model_fills(com
     model, processor = composite
     ids = batch_all["input_ids"][0]
     for name, entry in model.config.modalities.items():
-        assert int((ids == entry["placeholder_id"]).sum()) == model.config.positions_per_item(name)
+        assert int((ids == entry.placeholder_id).sum()) == model.config.positions_per_item(name)
     assert tuple(batch_all["pixel_values"].shape) == (1, 3, 32, 32)
     assert tuple(batch_all["pixel_values_videos"].shape) == (1, 2, 3, 32, 32)
     assert tuple(batch_all["input_features"].shape) == (1, 16, 100)

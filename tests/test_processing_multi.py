@@ -9,7 +9,6 @@ from jinja2.exceptions import TemplateError
 from PIL import Image
 
 from modeling_composite import CompositeMLLMProcessor, ModalitySpec, compose
-from modeling_composite.builder import processor_modalities
 from modeling_composite.tiny import (
     tiny_audio_encoder,
     tiny_feature_extractor,
@@ -56,9 +55,7 @@ def two_image_composite() -> tuple:
         image_processor=composed.image_processor,
         feature_extractor=composed.feature_extractor,
         tokenizer=composed.tokenizer,
-        modalities=processor_modalities(
-            model.config, {"chart": {"image_mean": CHART_MEAN, "image_std": CHART_STD}}
-        ),
+        modalities=model.config.processor_modalities({"chart": {"image_mean": CHART_MEAN, "image_std": CHART_STD}}),
         chat_template=composed.chat_template,
     )
     return model.eval(), processor
@@ -113,7 +110,7 @@ def test_expansion_gives_each_placeholder_its_own_positions(two_image_composite,
     model, processor = two_image_composite
     batch = processor(text="<image> <chart> <chart>", images=pictures[:3])
     for name, items in (("image", 1), ("chart", 2)):
-        placeholder_id = model.config.modalities[name]["placeholder_id"]
+        placeholder_id = model.config.modalities[name].placeholder_id
         expected = items * model.config.positions_per_item(name)
         assert int((batch["input_ids"] == placeholder_id).sum()) == expected
     assert model.config.positions_per_item("image") != model.config.positions_per_item("chart")
@@ -158,8 +155,8 @@ def test_per_modality_normalisation(two_image_composite, pictures):
 def test_per_modality_resolution(two_image_composite, pictures):
     """Sources trained at different input sizes each get their own resize and crop."""
     model, processor = two_image_composite
-    modalities = processor_modalities(
-        model.config, {"chart": {"size": {"shortest_edge": 48}, "crop_size": {"height": 48, "width": 48}}}
+    modalities = model.config.processor_modalities(
+        {"chart": {"size": {"shortest_edge": 48}, "crop_size": {"height": 48, "width": 48}}}
     )
     resized = CompositeMLLMProcessor(
         processor.image_processor, processor.feature_extractor, processor.tokenizer, modalities
@@ -294,4 +291,4 @@ def test_bad_processor_modalities_are_refused(two_image_composite, change, messa
 def test_processor_modalities_refuses_settings_for_unknown_modalities(two_image_composite):
     model, _ = two_image_composite
     with pytest.raises(ValueError, match=r"image_processor_kwargs names \['diagram'\]"):
-        processor_modalities(model.config, {"diagram": {"size": {"shortest_edge": 48}}})
+        model.config.processor_modalities({"diagram": {"size": {"shortest_edge": 48}}})

@@ -11,6 +11,7 @@ from transformers import BitsAndBytesConfig
 from modeling_composite.builder import save_composite
 from modeling_composite.modeling_composite import CompositeMLLMForCausalLM
 from modeling_composite.routing import DeltaLayout, RoutedLinear, RoutingChannel, UnquantizedFactor, plan_routing
+from modeling_composite import state_dict_keys as keys
 from modeling_composite.tiny import build_tiny_composite, tiny_llm
 
 
@@ -366,3 +367,29 @@ def test_a_text_model_that_regroups_tokens_is_refused_not_misrouted():
     _route(layer, torch.ones(1, 10, dtype=torch.long))
     with pytest.raises(RuntimeError, match="rows"):
         layer(torch.randn(1, 7, 64))
+
+
+@pytest.mark.parametrize("lora_layout", ["stacked", "per_delta"])
+def test_state_dict_keys_name_what_a_routed_projection_saves(lora_layout):
+    """`state_dict_keys` (used by the converter, the composite reader, the builder and the trainer) names exactly the
+    tensors a `RoutedLinear` holds, in either layout, and reads each back to its delta."""
+    layer = _layer(lora_layout)
+    module = "layers.0.self_attn.q_proj"
+    saved = {f"{module}.{key}" for key in layer.state_dict()}
+    if lora_layout == "stacked":
+        factors = {keys.stacked_factor_key(module, side) for side in keys.FACTOR_SIDES}
+    else:
+        factors = {keys.per_delta_factor_key(module, side, block.name) for block in layer.layout.blocks
+                   for side in keys.FACTOR_SIDES}
+    assert saved == {keys.base_layer_key(module, "weight"), keys.base_layer_key(module, "bias")} | factors
+    for key in saved:
+        routed = keys.parse_routed_key("model.language_model." + key, keys.TEXT_MODEL_PREFIX)
+        assert routed.module == module
+        assert routed.is_base_layer == (key in {f"{module}.base_layer.weight", f"{module}.base_layer.bias"})
+        assert keys.is_factor_key(key) == (not routed.is_base_layer)
+        if not routed.is_base_layer:
+            assert routed.stacked == (lora_layout == "stacked")
+            if not routed.stacked:
+                assert keys.per_delta_factor_key(module, routed.side, routed.delta) == key
+    assert keys.parse_routed_key(f"{module}.weight") is None
+    assert keys.parse_routed_key(f"model.language_model.{module}.base_layer.weight", "model.encoders.") is None

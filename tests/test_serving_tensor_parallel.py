@@ -3,6 +3,7 @@ vLLM: which style each module gets (first matching pattern, as vLLM's Transforme
 simulated ranks computing a routed projection with those splits reproduce the unsplit projection."""
 
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -96,7 +97,7 @@ def test_two_ranks_reproduce_the_routed_projection(projection_style):
 
 
 def test_modality_keys():
-    entry = lambda kind: {"kind": kind}  # noqa: E731
+    entry = lambda kind: SimpleNamespace(kind=kind)  # noqa: E731
     assert modality_keys({"vision": entry("image"), "audio": entry("audio"), "point": entry("point")}) == {
         "image": "vision", "audio": "audio", "point": "point"
     }

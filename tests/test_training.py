@@ -91,7 +91,7 @@ def test_labels_cover_only_the_answers(world):
     answer = [token for token, label in zip(sample["input_ids"], sample["labels"]) if label != IGNORE_INDEX]
     assert processor.tokenizer.decode(answer) == " red</s>"
     # The image placeholder is expanded into every position the model fills.
-    placeholder_id = model.config.modalities["image"]["placeholder_id"]
+    placeholder_id = model.config.modalities["image"].placeholder_id
     assert sample["input_ids"].count(placeholder_id) == model.config.positions_per_item("image")
     assert sample["modality_inputs"]["image"].shape == (1, 3, 32, 32)
 
@@ -113,7 +113,7 @@ def test_stage2_trains_both_loras_and_the_loss_falls(world, stage1, stage2):
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
     model = CompositeMLLMForCausalLM.from_pretrained(stage2)
     assert model.config.text_lora == {"r": 4, "alpha": 16.0, "folded": False}
-    assert model.config.modalities["image"]["lora"] == {"r": 4, "alpha": 16.0}
+    assert model.config.modalities["image"].lora == {"r": 4, "alpha": 16.0}
     assert model.config.positions_per_item("image") == 1 + 16 + 1
     layer = model.model.routed_layers()[0]
     # Both low-rank deltas moved away from their zero start, and the stage-1 projector kept training.
@@ -163,7 +163,7 @@ def test_naive_variant_has_one_shared_lora(world, stage1, tmp_path):
     assert groups["text_lora"] and not groups["modality_lora"]
     output = train_source(args, data, _training_args(tmp_path / "naive", 2, 2))
     config = CompositeMLLMForCausalLM.from_pretrained(output).config
-    assert config.modalities["image"]["lora"] is None and config.text_lora["folded"] is False
+    assert config.modalities["image"].lora is None and config.text_lora["folded"] is False
 
 
 def test_stage2_output_loads_through_auto_classes_in_a_fresh_process(stage2, tmp_path):
@@ -333,7 +333,7 @@ def test_text_version_aligns_the_input_end_and_every_token_after_it(world):
     samples = load_samples(world / "data.json")
     dataset = ConversationDataset(samples, processor, media_root=world, with_text_version=True)
     item = dataset[1]
-    placeholder_id = model.config.modalities["image"]["placeholder_id"]
+    placeholder_id = model.config.modalities["image"].placeholder_id
     last_input = max(position for position, token in enumerate(item["input_ids"]) if token == placeholder_id)
     version = item["text_version"]
     # The input's last position (its last feature) stands against the last token of its text ("a blue square"); every

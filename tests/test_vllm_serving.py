@@ -139,7 +139,7 @@ def test_references_are_discriminative(composites, offline_prompts):
     shifts = [abs(a["logprobs"][0] - b["logprobs"][0]) for a, b in zip(routed, unrouted) if a["tokens"] != b["tokens"]]
     assert max(shifts) > 3 * LOGPROB_TOLERANCE, shifts
 
-    placeholder_ids = {entry["placeholder_id"] for entry in model.config.modalities.values()}
+    placeholder_ids = {entry.placeholder_id for entry in model.config.modalities.values()}
     unsuppressed = _transformers_answers(composites["naive"], offline_prompts, suppress_tokens=[])
     assert any(placeholder_ids & set(answer["tokens"]) for answer in unsuppressed)
 

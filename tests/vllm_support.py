@@ -50,7 +50,7 @@ def build_servable_composite(folder: Path, method: str) -> Path:
         prompt = processor(text=requests()[5]["prompt"])
         first = int(model(**prompt).logits[0, -1].argmax())
         for entry in model.config.modalities.values():
-            model.lm_head.weight[entry["placeholder_id"]] = 10 * model.lm_head.weight[first]
+            model.lm_head.weight[entry.placeholder_id] = 10 * model.lm_head.weight[first]
     save_composite(model.eval(), processor, folder)
     return folder
 

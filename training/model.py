@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 from transformers import (
     AutoFeatureExtractor,
@@ -31,12 +30,14 @@ from conversion.errors import ConversionError
 from conversion.locate import locate
 from conversion.sources import align_encoder_keys
 from modeling_composite.builder import ModalitySpec, compose
-from modeling_composite.configuration_composite import DEFAULT_LORA_TARGET_MODULES, MODALITY_KINDS
+from modeling_composite.configuration_composite import DEFAULT_LORA_TARGET_MODULES
+from modeling_composite.configuration_modality import MODALITY_KINDS, parse_feature_layer
 from modeling_composite.configuration_point_encoder import CompositePointEncoderConfig
 from modeling_composite.modeling_composite import CompositeMLLMForCausalLM, build_encoder
 from modeling_composite.modeling_point_encoder import CompositePointEncoder
 from modeling_composite.processing_composite import CompositeMLLMProcessor
 from modeling_composite.routing import RoutedLinear
+from modeling_composite.state_dict_keys import TEXT, TEXT_MODEL_PREFIX, parse_routed_key
 
 from .arguments import SourceModelArguments
 
@@ -124,11 +125,10 @@ def _preprocessor(kind: str, location: str) -> dict[str, Any]:
 
 
 def _feature_layer(value: str | int) -> str | int:
-    if isinstance(value, int) or value == "last":
-        return value
     try:
-        return int(value)
+        return parse_feature_layer(value, from_text=True)
     except ValueError:
+        # The parser's message names the config field; this one the argument.
         raise SourceModelError(f"--feature_layer must be 'last' or an integer, got {value!r}.") from None
 
 
@@ -179,8 +179,8 @@ def load_source(args: SourceModelArguments) -> tuple[CompositeMLLMForCausalLM, C
         model = CompositeMLLMForCausalLM.from_pretrained(args.init_from)
         processor = CompositeMLLMProcessor.from_pretrained(args.init_from, trust_remote_code=False)
     entry = model.config.modalities.get(args.modality)
-    if entry is None or entry["kind"] != args.kind:
-        found = {name: e["kind"] for name, e in model.config.modalities.items()}
+    if entry is None or entry.kind != args.kind:
+        found = {name: e.kind for name, e in model.config.modalities.items()}
         raise SourceModelError(
             f"--init_from {args.init_from} has modalities {found}, not {args.modality!r} of kind {args.kind!r}."
         )
@@ -199,11 +199,11 @@ def add_low_rank(
     wanted_text = {**lora, "folded": False}
     wanted_modality = lora if args.decoupled else None
     if config.has_routed_deltas:
-        current = (config.text_lora, entry["lora"], entry["prefix_tokens"], entry["suffix_tokens"])
+        current = (config.text_lora, entry.lora, entry.prefix_tokens, entry.suffix_tokens)
         if current != (wanted_text, wanted_modality, args.prefix_tokens, args.suffix_tokens):
             raise SourceModelError(
-                f"--init_from already has low-rank parameters (text_lora={config.text_lora}, lora={entry['lora']}, "
-                f"prefix/suffix={entry['prefix_tokens']}/{entry['suffix_tokens']}) that differ from the arguments; "
+                f"--init_from already has low-rank parameters (text_lora={config.text_lora}, lora={entry.lora}, "
+                f"prefix/suffix={entry.prefix_tokens}/{entry.suffix_tokens}) that differ from the arguments; "
                 "start from the stage-1 output instead."
             )
         return
@@ -218,15 +218,9 @@ def add_low_rank(
         lora_layout="per_delta",
         dropout=args.lora_dropout,
     )
-    projector = model.model.projectors[args.modality]
-    width = config.get_text_config().hidden_size
-    reference = next(projector.parameters())  # its dtype and device (linears or a Q-Former)
-    for name, count in (("prefix", args.prefix_tokens), ("suffix", args.suffix_tokens)):
-        if count:
-            setattr(projector, name, nn.Parameter(torch.zeros(count, width, dtype=reference.dtype, device=reference.device)))
-    entry.update(prefix_tokens=args.prefix_tokens, suffix_tokens=args.suffix_tokens)
+    model.model.add_modality_tokens(args.modality, args.prefix_tokens, args.suffix_tokens)
     # The processor must expand each placeholder into the positions the model now fills.
-    processor.modalities[args.modality]["positions_per_item"] = config.positions_per_item(args.modality)
+    processor.update_modalities(config)
 
 
 def trainable_parameter_groups(
@@ -245,10 +239,11 @@ def trainable_parameter_groups(
             group = "tokens" if name.endswith(("prefix", "suffix")) else "projector"
             if group == "projector" or stage == 2:
                 groups[group].append((name, parameter))
-        elif stage == 2 and ".text_lora_" in name:
-            groups["text_lora"].append((name, parameter))
-        elif stage == 2 and (f".lora_A.{modality}." in name or f".lora_B.{modality}." in name):
-            groups["modality_lora"].append((name, parameter))
+        elif stage == 2 and (routed := parse_routed_key(name, TEXT_MODEL_PREFIX)) and not routed.is_base_layer:
+            if routed.delta == TEXT:
+                groups["text_lora"].append((name, parameter))
+            elif routed.delta == modality:
+                groups["modality_lora"].append((name, parameter))
     if stage == 2 and not any(isinstance(module, RoutedLinear) for module in model.modules()):
         raise SourceModelError("Stage 2 needs the low-rank parameters; none were added.")
     for members in groups.values():
