@@ -19,7 +19,9 @@ demo: $(VENV)/.installed
 convert-demo: $(VENV)/.installed
 	$(PYTHON) demo.py
 
+# Lint first (seconds), then the suite (minutes).
 test: $(VENV)/.installed $(OLDEST_VENV)/.installed $(VLLM_VENV)/.installed
+	$(VENV)/bin/ruff check .
 	COMPOSITE_OLDEST_PYTHON="$(abspath $(OLDEST_VENV))/bin/python" $(PYTHON) -m pytest -q
 	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_serving.py
 

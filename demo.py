@@ -3,7 +3,7 @@
 1. Writes tiny random source models into a work folder beside the output (`outputs/tiny-sources/` by default), in
    the formats people publish: the shared base LLM (a Llama), a LLaVA-1.5 (image), a Video-LLaVA (of which only the
    video modality is taken), and, for audio and point clouds, a NaiveMC composite of our own built from that base
-   folder with `modeling_composite.builder.compose` (a composite is itself a source, of format `composite`).
+   folder with `composition.compose` (a composite is itself a source, of format `composite`).
 2. Writes a recipe YAML next to them (method naive, merge rule linear, one weight per source, float32), prints it,
    and runs the conversion through its command line in a subprocess, exactly as a user would:
    `python -m conversion RECIPE OUTPUT --force` (its log ends with the fresh-process verification).
@@ -73,8 +73,8 @@ for label, inputs in mixes.items():
 def write_audio_point_composite(folder: Path) -> Path:
     """For audio and point clouds: a NaiveMC composite of our own, made from the same tiny base (`tiny_llm(seed=0)`
     is what `save_tiny_base(seed=0)` writes), so the conversion can take it as a `composite` source."""
-    from modeling_composite.builder import save_composite
-    from modeling_composite.tiny import build_tiny_composite
+    from composition.saving import save_composite
+    from fixtures.tiny_composite import build_tiny_composite
 
     model, processor = build_tiny_composite(kinds=("audio", "point"), lora_rank=None, seed=0)
     save_composite(model, processor, folder)
@@ -83,7 +83,7 @@ def write_audio_point_composite(folder: Path) -> Path:
 
 def write_sources(folder: Path) -> Path:
     """The tiny sources and a recipe that composes them; returns the recipe's path."""
-    from conversion.tiny_sources import save_tiny_base, save_tiny_llava, save_tiny_video_llava
+    from fixtures.tiny_sources import save_tiny_base, save_tiny_llava, save_tiny_video_llava
 
     base = save_tiny_base(folder / "base-llama", seed=0)
     save_tiny_llava(folder / "llava", base_folder=base)

@@ -31,6 +31,7 @@ mergekit is installed on first use into `benchmarks/.mergekit-venv` (torch==2.13
 """
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -170,6 +171,11 @@ def _random(key: str, salt: int, shape: tuple[int, ...], scale: float) -> torch.
     return torch.randn(shape, generator=generator) * scale
 
 
+def _random_as(key: str, salt: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """`_random` at the scale of a fine-tune's extra tensors (projectors, low-rank factors), in `dtype`."""
+    return _random(key, salt, shape, 0.02).to(dtype)
+
+
 def _base_tensor(key: str, shape: tuple[int, ...]) -> torch.Tensor:
     if key.endswith("norm.weight"):
         return torch.ones(shape)
@@ -211,11 +217,11 @@ def write_sources(workdir: Path, shape: LlmShape, shard_bytes: int) -> dict[str,
     a previous run wrote the same ones). Returns name -> folder."""
     from transformers import LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
 
-    from conversion.tiny_sources import save_tiny_base, save_tiny_llava
-    from modeling_composite import ModalitySpec, compose, save_composite
+    from composition import ModalitySpec, compose, save_composite
+    from fixtures.tiny_composite import tiny_image_processor, tiny_llm, tiny_tokenizer, tiny_vision_encoder
+    from fixtures.tiny_sources import save_tiny_base, save_tiny_llava
     from modeling_composite.configuration_composite import CompositeMLLMConfig
     from modeling_composite.modeling_composite import CompositeMLLMForCausalLM
-    from modeling_composite.tiny import tiny_image_processor, tiny_llm, tiny_tokenizer, tiny_vision_encoder
 
     folders = {"base": workdir / "base"}
     for index in range(SOURCES):
@@ -315,9 +321,9 @@ def write_sources(workdir: Path, shape: LlmShape, shard_bytes: int) -> dict[str,
             template = extras[kind].get(key)
             for index in range(SOURCES):
                 if template is not None and tuple(template.shape) == shape:
-                    produce = lambda t=template, d=dtype: t.to(d)
+                    produce = functools.partial(template.to, dtype)
                 else:  # projectors and low-rank factors: their shapes follow the LLM's width
-                    produce = lambda k=key, s=shape, i=index, d=dtype: _random(k, 100 + i, s, 0.02).to(d)
+                    produce = functools.partial(_random_as, key, 100 + index, shape, dtype)
                 operations.append((f"{kind}_{index}", key, shape, dtype, produce))
 
     writers = {

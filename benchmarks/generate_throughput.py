@@ -30,9 +30,9 @@ from PIL import Image
 from transformers import CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
 
 from benchmarks import huge_page_kib, timed_seconds, write_figures
-from modeling_composite import ModalitySpec, compose
-from modeling_composite.builder import clip_image_processor
-from modeling_composite.tiny import tiny_tokenizer
+from composition import ModalitySpec, compose
+from composition.image_processor import clip_image_processor
+from fixtures.tiny_composite import tiny_tokenizer
 
 
 RANK = 64

@@ -24,10 +24,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache
 
-from modeling_composite.builder import ModalitySpec, compose
+from composition.compose import ModalitySpec, compose
+from fixtures.tiny_composite import IMAGE_SIZE, tiny_image_processor, tiny_llm, tiny_tokenizer, tiny_vision_encoder
 from modeling_composite.modeling_composite import CACHE_NAME, CompositeMLLMForCausalLM
 from modeling_composite.processing_composite import CompositeMLLMProcessor
-from modeling_composite.tiny import IMAGE_SIZE, tiny_image_processor, tiny_llm, tiny_tokenizer, tiny_vision_encoder
 
 
 MODALITY_COUNTS = (1, 2, 4, 8)

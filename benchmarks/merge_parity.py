@@ -3,7 +3,7 @@ tensors compared (max |ours - mergekit|), one row per rule and setting.
 
     python -m benchmarks.merge_parity [--mergekit PATH/TO/mergekit-yaml] [--workdir /tmp/composite-merge-parity]
 
-Sources: a tiny Llama base and two LLaVA-1.5 full fine-tunes of it (`conversion.tiny_sources`), float32. Half of the
+Sources: a tiny Llama base and two LLaVA-1.5 full fine-tunes of it (`fixtures.tiny_sources`), float32. Half of the
 second source's LLM tensors are the exact mirror of the first's around the base (`2 W0 - W1`, computed in float64), so
 that, with equal weights, many entries have a weighted sign sum of exactly 0: the case where the sign-election
 conventions differ. mergekit reads the same two LLMs as plain `LlamaForCausalLM` folders (bit-identical tensors).
@@ -45,7 +45,7 @@ CASES = [
 
 
 def write_sources(workdir: Path) -> dict[str, Path]:
-    from conversion.tiny_sources import save_tiny_base, save_tiny_llava
+    from fixtures.tiny_sources import save_tiny_base, save_tiny_llava
 
     folders = {"base": save_tiny_base(workdir / "base")}
     folders["llava_0"] = save_tiny_llava(workdir / "llava_0", folders["base"], seed=1)

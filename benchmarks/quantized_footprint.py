@@ -27,13 +27,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoModel, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, WhisperFeatureExtractor
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    BitsAndBytesConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    WhisperFeatureExtractor,
+)
 
 from benchmarks import timed_seconds, write_figures
-from modeling_composite import ModalitySpec, compose, save_composite
-from modeling_composite.builder import clip_image_processor
+from composition import ModalitySpec, compose, save_composite
+from composition.image_processor import clip_image_processor
+from fixtures.tiny_composite import tiny_tokenizer
 from modeling_composite.modeling_composite import CompositeMLLMForCausalLM
-from modeling_composite.tiny import tiny_tokenizer
 
 
 MODALITY_RANK, TEXT_RANK = 64, 128

@@ -43,10 +43,10 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from benchmarks import huge_page_kib, proc_kib, timed_seconds, write_figures
-from modeling_composite.builder import ModalitySpec, compose
+from composition.compose import ModalitySpec, compose
+from fixtures.tiny_composite import tiny_tokenizer
 from modeling_composite.modeling_composite import CACHE_NAME, CompositeMLLMForCausalLM
 from modeling_composite.routing import RoutedLinear
-from modeling_composite.tiny import tiny_tokenizer
 
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -47,8 +47,8 @@ KINDS = ("image", "audio")
 def build(root: Path) -> dict[str, Path]:
     """The DAMC composite, a NaiveMC composite of the same parts (no routed layers), and their plain LLM, saved under
     `root`."""
-    from modeling_composite.builder import save_composite
-    from modeling_composite.tiny import build_tiny_composite, tiny_llm, tiny_tokenizer
+    from composition.saving import save_composite
+    from fixtures.tiny_composite import build_tiny_composite, tiny_llm, tiny_tokenizer
 
     folders = {name: root / name for name in ("damc", "naive", "plain")}
     for name, lora_rank in (("damc", 16), ("naive", None)):

@@ -57,7 +57,7 @@ def add_placeholder_tokens(tokenizer: PreTrainedTokenizerBase, placeholders: lis
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in placeholders}
-    for token, token_id in ids.items():
+    for token in ids:
         if tokenizer.tokenize(token) != [token]:
             raise ValueError(f"The placeholder {token!r} does not tokenize to a single token; it must be special.")
     return ids

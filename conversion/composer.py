@@ -14,26 +14,21 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, WhisperFeatureExtractor
 
 import modeling_composite
-from modeling_composite.builder import (
-    CHAT_TEMPLATE_NAMES,
-    CLIP_IMAGE_SETTINGS,
-    clip_image_processor,
-    composite_auto_map,
-    named_chat_template,
-    placeholder_suppression,
-    register_processor_auto_classes,
-)
+from composition.chat_template import CHAT_TEMPLATE_NAMES, named_chat_template
+from composition.compose import placeholder_suppression
+from composition.image_processor import CLIP_IMAGE_SETTINGS, clip_image_processor
+from composition.saving import composite_auto_map, register_processor_auto_classes
 from modeling_composite.compat import TOOLS_MINIMUM_TRANSFORMERS, check_transformers_version
 from modeling_composite.modeling_composite import CompositeMLLMForCausalLM
 from modeling_composite.processing_composite import CompositeMLLMProcessor
 
 from .card import CardInfo, CardSource, render_model_card
-from .paper_cards import paper_notes
 from .detect import read_source
 from .errors import ConversionError
 from .locate import Location, locate, recording_inputs
 from .merge import MERGE_RULES
 from .output import OutputRun, check_replaceable, hold_for_test, output_path, refuse_overlap
+from .paper_cards import paper_notes
 from .plan import Plan, build_plan, check_compatibility
 from .provenance import forget_local_paths, public_recipe_text, public_reference
 from .recipe import Recipe, load_recipe
@@ -48,11 +43,10 @@ check_transformers_version(transformers.__version__, TOOLS_MINIMUM_TRANSFORMERS,
 
 logger = logging.getLogger(__name__)
 
-# The files of `modeling_composite` that travel inside every composite folder as remote code.
-# Every file of the package travels as remote code, except the builder and tiny models (installed package only).
-_NOT_REMOTE_CODE = ("__init__.py", "builder.py", "tiny.py")
+# The remote code that travels inside every composite folder: every module of the `modeling_composite` folder (its
+# `__init__.py` is the installed package's entry, not a module of a composite).
 REMOTE_CODE_FILES = tuple(
-    sorted(path.name for path in Path(modeling_composite.__file__).parent.glob("*.py") if path.name not in _NOT_REMOTE_CODE)
+    sorted(path.name for path in Path(modeling_composite.__file__).parent.glob("*.py") if path.name != "__init__.py")
 )
 RECIPE_FILE = "composite_recipe.yaml"
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from modeling_composite.builder import clip_image_processor
+from composition.image_processor import clip_image_processor
 from modeling_composite.configuration_languagebind_video import CompositeLanguageBindVideoConfig
 from modeling_composite.modeling_languagebind_video import CompositeLanguageBindVideoEncoder
 

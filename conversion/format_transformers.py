@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
-from modeling_composite.builder import CLIP_IMAGE_SETTINGS, clip_image_processor
+from composition.image_processor import CLIP_IMAGE_SETTINGS, clip_image_processor
 
 from .errors import ConversionError
 from .locate import Location
@@ -39,7 +39,7 @@ def _rules(towers: dict[str, str]) -> list[tuple[str, str]]:
 
 def _llm_weights(store: TensorStore, groups: dict[str, dict[str, str]]) -> dict[str, Lazy]:
     weights = {f"model.{name}": Lazy(store, key) for name, key in groups["llm"].items()}
-    for name, key in groups["head"].items():
+    for key in groups["head"].values():
         weights["lm_head.weight"] = Lazy(store, key)
     return weights
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from modeling_composite.builder import add_placeholder_tokens
-from modeling_composite.configuration_composite import CompositeMLLMConfig, DEFAULT_LORA_TARGET_MODULES
+from composition.compose import add_placeholder_tokens
+from modeling_composite.configuration_composite import DEFAULT_LORA_TARGET_MODULES, CompositeMLLMConfig
 from modeling_composite.configuration_modality import ModalityConfig, settings_of
 from modeling_composite.modeling_composite import CompositeMLLMForCausalLM, delta_layout
 from modeling_composite.state_dict_keys import (

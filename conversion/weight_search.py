@@ -13,10 +13,12 @@ The best candidate wins (the earlier one on a tie). Only the questions given are
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
+from conversations.data import ROLES, ConversationDataset, DataError, load_samples
 from modeling_composite.modeling_composite import CompositeMLLMForCausalLM
 from modeling_composite.processing_composite import CompositeMLLMProcessor
 
@@ -35,8 +37,6 @@ def _first_word(text: str) -> str:
 @torch.no_grad()
 def answer_questions(folder: Path, samples: list[dict], media_root: str | None) -> dict[int, str]:
     """Greedy answers (first word) of the composite in `folder` to every sample it has the modalities for."""
-    from training.data import ConversationDataset, DataError
-
     model = CompositeMLLMForCausalLM.from_pretrained(folder).eval()
     processor = CompositeMLLMProcessor.from_pretrained(folder, trust_remote_code=False)
     dataset = ConversationDataset(samples, processor, media_root=media_root)
@@ -60,8 +60,6 @@ def search_weights(recipe: Recipe, compose_candidate, scratch: Path) -> tuple[fl
     `compose_candidate(recipe, folder)` builds a recipe (without weight search) into `folder`, a new folder inside
     `scratch` (the caller's to remove).
     """
-    from training.data import DataError, load_samples
-
     search = recipe.weight_search
     try:
         samples = load_samples(search.data)[: search.max_samples]
@@ -82,8 +80,6 @@ def search_weights(recipe: Recipe, compose_candidate, scratch: Path) -> tuple[fl
                     "agreement needs some for every source."
                 )
     else:
-        from training.data import ROLES
-
         for index, sample in enumerate(samples):
             turns = [turn for turn in sample["conversations"] if ROLES.get(turn.get("from")) == "assistant"]
             if turns and isinstance(turns[-1].get("value"), str):
@@ -104,5 +100,10 @@ def search_weights(recipe: Recipe, compose_candidate, scratch: Path) -> tuple[fl
         else:
             scores[value] = sum(answers.get(i) == a for i, a in answers_given.items()) / len(answers_given)
         logger.info("weight search: λ = %g scores %.3f (%s)", value, scores[value], search.objective)
-    best = max(scores, key=lambda value: (scores[value], -search.grid.index(value)))
-    return best, scores
+    return best_weight(scores), scores
+
+
+def best_weight(scores: Mapping[float, float]) -> float:
+    """The λ of the best score, the first of the grid (the mapping's order) on a tie: the choice of every λ search
+    (this one, and the tiny world's `benchmarks/tinyworld/lambda_search.py`)."""
+    return max(scores, key=scores.__getitem__)

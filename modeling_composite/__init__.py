@@ -1,11 +1,12 @@
 """Composite multimodal LLMs (NaiveMC / DAMC model composition) as transformers models.
 
-The files of this folder other than `builder.py` and `tiny.py` travel as remote code inside every composite folder.
+Every module of this folder travels as remote code inside every composite folder (this `__init__.py`, the installed
+package's entry, does not): they import only torch, transformers and the standard library, and each other relatively.
+Building composites in Python is `composition`, converting published models `conversion`.
 """
 
 from transformers import AutoConfig
 
-from .builder import ModalitySpec, compose, save_composite
 from .configuration_composite import CompositeMLLMConfig
 from .configuration_point_encoder import CompositePointEncoderConfig
 from .modeling_composite import CompositeMLLMForCausalLM, CompositeMLLMModel
@@ -25,7 +26,4 @@ __all__ = [
     "CompositeMLLMProcessor",
     "CompositePointEncoder",
     "CompositePointEncoderConfig",
-    "ModalitySpec",
-    "compose",
-    "save_composite",
 ]

@@ -86,10 +86,11 @@ class CompositeMLLMProcessor(ProcessorMixin):
         feature_extractor: audio feature extractor (e.g. `WhisperFeatureExtractor`).
         tokenizer: the text tokenizer, with every placeholder token added as a special token.
         modalities (`dict[str, dict]`): modality name -> `{"kind", "placeholder", "positions_per_item"}`, plus
-            `num_frames` for video and `num_points` / `point_dims` for point clouds. Written by the builder from the
-            model config so that both agree. Image and video entries may also carry `image_processor_kwargs`, passed
-            to the image processor for that modality's images or frames (e.g. `size`, `crop_size`, `image_mean`,
-            `image_std`), for composed sources that were trained at different resolutions or normalisations.
+            `num_frames` for video and `num_points` / `point_dims` for point clouds, as the model config gives them
+            (`CompositeMLLMConfig.processor_modalities`) so that both agree. Image and video entries may also carry
+            `image_processor_kwargs`, passed to the image processor for that modality's images or frames (e.g.
+            `size`, `crop_size`, `image_mean`, `image_std`), for composed sources that were trained at different
+            resolutions or normalisations.
         chat_template (`str`, *optional*): renders messages whose content items may be of every modality.
     """
 

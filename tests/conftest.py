@@ -18,8 +18,8 @@ atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from modeling_composite.builder import save_composite  # noqa: E402
-from modeling_composite.tiny import build_tiny_composite, tiny_inputs  # noqa: E402
+from composition.saving import save_composite  # noqa: E402
+from fixtures.tiny_composite import build_tiny_composite, tiny_inputs  # noqa: E402
 
 
 PROMPT_ALL = "USER: <image> <video> <audio> <point> What do they share? ASSISTANT:"
@@ -118,7 +118,7 @@ def run_fresh_python(script: str, *args: str, hf_home: Path, timeout: int = 300,
 def tiny_sources(tmp_path_factory):
     """Tiny source models on disk, in the formats people publish, all fine-tuned from one tiny base (a Qwen2 base
     for Qwen2-Audio). Returns name -> folder."""
-    from conversion import tiny_sources as make
+    from fixtures import tiny_sources as make
 
     root = tmp_path_factory.mktemp("sources")
     base = make.save_tiny_base(root / "base")

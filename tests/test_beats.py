@@ -9,7 +9,7 @@ from torch import nn
 
 from conversion.encoder_beats import read_beats_encoder
 from conversion.errors import ConversionError
-from conversion.tiny_sources import beats_checkpoint_state
+from fixtures.tiny_sources import beats_checkpoint_state
 from modeling_composite.configuration_beats import CompositeBeatsConfig
 from modeling_composite.feature_extraction_beats import CompositeBeatsFeatureExtractor, kaldi_mel_scale
 from modeling_composite.modeling_beats import BeatsGateLinear, CompositeBeatsEncoder

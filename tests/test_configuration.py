@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import AutoConfig
 
+from fixtures.tiny_composite import tiny_modality_specs
 from modeling_composite import CompositeMLLMConfig
 from modeling_composite.configuration_modality import ModalityConfig
-from modeling_composite.tiny import tiny_modality_specs
 
 
 def _entries():

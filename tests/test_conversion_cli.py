@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from fake_hub import FakeHub
+from hub_cache import cache_repos
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 
 from conversion.__main__ import main
 from conversion.recipe import parse_recipe
-from conversion.tiny_sources import save_tiny_llava
-from fake_hub import FakeHub
-from hub_cache import cache_repos
-from modeling_composite.tiny import tiny_llm, tiny_tokenizer
+from fixtures.tiny_composite import tiny_llm, tiny_tokenizer
+from fixtures.tiny_sources import save_tiny_llava
 
 
 ROOT = Path(__file__).resolve().parents[1]

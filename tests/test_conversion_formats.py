@@ -10,6 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPVisionModel, SiglipImageProcessorPil
 
+from composition.image_processor import clip_image_processor
 from conversion import compose
 from conversion.composer import image_processor_overrides
 from conversion.detect import detect_format
@@ -17,7 +18,6 @@ from conversion.formats import FORMAT_DEPENDENT_KEYS, SOURCE_FORMATS
 from conversion.locate import Location
 from conversion.recipe import SourceRecipe
 from modeling_composite import CompositeMLLMForCausalLM, CompositeMLLMProcessor
-from modeling_composite.builder import clip_image_processor
 
 
 def test_peft_lora_with_projector_and_encoder(tiny_sources, tmp_path):

@@ -77,7 +77,7 @@ MALFORMED = {
 def test_a_header_the_safetensors_library_refuses_is_refused_naming_the_file(case, tmp_path):
     path = tmp_path / "bad.safetensors"
     path.write_bytes(MALFORMED[case])
-    with pytest.raises(Exception):  # the oracle: the library that transformers loads with refuses it
+    with pytest.raises(Exception):  # noqa: B017 (the oracle: the library that transformers loads with refuses it)
         with safe_open(str(path), framework="pt") as handle:
             for key in handle.keys():
                 handle.get_tensor(key)

@@ -227,7 +227,7 @@ def test_damc_modality_tokens_see_only_their_own_delta(damc, tiny_sources):
 
 
 def test_a_source_from_another_base_is_flagged_and_a_real_fine_tune_is_not(tiny_sources, tmp_path, caplog):
-    from conversion.tiny_sources import save_tiny_base, save_tiny_llava
+    from fixtures.tiny_sources import save_tiny_base, save_tiny_llava
 
     stranger = save_tiny_llava(tmp_path / "stranger", save_tiny_base(tmp_path / "other_base", seed=7))
     base = str(tiny_sources["base"])

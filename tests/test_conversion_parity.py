@@ -5,11 +5,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoProcessor, LlavaForConditionalGeneration, Qwen2AudioForConditionalGeneration
-from transformers import VideoLlavaForConditionalGeneration
+from transformers import (
+    AutoProcessor,
+    LlavaForConditionalGeneration,
+    Qwen2AudioForConditionalGeneration,
+    VideoLlavaForConditionalGeneration,
+)
 
 from conversion import compose
-from conversion.tiny_sources import video_llava_batch
+from fixtures.tiny_sources import video_llava_batch
 from modeling_composite import CompositeMLLMForCausalLM, CompositeMLLMProcessor
 
 

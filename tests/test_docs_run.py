@@ -17,16 +17,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
-from conversion import compose
-from conversion import tiny_sources as make
 from doc_snippets import RUNNER, code_blocks
 from fake_hub import fake_hub  # noqa: F401 - the pytest fixture
 from hub_cache import cache_repos
-from modeling_composite.builder import save_composite
-from modeling_composite.tiny import build_tiny_composite
-from training.media import write_wav
+from PIL import Image
+
+from composition.saving import save_composite
+from conversations.media import write_wav
+from conversion import compose
+from fixtures import tiny_sources as make
+from fixtures.tiny_composite import build_tiny_composite
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from fixtures.tiny_composite import IMAGE_SIZE, MEL_BINS
 from modeling_composite.input_checks import NORMALISED_PIXEL_BOUND, CompositeInputError, check_modality_items
-from modeling_composite.tiny import IMAGE_SIZE, MEL_BINS
 
 
 @pytest.fixture

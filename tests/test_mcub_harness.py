@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hub_cache import cache_repos
 from PIL import Image
 
 from benchmarks.mcub import run
@@ -21,10 +22,9 @@ from benchmarks.mcub.metrics import (
     summarize,
     vqa_normalize,
 )
-from hub_cache import cache_repos
-from modeling_composite.builder import save_composite
-from modeling_composite.tiny import build_tiny_composite
-from training.media import write_wav
+from composition.saving import save_composite
+from conversations.media import write_wav
+from fixtures.tiny_composite import build_tiny_composite
 
 
 QUESTION = "What do they have in common?\nA. red\nB. round\nC. large\nD. loud\nAnswer with the option's letter."

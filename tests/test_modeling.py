@@ -9,8 +9,8 @@ from transformers import (
     LogitsProcessorList,
 )
 
-from modeling_composite.builder import ModalitySpec, compose
-from modeling_composite.tiny import build_tiny_composite, tiny_image_processor, tiny_tokenizer, tiny_vision_encoder
+from composition.compose import ModalitySpec, compose
+from fixtures.tiny_composite import build_tiny_composite, tiny_image_processor, tiny_tokenizer, tiny_vision_encoder
 
 
 def test_generation_with_cache_equals_generation_without(composite, batch_all):

@@ -10,9 +10,9 @@ of read from disk); that case needs a GPU and is not run by this suite."""
 import pytest
 import torch
 
+from composition.saving import save_composite
+from fixtures.tiny_composite import build_tiny_composite, tiny_inputs
 from modeling_composite import CompositeMLLMForCausalLM
-from modeling_composite.builder import save_composite
-from modeling_composite.tiny import build_tiny_composite, tiny_inputs
 
 
 PROMPT = "USER: <image> <video> <audio> <point> What do they share? ASSISTANT:"

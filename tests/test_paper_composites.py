@@ -8,21 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
+from conftest import remote_code_python, run_fresh_python
 from transformers import AutoProcessor
 
+from composition.chat_template import VICUNA_V1_SYSTEM
 from conversion import compose
-from conversion import tiny_sources as make
 from conversion.encoder_beats import read_beats_encoder
 from conversion.encoder_languagebind import read_languagebind_video_encoder
 from conversion.encoder_pointbert import read_pointbert_encoder
 from conversion.errors import ConversionError
 from conversion.paper_cards import CARDS, paper_notes, render_cards
 from conversion.recipe import load_recipe
-from modeling_composite.builder import VICUNA_V1_SYSTEM
+from fixtures import tiny_sources as make
 from modeling_composite.modeling_composite import CompositeMLLMForCausalLM, build_encoder
-
-from conftest import remote_code_python, run_fresh_python
 
 
 RECIPES = Path(__file__).resolve().parent.parent / "conversion" / "recipes"

@@ -6,7 +6,7 @@ import torch
 
 from conversion.encoder_pointbert import read_pointbert_encoder
 from conversion.errors import ConversionError
-from conversion.tiny_sources import pointbert_checkpoint_state
+from fixtures.tiny_sources import pointbert_checkpoint_state
 from modeling_composite.modeling_composite import build_encoder
 from modeling_composite.modeling_point_encoder import farthest_point_sample, group_points
 
@@ -57,7 +57,7 @@ def test_groups_hold_the_nearest_points_relative_to_their_centre_with_colours_un
 
 
 def _published_layout(depth: int = 2, hidden: int = 24) -> dict:
-    """`point_bert_v1.2.pt`'s key names and shape pattern at a tiny size (see `conversion.tiny_sources`)."""
+    """`point_bert_v1.2.pt`'s key names and shape pattern at a tiny size (see `fixtures.tiny_sources`)."""
     return pointbert_checkpoint_state(depth=depth, hidden=hidden, encoder_dims=16, point_dims=6, seed=0)
 
 

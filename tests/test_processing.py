@@ -64,7 +64,7 @@ def test_bad_inputs_raise_value_errors_naming_the_modality(composite, kwargs, me
 
 
 def test_input_for_a_missing_modality_is_refused():
-    from modeling_composite.tiny import build_tiny_composite
+    from fixtures.tiny_composite import build_tiny_composite
 
     _, processor = build_tiny_composite(kinds=("image",))
     with pytest.raises(ValueError, match="no audio modality"):

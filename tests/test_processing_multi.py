@@ -8,8 +8,8 @@ import torch
 from jinja2.exceptions import TemplateError
 from PIL import Image
 
-from modeling_composite import CompositeMLLMProcessor, ModalitySpec, compose
-from modeling_composite.tiny import (
+from composition import ModalitySpec, compose
+from fixtures.tiny_composite import (
     tiny_audio_encoder,
     tiny_feature_extractor,
     tiny_image_processor,
@@ -17,6 +17,7 @@ from modeling_composite.tiny import (
     tiny_tokenizer,
     tiny_vision_encoder,
 )
+from modeling_composite import CompositeMLLMProcessor
 
 
 CHART_MEAN = [0.5, 0.25, 0.75]

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from conversion.errors import ConversionError
 from conversion.projector_qformer import check_qformer_spec, infer_qformer_shape, qformer_projector_weights
 from conversion.tensors import TensorStore
-from conversion.tiny_sources import qformer_projector_shapes
+from fixtures.tiny_sources import qformer_projector_shapes
 from modeling_composite.modeling_qformer_projector import QFormerProjector, parse_qformer_spec
 
 

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 import transformers
-
-from modeling_composite.builder import save_composite
-from modeling_composite.compat import MINIMUM_TRANSFORMERS, TOOLS_MINIMUM_TRANSFORMERS, check_transformers_version
-from modeling_composite.tiny import build_tiny_composite
-
 from conftest import remote_code_python, run_fresh_python
+
+from composition.saving import save_composite
+from fixtures.tiny_composite import build_tiny_composite
+from modeling_composite.compat import MINIMUM_TRANSFORMERS, TOOLS_MINIMUM_TRANSFORMERS, check_transformers_version
 
 
 LOAD_AND_COMPARE = r'''
@@ -241,3 +240,30 @@ def test_every_entry_file_imports_all_the_files_it_needs_itself(saved_composite)
                 reached.add(module)
                 pending.append(module)
         assert reached <= _relative_imports(saved_composite / f"{entry}.py"), (entry, reached)
+
+
+def test_the_remote_code_is_the_folder_and_imports_only_torch_transformers_and_the_standard_library():
+    """Every module of `modeling_composite/` travels inside composite folders (the converter copies them all), so
+    each may import only torch, transformers (with numpy, which transformers requires) and the standard library,
+    and the other files of the folder relatively (`from .file import Name`); building, converting and test fixtures
+    live in other packages."""
+    from conversion.composer import REMOTE_CODE_FILES
+
+    folder = ROOT / "modeling_composite"
+    modules = {path.name for path in folder.glob("*.py")} - {"__init__.py"}
+    assert set(REMOTE_CODE_FILES) == modules
+    # accelerate: imported only where a `device_map` load placed modules (offload.py guards the import).
+    allowed = set(sys.stdlib_module_names) | {"torch", "transformers", "numpy", "accelerate"}
+    for name in sorted(modules):
+        tree = ast.parse((folder / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                roots = {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                roots = {node.module.split(".")[0]}
+            elif isinstance(node, ast.ImportFrom):
+                assert node.level == 1 and (folder / f"{node.module}.py").is_file(), (name, node.module)
+                continue
+            else:
+                continue
+            assert roots <= allowed, (name, roots - allowed)

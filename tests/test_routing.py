@@ -8,11 +8,11 @@ from bitsandbytes.functional import dequantize_4bit
 from safetensors import safe_open
 from transformers import BitsAndBytesConfig
 
-from modeling_composite.builder import save_composite
+from composition.saving import save_composite
+from fixtures.tiny_composite import build_tiny_composite, tiny_llm
+from modeling_composite import state_dict_keys as keys
 from modeling_composite.modeling_composite import CompositeMLLMForCausalLM
 from modeling_composite.routing import DeltaLayout, RoutedLinear, RoutingChannel, UnquantizedFactor, plan_routing
-from modeling_composite import state_dict_keys as keys
-from modeling_composite.tiny import build_tiny_composite, tiny_llm
 
 
 NAMES = ["image", "video", "audio", "point"]

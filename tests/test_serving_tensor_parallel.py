@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from modeling_composite.tiny import build_tiny_composite
+from fixtures.tiny_composite import build_tiny_composite
 from serving.modalities import modality_keys
 from serving.tensor_parallel import routed_factor_tp_plan
 

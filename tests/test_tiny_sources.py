@@ -1,4 +1,4 @@
-"""The tiny source writers (`conversion/tiny_sources.py`): every source loads back the way its users load it, runs on
+"""The tiny source writers (`fixtures/tiny_sources.py`): every source loads back the way its users load it, runs on
 inputs from its own processor, and has exactly the documented files and keys."""
 
 import importlib.util
@@ -25,20 +25,20 @@ from transformers import (
     VideoLlavaImageProcessor,
 )
 
-from conversion.tiny_sources import (
+from fixtures.tiny_composite import tiny_vision_encoder
+from fixtures.tiny_sources import (
     PROJECTIONS,
+    TINY_POINTBERT_WIDTH,
+    qformer_projector_shapes,
     save_tiny_base,
     save_tiny_clip,
     save_tiny_llava,
-    TINY_POINTBERT_WIDTH,
-    qformer_projector_shapes,
     save_tiny_modelcompose,
     save_tiny_peft,
     save_tiny_qwen2_audio,
     save_tiny_video_llava,
     video_llava_batch,
 )
-from modeling_composite.tiny import tiny_vision_encoder
 
 
 LAYERS, HIDDEN, INNER, KV = 2, 64, 128, 32

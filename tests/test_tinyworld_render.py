@@ -21,7 +21,7 @@ from benchmarks.tinyworld.render import (
 )
 from benchmarks.tinyworld.report import accuracy, first_letter, format_table, plot_table
 from benchmarks.tinyworld.world import MODALITIES, Concept, make_concepts
-from training.media import MediaError, load_media
+from conversations.media import MediaError, load_media
 
 
 BASE = Concept(

@@ -8,21 +8,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_fresh_python
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from warning_capture import captured_warnings
 
+from conversations.data import IGNORE_INDEX, ConversationCollator, ConversationDataset, DataError, load_samples
 from conversion import compose
-from conversion.tiny_sources import save_tiny_base
-from conftest import run_fresh_python
+from fixtures.tiny_composite import tiny_image_processor, tiny_vision_encoder
+from fixtures.tiny_sources import save_tiny_base
 from modeling_composite.modeling_composite import CompositeMLLMForCausalLM
 from modeling_composite.processing_composite import CompositeMLLMProcessor
-from modeling_composite.tiny import tiny_image_processor, tiny_vision_encoder
 from training import SourceDataArguments, SourceModelArguments, SourceTrainingArguments, train_source
 from training.__main__ import main as train_main
-from training.data import IGNORE_INDEX, ConversationCollator, ConversationDataset, DataError, load_samples
 from training.distillation import aligned_positions, hidden_state_distillation_loss, load_text_teacher
 from training.model import SourceModelError, build_source_model, load_encoder, trainable_parameter_groups
-from warning_capture import captured_warnings
 
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220)}

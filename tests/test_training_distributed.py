@@ -18,11 +18,11 @@ from safetensors.torch import load_file
 from benchmarks.tinyworld.base import base_llm, world_tokenizer
 from benchmarks.tinyworld.datasets import write_source_data
 from benchmarks.tinyworld.world import make_concepts
+from conversations.data import ConversationCollator, ConversationDataset, load_samples
 from conversion import compose
+from fixtures.tiny_composite import tiny_image_processor, tiny_vision_encoder
 from modeling_composite.modeling_composite import CompositeMLLMForCausalLM
 from modeling_composite.processing_composite import CompositeMLLMProcessor
-from modeling_composite.tiny import tiny_image_processor, tiny_vision_encoder
-from training.data import ConversationCollator, ConversationDataset, load_samples
 
 
 REPOSITORY = Path(__file__).resolve().parent.parent

@@ -19,10 +19,18 @@ SHARED_KIND = "chart"
 def build_servable_composite(folder: Path, method: str) -> Path:
     """A tiny DAMC or NaiveMC composite of image, chart (a second image modality), video, audio and point, saved in
     `folder`."""
-    from modeling_composite.builder import ModalitySpec, compose, save_composite
-    from modeling_composite.tiny import tiny_feature_extractor, tiny_image_processor, tiny_llm, tiny_tokenizer
-    from modeling_composite.tiny import tiny_modality_specs, tiny_vision_encoder
     import torch
+
+    from composition.compose import ModalitySpec, compose
+    from composition.saving import save_composite
+    from fixtures.tiny_composite import (
+        tiny_feature_extractor,
+        tiny_image_processor,
+        tiny_llm,
+        tiny_modality_specs,
+        tiny_tokenizer,
+        tiny_vision_encoder,
+    )
 
     lora_rank = 4 if method == "damc" else None
     specs = tiny_modality_specs(("image", "video", "audio", "point"), lora_rank)

@@ -15,9 +15,10 @@ import sys
 
 from transformers import HfArgumentParser, TrainerCallback
 
+from conversations.data import DataError
+from conversations.media import MediaError
+
 from .arguments import SourceDataArguments, SourceModelArguments, SourceTrainingArguments
-from .data import DataError
-from .media import MediaError
 from .model import SourceModelError
 from .trainer import train_source
 

@@ -25,11 +25,11 @@ from transformers import (
 )
 from transformers.utils import cached_file
 
+from composition.compose import ModalitySpec, compose
 from conversion.encoders import not_an_encoder, read_vision_tower
 from conversion.errors import ConversionError
 from conversion.locate import locate
 from conversion.sources import align_encoder_keys
-from modeling_composite.builder import ModalitySpec, compose
 from modeling_composite.configuration_composite import DEFAULT_LORA_TARGET_MODULES
 from modeling_composite.configuration_modality import MODALITY_KINDS, parse_feature_layer
 from modeling_composite.configuration_point_encoder import CompositePointEncoderConfig

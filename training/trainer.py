@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, set_seed
 
-from modeling_composite.builder import register_composite_auto_classes
+from composition.saving import register_composite_auto_classes
+from conversations.data import ConversationCollator, ConversationDataset, load_samples
 
 from .arguments import SourceDataArguments, SourceModelArguments, SourceTrainingArguments
-from .data import ConversationCollator, ConversationDataset, load_samples
 from .distillation import hidden_state_distillation_loss, load_text_teacher
 from .model import SourceModelError, build_source_model, trainable_parameter_groups
 from .validation import validate_dataset

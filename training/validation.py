@@ -5,8 +5,8 @@ stops hours in on a sample that could have been found in seconds."""
 
 import re
 
-from .data import ConversationDataset, DataError
-from .media import MediaError, check_media
+from conversations.data import ConversationDataset, DataError
+from conversations.media import MediaError, check_media
 
 
 def validate_dataset(dataset: ConversationDataset) -> None:

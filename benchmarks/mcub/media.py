@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from training.media import read_wav
+from conversations.media import read_wav
 
 
 logger = logging.getLogger(__name__)

@@ -9,8 +9,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
 
-from modeling_composite.tiny import SPECIAL_TOKENS, wrap_tokenizer
-from training.data import IGNORE_INDEX, ConversationCollator
+from conversations.data import IGNORE_INDEX, ConversationCollator
+from fixtures.tiny_composite import SPECIAL_TOKENS, wrap_tokenizer
 
 from .questions import (
     LETTERS,

@@ -6,6 +6,8 @@ split only reports the choice.
 
 from pathlib import Path
 
+from conversion.weight_search import best_weight
+
 from .evaluate import first_tokens, is_correct, score
 from .questions import mcub_split, unimodal_split
 from .run import METHODS, Settings, compose, load
@@ -50,7 +52,7 @@ def search(work: Path, sources: dict[str, Path], settings: Settings, grid: tuple
                             "folder": str(folder)}
         results[name] = {
             "grid": table,
-            "supervised": max(table, key=lambda v: table[v]["validation"]),
-            "unsupervised": max(table, key=lambda v: table[v]["agreement"]),
+            "supervised": best_weight({v: row["validation"] for v, row in table.items()}),
+            "unsupervised": best_weight({v: row["agreement"] for v, row in table.items()}),
         }
     return results

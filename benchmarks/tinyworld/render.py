@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.media import write_wav
+from conversations.media import write_wav
 
 from .world import Concept
 

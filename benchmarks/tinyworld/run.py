@@ -21,15 +21,15 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from conversion import compose as compose_folder
-from modeling_composite.modeling_composite import CompositeMLLMForCausalLM
-from modeling_composite.processing_composite import CompositeMLLMProcessor
-from modeling_composite.tiny import (
+from fixtures.tiny_composite import (
     tiny_audio_encoder,
     tiny_feature_extractor,
     tiny_image_processor,
     tiny_point_encoder,
     tiny_vision_encoder,
 )
+from modeling_composite.modeling_composite import CompositeMLLMForCausalLM
+from modeling_composite.processing_composite import CompositeMLLMProcessor
 from training import SourceDataArguments, SourceModelArguments, SourceTrainingArguments, train_source
 
 from .base import train_base
