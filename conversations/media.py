@@ -84,7 +84,7 @@ def check_media(path: str | Path, kind: str) -> None:
     except MediaError:
         raise
     except Exception as error:  # whatever a reader raises on a damaged file (Pillow, wave, numpy)
-        raise MediaError(f"{path}: not a readable {kind} file ({type(error).__name__}: {error}).") from None
+        raise MediaError(f"{path}: not a readable {kind} file ({type(error).__name__}: {error}).") from error
 
 
 def _check_npy(path: Path, kind: str) -> None:

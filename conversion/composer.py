@@ -243,7 +243,7 @@ def _write_weights(plan: Plan, folder: Path, shard_bytes: int) -> None:
                 progress.update()
             files = writer.close()
         except OSError as error:
-            raise _write_failed(error) from None
+            raise _write_failed(error) from error
     logger.info("wrote %.1f MB of weights in %s", writer.total_bytes / 1e6, ", ".join(files))
 
 
@@ -306,7 +306,7 @@ def check_chat_template(processor: CompositeMLLMProcessor) -> None:
         raise ConversionError(
             f"chat_template fails on a plain user/assistant exchange ({type(error).__name__}: {error}); fix it, or "
             f"use one of the named templates {list(CHAT_TEMPLATE_NAMES)}."
-        ) from None
+        ) from error
 
 
 def _write_metadata(plan: Plan, processor: CompositeMLLMProcessor, folder: Path, base: BaseModel, recipe: Recipe,
@@ -328,13 +328,13 @@ def _write_metadata(plan: Plan, processor: CompositeMLLMProcessor, folder: Path,
         card = render_model_card(_card_info(plan, recipe, recipe_text, push_to_hub, output))
         card.save(folder / "README.md")
     except OSError as error:
-        raise _write_failed(error) from None
+        raise _write_failed(error) from error
     except Exception as error:
         # The tokenizers library reports its own write errors ("No space left on device (os error 28)") as plain
         # `Exception`; anything more specific is not a write error.
         if type(error) is not Exception:
             raise
-        raise _write_failed(error) from None
+        raise _write_failed(error) from error
 
 
 def _write_failed(error: BaseException) -> ConversionError:
@@ -347,7 +347,7 @@ def _generation_config(base: BaseModel, plan: Plan) -> GenerationConfig:
             generation = GenerationConfig.from_pretrained(base.location.folder)
         except Exception as error:  # a damaged file of the base's, whatever transformers makes of it
             problem = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ConversionError(f"{base.label}: cannot read its generation_config.json ({problem}).") from None
+            raise ConversionError(f"{base.label}: cannot read its generation_config.json ({problem}).") from error
     else:
         generation = GenerationConfig.from_model_config(plan.config.get_text_config())
     tokenizer = plan.tokenizer

@@ -103,5 +103,5 @@ def read_vision_encoder(reference: str | None, label: str) -> Encoder:
     try:
         image_processor = AutoImageProcessor.from_pretrained(location.folder, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as error:
-        raise ConversionError(f"{encoder_label}: cannot load its image processor ({error}).") from None
+        raise ConversionError(f"{encoder_label}: cannot load its image processor ({error}).") from error
     return Encoder(location=location, config=config, weights=weights, image_processor=image_processor)

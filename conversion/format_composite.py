@@ -73,7 +73,7 @@ def read_composite(recipe: SourceRecipe, location: Location) -> Source:
     try:
         processor = CompositeMLLMProcessor.from_pretrained(location.folder, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as error:
-        raise ConversionError(f"{label}: cannot load its processor ({str(error).splitlines()[0]}); the composite folder is incomplete.") from None
+        raise ConversionError(f"{label}: cannot load its processor ({str(error).splitlines()[0]}); the composite folder is incomplete.") from error
     embed_key = "model.language_model.embed_tokens.weight"
     parts = {}
     for name, entry in config.modalities.items():

@@ -64,7 +64,7 @@ def _processor(location: Location, label: str, image_only: bool = False):
         return AutoProcessor.from_pretrained(location.folder, trust_remote_code=False)
     except (ValueError, OSError, KeyError, TypeError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConversionError(f"{label}: cannot load its processor ({first_line}); the folder needs its processor files.") from None
+        raise ConversionError(f"{label}: cannot load its processor ({first_line}); the folder needs its processor files.") from error
 
 
 def _feature_strategy(config, label: str) -> tuple[int, str]:

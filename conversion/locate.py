@@ -86,7 +86,7 @@ def locate(reference: str, what: str) -> Location:
         raise ConversionError(
             f"{what}: {reference!r} is not a local folder and could not be fetched from the Hub ({problem}); "
             "check the id, your network and login (`hf auth login`), or download it and give the local path."
-        ) from None
+        ) from error
     folder = snapshot / sub_folder if sub_folder else snapshot
     if not folder.is_dir():
         raise ConversionError(f"{what}: the Hub repository {repo_id!r} has no folder {sub_folder!r}.")

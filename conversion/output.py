@@ -198,7 +198,7 @@ class OutputRun:
             raise ConversionError(
                 f"Cannot create the output's parent folder {str(self.parent)!r} ({error.strerror}); pick a writable "
                 "place."
-            ) from None
+            ) from error
 
     def _acquire(self) -> None:
         while True:
@@ -208,7 +208,7 @@ class OutputRun:
                 raise ConversionError(
                     f"Cannot write beside the output in {str(self.parent)!r} ({error.strerror}); pick a writable "
                     "place."
-                ) from None
+                ) from error
             try:
                 _lock(fd)
             except BlockingIOError:
@@ -262,7 +262,7 @@ class OutputRun:
         except OSError as error:
             raise ConversionError(
                 f"Cannot write beside the output in {str(self.parent)!r} ({error.strerror}); pick a writable place."
-            ) from None
+            ) from error
         return path
 
     def _is_ours(self, name: object) -> bool:
@@ -339,7 +339,7 @@ def _rename(source: Path, destination: Path) -> None:
                 f"Cannot move the composite into {str(destination)!r}: something else was created there meanwhile "
                 f"({error.strerror}); remove it and run again."
             ) from None
-        raise ConversionError(f"Cannot move the composite into {str(destination)!r} ({error.strerror}).") from None
+        raise ConversionError(f"Cannot move the composite into {str(destination)!r} ({error.strerror}).") from error
 
 
 def _pid_in(lock_path: Path) -> int | None:

@@ -168,7 +168,7 @@ def load_config(folder: Path, label: str) -> PreTrainedConfig:
     try:
         return AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except Exception as error:  # anything transformers raises on a config it cannot use: the source's problem
-        raise ConversionError(f"{label}: cannot read its config.json ({_first_line(error)}).") from None
+        raise ConversionError(f"{label}: cannot read its config.json ({_first_line(error)}).") from error
 
 
 def load_tokenizer(folder: Path, label: str) -> PreTrainedTokenizerBase | None:
@@ -180,7 +180,7 @@ def load_tokenizer(folder: Path, label: str) -> PreTrainedTokenizerBase | None:
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except Exception as error:  # anything the tokenizer libraries raise on files they cannot use: the source's problem
-        raise ConversionError(f"{label}: cannot load its tokenizer ({_first_line(error)}).") from None
+        raise ConversionError(f"{label}: cannot load its tokenizer ({_first_line(error)}).") from error
 
 
 def read_json(path: Path, label: str) -> dict:

@@ -164,7 +164,7 @@ def load_pickle(path: Path, label: str) -> object:
         raise ConversionError(
             f"{label}: {path.name} is not a plain checkpoint of tensors (torch.load with weights_only=True refused "
             f"it: {first_line}); only tensors in plain containers are accepted, never arbitrary pickles."
-        ) from None
+        ) from error
 
 
 # Elements checked per pass for NaN / Inf: bounds the memory the check adds, whatever the tensor's size.
@@ -342,8 +342,8 @@ def weight_files(folder: Path, label: str) -> list[Path]:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError):
-                raise ConversionError(f"{label}: {index_name} is not a valid shard index (no weight_map).") from None
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                raise ConversionError(f"{label}: {index_name} is not a valid shard index (no weight_map).") from error
             if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
                 raise ConversionError(f"{label}: {index_name} has a weight_map that does not map names to files.")
             escaping = sorted({name for name in weight_map.values() if not _stays_inside(name)})

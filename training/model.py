@@ -66,7 +66,7 @@ def load_encoder(location: str) -> PreTrainedModel:
     try:
         config = json.loads(Path(cached_file(location, "config.json")).read_text())
     except (OSError, ValueError) as error:
-        raise SourceModelError(f"{label}: no readable config.json ({str(error).splitlines()[0]}).") from None
+        raise SourceModelError(f"{label}: no readable config.json ({str(error).splitlines()[0]}).") from error
     model_type = config.get("model_type")
     if model_type == CompositePointEncoderConfig.model_type:
         return CompositePointEncoder.from_pretrained(location)
@@ -99,7 +99,7 @@ def _loading(argument: str, location: str) -> Iterator[None]:
         yield
     except OSError as error:
         problem = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SourceModelError(f"{argument} {location}: cannot be loaded ({problem}).") from None
+        raise SourceModelError(f"{argument} {location}: cannot be loaded ({problem}).") from error
 
 
 def recorded_reference(location: str) -> str:
@@ -120,7 +120,7 @@ def _preprocessor(kind: str, location: str) -> dict[str, Any]:
         raise SourceModelError(
             f"{location}: no {kind} preprocessor config ({str(error).splitlines()[0]}); pass --processor with a "
             "folder that has one."
-        ) from None
+        ) from error
     return {}
 
 

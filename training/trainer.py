@@ -115,7 +115,7 @@ def _text_teacher(model, args: SourceTrainingArguments):
         raise SourceModelError(
             f"The text teacher {location!r} ({origin}) cannot be loaded: {str(error).strip().splitlines()[0]} Pass "
             "--text_distillation_teacher with the base LLM's folder or Hub id."
-        ) from None
+        ) from error
 
 
 def train_source(

@@ -109,7 +109,7 @@ def load_processor(model: str | Path) -> Any:
         raise BenchmarkError(
             f"--model {model}: not a composite folder, and it cannot be loaded from the Hub ({problem}); check the "
             "path or the repo id, your network and login (`hf auth login`)."
-        ) from None
+        ) from error
     if not isinstance(getattr(processor, "modalities", None), dict) or not processor.modalities:
         raise BenchmarkError(f"--model {model}: its processor has no `modalities`; this harness needs a composite.")
     return processor
