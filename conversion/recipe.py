@@ -21,6 +21,7 @@ from the file's folder.
 import logging
 import math
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,6 +194,13 @@ def merge_weight(where: str, value: Any) -> float:
     return float(value)
 
 
+def _one_of(where: str, value: Any, choices: Collection[str], note: str = "") -> Any:
+    """`value` if it is one of `choices`; else an error that names the key and the choices."""
+    if value not in choices:
+        raise ConversionError(f"{where} {value!r} is unknown; use one of {list(choices)}{note}.")
+    return value
+
+
 def _require_str(where: str, value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ConversionError(f"{where} must be a non-empty string, got {value!r}.")
@@ -264,9 +272,7 @@ def _parse_source(index: int, raw: Any) -> SourceRecipe:
         raise ConversionError(f"{where} has no `path` (a local folder or a Hub id).")
     source = SourceRecipe(path=_require_str(f"{where}.path", raw["path"]), index=index)
     if raw.get("format") is not None:
-        if raw["format"] not in SOURCE_FORMATS:
-            raise ConversionError(f"{where}.format {raw['format']!r} is unknown; use one of {list(SOURCE_FORMATS)}.")
-        source.format = raw["format"]
+        source.format = _one_of(f"{where}.format", raw["format"], SOURCE_FORMATS)
     if raw.get("weight") is not None:
         source.weight = merge_weight(f"{where}.weight", raw["weight"])
     modalities = raw.get("modalities")
@@ -290,9 +296,7 @@ def _parse_source(index: int, raw: Any) -> SourceRecipe:
         if raw.get(key) is not None:
             setattr(source, key, _require_str(f"{where}.{key}", raw[key]))
     if raw.get("kind") is not None:
-        if raw["kind"] not in MODALITY_KINDS:
-            raise ConversionError(f"{where}.kind {raw['kind']!r} is unknown; use one of {list(MODALITY_KINDS)}.")
-        source.kind = raw["kind"]
+        source.kind = _one_of(f"{where}.kind", raw["kind"], MODALITY_KINDS)
     if raw.get("feature_layer") is not None:
         layer = raw["feature_layer"]
         try:
@@ -301,9 +305,9 @@ def _parse_source(index: int, raw: Any) -> SourceRecipe:
             # The parser's message names the config field; this one the recipe key.
             raise ConversionError(f"{where}.feature_layer must be an integer (e.g. -2) or 'last', got {layer!r}.") from None
     if raw.get("feature_select") is not None:
-        if raw["feature_select"] not in FEATURE_SELECTIONS:
-            raise ConversionError(f"{where}.feature_select must be 'patch' (drop CLS) or 'full', got {raw['feature_select']!r}.")
-        source.feature_select = raw["feature_select"]
+        source.feature_select = _one_of(
+            f"{where}.feature_select", raw["feature_select"], FEATURE_SELECTIONS, " ('patch' drops CLS, 'full' keeps it)"
+        )
     if raw.get("rank") is not None:
         source.rank = _parse_rank(f"{where}.rank", raw["rank"])
     return source
@@ -324,16 +328,15 @@ def parse_recipe(raw: Any, text: str = "") -> Recipe:
         raise ConversionError(f"A recipe must be a YAML mapping with `base`, `method` and `sources`, got {type(raw).__name__}.")
     _unknown_keys("recipe", raw, _TOP_LEVEL_KEYS)
     method = raw.get("method", "naive")
-    if method not in METHODS:
-        raise ConversionError(f"method {method!r} is unknown; use one of {list(METHODS)}.")
+    _one_of("method", method, METHODS)
     if "base" not in raw:
         raise ConversionError("The recipe has no `base` (the base LLM every source was fine-tuned from).")
     sources_raw = raw.get("sources")
     if not isinstance(sources_raw, list) or not sources_raw:
         raise ConversionError("The recipe needs `sources`: a non-empty list of source models.")
     dtype = raw.get("dtype")
-    if dtype is not None and dtype not in DTYPES:
-        raise ConversionError(f"dtype {dtype!r} is unknown; use one of {list(DTYPES)}.")
+    if dtype is not None:
+        _one_of("dtype", dtype, DTYPES)
     name = raw.get("name")
     if name is not None:
         name = _require_str("name", str(name))
@@ -429,8 +432,7 @@ def _parse_weight_search(raw: Any) -> WeightSearch | None:
         raise ConversionError(f"weight_search.grid must be a non-empty list of numbers (λ candidates), got {grid!r}.")
     grid = [merge_weight(f"weight_search.grid[{index}]", value) for index, value in enumerate(grid)]
     objective = raw.get("objective", "agreement")
-    if objective not in WEIGHT_SEARCH_OBJECTIVES:
-        raise ConversionError(f"weight_search.objective {objective!r} is unknown; use one of {list(WEIGHT_SEARCH_OBJECTIVES)}.")
+    _one_of("weight_search.objective", objective, WEIGHT_SEARCH_OBJECTIVES)
     max_samples = raw.get("max_samples", 200)
     if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
         raise ConversionError(f"weight_search.max_samples must be a positive integer, got {max_samples!r}.")
