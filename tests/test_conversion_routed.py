@@ -58,8 +58,8 @@ def _modality_hidden_states(model, processor, placeholder: str, reference) -> tu
         got = model(**batch, output_hidden_states=True).hidden_states[-1]
     hook.remove()
     name = placeholder.strip("<>")
-    positions = int((batch["input_ids"][0] == model.config.modalities[name]["placeholder_id"]).sum())
-    assert batch["input_ids"][0, :positions].eq(model.config.modalities[name]["placeholder_id"]).all()
+    positions = int((batch["input_ids"][0] == model.config.modalities[name].placeholder_id).sum())
+    assert batch["input_ids"][0, :positions].eq(model.config.modalities[name].placeholder_id).all()
     with torch.no_grad():
         expected = reference.model(inputs_embeds=captured["embeds"][:, :positions]).last_hidden_state
     return got[:, :positions], expected
@@ -71,7 +71,7 @@ def _text_logits(model, processor, reference) -> tuple[torch.Tensor, torch.Tenso
         expected = reference(**batch).logits
         got = model(**batch).logits
     # The base vocabulary: placeholder rows come from their own sources.
-    vocab = min(entry["placeholder_id"] for entry in model.config.modalities.values())
+    vocab = min(entry.placeholder_id for entry in model.config.modalities.values())
     return got[..., :vocab], expected[..., :vocab]
 
 
