@@ -332,3 +332,15 @@ def test_each_rule_entry_declares_what_the_recipe_takes(rule, tmp_path):
     assert settings.rule == rule and settings.normalizes is spec.default_normalize
     for alias in spec.aliases:
         assert merge_rule(alias) is spec and parse(f"{{rule: {alias}}}").rule == rule
+
+
+@pytest.mark.parametrize("rule", sorted(MERGE_RULES))
+def test_a_rule_that_declares_a_weighted_sum_merges_as_one(rule):
+    """`is_weighted_sum` is what method routed (stacking the sources' factors) and the converter's weight-space merge
+    rely on: such a rule's merge is `Σ w_i d_i`; every other rule's is not, on deltas whose signs disagree."""
+    generator = torch.Generator().manual_seed(0)
+    deltas = [torch.randn(8, 8, generator=generator) for _ in range(2)]
+    weights = [0.75, 0.5]
+    merged = merge_deltas(deltas, weights, rule, density=0.5, normalize=False)
+    weighted_sum = weights[0] * deltas[0] + weights[1] * deltas[1]
+    assert torch.allclose(merged, weighted_sum) is MERGE_RULES[rule].is_weighted_sum
