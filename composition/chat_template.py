@@ -32,12 +32,13 @@ def default_chat_template(
 ) -> str:
     """A Vicuna-style chat template whose content items may be text or any modality the composite has.
 
-    `modalities` maps each modality name to (at least) its `kind` and `placeholder`, as [`CompositeMLLMConfig.processor_modalities`]
-    gives them. A content item of a kind (`image`, `video`, `audio`, `point` or `point_cloud`) becomes the placeholder
-    of the modality it names in its `"modality"` key, or of the first modality of that kind when it names none,
-    followed by a newline; naming a modality that is not of the item's kind raises an error. `default_system` is
-    written first when the messages hold no system message; `space_after_answer=False` joins an answer's
-    end-of-sequence token directly to the next turn, as LLaVA's `vicuna_v1` does.
+    `modalities` maps each modality name to (at least) its `kind` and `placeholder`, as
+    [`CompositeMLLMConfig.processor_modalities`] gives them. A content item of a kind (`image`, `video`, `audio`,
+    `point` or `point_cloud`) becomes the placeholder of the modality it names in its `"modality"` key, or of the first
+    modality of that kind when it names none, followed by a newline; naming a modality that is not of the item's kind
+    raises an error. `default_system` is written first when the messages hold no system message;
+    `space_after_answer=False` joins an answer's end-of-sequence token directly to the next turn, as LLaVA's
+    `vicuna_v1` does.
     """
     by_kind: dict[str, list[str]] = {}
     for name, entry in modalities.items():

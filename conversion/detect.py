@@ -1,4 +1,5 @@
-"""Which reader a source needs: the recipe's `format:`, or what its files say (the formats: `formats.SOURCE_FORMATS`)."""
+"""Which reader a source needs: the recipe's `format:`, or what its files say (the formats:
+`formats.SOURCE_FORMATS`)."""
 
 import logging
 

@@ -226,9 +226,9 @@ def _check_weight(weight: float, index: int, rule: MergeRule, normalize: bool, n
         raise ConversionError(f"tensor {name!r}: the weight of source {index} must be a finite number, got {weight!r}")
     if rule.elects_sign and normalize and weight < 0:
         raise ConversionError(
-            f"tensor {name!r}: merge rule {rule.name!r} with normalize divides by the weights of the agreeing sources, "
-            f"which must be >= 0, but source {index} has weight {weight!r}; set normalize: false to subtract a task "
-            "vector"
+            f"tensor {name!r}: merge rule {rule.name!r} with normalize divides by the weights of the agreeing "
+            f"sources, which must be >= 0, but source {index} has weight {weight!r}; set normalize: false to subtract "
+            "a task vector"
         )
     return float(weight)
 

@@ -24,7 +24,8 @@ QFORMER_OPTIONS = ("num_positions", "hidden_size", "num_attention_heads", "inter
 _MODALITY_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 def parse_projector_spec(spec: str) -> int:
-    """Number of linear layers in a projector spec: `linear` is 1, `mlp{N}x_gelu` is N (linear layers joined by GELU)."""
+    """Number of linear layers in a projector spec: `linear` is 1, `mlp{N}x_gelu` is N (linear layers joined by
+    GELU)."""
     match = _PROJECTOR_PATTERN.match(spec) if isinstance(spec, str) else None
     if match is None or (match.group(2) is not None and int(match.group(2)) < 1):
         raise ValueError(
@@ -62,7 +63,8 @@ def _check_projector(name: str, spec: str, options: Any) -> None:
         raise ValueError(f"Modality {name!r}: projector_options only apply to Q-Former projectors, not {spec!r}.")
     if not isinstance(options, dict) or set(options) - set(QFORMER_OPTIONS):
         raise ValueError(
-            f"Modality {name!r}: projector_options must be a dict with keys among {list(QFORMER_OPTIONS)}, got {options!r}."
+            f"Modality {name!r}: projector_options must be a dict with keys among {list(QFORMER_OPTIONS)}, "
+            f"got {options!r}."
         )
     for key, value in options.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
