@@ -5,7 +5,7 @@ processor's view, the builder's and the converter's inputs) derives from it."""
 import copy
 import json
 import re
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
@@ -202,6 +202,10 @@ class ModalityConfig:
     def from_dict(cls, name: str, entry: Any) -> "ModalityConfig":
         """The JSON form (one entry of config.json's `modalities`), with its defaults filled; unknown or missing
         fields raise ValueError naming the modality."""
+        if is_dataclass(entry) and type(entry).__name__ == cls.__name__:
+            # This class from another copy of this file: the installed package's beside a composite folder's remote
+            # code (vLLM loads the config from the folder, the plugin reads it with the package's classes).
+            entry = entry.to_dict()
         if not isinstance(entry, dict):
             raise ValueError(f"Modality {name!r}: the entry must be a dict, got {type(entry).__name__}.")
         allowed = [field.name for field in fields(cls)]

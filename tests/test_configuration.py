@@ -135,3 +135,22 @@ def test_modality_configs_and_their_json_form_make_the_same_config():
     from_json = CompositeMLLMConfig(text_config=text_config, modalities=_entries())
     assert from_typed.to_dict()["modalities"] == from_json.to_dict()["modalities"]
     assert all(isinstance(value, dict) for value in from_json.to_dict()["modalities"].values())
+
+
+
+def test_modality_configs_of_a_composite_folders_own_class_are_taken(saved_composite):
+    """vLLM loads a composite's config with the folder's remote code, whose `ModalityConfig` is another class than
+    the installed package's; the package's config and the serving plugin read those entries by their fields."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    from serving.modalities import config_modalities
+
+    folder_class = get_class_from_dynamic_module("configuration_composite.CompositeMLLMConfig", saved_composite)
+    remote = folder_class.from_pretrained(saved_composite)
+    foreign = remote.modalities
+    assert all(type(entry) is not ModalityConfig for entry in foreign.values())
+    expected = {name: entry.to_dict() for name, entry in CompositeMLLMConfig.from_pretrained(saved_composite).modalities.items()}
+    assert {name: entry.to_dict() for name, entry in config_modalities(remote).items()} == expected
+    config = CompositeMLLMConfig(text_config=remote.text_config.to_dict(), modalities=foreign)
+    assert all(type(entry) is ModalityConfig for entry in config.modalities.values())
+    assert {name: entry.to_dict() for name, entry in config.modalities.items()} == expected
