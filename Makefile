@@ -22,6 +22,7 @@ convert-demo: $(VENV)/.installed
 # Lint first (seconds), then the suite (minutes).
 test: $(VENV)/.installed $(OLDEST_VENV)/.installed $(VLLM_VENV)/.installed
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	COMPOSITE_OLDEST_PYTHON="$(abspath $(OLDEST_VENV))/bin/python" $(PYTHON) -m pytest -q
 	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_serving.py
 

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 
-LOADER = r'''
+LOADER = r"""
 import sys
 import numpy as np
 import torch
@@ -67,7 +67,7 @@ for label, inputs in mixes.items():
     output = model.generate(**batch, max_new_tokens=8, do_sample=False)
     answer = processor.decode(output[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     print(f"[generate] {label:<29} -> {answer!r}")
-'''
+"""
 
 
 def write_audio_point_composite(folder: Path) -> Path:

@@ -113,9 +113,11 @@ class StreamedCheckpoint:
             shards[-1].append(entry)
             size += nbytes
         count = len(shards)
-        self.names = ["model.safetensors"] if count == 1 else [
-            f"model-{index:05d}-of-{count:05d}.safetensors" for index in range(1, count + 1)
-        ]
+        self.names = (
+            ["model.safetensors"]
+            if count == 1
+            else [f"model-{index:05d}-of-{count:05d}.safetensors" for index in range(1, count + 1)]
+        )
         self._shards = shards
         self._order = [(shard, key) for shard, members in enumerate(shards) for key, _, _ in members]
         self._next = 0
@@ -134,7 +136,11 @@ class StreamedCheckpoint:
         header, offset = {"__metadata__": {"format": "pt"}}, 0
         for key, shape, dtype in self._shards[shard]:
             nbytes = _nbytes(shape, dtype)
-            header[key] = {"dtype": self._DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[key] = {
+                "dtype": self._DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
             offset += nbytes
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes
@@ -241,17 +247,35 @@ def write_sources(workdir: Path, shape: LlmShape, shard_bytes: int) -> dict[str,
     save_tiny_llava(templates / "llava", templates / "base")
     lora = {"r": LORA_RANK, "alpha": 2.0 * LORA_RANK}
     model, processor = compose(
-        tiny_llm(), tiny_tokenizer(),
-        {"image": ModalitySpec(kind="image", encoder=tiny_vision_encoder(), feature_layer=-2, feature_select="patch",
-                               prefix_tokens=2, suffix_tokens=2, lora=lora)},
-        image_processor=tiny_image_processor(), text_lora={**lora, "folded": False},
+        tiny_llm(),
+        tiny_tokenizer(),
+        {
+            "image": ModalitySpec(
+                kind="image",
+                encoder=tiny_vision_encoder(),
+                feature_layer=-2,
+                feature_select="patch",
+                prefix_tokens=2,
+                suffix_tokens=2,
+                lora=lora,
+            )
+        },
+        image_processor=tiny_image_processor(),
+        text_lora={**lora, "folded": False},
         composition={"method": "source", "note": "synthetic benchmark source"},
     )
     save_composite(model, processor, templates / "damc")
 
-    llm_config = LlamaConfig(**asdict(shape), max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
-                             pad_token_id=3, tie_word_embeddings=False, dtype="bfloat16",
-                             architectures=["LlamaForCausalLM"])
+    llm_config = LlamaConfig(
+        **asdict(shape),
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+        architectures=["LlamaForCausalLM"],
+    )
     text_fields = json.loads(llm_config.to_json_string())
     for name in ("base", *(f"llm_{index}" for index in range(SOURCES))):
         folders[name].mkdir(parents=True)
@@ -284,14 +308,16 @@ def write_sources(workdir: Path, shape: LlmShape, shard_bytes: int) -> dict[str,
     damc_owner = {}
     for key in damc_keys:
         if key.startswith("model.language_model.") and key.endswith(".base_layer.weight"):
-            damc_owner["model." + key[len("model.language_model."):].replace(".base_layer.weight", ".weight")] = key
+            damc_owner["model." + key[len("model.language_model.") :].replace(".base_layer.weight", ".weight")] = key
         elif key.startswith("model.language_model."):
-            damc_owner["model." + key[len("model.language_model."):]] = key
+            damc_owner["model." + key[len("model.language_model.") :]] = key
         elif key == "lm_head.weight":
             damc_owner[key] = key
     for key, (shape, _) in llm_keys.items():
-        llava_key = "model.language_model." + key[len("model."):] if key.startswith("model.") else key
-        operations.append(("base", key, shape, torch.bfloat16, lambda k=key, s=shape: base_of(k, s).to(torch.bfloat16)))
+        llava_key = "model.language_model." + key[len("model.") :] if key.startswith("model.") else key
+        operations.append(
+            ("base", key, shape, torch.bfloat16, lambda k=key, s=shape: base_of(k, s).to(torch.bfloat16))
+        )
         for index in range(SOURCES):
             produce = tuned(key, shape, index)
             holder: dict[str, torch.Tensor] = {}
@@ -307,8 +333,15 @@ def write_sources(workdir: Path, shape: LlmShape, shard_bytes: int) -> dict[str,
             operations.append((f"llm_{index}", key, shape, torch.bfloat16, once))
         for index in range(SOURCES):
             # Training freezes the base LLM: a decoupled source holds W0 itself; its text delta is the text LoRA.
-            operations.append((f"damc_{index}", damc_owner[key], shape, torch.bfloat16,
-                               lambda k=key, s=shape: base_of(k, s).to(torch.bfloat16)))
+            operations.append(
+                (
+                    f"damc_{index}",
+                    damc_owner[key],
+                    shape,
+                    torch.bfloat16,
+                    lambda k=key, s=shape: base_of(k, s).to(torch.bfloat16),
+                )
+            )
     for kind, keys in (("llava", llava_keys), ("damc", damc_keys)):
         covered = {op[1] for op in operations if op[0] == f"{kind}_0"}
         missing = covered - set(keys)
@@ -327,8 +360,9 @@ def write_sources(workdir: Path, shape: LlmShape, shard_bytes: int) -> dict[str,
                 operations.append((f"{kind}_{index}", key, shape, dtype, produce))
 
     writers = {
-        name: StreamedCheckpoint(folder, [(key, shape, dtype) for owner, key, shape, dtype, _ in operations if owner == name],
-                                 shard_bytes)
+        name: StreamedCheckpoint(
+            folder, [(key, shape, dtype) for owner, key, shape, dtype, _ in operations if owner == name], shard_bytes
+        )
         for name, folder in folders.items()
     }
     for owner, key, _, _, produce in operations:
@@ -388,8 +422,9 @@ def run_measured(command: list[str], log: Path) -> Measurement:
         _, status, usage = os.wait4(process.pid, 0)
         process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed with status {process.returncode}; see {log}:\n"
-                           + log.read_text()[-3000:])
+        raise RuntimeError(
+            f"{' '.join(command)} failed with status {process.returncode}; see {log}:\n" + log.read_text()[-3000:]
+        )
     return Measurement(wall, usage.ru_maxrss * 1024, peak_anon[0], int(io["rchar"]), int(io["read_bytes"]))
 
 
@@ -434,6 +469,7 @@ def _yaml(data: dict, path: Path) -> Path:
 
 def _same_merge(ours: Path, theirs: Path) -> float:
     """Max |ours - mergekit| over a few LLM tensors of both outputs (they compute the same mean of the three LLMs)."""
+
     def tensors(folder: Path, names: list[str]) -> dict[str, torch.Tensor]:
         found = {}
         for file in _weight_files(folder):
@@ -452,15 +488,29 @@ def measure(folders: dict[str, Path], workdir: Path, shard_size: str, repeats: i
     outputs.mkdir(exist_ok=True)
     renames = [{"image": f"image_{index}"} for index in range(SOURCES)]
     recipes = {
-        "ours naive-linear": {"method": "naive", "base": str(folders["base"]), "merge": {"rule": "linear"},
-                              "dtype": "bfloat16",
-                              "sources": [{"path": str(folders[f"llava_{i}"]), "rename": renames[i]} for i in range(SOURCES)]},
-        "ours damc": {"method": "damc", "base": str(folders["base"]), "merge": {"rule": "linear"}, "dtype": "bfloat16",
-                      "sources": [{"path": str(folders[f"damc_{i}"]), "rename": renames[i]} for i in range(SOURCES)]},
+        "ours naive-linear": {
+            "method": "naive",
+            "base": str(folders["base"]),
+            "merge": {"rule": "linear"},
+            "dtype": "bfloat16",
+            "sources": [{"path": str(folders[f"llava_{i}"]), "rename": renames[i]} for i in range(SOURCES)],
+        },
+        "ours damc": {
+            "method": "damc",
+            "base": str(folders["base"]),
+            "merge": {"rule": "linear"},
+            "dtype": "bfloat16",
+            "sources": [{"path": str(folders[f"damc_{i}"]), "rename": renames[i]} for i in range(SOURCES)],
+        },
         # The NaiveMC sources again, each image's tokens with a rank-64 SVD of its own source's delta.
-        "ours routed": {"method": "routed", "base": str(folders["base"]), "merge": {"rule": "linear"},
-                        "dtype": "bfloat16", "rank": ROUTED_RANK,
-                        "sources": [{"path": str(folders[f"llava_{i}"]), "rename": renames[i]} for i in range(SOURCES)]},
+        "ours routed": {
+            "method": "routed",
+            "base": str(folders["base"]),
+            "merge": {"rule": "linear"},
+            "dtype": "bfloat16",
+            "rank": ROUTED_RANK,
+            "sources": [{"path": str(folders[f"llava_{i}"]), "rename": renames[i]} for i in range(SOURCES)],
+        },
     }
     mergekit_config = {
         "merge_method": "linear",
@@ -473,14 +523,36 @@ def measure(folders: dict[str, Path], workdir: Path, shard_size: str, repeats: i
     commands: dict[str, tuple[list[str], list[Path]]] = {}
     for label, recipe in recipes.items():
         path = _yaml(recipe, workdir / f"{label.split()[1]}.yaml")
-        inputs = _weight_files(folders["base"]) + [f for s in recipe["sources"] for f in _weight_files(Path(s["path"]))]
-        commands[label] = ([sys.executable, "-m", "conversion", str(path), str(outputs / label.replace(" ", "_")),
-                            "--force", "--no-verify", "--max-shard-size", shard_size], inputs)
+        inputs = _weight_files(folders["base"]) + [
+            f for s in recipe["sources"] for f in _weight_files(Path(s["path"]))
+        ]
+        commands[label] = (
+            [
+                sys.executable,
+                "-m",
+                "conversion",
+                str(path),
+                str(outputs / label.replace(" ", "_")),
+                "--force",
+                "--no-verify",
+                "--max-shard-size",
+                shard_size,
+            ],
+            inputs,
+        )
     mergekit = ensure_mergekit()
     path = _yaml(mergekit_config, workdir / "mergekit.yaml")
     commands["mergekit linear"] = (
-        [str(mergekit), str(path), str(outputs / "mergekit_linear"), "--no-cuda", "--lazy-unpickle", "--quiet",
-         "--out-shard-size", shard_parameters],
+        [
+            str(mergekit),
+            str(path),
+            str(outputs / "mergekit_linear"),
+            "--no-cuda",
+            "--lazy-unpickle",
+            "--quiet",
+            "--out-shard-size",
+            shard_parameters,
+        ],
         [f for i in range(SOURCES) for f in _weight_files(folders[f"llm_{i}"])],
     )
     results = {}
@@ -503,8 +575,9 @@ def measure(folders: dict[str, Path], workdir: Path, shard_size: str, repeats: i
             "read_bytes": runs[-1].read_bytes,
             "command": command,
         }
-    results["check"] = {"max_abs_diff_ours_vs_mergekit": _same_merge(outputs / "ours_naive-linear",
-                                                                     outputs / "mergekit_linear")}
+    results["check"] = {
+        "max_abs_diff_ours_vs_mergekit": _same_merge(outputs / "ours_naive-linear", outputs / "mergekit_linear")
+    }
     return results
 
 
@@ -530,42 +603,65 @@ def main() -> None:
 
     start = time.perf_counter()
     folders = write_sources(workdir, shape, shard_bytes)
-    print(f"sources ready in {time.perf_counter() - start:.0f} s (not timed below): {shape.parameters() / 1e9:.3f}B "
-          f"parameters, {shape}")
+    print(
+        f"sources ready in {time.perf_counter() - start:.0f} s (not timed below): {shape.parameters() / 1e9:.3f}B "
+        f"parameters, {shape}"
+    )
     largest = max(shape.vocab_size * shape.hidden_size, shape.hidden_size * shape.intermediate_size) * 2
     results = measure(folders, workdir, shard_size, args.repeats, args.cold)
     target = 1.5 * 2**30 + 2 * largest
     report = {
-        "settings": {**vars(args), "parameters": shape.parameters(), "shape": asdict(shape), "shard_size": shard_size,
-                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "settings": {
+            **vars(args),
+            "parameters": shape.parameters(),
+            "shape": asdict(shape),
+            "shard_size": shard_size,
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+        },
         "results": results,
         "largest_tensor_bytes_bf16": largest,
         "rss_target_bytes": target,
         "ours/mergekit": {
             "wall": results["ours naive-linear"]["wall_s"] / results["mergekit linear"]["wall_s"],
             "peak_rss": results["ours naive-linear"]["peak_rss_bytes"] / results["mergekit linear"]["peak_rss_bytes"],
-            "peak_anon_rss": (results["ours naive-linear"]["peak_anon_rss_bytes"]
-                              / results["mergekit linear"]["peak_anon_rss_bytes"]),
+            "peak_anon_rss": (
+                results["ours naive-linear"]["peak_anon_rss_bytes"] / results["mergekit linear"]["peak_anon_rss_bytes"]
+            ),
         },
     }
     gib = 2**30
-    print(f"\nconversion: {SOURCES} sources of a {shape.parameters() / 1e9:.3f}B LLM, bf16, {shard_size} shards, "
-          f"{'cold' if args.cold else 'warm'} page cache, {os.cpu_count()} CPUs, median of {args.repeats}")
-    print(f"{'tool':<18} {'wall s':>8} {'read GB':>8} {'GB/s':>6} {'peak RSS GiB':>13} {'anon GiB':>9} "
-          f"{'rchar GB':>9} {'disk GB':>8}")
+    print(
+        f"\nconversion: {SOURCES} sources of a {shape.parameters() / 1e9:.3f}B LLM, bf16, {shard_size} shards, "
+        f"{'cold' if args.cold else 'warm'} page cache, {os.cpu_count()} CPUs, median of {args.repeats}"
+    )
+    print(
+        f"{'tool':<18} {'wall s':>8} {'read GB':>8} {'GB/s':>6} {'peak RSS GiB':>13} {'anon GiB':>9} "
+        f"{'rchar GB':>9} {'disk GB':>8}"
+    )
     for label in ("ours naive-linear", "ours damc", "ours routed", "mergekit linear"):
         row = results[label]
-        print(f"{label:<18} {row['wall_s']:>8.1f} {row['input_bytes'] / 1e9:>8.2f} "
-              f"{row['throughput_bytes_per_s'] / 1e9:>6.2f} {row['peak_rss_bytes'] / gib:>13.2f} "
-              f"{row['peak_anon_rss_bytes'] / gib:>9.2f} {row['rchar'] / 1e9:>9.2f} {row['read_bytes'] / 1e9:>8.2f}")
+        print(
+            f"{label:<18} {row['wall_s']:>8.1f} {row['input_bytes'] / 1e9:>8.2f} "
+            f"{row['throughput_bytes_per_s'] / 1e9:>6.2f} {row['peak_rss_bytes'] / gib:>13.2f} "
+            f"{row['peak_anon_rss_bytes'] / gib:>9.2f} {row['rchar'] / 1e9:>9.2f} {row['read_bytes'] / 1e9:>8.2f}"
+        )
     ratios = report["ours/mergekit"]
-    print(f"\nours / mergekit (naive-linear vs linear): time {ratios['wall']:.2f} (target <= 1.0), peak RSS "
-          f"{ratios['peak_rss']:.2f}, peak anonymous RSS {ratios['peak_anon_rss']:.2f}")
-    print(f"peak RSS target: 1.5 GiB + 2 x largest tensor ({largest / 1e6:.0f} MB) = {target / gib:.2f} GiB; "
-          + ", ".join(f"{label}: {'met' if results[label]['peak_rss_bytes'] <= target else 'missed'}"
-                      for label in ("ours naive-linear", "ours damc", "ours routed")))
-    print(f"same merge: max |ours - mergekit| over sampled LLM tensors = "
-          f"{results['check']['max_abs_diff_ours_vs_mergekit']:.2e}")
+    print(
+        f"\nours / mergekit (naive-linear vs linear): time {ratios['wall']:.2f} (target <= 1.0), peak RSS "
+        f"{ratios['peak_rss']:.2f}, peak anonymous RSS {ratios['peak_anon_rss']:.2f}"
+    )
+    print(
+        f"peak RSS target: 1.5 GiB + 2 x largest tensor ({largest / 1e6:.0f} MB) = {target / gib:.2f} GiB; "
+        + ", ".join(
+            f"{label}: {'met' if results[label]['peak_rss_bytes'] <= target else 'missed'}"
+            for label in ("ours naive-linear", "ours damc", "ours routed")
+        )
+    )
+    print(
+        f"same merge: max |ours - mergekit| over sampled LLM tensors = "
+        f"{results['check']['max_abs_diff_ours_vs_mergekit']:.2e}"
+    )
     print(f"wrote {write_figures(report, args.output)}")
 
 

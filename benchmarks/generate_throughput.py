@@ -39,8 +39,15 @@ RANK = 64
 
 # LLaVA-1.5-7B: Vicuna-7B (Llama-2-7B's shape) and CLIP ViT-L/14 at 336 px (576 image tokens).
 PRESETS = {
-    "llava-7b": {"hidden": 4096, "intermediate": 11008, "layers": 32, "vocab": 32064, "vision_hidden": 1024,
-                 "vision_layers": 24, "image_size": 336},
+    "llava-7b": {
+        "hidden": 4096,
+        "intermediate": 11008,
+        "layers": 32,
+        "vocab": 32064,
+        "vision_hidden": 1024,
+        "vision_layers": 24,
+        "image_size": 336,
+    },
 }
 
 
@@ -51,43 +58,78 @@ def build_models(args: argparse.Namespace, dtype: torch.dtype) -> tuple[dict[str
     image_token_id = len(tokenizer)  # where `compose` puts `<image>`; LLaVA is told the same id
     heads = max(args.hidden // 128, 1)  # Llama-2's heads are 128 wide
     text_config = LlamaConfig(
-        hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-        num_attention_heads=heads, num_key_value_heads=heads, vocab_size=args.vocab, max_position_embeddings=4096,
-        bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        vocab_size=args.vocab,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        tie_word_embeddings=False,
     )
     vision_config = CLIPVisionConfig(
-        hidden_size=args.vision_hidden, intermediate_size=4 * args.vision_hidden, num_hidden_layers=args.vision_layers,
-        num_attention_heads=max(args.vision_hidden // 64, 1), image_size=args.image_size, patch_size=14,
+        hidden_size=args.vision_hidden,
+        intermediate_size=4 * args.vision_hidden,
+        num_hidden_layers=args.vision_layers,
+        num_attention_heads=max(args.vision_hidden // 64, 1),
+        image_size=args.image_size,
+        patch_size=14,
         projection_dim=args.vision_hidden,
     )
     torch.manual_seed(0)
-    llava = LlavaForConditionalGeneration._from_config(LlavaConfig(
-        vision_config=vision_config.to_dict(), text_config=text_config.to_dict(), image_token_index=image_token_id,
-        vision_feature_layer=-2, vision_feature_select_strategy="default",
-    ), dtype=dtype).eval()
+    llava = LlavaForConditionalGeneration._from_config(
+        LlavaConfig(
+            vision_config=vision_config.to_dict(),
+            text_config=text_config.to_dict(),
+            image_token_index=image_token_id,
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+        ),
+        dtype=dtype,
+    ).eval()
     llm = LlamaForCausalLM._from_config(text_config, dtype=dtype).eval()
     llm.model.load_state_dict(llava.model.language_model.state_dict())
     llm.lm_head.load_state_dict(llava.lm_head.state_dict())
-    image_processor = clip_image_processor(size={"shortest_edge": args.image_size},
-                                           crop_size={"height": args.image_size, "width": args.image_size})
+    image_processor = clip_image_processor(
+        size={"shortest_edge": args.image_size}, crop_size={"height": args.image_size, "width": args.image_size}
+    )
 
     def composite(lora: dict | None, text_lora: dict | None):
-        spec = ModalitySpec(kind="image", encoder=llava.model.vision_tower, feature_layer=-2, feature_select="patch",
-                            projector_state_dict=llava.model.multi_modal_projector.state_dict(), lora=lora)
-        return compose(llm, tokenizer, {"image": spec}, image_processor=image_processor, text_lora=text_lora,
-                       composition={"method": "damc" if lora else "naive", "note": "random benchmark composite"})
+        spec = ModalitySpec(
+            kind="image",
+            encoder=llava.model.vision_tower,
+            feature_layer=-2,
+            feature_select="patch",
+            projector_state_dict=llava.model.multi_modal_projector.state_dict(),
+            lora=lora,
+        )
+        return compose(
+            llm,
+            tokenizer,
+            {"image": spec},
+            image_processor=image_processor,
+            text_lora=text_lora,
+            composition={"method": "damc" if lora else "naive", "note": "random benchmark composite"},
+        )
 
     parts, processor = composite(None, None)
-    damc, _ = composite({"r": RANK, "alpha": 2.0 * RANK},
-                        {"r": RANK * args.sources, "alpha": 2.0 * RANK * args.sources, "folded": True})
+    damc, _ = composite(
+        {"r": RANK, "alpha": 2.0 * RANK},
+        {"r": RANK * args.sources, "alpha": 2.0 * RANK * args.sources, "folded": True},
+    )
     generator = torch.Generator().manual_seed(1)  # a CPU generator: draw on the CPU, whatever the default device
     with torch.no_grad():
         for layer in damc.model.routed_layers():
             for factor in layer.factor_parameters():
                 random = torch.randn(factor.shape, generator=generator, device="cpu") * 0.02
                 factor.copy_(random.to(device=factor.device, dtype=factor.dtype))
-    models = {label: model.to(device=args.device, dtype=dtype).eval()
-              for label, model in (("llava", llava), ("parts", parts), ("damc", damc))}
+    models = {
+        label: model.to(device=args.device, dtype=dtype).eval()
+        for label, model in (("llava", llava), ("parts", parts), ("damc", damc))
+    }
     return models, processor, image_token_id
 
 
@@ -100,8 +142,9 @@ def prompt_batch(processor, batch: int, image_size: int, device: str) -> dict[st
     return {key: value.to(device) for key, value in inputs.items()}
 
 
-def _interleaved_times(models: list[str], generate: Callable[[str, int], object], new_tokens: int, repeats: int,
-                       device: str) -> dict[str, dict[str, list[float]]]:
+def _interleaved_times(
+    models: list[str], generate: Callable[[str, int], object], new_tokens: int, repeats: int, device: str
+) -> dict[str, dict[str, list[float]]]:
     """Per model and round: seconds of the prefill alone (one new token), of the whole generation, and their
     difference (the decode). The models take turns within a round, after one warm-up round; a model's prefill and
     whole generation run back to back, so that their difference is not two slow spells apart."""
@@ -138,8 +181,13 @@ def measure(args: argparse.Namespace) -> dict:
     def generate(label: str, new_tokens: int) -> torch.Tensor:
         model = models[label]
         with torch.inference_mode():
-            return model.generate(**(llava_inputs if label == "llava" else inputs), max_new_tokens=new_tokens,
-                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=3)
+            return model.generate(
+                **(llava_inputs if label == "llava" else inputs),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=3,
+            )
 
     outputs = {label: generate(label, args.new_tokens) for label in models}
     prompt_length = inputs["input_ids"].shape[1]
@@ -150,8 +198,9 @@ def measure(args: argparse.Namespace) -> dict:
         "generated_shape": list(new["llava"].shape),
         "parts_tokens_equal_to_llava": float((new["parts"] == new["llava"]).float().mean()),
         # The control: llava against itself, run again (a nondeterministic kernel would show here).
-        "llava_tokens_equal_to_llava_again": float((generate("llava", args.new_tokens)[:, prompt_length:]
-                                                     == new["llava"]).float().mean()),
+        "llava_tokens_equal_to_llava_again": float(
+            (generate("llava", args.new_tokens)[:, prompt_length:] == new["llava"]).float().mean()
+        ),
         "prefill_hidden_max_difference_by_layer": hidden_differences(models, inputs, llava_inputs),
         "huge_page_kib": huge_page_kib(),
     }
@@ -159,7 +208,9 @@ def measure(args: argparse.Namespace) -> dict:
     for label in models:
         median = {key: statistics.median(values) for key, values in times[label].items()}
         figures[label] = {
-            "generate_s": median["generate"], "prefill_s": median["prefill"], "decode_s": median["decode"],
+            "generate_s": median["generate"],
+            "prefill_s": median["prefill"],
+            "decode_s": median["decode"],
             "tokens_per_s": args.batch * args.new_tokens / median["generate"],
             "decode_tokens_per_s": args.batch * (args.new_tokens - 1) / max(median["decode"], 1e-9),
         }
@@ -173,8 +224,9 @@ def measure(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS),
-                        help="a published model's shape (its sizes become the defaults)")
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), help="a published model's shape (its sizes become the defaults)"
+    )
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--intermediate", type=int, default=2816)
     parser.add_argument("--layers", type=int, default=8)
@@ -198,27 +250,40 @@ def main() -> None:
         parser.error("--new-tokens must be at least 2 (the decode rate is taken past the first token)")
     figures = measure(args)
     threads = f"{torch.get_num_threads()} threads" if args.device == "cpu" else torch.cuda.get_device_name(args.device)
-    print(f"generate throughput: Llama hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
-          f"vocab {args.vocab}; CLIP width {args.vision_hidden}, {args.vision_layers} layers, {args.image_size} px "
-          f"({figures['image_positions']} image positions); DAMC: {args.sources} sources, rank {RANK}; batch "
-          f"{args.batch}, {figures['prompt_positions']} prompt positions (left-padded), {args.new_tokens} new tokens, "
-          f"{args.dtype} on {args.device} ({threads}), medians of {args.repeats}")
-    print(f"{'model':<8} {'generate s':>11} {'tokens/s':>9} {'prefill s':>10} {'decode tokens/s':>16} "
-          f"{'generate/llava':>15} {'prefill/llava':>14} {'decode/llava':>13}")
+    print(
+        f"generate throughput: Llama hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
+        f"vocab {args.vocab}; CLIP width {args.vision_hidden}, {args.vision_layers} layers, {args.image_size} px "
+        f"({figures['image_positions']} image positions); DAMC: {args.sources} sources, rank {RANK}; batch "
+        f"{args.batch}, {figures['prompt_positions']} prompt positions (left-padded), {args.new_tokens} new tokens, "
+        f"{args.dtype} on {args.device} ({threads}), medians of {args.repeats}"
+    )
+    print(
+        f"{'model':<8} {'generate s':>11} {'tokens/s':>9} {'prefill s':>10} {'decode tokens/s':>16} "
+        f"{'generate/llava':>15} {'prefill/llava':>14} {'decode/llava':>13}"
+    )
     for label in ("llava", "parts", "damc"):
         row = figures[label]
         ratios = figures.get(f"{label}/llava", {"generate_time": 1.0, "prefill_time": 1.0, "decode_time": 1.0})
-        print(f"{label:<8} {row['generate_s']:>11.3f} {row['tokens_per_s']:>9.1f} {row['prefill_s']:>10.3f} "
-              f"{row['decode_tokens_per_s']:>16.1f} {ratios['generate_time']:>15.3f} {ratios['prefill_time']:>14.3f} "
-              f"{ratios['decode_time']:>13.3f}")
-    print(f"parts' greedy tokens equal to llava's: {figures['parts_tokens_equal_to_llava']:.1%} ({args.dtype}; llava "
-          f"run again: {figures['llava_tokens_equal_to_llava_again']:.1%})")
+        print(
+            f"{label:<8} {row['generate_s']:>11.3f} {row['tokens_per_s']:>9.1f} {row['prefill_s']:>10.3f} "
+            f"{row['decode_tokens_per_s']:>16.1f} {ratios['generate_time']:>15.3f} {ratios['prefill_time']:>14.3f} "
+            f"{ratios['decode_time']:>13.3f}"
+        )
+    print(
+        f"parts' greedy tokens equal to llava's: {figures['parts_tokens_equal_to_llava']:.1%} ({args.dtype}; llava "
+        f"run again: {figures['llava_tokens_equal_to_llava_again']:.1%})"
+    )
     differences = figures["prefill_hidden_max_difference_by_layer"]
     parted = next((layer for layer, difference in enumerate(differences) if difference > 0), None)
-    print("prefill hidden states, parts against llava: " + (
-        "bitwise equal at every layer" if parted is None else
-        f"equal up to layer {parted - 1}, then max |difference| {differences[parted]:.3g} at layer {parted} "
-        f"(0 = embeddings), {differences[-1]:.3g} at the last"))
+    print(
+        "prefill hidden states, parts against llava: "
+        + (
+            "bitwise equal at every layer"
+            if parted is None
+            else f"equal up to layer {parted - 1}, then max |difference| {differences[parted]:.3g} at layer {parted} "
+            f"(0 = embeddings), {differences[-1]:.3g} at the last"
+        )
+    )
     if figures["huge_page_kib"] is not None:
         print(f"memory in transparent huge pages: {figures['huge_page_kib'] / 1024:.0f} MiB")
     report = {"settings": vars(args), "device_name": threads, "results": figures}

@@ -32,11 +32,19 @@ from benchmarks import write_figures
 # (label, our `merge:`, mergekit's method and parameters, the two sources' weights)
 CASES = [
     ("linear, normalize", {"rule": "linear", "normalize": True}, ("linear", {}), (1.0, 3.0)),
-    ("task_arithmetic, lambda 1.5", {"rule": "task_arithmetic", "lambda": 1.5}, ("task_arithmetic", {"lambda": 1.5}),
-     (0.5, 0.25)),
+    (
+        "task_arithmetic, lambda 1.5",
+        {"rule": "task_arithmetic", "lambda": 1.5},
+        ("task_arithmetic", {"lambda": 1.5}),
+        (0.5, 0.25),
+    ),
     ("ties 0.3", {"rule": "ties", "density": 0.3}, ("ties", {}), (0.5, 0.5)),
-    ("ties 0.5, no normalize, lambda 0.7", {"rule": "ties", "density": 0.5, "normalize": False, "lambda": 0.7},
-     ("ties", {"normalize": False, "lambda": 0.7}), (1.0, 0.5)),
+    (
+        "ties 0.5, no normalize, lambda 0.7",
+        {"rule": "ties", "density": 0.5, "normalize": False, "lambda": 0.7},
+        ("ties", {"normalize": False, "lambda": 0.7}),
+        (1.0, 0.5),
+    ),
     ("ties 0.3, rescale", {"rule": "ties", "density": 0.3, "rescale": True}, ("ties", {"rescale": True}), (0.5, 0.5)),
     ("ties 1.0, equal weights", {"rule": "ties", "density": 1.0}, ("ties", {}), (0.5, 0.5)),
     ("dare_ties 1.0", {"rule": "dare_ties", "density": 1.0}, ("dare_ties", {}), (0.5, 0.5)),
@@ -55,14 +63,16 @@ def write_sources(workdir: Path) -> dict[str, Path]:
     second = load_file(str(folders["llava_1"] / "model.safetensors"))
     for index, key in enumerate(sorted(base)):
         if index % 2 == 0:
-            source_key = key if key == "lm_head.weight" else "model.language_model." + key[len("model."):]
+            source_key = key if key == "lm_head.weight" else "model.language_model." + key[len("model.") :]
             mirrored = 2 * base[key].double() - first[source_key].double()
             second[source_key] = mirrored.to(first[source_key].dtype)
     save_file(second, str(folders["llava_1"] / "model.safetensors"), metadata={"format": "pt"})
     for index in (0, 1):
         state = load_file(str(folders[f"llava_{index}"] / "model.safetensors"))
-        llm = {key: state[key if key == "lm_head.weight" else "model.language_model." + key[len("model."):]]
-               for key in base}
+        llm = {
+            key: state[key if key == "lm_head.weight" else "model.language_model." + key[len("model.") :]]
+            for key in base
+        }
         folder = workdir / f"llm_{index}"
         folder.mkdir(parents=True, exist_ok=True)
         save_file(llm, str(folder / "model.safetensors"), metadata={"format": "pt"})
@@ -77,20 +87,38 @@ def run_ours(folders: dict[str, Path], merge: dict, weights: tuple[float, float]
     """Our composite's LLM tensors under the plain Llama names, and its placeholder token ids."""
     from conversion import compose
 
-    recipe = {"method": "naive", "base": str(folders["base"]), "merge": merge, "dtype": "float32",
-              "sources": [{"path": str(folders["llava_0"]), "weight": weights[0]},
-                          {"path": str(folders["llava_1"]), "weight": weights[1], "rename": {"image": "chart"}}]}
+    recipe = {
+        "method": "naive",
+        "base": str(folders["base"]),
+        "merge": merge,
+        "dtype": "float32",
+        "sources": [
+            {"path": str(folders["llava_0"]), "weight": weights[0]},
+            {"path": str(folders["llava_1"]), "weight": weights[1], "rename": {"image": "chart"}},
+        ],
+    }
     folder = compose(recipe, output, force=True, verify=False)
     state = load_file(str(folder / "model.safetensors"))
-    placeholders = [entry.placeholder_id
-                    for entry in json.loads((folder / "config.json").read_text())["modalities"].values()]
-    llm = {("lm_head.weight" if key == "lm_head.weight" else "model." + key[len("model.language_model."):]): value
-           for key, value in state.items() if key.startswith("model.language_model.") or key == "lm_head.weight"}
+    placeholders = [
+        entry.placeholder_id for entry in json.loads((folder / "config.json").read_text())["modalities"].values()
+    ]
+    llm = {
+        ("lm_head.weight" if key == "lm_head.weight" else "model." + key[len("model.language_model.") :]): value
+        for key, value in state.items()
+        if key.startswith("model.language_model.") or key == "lm_head.weight"
+    }
     return llm, placeholders
 
 
-def run_mergekit(mergekit: Path, folders: dict[str, Path], method: str, parameters: dict, density: float | None,
-                 weights: tuple[float, float], output: Path) -> dict:
+def run_mergekit(
+    mergekit: Path,
+    folders: dict[str, Path],
+    method: str,
+    parameters: dict,
+    density: float | None,
+    weights: tuple[float, float],
+    output: Path,
+) -> dict:
     models = []
     for index, weight in enumerate(weights):
         model_parameters = {"weight": weight} if density is None else {"weight": weight, "density": density}
@@ -155,8 +183,9 @@ def rescale_difference(mergekit: Path, workdir: Path) -> float:
     mask = (torch.rand(4096, generator=generator) < 0.3).float()
     torch.save({"delta": delta, "mask": mask}, workdir / "rescale.pt")
     python = mergekit.parent / "python"
-    result = subprocess.run([str(python), "-c", RESCALE_CHECK, str(workdir / "rescale.pt")], check=True,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [str(python), "-c", RESCALE_CHECK, str(workdir / "rescale.pt")], check=True, capture_output=True, text=True
+    )
     theirs = torch.tensor(json.loads(result.stdout))
     return (_rescaled(delta, delta * mask) - theirs).abs().max().item()
 
@@ -171,9 +200,12 @@ def main() -> None:
         from benchmarks.conversion_speed import ensure_mergekit
 
         args.mergekit = ensure_mergekit()
-    version = subprocess.run([str(args.mergekit.parent / "python"), "-c",
-                              "import importlib.metadata as m; print(m.version('mergekit'))"],
-                             check=True, capture_output=True, text=True).stdout.strip()
+    version = subprocess.run(
+        [str(args.mergekit.parent / "python"), "-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     args.workdir.mkdir(parents=True, exist_ok=True)
     folders = write_sources(args.workdir)
     rows = []
@@ -182,8 +214,9 @@ def main() -> None:
     for label, merge, (method, parameters), weights in CASES:
         slug = label.replace(" ", "_").replace(",", "")
         ours, placeholders = run_ours(folders, merge, weights, args.workdir / "ours" / slug)
-        theirs = run_mergekit(args.mergekit, folders, method, parameters, merge.get("density"), weights,
-                              args.workdir / "mergekit" / slug)
+        theirs = run_mergekit(
+            args.mergekit, folders, method, parameters, merge.get("density"), weights, args.workdir / "mergekit" / slug
+        )
         worst, count = compare(ours, theirs, placeholders)
         ties, total = exact_ties(folders, weights) if method in ("ties", "dare_ties") else (0, 0)
         tie_text = f"{ties} of {total}" if total else "-"

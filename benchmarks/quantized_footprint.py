@@ -52,31 +52,70 @@ def build_composite(hidden: int, layers: int, vocab: int):
     """The random composite and its processor (bf16)."""
     torch.manual_seed(0)
     heads = max(hidden // 64, 1)
-    llm = LlamaForCausalLM(LlamaConfig(
-        hidden_size=hidden, intermediate_size=hidden * 11 // 4 // 64 * 64, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab, max_position_embeddings=4096,
-        bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False,
-    )).to(torch.bfloat16).eval()
-    vision = AutoModel.from_config(AutoConfig.for_model(
-        "clip_vision_model", hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=4,
-        num_attention_heads=heads, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
-    ))
-    audio = AutoModel.from_config(AutoConfig.for_model(
-        "qwen2_audio_encoder", num_mel_bins=MEL_BINS, encoder_layers=4, encoder_attention_heads=heads,
-        encoder_ffn_dim=4 * hidden, d_model=hidden, max_source_positions=AUDIO_SECONDS * SAMPLING_RATE // 160 // 2,
-    ))
+    llm = (
+        LlamaForCausalLM(
+            LlamaConfig(
+                hidden_size=hidden,
+                intermediate_size=hidden * 11 // 4 // 64 * 64,
+                num_hidden_layers=layers,
+                num_attention_heads=heads,
+                num_key_value_heads=heads,
+                vocab_size=vocab,
+                max_position_embeddings=4096,
+                bos_token_id=1,
+                eos_token_id=2,
+                pad_token_id=3,
+                tie_word_embeddings=False,
+            )
+        )
+        .to(torch.bfloat16)
+        .eval()
+    )
+    vision = AutoModel.from_config(
+        AutoConfig.for_model(
+            "clip_vision_model",
+            hidden_size=hidden,
+            intermediate_size=4 * hidden,
+            num_hidden_layers=4,
+            num_attention_heads=heads,
+            image_size=IMAGE_SIZE,
+            patch_size=PATCH_SIZE,
+        )
+    )
+    audio = AutoModel.from_config(
+        AutoConfig.for_model(
+            "qwen2_audio_encoder",
+            num_mel_bins=MEL_BINS,
+            encoder_layers=4,
+            encoder_attention_heads=heads,
+            encoder_ffn_dim=4 * hidden,
+            d_model=hidden,
+            max_source_positions=AUDIO_SECONDS * SAMPLING_RATE // 160 // 2,
+        )
+    )
     lora = {"r": MODALITY_RANK, "alpha": 2.0 * MODALITY_RANK}
     specs = {
-        "image": ModalitySpec(kind="image", encoder=vision, feature_layer=-2, feature_select="patch", prefix_tokens=2,
-                              suffix_tokens=2, lora=lora),
+        "image": ModalitySpec(
+            kind="image",
+            encoder=vision,
+            feature_layer=-2,
+            feature_select="patch",
+            prefix_tokens=2,
+            suffix_tokens=2,
+            lora=lora,
+        ),
         "audio": ModalitySpec(kind="audio", encoder=audio, prefix_tokens=2, suffix_tokens=2, lora=lora),
     }
     model, processor = compose(
-        llm, tiny_tokenizer(), specs,
-        image_processor=clip_image_processor(size={"shortest_edge": IMAGE_SIZE},
-                                             crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
-        feature_extractor=WhisperFeatureExtractor(feature_size=MEL_BINS, sampling_rate=SAMPLING_RATE,
-                                                  chunk_length=AUDIO_SECONDS),
+        llm,
+        tiny_tokenizer(),
+        specs,
+        image_processor=clip_image_processor(
+            size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+        ),
+        feature_extractor=WhisperFeatureExtractor(
+            feature_size=MEL_BINS, sampling_rate=SAMPLING_RATE, chunk_length=AUDIO_SECONDS
+        ),
         text_lora={"r": TEXT_RANK, "alpha": float(TEXT_RANK), "folded": True},
         composition={"method": "damc", "note": "random benchmark composite"},
     )
@@ -161,8 +200,9 @@ def measure(folder: Path, batch: dict, repeats: int, quant_type: str) -> dict:
         "bf16": {},
         "4-bit": {"quantization_config": BitsAndBytesConfig(**settings)},
         # The factors kept in bf16, as for training on a 4-bit base ("lm_head": transformers' default skip).
-        "4-bit, bf16 factors": {"quantization_config": BitsAndBytesConfig(
-            **settings, llm_int8_skip_modules=[r".*lora_[AB]", "lm_head"])},
+        "4-bit, bf16 factors": {
+            "quantization_config": BitsAndBytesConfig(**settings, llm_int8_skip_modules=[r".*lora_[AB]", "lm_head"])
+        },
     }
     for label, extra in variants.items():
         model = CompositeMLLMForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, **extra).eval()
@@ -178,8 +218,9 @@ def measure(folder: Path, batch: dict, repeats: int, quant_type: str) -> dict:
             "largest_unquantized": largest_unquantized,
             "prefill_s": seconds,
             "linear4bit_modules": sum(type(module).__name__ == "Linear4bit" for module in model.modules()),
-            "unquantized_linears": sorted({name.split(".")[-1] for name, module in model.named_modules()
-                                           if type(module) is torch.nn.Linear}),
+            "unquantized_linears": sorted(
+                {name.split(".")[-1] for name, module in model.named_modules() if type(module) is torch.nn.Linear}
+            ),
         }
         del model
     return results
@@ -192,8 +233,12 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--tokens", type=int, default=128, help="text tokens of the prefill (plus image and audio)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--quant-type", default="nf4", choices=("fp4", "nf4"),
-                        help="bnb_4bit_quant_type (nf4, as the model cards load composites)")
+    parser.add_argument(
+        "--quant-type",
+        default="nf4",
+        choices=("fp4", "nf4"),
+        help="bnb_4bit_quant_type (nf4, as the model cards load composites)",
+    )
     parser.add_argument("--output", default="outputs/benchmarks/quantized_footprint.json")
     args = parser.parse_args()
     if args.hidden % 64:
@@ -212,31 +257,51 @@ def main() -> None:
         for label in quantized_labels
         for kind, key in (("footprint", "get_memory_footprint"), ("by hand", "by_hand"), ("prefill time", "prefill_s"))
     }
-    report = {"settings": vars(args), "threads": torch.get_num_threads(), "positions": batch["input_ids"].shape[1],
-              "results": results, "ratios": ratios}
+    report = {
+        "settings": vars(args),
+        "threads": torch.get_num_threads(),
+        "positions": batch["input_ids"].shape[1],
+        "results": results,
+        "ratios": ratios,
+    }
     mib = 2**20
-    print(f"quantized footprint: Llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; image + audio "
-          f"(4-layer encoders) with rank-{MODALITY_RANK} LoRAs, text rank {TEXT_RANK}; prefill of "
-          f"{batch['input_ids'].shape[1]} positions, CPU with {torch.get_num_threads()} threads, median of "
-          f"{args.repeats}, 4-bit {args.quant_type}")
+    print(
+        f"quantized footprint: Llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; image + audio "
+        f"(4-layer encoders) with rank-{MODALITY_RANK} LoRAs, text rank {TEXT_RANK}; prefill of "
+        f"{batch['input_ids'].shape[1]} positions, CPU with {torch.get_num_threads()} threads, median of "
+        f"{args.repeats}, 4-bit {args.quant_type}"
+    )
     columns = ["bf16", *quantized_labels]
-    print(f"{'':<40}" + "".join(f"{label + ' MiB':>26}" for label in columns)
-          + "".join(f"{label + '/bf16':>26}" for label in quantized_labels))
+    print(
+        f"{'':<40}"
+        + "".join(f"{label + ' MiB':>26}" for label in columns)
+        + "".join(f"{label + '/bf16':>26}" for label in quantized_labels)
+    )
     for label, key in (("get_memory_footprint()", "get_memory_footprint"), ("by hand (with quant state)", "by_hand")):
-        print(f"{label:<40}" + "".join(f"{results[column][key] / mib:>26.1f}" for column in columns)
-              + "".join(f"{results[column][key] / bf16[key]:>26.3f}" for column in quantized_labels))
+        print(
+            f"{label:<40}"
+            + "".join(f"{results[column][key] / mib:>26.1f}" for column in columns)
+            + "".join(f"{results[column][key] / bf16[key]:>26.3f}" for column in quantized_labels)
+        )
     for part in sorted({part for column in columns for part in results[column]["breakdown"]}):
         sizes = [results[column]["breakdown"].get(part, 0) / mib for column in columns]
         print(f"  {part:<38}" + "".join(f"{size:>26.1f}" for size in sizes))
-    print(f"{'prefill ms':<40}" + "".join(f"{results[column]['prefill_s'] * 1e3:>26.1f}" for column in columns)
-          + "".join(f"{results[column]['prefill_s'] / bf16['prefill_s']:>26.3f}" for column in quantized_labels))
+    print(
+        f"{'prefill ms':<40}"
+        + "".join(f"{results[column]['prefill_s'] * 1e3:>26.1f}" for column in columns)
+        + "".join(f"{results[column]['prefill_s'] / bf16['prefill_s']:>26.3f}" for column in quantized_labels)
+    )
     quantized = results["4-bit"]
     met = ratios["by hand 4-bit/bf16"] <= 0.35
-    print(f"\n4-bit: {quantized['linear4bit_modules']} Linear4bit modules; nn.Linear left unquantized: "
-          f"{quantized['unquantized_linears']}. Target 4-bit/bf16 weights <= 0.35: "
-          f"{'met' if met else 'missed'} ({ratios['by hand 4-bit/bf16']:.3f})")
-    print("largest tensors left unquantized in 4-bit: " + ", ".join(
-        f"{name} {size / mib:.1f} MiB" for name, size in quantized["largest_unquantized"]))
+    print(
+        f"\n4-bit: {quantized['linear4bit_modules']} Linear4bit modules; nn.Linear left unquantized: "
+        f"{quantized['unquantized_linears']}. Target 4-bit/bf16 weights <= 0.35: "
+        f"{'met' if met else 'missed'} ({ratios['by hand 4-bit/bf16']:.3f})"
+    )
+    print(
+        "largest tensors left unquantized in 4-bit: "
+        + ", ".join(f"{name} {size / mib:.1f} MiB" for name, size in quantized["largest_unquantized"])
+    )
     print(f"wrote {write_figures(report, args.output)}")
 
 

@@ -42,16 +42,20 @@ def main() -> None:
     _, values, _ = torch.linalg.svd(delta, full_matrices=False)
     full_seconds = time.perf_counter() - start
     total = float(values.square().sum())
-    print(f"delta {args.shape[0]} x {args.shape[1]} fp32, {torch.get_num_threads()} threads; "
-          f"full SVD (torch.linalg.svd): {full_seconds:.1f} s")
+    print(
+        f"delta {args.shape[0]} x {args.shape[1]} fp32, {torch.get_num_threads()} threads; "
+        f"full SVD (torch.linalg.svd): {full_seconds:.1f} s"
+    )
     print(f"{'rank':>6}  {'truncated_svd s':>15}  {'x faster':>8}  {'energy kept':>11}  {'optimum':>8}")
     for rank in args.ranks:
         start = time.perf_counter()
         factors = truncated_svd(delta, rank)
         seconds = time.perf_counter() - start
         optimum = float(values[:rank].square().sum()) / total
-        print(f"{rank:>6}  {seconds:>15.2f}  {full_seconds / seconds:>8.1f}  {factors.kept / factors.total:>11.4f}  "
-              f"{optimum:>8.4f}")
+        print(
+            f"{rank:>6}  {seconds:>15.2f}  {full_seconds / seconds:>8.1f}  {factors.kept / factors.total:>11.4f}  "
+            f"{optimum:>8.4f}"
+        )
 
 
 if __name__ == "__main__":

@@ -67,8 +67,13 @@ class ReferenceLinear(nn.Module):
     plus that adapter's scaled low-rank branch; the text adapter's branch is the sum of the sources' text LoRAs
     `default-{m}`, stacked), summed under the masks. Without masks only the text adapter runs, as in the reference."""
 
-    def __init__(self, base: nn.Linear, adapters: list[list[tuple[torch.Tensor, torch.Tensor]]], scalings: list[float],
-                 masks: _Masks):
+    def __init__(
+        self,
+        base: nn.Linear,
+        adapters: list[list[tuple[torch.Tensor, torch.Tensor]]],
+        scalings: list[float],
+        masks: _Masks,
+    ):
         super().__init__()
         self.base, self.adapters, self.scalings, self.masks = base, adapters, scalings, masks
 
@@ -102,8 +107,9 @@ class ReferenceMLP(nn.Module):
     """The reference's MLP: every adapter's gate and up outputs, then `down_proj` once per adapter on its own SwiGLU
     (so its dense matmul runs once per adapter), summed under the masks. Without masks, the text adapter's chain."""
 
-    def __init__(self, mlp: nn.Module, gate: ReferenceLinear, up: ReferenceLinear, down: ReferenceLinear,
-                 masks: _Masks):
+    def __init__(
+        self, mlp: nn.Module, gate: ReferenceLinear, up: ReferenceLinear, down: ReferenceLinear, masks: _Masks
+    ):
         super().__init__()
         self.mlp, self.gate, self.up, self.down, self.masks = mlp, gate, up, down, masks
 
@@ -124,8 +130,13 @@ def _reference_linear(linear: nn.Linear, routed: RoutedLinear, names: list[str],
         text_delta = routed.delta_weight("text")
         linear.weight.copy_((linear.weight.float() - text_delta).to(linear.weight.dtype))
     rank = text_a.shape[0] // len(names)
-    text = [(text_a[piece * rank : (piece + 1) * rank].detach().clone(),
-             text_b[:, piece * rank : (piece + 1) * rank].detach().clone()) for piece in range(len(names))]
+    text = [
+        (
+            text_a[piece * rank : (piece + 1) * rank].detach().clone(),
+            text_b[:, piece * rank : (piece + 1) * rank].detach().clone(),
+        )
+        for piece in range(len(names))
+    ]
     own = [[tuple(factor.detach().clone() for factor in routed.delta_factors(name))] for name in names]
     scalings = [routed.layout.block(name).scaling for name in ("text", *names)]
     return ReferenceLinear(linear, [text, *own], scalings, masks)
@@ -164,18 +175,34 @@ def build(shape: Shape, dtype: torch.dtype, device: torch.device) -> tuple[dict[
 def _build(shape: Shape, dtype: torch.dtype):
     torch.manual_seed(0)
     hidden, rank, heads = shape.hidden, shape.rank, max(shape.hidden // shape.head_dim, 1)
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=shape.intermediate, num_hidden_layers=shape.layers,
-                         num_attention_heads=heads, num_key_value_heads=heads, vocab_size=1024,
-                         max_position_embeddings=8192)
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        vocab_size=1024,
+        max_position_embeddings=8192,
+    )
     llm = LlamaForCausalLM._from_config(config, dtype=dtype).eval()
     plain = llm.model
     names = [f"m{index}" for index in range(shape.modalities)]
 
     # The DAMC composite of these modalities (a tiny image tower each: only its LLM is timed), built as users build
     # one, with random deltas; its text model is what the benchmark runs, routed by `CompositeMLLMModel.routing`.
-    encoder = CLIPVisionModel._from_config(CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                                            num_attention_heads=2, image_size=32, patch_size=8))
-    specs = {name: ModalitySpec(kind="image", encoder=encoder, lora={"r": rank, "alpha": 2.0 * rank}) for name in names}
+    encoder = CLIPVisionModel._from_config(
+        CLIPVisionConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        )
+    )
+    specs = {
+        name: ModalitySpec(kind="image", encoder=encoder, lora={"r": rank, "alpha": 2.0 * rank}) for name in names
+    }
     text_lora = {"r": rank * len(names), "alpha": 2.0 * rank * len(names), "folded": True}
     composite, _ = compose(llm, tiny_tokenizer(), specs, text_lora=text_lora)
     composite = composite.to(dtype).eval()
@@ -196,18 +223,30 @@ def _build(shape: Shape, dtype: torch.dtype):
             linear, twin = getattr(layer.self_attn, name), getattr(routed_layer.self_attn, name)
             setattr(layer.self_attn, name, _reference_linear(linear, twin, names, masks))
         mlp, twin = layer.mlp, routed_layer.mlp
-        gate, up, down = (_reference_linear(getattr(mlp, name), getattr(twin, name), names, masks)
-                          for name in ("gate_proj", "up_proj", "down_proj"))
+        gate, up, down = (
+            _reference_linear(getattr(mlp, name), getattr(twin, name), names, masks)
+            for name in ("gate_proj", "up_proj", "down_proj")
+        )
         layer.mlp = ReferenceMLP(mlp, gate, up, down, masks)
     # A control: the plain model again, copied last like the variants above. Its time over the plain model's is the
     # noise floor of every ratio here (the same work, only other memory and another turn in each round).
     plain_copy = copy.deepcopy(plain)
-    return ({"plain": plain, "composite": composite, "composite_dense": dense, "reference": reference,
-             "plain_copy": plain_copy}, names, masks)
+    return (
+        {
+            "plain": plain,
+            "composite": composite,
+            "composite_dense": dense,
+            "reference": reference,
+            "plain_copy": plain_copy,
+        },
+        names,
+        masks,
+    )
 
 
-def _interleaved_times(runs: dict[str, Callable[[], None]], repeats: int,
-                       device: torch.device) -> dict[str, list[float]]:
+def _interleaved_times(
+    runs: dict[str, Callable[[], None]], repeats: int, device: torch.device
+) -> dict[str, list[float]]:
     """Seconds of each run per round. The runs take turns (one round = each once, after one warm-up round), so that
     a slow spell of the machine hits every variant of a round alike; ratios are then taken round by round."""
     for run in runs.values():
@@ -219,8 +258,9 @@ def _interleaved_times(runs: dict[str, Callable[[], None]], repeats: int,
     return times
 
 
-def _workload(fraction: float, tokens: int, names: list[str], masks: _Masks, dtype: torch.dtype,
-              device: torch.device) -> torch.Tensor:
+def _workload(
+    fraction: float, tokens: int, names: list[str], masks: _Masks, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
     """The `(1, tokens)` modality index of a prefill whose first `fraction` of tokens are modality tokens, split
     evenly across the modalities; also sets the reference scheme's masks to match. The composite builds its routing
     from the index inside each timed forward, as `CompositeMLLMModel.forward` does."""
@@ -251,18 +291,28 @@ def run_text_model(model: nn.Module, index: torch.Tensor | None, **inputs):
 
 def _prefills(models: dict[str, nn.Module], embeds: torch.Tensor, index: torch.Tensor):
     """One prefill per variant; the composites plan their routing from the modality index in each call."""
-    return {label: (lambda model=model: run_text_model(model, index, inputs_embeds=embeds))
-            for label, model in models.items()}
+    return {
+        label: (lambda model=model: run_text_model(model, index, inputs_embeds=embeds))
+        for label, model in models.items()
+    }
 
 
-def measure(shape: Shape, dtype: torch.dtype, repeats: int, fractions: list[float], device: torch.device,
-            gpu_memory: bool = False) -> dict:
+def measure(
+    shape: Shape,
+    dtype: torch.dtype,
+    repeats: int,
+    fractions: list[float],
+    device: torch.device,
+    gpu_memory: bool = False,
+) -> dict:
     """Times of every workload (and, with `gpu_memory`, each prefill's peak GPU memory) on `device`."""
     models, names, masks = build(shape, dtype, device)
     tokens, hidden = shape.tokens, shape.hidden
     embeds = torch.randn(1, tokens, hidden, dtype=dtype, device=device)
-    figures: dict = {"weights_bytes": {label: weight_bytes(text_model(model)) for label, model in models.items()},
-                     "huge_page_kib": huge_page_kib()}
+    figures: dict = {
+        "weights_bytes": {label: weight_bytes(text_model(model)) for label, model in models.items()},
+        "huge_page_kib": huge_page_kib(),
+    }
     memory: dict = {}
     with torch.inference_mode():
         for fraction in fractions:
@@ -273,7 +323,8 @@ def measure(shape: Shape, dtype: torch.dtype, repeats: int, fractions: list[floa
                     f"{label}_bytes": _gpu_prefill_peak(run, device) for label, run in prefills.items()
                 }
             figures[f"prefill {int(fraction * 100)}% modality"] = {
-                **_row(_interleaved_times(prefills, repeats, device)), "difference_from_ours": _differences(prefills)
+                **_row(_interleaved_times(prefills, repeats, device)),
+                "difference_from_ours": _differences(prefills),
             }
         # One decode step (a text token) on a cache of `tokens` positions.
         masks.value = None  # the reference drops the modality mask whenever there is a cache
@@ -291,8 +342,10 @@ def measure(shape: Shape, dtype: torch.dtype, repeats: int, fractions: list[floa
                 return output
 
             decodes[label] = decode
-        figures["decode step"] = {**_row(_interleaved_times(decodes, repeats * 8, device)),
-                                  "difference_from_ours": _differences(decodes)}
+        figures["decode step"] = {
+            **_row(_interleaved_times(decodes, repeats * 8, device)),
+            "difference_from_ours": _differences(decodes),
+        }
     if gpu_memory:
         figures["peak prefill memory"] = {workload: _memory_ratios(row) for workload, row in memory.items()}
     return figures
@@ -302,8 +355,9 @@ def _differences(runs: dict[str, Callable[[], object]]) -> dict[str, float]:
     """Relative distance (norm of the difference over norm) of the dense variant's and the reference's last hidden
     states from the routed composite's: all three compute the same function, so this is rounding, and a check that
     the baseline does the composite's work rather than some other."""
-    outputs = {label: runs[label]().last_hidden_state.float()
-               for label in ("composite", "composite_dense", "reference")}
+    outputs = {
+        label: runs[label]().last_hidden_state.float() for label in ("composite", "composite_dense", "reference")
+    }
     ours = outputs.pop("composite")
     return {label: float((output - ours).norm() / ours.norm()) for label, output in outputs.items()}
 
@@ -336,7 +390,8 @@ def _row(times: dict[str, list[float]]) -> dict[str, float]:
 
     return {
         **{f"{label}_s": statistics.median(times[label]) for label in VARIANTS},
-        "composite/plain": ratio("composite", "plain"), "composite_dense/plain": ratio("composite_dense", "plain"),
+        "composite/plain": ratio("composite", "plain"),
+        "composite_dense/plain": ratio("composite_dense", "plain"),
         "reference/composite": ratio("reference", "composite"),
         "reference/composite_dense": ratio("reference", "composite_dense"),
         "plain_copy/plain": ratio("plain_copy", "plain"),
@@ -386,8 +441,18 @@ def measure_memory(shape: Shape, fractions: str, dtype_name: str) -> dict:
     """Peak prefill memory of every variant, each in a fresh subprocess."""
     by_variant = {}
     for variant in MEMORY_VARIANTS:
-        command = [sys.executable, "-m", "benchmarks.routing_overhead", "--memory-child", variant,
-                   "--dtypes", dtype_name, "--fractions", fractions, *shape.command_line()]
+        command = [
+            sys.executable,
+            "-m",
+            "benchmarks.routing_overhead",
+            "--memory-child",
+            variant,
+            "--dtypes",
+            dtype_name,
+            "--fractions",
+            fractions,
+            *shape.command_line(),
+        ]
         # A fixed mmap threshold: glibc then returns every block of 64 KiB or more to the system when it is freed
         # (its default threshold grows with use, so a warm-up's freed activations would stay resident and hide the
         # next prefill's peak).
@@ -402,8 +467,9 @@ def measure_memory(shape: Shape, fractions: str, dtype_name: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS),
-                        help="a published LLM's shape (its sizes become the defaults)")
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), help="a published LLM's shape (its sizes become the defaults)"
+    )
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--intermediate", type=int, help="MLP width (default: 11/4 of --hidden, a multiple of 64)")
     parser.add_argument("--layers", type=int, default=8)
@@ -439,30 +505,47 @@ def main() -> None:
     on_gpu = device.type == "cuda"
     where = torch.cuda.get_device_name(device) if on_gpu else f"CPU with {torch.get_num_threads()} threads"
     report = {"settings": vars(args), "threads": torch.get_num_threads(), "device_name": where, "results": {}}
-    print(f"routing overhead: hidden {shape.hidden}, intermediate {shape.intermediate}, {shape.layers} layers, heads "
-          f"of {shape.head_dim}, {shape.tokens} tokens, {shape.modalities} modalities, rank {shape.rank}, {where} "
-          f"(medians of {args.repeats})")
+    print(
+        f"routing overhead: hidden {shape.hidden}, intermediate {shape.intermediate}, {shape.layers} layers, heads "
+        f"of {shape.head_dim}, {shape.tokens} tokens, {shape.modalities} modalities, rank {shape.rank}, {where} "
+        f"(medians of {args.repeats})"
+    )
     for dtype_name in args.dtypes.split(","):
-        figures = measure(shape, getattr(torch, dtype_name), args.repeats, fractions, device,
-                          gpu_memory=on_gpu and not args.no_memory)
+        figures = measure(
+            shape,
+            getattr(torch, dtype_name),
+            args.repeats,
+            fractions,
+            device,
+            gpu_memory=on_gpu and not args.no_memory,
+        )
         report["results"][dtype_name] = figures
         print(f"\n{dtype_name}")
-        print(f"{'workload':<22} {'plain ms':>9} {'ours ms':>9} {'dense ms':>9} {'ref ms':>9} {'ours/plain':>11} "
-              f"{'dense/plain':>12} {'ref/ours':>9} {'ref/dense':>10} {'control':>8}")
+        print(
+            f"{'workload':<22} {'plain ms':>9} {'ours ms':>9} {'dense ms':>9} {'ref ms':>9} {'ours/plain':>11} "
+            f"{'dense/plain':>12} {'ref/ours':>9} {'ref/dense':>10} {'control':>8}"
+        )
         # The timed workloads, apart from the other entries of `figures` (weights, huge pages, GPU memory).
         workloads = {label: row for label, row in figures.items() if isinstance(row, dict) and "plain_s" in row}
         for label, row in workloads.items():
-            print(f"{label:<22} {row['plain_s'] * 1e3:>9.1f} {row['composite_s'] * 1e3:>9.1f} "
-                  f"{row['composite_dense_s'] * 1e3:>9.1f} {row['reference_s'] * 1e3:>9.1f} "
-                  f"{row['composite/plain']:>11.3f} {row['composite_dense/plain']:>12.3f} "
-                  f"{row['reference/composite']:>9.2f} {row['reference/composite_dense']:>10.2f} "
-                  f"{row['plain_copy/plain']:>8.3f}")
+            print(
+                f"{label:<22} {row['plain_s'] * 1e3:>9.1f} {row['composite_s'] * 1e3:>9.1f} "
+                f"{row['composite_dense_s'] * 1e3:>9.1f} {row['reference_s'] * 1e3:>9.1f} "
+                f"{row['composite/plain']:>11.3f} {row['composite_dense/plain']:>12.3f} "
+                f"{row['reference/composite']:>9.2f} {row['reference/composite_dense']:>10.2f} "
+                f"{row['plain_copy/plain']:>8.3f}"
+            )
         differences = [row["difference_from_ours"] for row in workloads.values()]
-        print("outputs' relative difference from ours (largest over the workloads): "
-              + ", ".join(f"{label} {max(row[label] for row in differences):.1e}" for label in differences[0]))
+        print(
+            "outputs' relative difference from ours (largest over the workloads): "
+            + ", ".join(f"{label} {max(row[label] for row in differences):.1e}" for label in differences[0])
+        )
         weights = figures["weights_bytes"]
-        print("weights MiB: " + ", ".join(f"{label} {size / 2**20:.0f}" for label, size in weights.items())
-              + f"; in transparent huge pages: {_mib_or_unknown(figures['huge_page_kib'])}")
+        print(
+            "weights MiB: "
+            + ", ".join(f"{label} {size / 2**20:.0f}" for label, size in weights.items())
+            + f"; in transparent huge pages: {_mib_or_unknown(figures['huge_page_kib'])}"
+        )
         if not args.no_memory:
             if on_gpu:
                 memory = figures.pop("peak prefill memory")
@@ -472,12 +555,16 @@ def main() -> None:
             mib = 2**20
             how = "allocated on the GPU" if on_gpu else "resident set; fresh process per variant"
             print(f"\n{dtype_name} peak prefill memory (above what was held before it: {how})")
-            print(f"{'workload':<22} {'plain MiB':>10} {'ours MiB':>9} {'dense MiB':>10} {'ref MiB':>9} "
-                  f"{'ours/plain':>11} {'dense/plain':>12}")
+            print(
+                f"{'workload':<22} {'plain MiB':>10} {'ours MiB':>9} {'dense MiB':>10} {'ref MiB':>9} "
+                f"{'ours/plain':>11} {'dense/plain':>12}"
+            )
             for label, row in memory.items():
-                print(f"{label:<22} {row['plain_bytes'] / mib:>10.1f} {row['composite_bytes'] / mib:>9.1f} "
-                      f"{row['composite_dense_bytes'] / mib:>10.1f} {row['reference_bytes'] / mib:>9.1f} "
-                      f"{row['composite/plain']:>11.3f} {row['composite_dense/plain']:>12.3f}")
+                print(
+                    f"{label:<22} {row['plain_bytes'] / mib:>10.1f} {row['composite_bytes'] / mib:>9.1f} "
+                    f"{row['composite_dense_bytes'] / mib:>10.1f} {row['reference_bytes'] / mib:>9.1f} "
+                    f"{row['composite/plain']:>11.3f} {row['composite_dense/plain']:>12.3f}"
+                )
     print(f"\nwrote {write_figures(report, args.output)}")
 
 

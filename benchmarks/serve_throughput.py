@@ -106,8 +106,15 @@ def run_vllm(model: str, kind: str, count: int, new_tokens: int, eager: bool, pl
             [{"prompt": request["prompt"], "multi_modal_data": request["data"]} for request in group]
             for group in (requests, warmup)
         )
-        llm = LLM(model, trust_remote_code=True, dtype="float32", enforce_eager=eager, kv_cache_memory_bytes=2**30,
-                  max_num_seqs=count, limit_mm_per_prompt={"image": 1, "audio": 1})
+        llm = LLM(
+            model,
+            trust_remote_code=True,
+            dtype="float32",
+            enforce_eager=eager,
+            kv_cache_memory_bytes=2**30,
+            max_num_seqs=count,
+            limit_mm_per_prompt={"image": 1, "audio": 1},
+        )
     sampling = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     llm.generate(warmup_batch, sampling, use_tqdm=False)  # the same shapes, other requests
     start = time.perf_counter()
@@ -148,7 +155,10 @@ def _phase(arguments: list[str]) -> dict:
         environment = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1"}
         subprocess.run(
             [sys.executable, "-m", "benchmarks.serve_throughput", "--phase", *arguments, "--output", output.name],
-            check=True, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            check=True,
+            env=environment,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         return json.loads(Path(output.name).read_text())
 
@@ -172,8 +182,14 @@ def main() -> None:
         Path(args.output).write_text(json.dumps(result))
         return
 
-    common = ["--requests", str(args.requests), "--new-tokens", str(args.new_tokens),
-              "--hf-batch-size", str(args.hf_batch_size)] + (["--eager"] if args.eager else [])
+    common = [
+        "--requests",
+        str(args.requests),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--hf-batch-size",
+        str(args.hf_batch_size),
+    ] + (["--eager"] if args.eager else [])
     with tempfile.TemporaryDirectory() as root:
         folders = {name: str(folder) for name, folder in build(Path(root)).items()}
         rows = []

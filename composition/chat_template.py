@@ -5,7 +5,12 @@ from typing import Any
 
 
 # The content-item types that stand for each modality kind in chat messages.
-_CONTENT_TYPES_BY_KIND = {"image": ("image",), "video": ("video",), "audio": ("audio",), "point": ("point", "point_cloud")}
+_CONTENT_TYPES_BY_KIND = {
+    "image": ("image",),
+    "video": ("video",),
+    "audio": ("audio",),
+    "point": ("point", "point_cloud"),
+}
 
 
 # The paper's conversation (LLaVA's `vicuna_v1`): this system line, then "USER: q ASSISTANT: a</s>" turns joined by a
@@ -24,7 +29,9 @@ def named_chat_template(name: str, modalities: dict[str, dict[str, Any]]) -> str
         return default_chat_template(modalities)
     if name == "vicuna_v1":
         return default_chat_template(modalities, default_system=VICUNA_V1_SYSTEM, space_after_answer=False)
-    raise ValueError(f"Unknown chat template name {name!r}; use one of {list(CHAT_TEMPLATE_NAMES)} or a Jinja template.")
+    raise ValueError(
+        f"Unknown chat template name {name!r}; use one of {list(CHAT_TEMPLATE_NAMES)} or a Jinja template."
+    )
 
 
 def default_chat_template(
@@ -57,7 +64,8 @@ def default_chat_template(
             "{%- if item['modality'] is not defined or item['modality'] is none %}"
             "{{ " + repr(modalities[names[0]]["placeholder"]) + " }}" + choices + "{%- else %}"
             "{{ raise_exception('A content item of type ' ~ item['type'] ~ ' names modality ' ~ item['modality'] ~ "
-            + unknown + ") }}"
+            + unknown
+            + ") }}"
             "{%- endif %}{{ '\\n' }}"
         )
     system = (

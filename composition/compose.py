@@ -134,7 +134,9 @@ def placeholder_suppression(config: CompositeMLLMConfig, generation_config: Any)
     placeholder is never a useful answer, and without a cache every step re-reads the whole sequence, where an extra
     placeholder would break the count of modality positions."""
     suppressed = list(generation_config.suppress_tokens or [])
-    return suppressed + [entry.placeholder_id for entry in config.modalities.values() if entry.placeholder_id not in suppressed]
+    return suppressed + [
+        entry.placeholder_id for entry in config.modalities.values() if entry.placeholder_id not in suppressed
+    ]
 
 
 def _generation_defaults(language_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
@@ -154,7 +156,9 @@ def _copy_weights(
     """Copy the parts into the composite with strict key checks; routed layers hold the base weight as
     `base_layer.weight`, so LLM keys are renamed accordingly."""
     composite = model.model
-    routed_names = {name for name, module in composite.language_model.named_modules() if isinstance(module, RoutedLinear)}
+    routed_names = {
+        name for name, module in composite.language_model.named_modules() if isinstance(module, RoutedLinear)
+    }
     text_state = {}
     for key, value in language_model.get_decoder().state_dict().items():
         module_name, _, parameter = key.rpartition(".")
@@ -177,8 +181,12 @@ def _load_exact(module: nn.Module, state: dict, where: str) -> None:
         key for key in set(own) - set(state) if not is_factor_key(key) and not key.endswith(PROJECTOR_TOKENS)
     )
     if unexpected or missing:
-        raise ValueError(f"{where}: weights do not match the composite; unexpected {unexpected[:5]}, missing {missing[:5]}.")
+        raise ValueError(
+            f"{where}: weights do not match the composite; unexpected {unexpected[:5]}, missing {missing[:5]}."
+        )
     for key, value in state.items():
         if own[key].shape != value.shape:
-            raise ValueError(f"{where}.{key}: shape {tuple(value.shape)} does not match the composite's {tuple(own[key].shape)}.")
+            raise ValueError(
+                f"{where}.{key}: shape {tuple(value.shape)} does not match the composite's {tuple(own[key].shape)}."
+            )
     module.load_state_dict({**own, **state})

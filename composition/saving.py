@@ -26,7 +26,9 @@ def composite_auto_map() -> dict[str, str]:
     }
 
 
-def save_composite(model: CompositeMLLMForCausalLM, processor: CompositeMLLMProcessor, directory: str | os.PathLike, **kwargs) -> None:
+def save_composite(
+    model: CompositeMLLMForCausalLM, processor: CompositeMLLMProcessor, directory: str | os.PathLike, **kwargs
+) -> None:
     """Write a self-contained composite folder: weights, config with `auto_map` for every auto class the model
     answers to, the remote-code files, tokenizer, processor and generation config."""
     register_composite_auto_classes(model, processor)

@@ -114,8 +114,8 @@ class ConversationDataset(Dataset):
                     "growing prefix, so answers cannot be told from prompts."
                 )
             # Whitespace the template puts after an answer separates it from the next turn: it is not learned.
-            answer = full[len(prompt):].rstrip()
-            pieces += [(prompt[len(done):], False), (answer, True)]
+            answer = full[len(prompt) :].rstrip()
+            pieces += [(prompt[len(done) :], False), (answer, True)]
             done = prompt + answer
         return pieces
 
@@ -129,7 +129,10 @@ class ConversationDataset(Dataset):
     def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
         """Text of `messages` by the processor's chat template (what the composite sees at inference)."""
         return self.processor.tokenizer.apply_chat_template(
-            messages, chat_template=self.processor.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages,
+            chat_template=self.processor.chat_template,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
         )
 
     def modality_names(self, index: int) -> set[str]:
@@ -157,8 +160,14 @@ class ConversationDataset(Dataset):
             # The processor turns raw items into the model's tensors; its text is just the item placeholders.
             batch = self.processor(text=" ".join([placeholder] * len(items)), **{CALL_ARGUMENTS[kind]: items})
             tensors = batch.get("modality_inputs", {}).get(name)
-            inputs[name] = tensors if tensors is not None else next(
-                value for key_, value in batch.items() if key_ not in ("input_ids", "attention_mask", "modality_inputs")
+            inputs[name] = (
+                tensors
+                if tensors is not None
+                else next(
+                    value
+                    for key_, value in batch.items()
+                    if key_ not in ("input_ids", "attention_mask", "modality_inputs")
+                )
             )
         return inputs
 
@@ -191,9 +200,9 @@ class ConversationDataset(Dataset):
         input_ids: list[int] = []
         labels: list[int] = []
         for number, (text, is_answer) in enumerate(self._pieces(index, key)):
-            ids = self.processor.tokenizer(
-                self.processor.expand_placeholders(text), add_special_tokens=number == 0
-            )["input_ids"]
+            ids = self.processor.tokenizer(self.processor.expand_placeholders(text), add_special_tokens=number == 0)[
+                "input_ids"
+            ]
             input_ids += ids
             labels += ids if is_answer else [IGNORE_INDEX] * len(ids)
         return input_ids, labels

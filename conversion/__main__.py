@@ -56,13 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("output_dir", help="the composite folder to create")
     parser.add_argument("--force", action="store_true", help="replace OUTPUT_DIR if it exists")
     parser.add_argument(
-        "--push-to-hub", metavar="REPO_ID",
+        "--push-to-hub",
+        metavar="REPO_ID",
         help="upload the finished composite to this Hub repo (login and access are checked before converting)",
     )
     parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo as private")
     parser.add_argument("--max-shard-size", default="2GB", help="largest weight shard (default: 2GB)")
     parser.add_argument(
-        "--no-verify", action="store_true",
+        "--no-verify",
+        action="store_true",
         help="skip loading the result in a fresh process (without it, a composite that fails to load is not kept)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log every step (debug messages)")

@@ -106,8 +106,10 @@ def compose(
         processor = _processor(plan, recipe)  # before writing: it checks that the sources' processors can be combined
         check_chat_template(processor)
         logger.info(
-            "composite: %d modalities (%s), %d tensors", len(plan.modalities), ", ".join(plan.modalities),
-            len(plan.producers)
+            "composite: %d modalities (%s), %d tensors",
+            len(plan.modalities),
+            ", ".join(plan.modalities),
+            len(plan.producers),
         )
         with run.staged(force) as folder:
             _write_weights(plan, folder, shard_bytes)
@@ -141,10 +143,19 @@ def _search_weights(recipe: Recipe, run: OutputRun, max_shard_size: str | int) -
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     search = recipe.weight_search
-    logger.info("weight search: λ = %g for every source (%s: %s)", chosen, search.objective,
-                ", ".join(f"{value:g} -> {score:.3f}" for value, score in scores.items()))
-    result = {"objective": search.objective, "data": public_reference(search.data), "grid": search.grid,
-              "scores": {str(value): score for value, score in scores.items()}, "chosen": chosen}
+    logger.info(
+        "weight search: λ = %g for every source (%s: %s)",
+        chosen,
+        search.objective,
+        ", ".join(f"{value:g} -> {score:.3f}" for value, score in scores.items()),
+    )
+    result = {
+        "objective": search.objective,
+        "data": public_reference(search.data),
+        "grid": search.grid,
+        "scores": {str(value): score for value, score in scores.items()},
+        "chosen": chosen,
+    }
     sources = [dataclasses.replace(source, weight=chosen) for source in recipe.sources]
     return dataclasses.replace(recipe, sources=sources), result
 
@@ -153,24 +164,47 @@ def _log_weights(recipe: Recipe) -> None:
     """Say what λ each source gets when the recipe leaves it to the default."""
     if recipe.weight_search is None and all(source.weight is None for source in recipe.sources):
         count = len(recipe.sources)
-        logger.info("λ = 1/N = %g for %s (the paper's default; set `weight:` on every source to choose)",
-                    1 / count, "the one source" if count == 1 else f"each of the {count} sources")
+        logger.info(
+            "λ = 1/N = %g for %s (the paper's default; set `weight:` on every source to choose)",
+            1 / count,
+            "the one source" if count == 1 else f"each of the {count} sources",
+        )
 
 
 def _log_sources(base: BaseModel, sources: list[Source], recipe: Recipe) -> None:
     """With -v: what each source was read as."""
-    logger.debug("base: %s (%s, %d layers, vocabulary %d)", base.location.folder, base.config.model_type,
-                 base.config.num_hidden_layers, base.vocab)
+    logger.debug(
+        "base: %s (%s, %d layers, vocabulary %d)",
+        base.location.folder,
+        base.config.model_type,
+        base.config.num_hidden_layers,
+        base.vocab,
+    )
     for source, weight in zip(sources, recipe.weights()):
         text_delta = "full weights" if source.full_weights is not None else "low-rank"
         ranks = sorted({low_rank.rank for low_rank in source.text_lora.values()})
-        logger.debug("%s: format %s at %s; text delta: %s%s, λ %g; %s", source.label, source.format,
-                     source.location.folder, text_delta, f" (rank {ranks})" if ranks else "", weight,
-                     "decoupled modality parameters" if source.decoupled else "no modality parameters of its own")
+        logger.debug(
+            "%s: format %s at %s; text delta: %s%s, λ %g; %s",
+            source.label,
+            source.format,
+            source.location.folder,
+            text_delta,
+            f" (rank {ranks})" if ranks else "",
+            weight,
+            "decoupled modality parameters" if source.decoupled else "no modality parameters of its own",
+        )
         for name, part in source.modalities.items():
-            logger.debug("%s:   modality %s (%s): encoder %s, feature layer %s (%s), projector %s%s", source.label,
-                         name, part.kind, part.encoder_config.model_type, part.feature_layer, part.feature_select,
-                         part.projector, f", modality LoRA rank {part.lora['r']}" if part.lora else "")
+            logger.debug(
+                "%s:   modality %s (%s): encoder %s, feature layer %s (%s), projector %s%s",
+                source.label,
+                name,
+                part.kind,
+                part.encoder_config.model_type,
+                part.feature_layer,
+                part.feature_select,
+                part.projector,
+                f", modality LoRA rank {part.lora['r']}" if part.lora else "",
+            )
 
 
 def _push(folder: Path, repo_id: str, private: bool, token: str | None) -> None:
@@ -194,8 +228,11 @@ def _composition(recipe: Recipe, base: Location, sources: list[Source]) -> dict:
         "density": recipe.merge.density,
         "seed": recipe.merge.seed if MERGE_RULES[recipe.merge.rule].sparsify == "drop" else None,
         **recipe.merge.provenance(),
-        "base": {"reference": public_reference(base.reference, base.hub_id), "hub_id": base.hub_id,
-                 "revision": base.revision},
+        "base": {
+            "reference": public_reference(base.reference, base.hub_id),
+            "hub_id": base.hub_id,
+            "revision": base.revision,
+        },
         "sources": [
             {
                 "reference": public_reference(source.location.reference, source.location.hub_id),
@@ -222,12 +259,19 @@ def _record_routing(plan: Plan) -> None:
     composition["routing"] = {"text": routing["text"], "modalities": routing["modalities"]}
     for source, entry in zip(plan.routed.sources, composition["sources"]):
         if entry["energy_kept"] is not None and entry["energy_kept"] < 1.0:
-            logger.info("%s: its rank-%d factors keep %.1f%% of its delta's energy (squared Frobenius norm)",
-                        source.label, entry["rank"], 100 * entry["energy_kept"])
+            logger.info(
+                "%s: its rank-%d factors keep %.1f%% of its delta's energy (squared Frobenius norm)",
+                source.label,
+                entry["rank"],
+                100 * entry["energy_kept"],
+            )
     text = routing["text"]
     if text["energy_kept"] is not None and text["energy_kept"] < 1.0:
-        logger.info("the text block (rank %d) keeps %.1f%% of the merged delta's energy", text["rank"],
-                    100 * text["energy_kept"])
+        logger.info(
+            "the text block (rank %d) keeps %.1f%% of the merged delta's energy",
+            text["rank"],
+            100 * text["energy_kept"],
+        )
 
 
 def _write_weights(plan: Plan, folder: Path, shard_bytes: int) -> None:
@@ -255,8 +299,9 @@ def floating_keys(config) -> set[str]:
     return {key for key, value in model.state_dict().items() if value.is_floating_point()}
 
 
-def checked_output_tensor(key: str, tensor: torch.Tensor, reads: list[TensorRead], floating: bool,
-                          dtype: torch.dtype) -> torch.Tensor:
+def checked_output_tensor(
+    key: str, tensor: torch.Tensor, reads: list[TensorRead], floating: bool, dtype: torch.dtype
+) -> torch.Tensor:
     """`tensor`, the composite's `key` computed from `reads`, in `dtype` if floating; refused when a source gave
     integers where the composite needs floating-point values (or the reverse), or when it is not finite in `dtype`:
     then the source tensor that holds NaN / Inf is named, or else the merge itself overflowed."""
@@ -295,8 +340,9 @@ def check_chat_template(processor: CompositeMLLMProcessor) -> None:
     tokenizer, template = processor.tokenizer, processor.chat_template
     try:
         tokenizer.apply_chat_template(_CHAT_TEMPLATE_PROBE, chat_template=template, tokenize=False)
-        tokenizer.apply_chat_template(_CHAT_TEMPLATE_PROBE[:1], chat_template=template, tokenize=False,
-                                      add_generation_prompt=True)
+        tokenizer.apply_chat_template(
+            _CHAT_TEMPLATE_PROBE[:1], chat_template=template, tokenize=False, add_generation_prompt=True
+        )
     except jinja2.TemplateSyntaxError as error:
         raise ConversionError(
             f"chat_template is not a valid Jinja template (line {error.lineno}: {error.message}); fix it, or use one "
@@ -309,8 +355,15 @@ def check_chat_template(processor: CompositeMLLMProcessor) -> None:
         ) from error
 
 
-def _write_metadata(plan: Plan, processor: CompositeMLLMProcessor, folder: Path, base: BaseModel, recipe: Recipe,
-                    push_to_hub: str | None, output: Path) -> None:
+def _write_metadata(
+    plan: Plan,
+    processor: CompositeMLLMProcessor,
+    folder: Path,
+    base: BaseModel,
+    recipe: Recipe,
+    push_to_hub: str | None,
+    output: Path,
+) -> None:
     recipe_text = public_recipe_text(recipe.text)
     try:
         config = plan.config
@@ -380,12 +433,18 @@ def image_processor_overrides(shared: dict[str, Any], own: dict[str, Any]) -> di
 def _processor(plan: Plan, recipe: Recipe) -> CompositeMLLMProcessor:
     """One image processor (the first image/video source's) and one feature extractor (the first audio source's);
     modalities whose own image processor differs get their settings as per-modality overrides."""
-    image_processors = {name: part.image_processor for name, (_, part) in plan.modalities.items() if part.image_processor is not None}
-    feature_extractors = [part.feature_extractor for _, part in plan.modalities.values() if part.feature_extractor is not None]
+    image_processors = {
+        name: part.image_processor for name, (_, part) in plan.modalities.items() if part.image_processor is not None
+    }
+    feature_extractors = [
+        part.feature_extractor for _, part in plan.modalities.values() if part.feature_extractor is not None
+    ]
     image_processor = next(iter(image_processors.values()), None) or clip_image_processor()
     feature_extractor = feature_extractors[0] if feature_extractors else WhisperFeatureExtractor()
     if any(extractor.to_dict() != feature_extractor.to_dict() for extractor in feature_extractors):
-        raise ConversionError("The audio sources use different feature extractors; composing them is not supported yet.")
+        raise ConversionError(
+            "The audio sources use different feature extractors; composing them is not supported yet."
+        )
     shared = image_processor.to_dict()
     overrides = {}
     for name, processor in image_processors.items():
@@ -439,6 +498,12 @@ def _card_info(plan: Plan, recipe: Recipe, recipe_text: str, repo_id: str | None
         folder=output.name,
         license=recipe.license,
         # Modalities from the paper's checkpoints: say what their encoders are and where preprocessing differs.
-        notes=paper_notes([kind for source in composition["sources"] if source["format"] == "modelcompose"
-                           for kind in source["modalities"].values()]),
+        notes=paper_notes(
+            [
+                kind
+                for source in composition["sources"]
+                if source["format"] == "modelcompose"
+                for kind in source["modalities"].values()
+            ]
+        ),
     )

@@ -16,7 +16,9 @@ logger = logging.getLogger(__name__)
 def detect_format(recipe: SourceRecipe, location: Location) -> str:
     folder = location.folder
     config_file = folder / "config.json"
-    source_format = identify_format(folder, lambda: read_json(config_file, recipe.label) if config_file.is_file() else None)
+    source_format = identify_format(
+        folder, lambda: read_json(config_file, recipe.label) if config_file.is_file() else None
+    )
     if source_format is None:
         raise ConversionError(
             f"{recipe.label}: cannot tell its format from {folder}; set `format:` to one of "
@@ -27,11 +29,14 @@ def detect_format(recipe: SourceRecipe, location: Location) -> str:
 
 def read_source(recipe: SourceRecipe, location: Location) -> Source:
     name = recipe.format or detect_format(recipe, location)
-    logger.debug("%s: read as format %s (%s)", recipe.label, name, "set in the recipe" if recipe.format else "detected")
+    logger.debug(
+        "%s: read as format %s (%s)", recipe.label, name, "set in the recipe" if recipe.format else "detected"
+    )
     source_format = SOURCE_FORMATS[name]
     # A key that this format's reader never reads would be ignored without a word: refuse it instead.
     ignored = [
-        key for key in FORMAT_DEPENDENT_KEYS
+        key
+        for key in FORMAT_DEPENDENT_KEYS
         if getattr(recipe, key) is not None and key not in source_format.recipe_keys
     ]
     if ignored:

@@ -72,8 +72,15 @@ _BEATS_DEFAULTS = {
 }
 # Fields that only matter for training (dropouts, layer drop, gradient scaling) or for the classifier head.
 _TRAINING_ONLY_FIELDS = {
-    "dropout", "attention_dropout", "activation_dropout", "encoder_layerdrop", "dropout_input",
-    "layer_wise_gradient_decay_ratio", "finetuned_model", "predictor_dropout", "predictor_class",
+    "dropout",
+    "attention_dropout",
+    "activation_dropout",
+    "encoder_layerdrop",
+    "dropout_input",
+    "layer_wise_gradient_decay_ratio",
+    "finetuned_model",
+    "predictor_dropout",
+    "predictor_class",
 }
 # Checkpoint tensors the encoder does not use.
 DROPPED_KEYS = ("predictor.weight", "predictor.bias")
@@ -162,7 +169,9 @@ def read_beats_encoder(reference: str | None, label: str) -> Encoder:
     """BEATs from its `.pt` checkpoint: a file path, or a folder (local or Hub) holding exactly one `.pt` / `.bin`.
     The feature extractor (BEATs' fbank front end) travels in the `image_processor` field."""
     encoder_label = require_encoder_reference(
-        reference, label, "audio",
+        reference,
+        label,
+        "audio",
         "the BEATs checkpoint it was trained with (e.g. a folder holding BEATs_iter3_plus_AS2M.pt)",
     )
     location, path = locate_checkpoint_file(reference, encoder_label, "BEATs", "BEATs_iter3_plus_AS2M.pt")

@@ -45,7 +45,12 @@ _REQUIRED_VISION_FIELDS = (
     "add_time_attn",
 )
 # Fields LanguageBind's own config class gives defaults to (its defaults, used when a config leaves them out).
-_OPTIONAL_VISION_FIELDS = {"num_channels": 3, "attention_dropout": 0.0, "initializer_range": 0.02, "initializer_factor": 1.0}
+_OPTIONAL_VISION_FIELDS = {
+    "num_channels": 3,
+    "attention_dropout": 0.0,
+    "initializer_range": 0.02,
+    "initializer_factor": 1.0,
+}
 # LanguageBind's video transform: OpenAI CLIP's normalisation, short side scaled to the tower's size (224),
 # centre crop.
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -57,7 +62,9 @@ def read_languagebind_video_encoder(reference: str | None, label: str) -> Encode
     """LanguageBind's video tower (our `CompositeLanguageBindVideoConfig` and its weights, lazily read) and the image
     processor for its frames, from a local folder or Hub id such as `LanguageBind/LanguageBind_Video_merge`."""
     encoder_label = require_encoder_reference(
-        reference, label, "video",
+        reference,
+        label,
+        "video",
         "the LanguageBind video model it was trained with (LanguageBind/LanguageBind_Video_merge)",
     )
     location = locate(reference, f"{label} encoder")
@@ -75,11 +82,14 @@ def languagebind_video_config(vision_config: dict[str, Any], label: str) -> Comp
     """Our encoder config from a LanguageBindVideo checkpoint's `vision_config` dict."""
     missing = [name for name in _REQUIRED_VISION_FIELDS if name not in vision_config]
     if missing:
-        raise ConversionError(f"{label}: config.json's vision_config lacks {missing}; it is not a LanguageBind video config.")
+        raise ConversionError(
+            f"{label}: config.json's vision_config lacks {missing}; it is not a LanguageBind video config."
+        )
     if vision_config.get("force_patch_dropout"):
         logger.info(
             "%s: force_patch_dropout=%s is a training-time augmentation; the encoder keeps every patch.",
-            label, vision_config["force_patch_dropout"],
+            label,
+            vision_config["force_patch_dropout"],
         )
     fields = {name: vision_config[name] for name in _REQUIRED_VISION_FIELDS}
     fields.update({name: vision_config.get(name, default) for name, default in _OPTIONAL_VISION_FIELDS.items()})
@@ -125,10 +135,15 @@ def _read_vision_config(folder, label: str) -> dict[str, Any]:
     return vision_config
 
 
-def _check_against_encoder(config: CompositeLanguageBindVideoConfig, shapes: dict[str, tuple[int, ...]], label: str) -> None:
+def _check_against_encoder(
+    config: CompositeLanguageBindVideoConfig, shapes: dict[str, tuple[int, ...]], label: str
+) -> None:
     """Every encoder parameter present with its shape, and nothing else."""
     with torch.device("meta"):
-        expected = {name: tuple(tensor.shape) for name, tensor in CompositeLanguageBindVideoEncoder(config).state_dict().items()}
+        expected = {
+            name: tuple(tensor.shape)
+            for name, tensor in CompositeLanguageBindVideoEncoder(config).state_dict().items()
+        }
     missing = sorted(set(expected) - set(shapes))
     if missing:
         raise ConversionError(

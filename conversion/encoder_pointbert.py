@@ -40,7 +40,12 @@ _KEY_MAP: tuple[tuple[re.Pattern[str], str], ...] = tuple(
 )
 _BLOCK_INDEX = re.compile(r"blocks\.blocks\.(\d+)\.")
 # Tensors whose shapes give the config; all must be present.
-_SHAPE_KEYS = ("encoder.first_conv.0.weight", "encoder.second_conv.3.weight", "cls_token", "blocks.blocks.0.mlp.fc1.weight")
+_SHAPE_KEYS = (
+    "encoder.first_conv.0.weight",
+    "encoder.second_conv.3.weight",
+    "cls_token",
+    "blocks.blocks.0.mlp.fc1.weight",
+)
 
 
 def _our_name(key: str) -> str | None:

@@ -53,9 +53,13 @@ def not_an_encoder(what: str, config: dict, expected: str) -> str:
     they are the usual mistakes, and the fix differs (its encoder's checkpoint; or the model as a source or base)."""
     model_type = config.get("model_type")
     architectures = config.get("architectures") or []
-    towers = sorted({value["model_type"] for key, value in config.items()
-                     if key.endswith("_config") and key != "text_config" and isinstance(value, dict)
-                     and "model_type" in value})
+    towers = sorted(
+        {
+            value["model_type"]
+            for key, value in config.items()
+            if key.endswith("_config") and key != "text_config" and isinstance(value, dict) and "model_type" in value
+        }
+    )
     whole = "modalities" in config or (
         "text_config" in config and any(name.endswith(_WHOLE_MODEL_ARCHITECTURES) for name in architectures)
     )
@@ -89,7 +93,9 @@ def read_vision_tower(location: Location, label: str) -> tuple[PreTrainedConfig,
     prefix = "vision_model." if nested else ""
     groups = map_keys(store, [(prefix, "vision")], label, dropped=_TEXT_TOWER_PREFIXES)
     return config, {
-        f"vision_model.{name}": Lazy(store, key) for name, key in groups["vision"].items() if name not in _STALE_BUFFERS
+        f"vision_model.{name}": Lazy(store, key)
+        for name, key in groups["vision"].items()
+        if name not in _STALE_BUFFERS
     }
 
 

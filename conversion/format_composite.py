@@ -54,7 +54,7 @@ def read_composite(recipe: SourceRecipe, location: Location) -> Source:
             else:
                 _add_factor(factors, store, key, f"model.{routed.module}.weight", routed, layout, stacked, label)
         elif key.startswith(TEXT_MODEL_PREFIX):
-            full["model." + key[len(TEXT_MODEL_PREFIX):]] = Lazy(store, key)
+            full["model." + key[len(TEXT_MODEL_PREFIX) :]] = Lazy(store, key)
         elif key == LM_HEAD:
             full[key] = Lazy(store, key)
         elif key.startswith((ENCODERS_PREFIX, PROJECTORS_PREFIX)):
@@ -73,7 +73,9 @@ def read_composite(recipe: SourceRecipe, location: Location) -> Source:
     try:
         processor = CompositeMLLMProcessor.from_pretrained(location.folder, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as error:
-        raise ConversionError(f"{label}: cannot load its processor ({str(error).splitlines()[0]}); the composite folder is incomplete.") from error
+        raise ConversionError(
+            f"{label}: cannot load its processor ({str(error).splitlines()[0]}); the composite folder is incomplete."
+        ) from error
     embed_key = "model.language_model.embed_tokens.weight"
     parts = {}
     for name, entry in config.modalities.items():
@@ -88,7 +90,9 @@ def read_composite(recipe: SourceRecipe, location: Location) -> Source:
         if entry.kind in ("image", "video"):
             overrides = processor.modalities.get(name, {}).get("image_processor_kwargs") or {}
             shared = processor.image_processor
-            image_processor = type(shared).from_dict({**shared.to_dict(), **overrides}) if overrides else copy.deepcopy(shared)
+            image_processor = (
+                type(shared).from_dict({**shared.to_dict(), **overrides}) if overrides else copy.deepcopy(shared)
+            )
         parts[name] = ModalityPart(
             name=name,
             kind=entry.kind,
@@ -134,8 +138,9 @@ def _text_lora_exact(composition: dict) -> bool:
     return rule is not None and rule.is_weighted_sum and kept in (None, 1.0)
 
 
-def _add_factor(factors: dict, store, key: str, module_key: str, routed: RoutedKey, layout, stacked: bool,
-                label: str) -> None:
+def _add_factor(
+    factors: dict, store, key: str, module_key: str, routed: RoutedKey, layout, stacked: bool, label: str
+) -> None:
     """File one factor tensor under the delta(s) it holds: a stacked factor is sliced into every delta of the layout
     (A by rows, B by columns); a per-delta factor names its delta."""
     side, name = routed.side, routed.delta

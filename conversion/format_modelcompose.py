@@ -43,10 +43,16 @@ _LORA_KEY = re.compile(r"^(model\.layers\.\d+\.(?:self_attn|mlp)\.\w+)\.lora_([A
 _PROJECTOR_KEY = re.compile(r"^model\.modal_projectors\.(\w+)\.(?:(\d+)\.)?(weight|bias)$")
 _TOKENS_KEY = re.compile(r"^(prefix|suffix)_tokens\.(\w+)$")
 # The audio Q-Former's tensors are named `model.modal_projectors.audio.audio_{Qformer,query_tokens,...}`.
-_QFORMER_KEY = re.compile(r"^model\.modal_projectors\.(\w+)\.((?:audio_Qformer|audio_query_tokens|audio_llama_proj|audio_position_embedding)\b.*)$")
+_QFORMER_KEY = re.compile(
+    r"^model\.modal_projectors\.(\w+)\.((?:audio_Qformer|audio_query_tokens|audio_llama_proj|audio_position_embedding)\b.*)$"
+)
 # Config fields naming the projector type and the feature selection per paper modality.
-_PROJECTOR_FIELD = {"vision": "mm_projector_type", "audio": "mm_audio_projector_type", "video": "mm_video_projector_type",
-                    "point": "mm_point_projector_type"}
+_PROJECTOR_FIELD = {
+    "vision": "mm_projector_type",
+    "audio": "mm_audio_projector_type",
+    "video": "mm_video_projector_type",
+    "point": "mm_point_projector_type",
+}
 _STRATEGIES = ("modal+language", "same", "modal", "none", None)
 
 
@@ -65,7 +71,9 @@ def _projector_spec(config: dict, modality: str, indices: list[int | None], labe
     elif match:
         expected = [2 * index for index in range(int(match.group(1)))]
     else:
-        raise ConversionError(f"{label}: projector type {spec!r} of {modality} is not supported (linear | mlpNx_gelu).")
+        raise ConversionError(
+            f"{label}: projector type {spec!r} of {modality} is not supported (linear | mlpNx_gelu)."
+        )
     if sorted(indices, key=lambda i: -1 if i is None else i) != expected:
         raise ConversionError(f"{label}: the {modality} projector's tensors do not match its type {spec!r}.")
     return spec
@@ -107,7 +115,9 @@ def read_modelcompose(recipe: SourceRecipe, location: Location) -> Source:
             unknown.append(key)
     merged = [adapter for adapter in factors if adapter.startswith("default-")]
     if merged:
-        raise ConversionError(f"{label}: holds merged adapters {merged}; give the unimodal checkpoints it was made from.")
+        raise ConversionError(
+            f"{label}: holds merged adapters {merged}; give the unimodal checkpoints it was made from."
+        )
     strange = sorted(set(factors) - {"default", *PAPER_KINDS} | (set(projectors) | set(qformers)) - set(PAPER_KINDS))
     if unknown or strange:
         raise ConversionError(f"{label}: tensors this format does not know: {(unknown + strange)[:3]}.")
@@ -140,8 +150,16 @@ def read_modelcompose(recipe: SourceRecipe, location: Location) -> Source:
             continue  # not taken: its encoder is never read
         modality_lora = low_rank(modality) if strategy in ("modal+language", "modal") else {}
         parts[kind] = _modality_part(
-            recipe, config, modality, projectors.get(modality), qformers.get(modality), store, tokens, modality_lora,
-            scaling, label,
+            recipe,
+            config,
+            modality,
+            projectors.get(modality),
+            qformers.get(modality),
+            store,
+            tokens,
+            modality_lora,
+            scaling,
+            label,
         )
     used = {"default"} if strategy in ("modal+language", "same") else set()
     if strategy in ("modal+language", "modal"):
@@ -187,9 +205,14 @@ def _modality_part(
         shape = infer_qformer_shape(store, qformer_keys, label)
         check_qformer_spec(shape, config.get(_PROJECTOR_FIELD[modality]) or "", label)
         spec, bias = shape.spec, True
-        projector_weights = {f"qformer.{name}": lazy for name, lazy in qformer_projector_weights(store, qformer_keys, label).items()}
-        projector_options = {"num_positions": shape.num_positions, "hidden_size": shape.hidden_size,
-                             "intermediate_size": shape.intermediate_size}
+        projector_weights = {
+            f"qformer.{name}": lazy for name, lazy in qformer_projector_weights(store, qformer_keys, label).items()
+        }
+        projector_options = {
+            "num_positions": shape.num_positions,
+            "hidden_size": shape.hidden_size,
+            "intermediate_size": shape.intermediate_size,
+        }
     else:
         spec = _projector_spec(config, modality, list(layers), label)
         bias = "bias" in next(iter(layers.values()))
@@ -208,7 +231,8 @@ def _modality_part(
         # A fact about every paper vision checkpoint, not a problem of this run: the model card states it too.
         logger.info(
             "%s: the paper pads images to a square (mean colour) before resizing; the composite's processor "
-            "resizes and centre-crops. Pad images yourself to match the paper exactly.", label
+            "resizes and centre-crops. Pad images yourself to match the paper exactly.",
+            label,
         )
     # Named by kind (`image`, with placeholder `<image>`, as the paper's prompts write it), not `vision`.
     return ModalityPart(
@@ -240,7 +264,9 @@ def _feature_selection(kind: str, config: dict, encoder, label: str) -> tuple[in
     if kind == "image":
         select = config.get("mm_vision_select_feature", "patch")
         if select not in ("patch", "cls_patch"):
-            raise ConversionError(f"{label}: mm_vision_select_feature {select!r} is not supported (patch | cls_patch).")
+            raise ConversionError(
+                f"{label}: mm_vision_select_feature {select!r} is not supported (patch | cls_patch)."
+            )
         return config.get("mm_vision_select_layer", -2), "patch" if select == "patch" else "full", None
     if kind == "video":
         return config.get("mm_video_select_layer", -2), "full", encoder.config.num_frames

@@ -97,7 +97,9 @@ def read_peft(recipe: SourceRecipe, location: Location) -> Source:
     broken = [module for module, pair in sides.items() if set(pair) != {"A", "B"}]
     if broken:
         raise ConversionError(f"{label}: LoRA factors A or B missing at {broken[:2]}.")
-    text_lora = {module: LowRank(Lazy(store, pair["A"]), Lazy(store, pair["B"]), scaling) for module, pair in sides.items()}
+    text_lora = {
+        module: LowRank(Lazy(store, pair["A"]), Lazy(store, pair["B"]), scaling) for module, pair in sides.items()
+    }
 
     kind = recipe.kind or "image"
     if kind != "image":
@@ -120,5 +122,10 @@ def read_peft(recipe: SourceRecipe, location: Location) -> Source:
         feature_select=recipe.feature_select or "patch",
         image_processor=encoder.image_processor,
     )
-    return Source(recipe=recipe, location=location, format="peft", modalities=select_modalities(recipe, {kind: part}),
-                  text_lora=text_lora)
+    return Source(
+        recipe=recipe,
+        location=location,
+        format="peft",
+        modalities=select_modalities(recipe, {kind: part}),
+        text_lora=text_lora,
+    )

@@ -64,20 +64,28 @@ def _processor(location: Location, label: str, image_only: bool = False):
         return AutoProcessor.from_pretrained(location.folder, trust_remote_code=False)
     except (ValueError, OSError, KeyError, TypeError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConversionError(f"{label}: cannot load its processor ({first_line}); the folder needs its processor files.") from error
+        raise ConversionError(
+            f"{label}: cannot load its processor ({first_line}); the folder needs its processor files."
+        ) from error
 
 
 def _feature_strategy(config, label: str) -> tuple[int, str]:
     layer = config.vision_feature_layer
     if not isinstance(layer, int):
-        raise ConversionError(f"{label}: vision_feature_layer {layer!r} (several layers concatenated) is not supported.")
+        raise ConversionError(
+            f"{label}: vision_feature_layer {layer!r} (several layers concatenated) is not supported."
+        )
     strategy = config.vision_feature_select_strategy
     if strategy not in ("default", "full"):
-        raise ConversionError(f"{label}: vision_feature_select_strategy {strategy!r} is not supported (default | full).")
+        raise ConversionError(
+            f"{label}: vision_feature_select_strategy {strategy!r} is not supported (default | full)."
+        )
     return layer, "patch" if strategy == "default" else "full"
 
 
-def _projector(groups: dict[str, dict[str, str]], store: TensorStore, label: str, act: str | None) -> tuple[str, bool, dict]:
+def _projector(
+    groups: dict[str, dict[str, str]], store: TensorStore, label: str, act: str | None
+) -> tuple[str, bool, dict]:
     """LLaVA-style `linear_1 .. linear_N` (GELU between) → `mlp{N}x_gelu`, or a single `linear` → `linear`."""
     if act is not None and act not in ("gelu",):
         raise ConversionError(f"{label}: projector activation {act!r} is not supported (only gelu, as LLaVA's).")
@@ -93,7 +101,9 @@ def _projector(groups: dict[str, dict[str, str]], store: TensorStore, label: str
     return spec, "linear_1.bias" in names, lazy_map(store, names)
 
 
-def _full_fine_tune(recipe: SourceRecipe, location: Location, fmt: str, parts: dict, config, store, groups, tokenizer) -> Source:
+def _full_fine_tune(
+    recipe: SourceRecipe, location: Location, fmt: str, parts: dict, config, store, groups, tokenizer
+) -> Source:
     return Source(
         recipe=recipe,
         location=location,
@@ -165,7 +175,9 @@ def read_video_llava(recipe: SourceRecipe, location: Location) -> Source:
             feature_layer=layer,
             feature_select=select if kind == "image" else "full",
             num_frames=config.video_seq_length // per_frame if kind == "video" else None,
-            placeholder_rows=_placeholder_rows(store, groups, config.image_token_id if kind == "image" else config.video_token_id),
+            placeholder_rows=_placeholder_rows(
+                store, groups, config.image_token_id if kind == "image" else config.video_token_id
+            ),
             image_processor=image_processor,
         )
     return _full_fine_tune(recipe, location, "video_llava", parts, config, store, groups, processor.tokenizer)
@@ -183,7 +195,9 @@ def read_qwen2_audio(recipe: SourceRecipe, location: Location) -> Source:
     boundary = {}
     for side, token in (("prefix", processor.audio_bos_token), ("suffix", processor.audio_eos_token)):
         token_id = tokenizer.convert_tokens_to_ids(token)
-        boundary[side] = Lazy(store, embed_key, lambda t, i=token_id: t[i : i + 1], shape=(1, config.text_config.hidden_size))
+        boundary[side] = Lazy(
+            store, embed_key, lambda t, i=token_id: t[i : i + 1], shape=(1, config.text_config.hidden_size)
+        )
     part = ModalityPart(
         name="audio",
         kind="audio",

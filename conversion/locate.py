@@ -14,7 +14,9 @@ from .errors import ConversionError
 
 logger = logging.getLogger(__name__)
 
-_HUB_REFERENCE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?P<sub>(?:/[\w.-]+)*)(?:@(?P<revision>[\w./-]+))?$")
+_HUB_REFERENCE = re.compile(
+    r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?P<sub>(?:/[\w.-]+)*)(?:@(?P<revision>[\w./-]+))?$"
+)
 # Weight formats the conversion never reads; skipping them keeps a Hub download to what is needed.
 _IGNORED_DOWNLOADS = ["*.msgpack", "*.h5", "*.onnx", "*.ot", "*.tflite", "*.gguf", "flax_model*", "tf_model*"]
 
@@ -68,7 +70,12 @@ def locate(reference: str, what: str) -> Location:
     repo_id, revision = match.group("repo"), match.group("revision")
     sub_folder = match.group("sub").strip("/")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         snapshot = Path(
@@ -80,7 +87,9 @@ def locate(reference: str, what: str) -> Location:
             )
         )
     except (RepositoryNotFoundError, RevisionNotFoundError) as error:
-        raise ConversionError(f"{what}: {reference!r} is neither a local folder nor a Hub repository/revision ({type(error).__name__}).") from None
+        raise ConversionError(
+            f"{what}: {reference!r} is neither a local folder nor a Hub repository/revision ({type(error).__name__})."
+        ) from None
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
         problem = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ConversionError(
@@ -109,7 +118,9 @@ def locate_checkpoint_file(reference: str, what: str, encoder: str, example: str
         record_input(path, what)
         return Location(reference=reference, folder=path.resolve().parent), path.resolve()
     location = locate(reference, what)
-    candidates = sorted(file for file in location.folder.iterdir() if file.is_file() and file.suffix in CHECKPOINT_SUFFIXES)
+    candidates = sorted(
+        file for file in location.folder.iterdir() if file.is_file() and file.suffix in CHECKPOINT_SUFFIXES
+    )
     if len(candidates) != 1:
         raise ConversionError(
             f"{what}: expected exactly one {encoder} checkpoint (.pt or .bin) in {location.folder}, found "

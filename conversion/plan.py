@@ -86,7 +86,9 @@ def check_compatibility(base: BaseModel, sources: list[Source], recipe: Recipe) 
             if own:
                 logger.warning(
                     "%s: method naive does not use its separate %s LoRA (decoupled modality parameters): every token "
-                    "uses the merged text parameters. Use method damc to keep it.", source.label, ", ".join(own)
+                    "uses the merged text parameters. Use method damc to keep it.",
+                    source.label,
+                    ", ".join(own),
                 )
     if recipe.method == "damc":
         plain = [source for source in sources if not source.decoupled]
@@ -116,7 +118,9 @@ def _check_tokenizer(base: BaseModel, source: Source) -> None:
     if source.tokenizer is None:
         return  # adapters carry no tokenizer: they use the base's
     if len(source.tokenizer) < base.vocab:
-        raise ConversionError(f"{source.label}: its tokenizer has {len(source.tokenizer)} tokens, fewer than the base's {base.vocab}.")
+        raise ConversionError(
+            f"{source.label}: its tokenizer has {len(source.tokenizer)} tokens, fewer than the base's {base.vocab}."
+        )
     ids = list(range(base.vocab))
     theirs, ours = source.tokenizer.convert_ids_to_tokens(ids), base.tokenizer.convert_ids_to_tokens(ids)
     for token_id, (their_token, our_token) in enumerate(zip(theirs, ours)):
@@ -201,7 +205,9 @@ def build_plan(base: BaseModel, sources: list[Source], recipe: Recipe, compositi
     damc = recipe.method == "damc"
     weights = recipe.weights()
     _check_modality_ranks(sources)
-    modalities = {name: (index, part) for index, source in enumerate(sources) for name, part in source.modalities.items()}
+    modalities = {
+        name: (index, part) for index, source in enumerate(sources) for name, part in source.modalities.items()
+    }
     if not modalities:
         raise ConversionError("The sources contribute no modality; a composite needs at least one.")
 
@@ -218,7 +224,9 @@ def build_plan(base: BaseModel, sources: list[Source], recipe: Recipe, compositi
     text_config.vocab_size = rows
     dtype = _torch_dtype(recipe.dtype or getattr(base.config, "dtype", None))
     text_ranks = [source_rank(source) if damc else 0 for source in sources]
-    text_lora = {"r": sum(text_ranks), "alpha": float(sum(text_ranks)), "folded": True} if damc and sum(text_ranks) else None
+    text_lora = (
+        {"r": sum(text_ranks), "alpha": float(sum(text_ranks)), "folded": True} if damc and sum(text_ranks) else None
+    )
     loras = {name: dict(part.lora) if damc and part.lora else None for name, (_, part) in modalities.items()}
     target_modules = _target_modules(sources) if damc else None
     routed = routed_setup(base, sources, recipe) if recipe.method == "routed" else None
@@ -244,8 +252,9 @@ def build_plan(base: BaseModel, sources: list[Source], recipe: Recipe, compositi
     return plan
 
 
-def _plan_llm(plan: Plan, base: BaseModel, sources: list[Source], weights: list[float], recipe: Recipe,
-              text_ranks: list[int]) -> None:
+def _plan_llm(
+    plan: Plan, base: BaseModel, sources: list[Source], weights: list[float], recipe: Recipe, text_ranks: list[int]
+) -> None:
     rule, density, seed = recipe.merge.rule, recipe.merge.density or 1.0, recipe.merge.seed
     vocab = base.vocab
     rows = plan.config.get_text_config().vocab_size
@@ -296,14 +305,24 @@ _IMPLAUSIBLE_RELATIVE_DELTA = 0.5
 _PLAUSIBILITY_CHECKS = 4
 
 
-def _linear_merge(key: str, base: BaseModel, sources: list[Source], weights: list[float], warned: set[int],
-                  checked: list[int], dtype: torch.dtype) -> torch.Tensor:
+def _linear_merge(
+    key: str,
+    base: BaseModel,
+    sources: list[Source],
+    weights: list[float],
+    warned: set[int],
+    checked: list[int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """`W0 + Σ λ_i (W_i - W0) + Σ λ_j s_j B_j A_j`, computed as `(1 - Σ λ_i) W0 + Σ λ_i W_i + ...` (i: sources with
     full weights, j: low-rank ones) in float32 from each source's tensor in its own dtype, and returned in `dtype`. A
     `WeightedSum` takes it in one chunked pass and bounds the memory held whatever the number of sources (the other
     rules need every delta at once). With weights summing to 1 (the default 1/N) the base is not read at all."""
-    full = [(index, source, weight) for index, (source, weight) in enumerate(zip(sources, weights))
-            if source.full_weights is not None]
+    full = [
+        (index, source, weight)
+        for index, (source, weight) in enumerate(zip(sources, weights))
+        if source.full_weights is not None
+    ]
     rows = base.shape(key)[0] if key in VOCAB_KEYS else None
     base_weight = 1.0 - sum(weight for _, _, weight in full)
     weighs_base = abs(base_weight) > 1e-9
@@ -327,8 +346,14 @@ def _linear_merge(key: str, base: BaseModel, sources: list[Source], weights: lis
     return total.result(dtype)
 
 
-def _warn_implausible(deltas: list[torch.Tensor | None], base_tensor: torch.Tensor, key: str, sources: list[Source],
-                      warned: set[int], first_index: int = 0) -> None:
+def _warn_implausible(
+    deltas: list[torch.Tensor | None],
+    base_tensor: torch.Tensor,
+    key: str,
+    sources: list[Source],
+    warned: set[int],
+    first_index: int = 0,
+) -> None:
     """Warn once per source whose delta is implausibly large (`first_index`: the index of `sources[0]` in `warned`)."""
     base_norm = float(base_tensor.norm())
     for offset, delta in enumerate(deltas):
@@ -340,7 +365,10 @@ def _warn_implausible(deltas: list[torch.Tensor | None], base_tensor: torch.Tens
             warned.add(index)
             logger.warning(
                 "%s: its %s differs from the base's by %.0f%% of the base's norm; is it really fine-tuned from this "
-                "base?", sources[offset].label, key, 100 * ratio
+                "base?",
+                sources[offset].label,
+                key,
+                100 * ratio,
             )
 
 
@@ -360,8 +388,15 @@ def _vocab_rows(tensor: torch.Tensor, key: str, rows: int, vocab: int, plan: Pla
     return tensor
 
 
-def _plan_routed(plan: Plan, key: str, prefix: str, base: BaseModel, sources: list[Source], weights: list[float],
-                 text_ranks: list[int]) -> None:
+def _plan_routed(
+    plan: Plan,
+    key: str,
+    prefix: str,
+    base: BaseModel,
+    sources: list[Source],
+    weights: list[float],
+    text_ranks: list[int],
+) -> None:
     """The stacked factors of one routed layer (`lora_layout: stacked`): the text block (each source's text LoRA with
     `λ_i s_i` folded into its B, scaling 1), then each modality's own LoRA as its source trained it (its scaling is in
     the config), in the config's order. Missing factors (a source without a LoRA on this layer) are zeros."""

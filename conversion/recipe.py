@@ -40,7 +40,16 @@ METHODS = ("naive", "damc", "routed")
 DTYPES = ("float32", "float16", "bfloat16")
 
 _TOP_LEVEL_KEYS = (
-    "name", "method", "base", "merge", "sources", "dtype", "chat_template", "license", "weight_search", "rank"
+    "name",
+    "method",
+    "base",
+    "merge",
+    "sources",
+    "dtype",
+    "chat_template",
+    "license",
+    "weight_search",
+    "rank",
 )
 _WEIGHT_SEARCH_KEYS = ("grid", "objective", "data", "media_root", "max_samples")
 WEIGHT_SEARCH_OBJECTIVES = ("accuracy", "agreement")
@@ -232,7 +241,9 @@ def _parse_merge(raw: Any) -> MergeSettings:
                 )
     else:
         if density is None:
-            raise ConversionError(f"merge.rule {rule} needs merge.density (the fraction of each delta kept, e.g. 0.2).")
+            raise ConversionError(
+                f"merge.rule {rule} needs merge.density (the fraction of each delta kept, e.g. 0.2)."
+            )
         if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
             raise ConversionError(f"merge.density must be a number in (0, 1], got {density!r}.")
     seed = raw.get("seed", 0)
@@ -280,11 +291,15 @@ def _parse_source(index: int, raw: Any) -> SourceRecipe:
         if isinstance(modalities, str):
             modalities = [modalities]
         if not isinstance(modalities, list) or not modalities or not all(isinstance(m, str) for m in modalities):
-            raise ConversionError(f"{where}.modalities must be a non-empty list of modality names, got {modalities!r}.")
+            raise ConversionError(
+                f"{where}.modalities must be a non-empty list of modality names, got {modalities!r}."
+            )
         source.modalities = modalities
     rename = raw.get("rename") or {}
     if not isinstance(rename, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in rename.items()):
-        raise ConversionError(f"{where}.rename must map modality names to new names, e.g. {{image: chart}}, got {rename!r}.")
+        raise ConversionError(
+            f"{where}.rename must map modality names to new names, e.g. {{image: chart}}, got {rename!r}."
+        )
     for new_name in rename.values():
         if not new_name.isidentifier() or new_name == "text":
             raise ConversionError(
@@ -303,10 +318,15 @@ def _parse_source(index: int, raw: Any) -> SourceRecipe:
             source.feature_layer = parse_feature_layer(layer)
         except ValueError:
             # The parser's message names the config field; this one the recipe key.
-            raise ConversionError(f"{where}.feature_layer must be an integer (e.g. -2) or 'last', got {layer!r}.") from None
+            raise ConversionError(
+                f"{where}.feature_layer must be an integer (e.g. -2) or 'last', got {layer!r}."
+            ) from None
     if raw.get("feature_select") is not None:
         source.feature_select = _one_of(
-            f"{where}.feature_select", raw["feature_select"], FEATURE_SELECTIONS, " ('patch' drops CLS, 'full' keeps it)"
+            f"{where}.feature_select",
+            raw["feature_select"],
+            FEATURE_SELECTIONS,
+            " ('patch' drops CLS, 'full' keeps it)",
         )
     if raw.get("rank") is not None:
         source.rank = _parse_rank(f"{where}.rank", raw["rank"])
@@ -325,7 +345,9 @@ def _parse_rank(where: str, value: Any) -> int:
 def parse_recipe(raw: Any, text: str = "") -> Recipe:
     """Check a recipe given as a dict (as YAML loads it) and return it typed."""
     if not isinstance(raw, dict):
-        raise ConversionError(f"A recipe must be a YAML mapping with `base`, `method` and `sources`, got {type(raw).__name__}.")
+        raise ConversionError(
+            f"A recipe must be a YAML mapping with `base`, `method` and `sources`, got {type(raw).__name__}."
+        )
     _unknown_keys("recipe", raw, _TOP_LEVEL_KEYS)
     method = raw.get("method", "naive")
     _one_of("method", method, METHODS)

@@ -82,19 +82,31 @@ def check_routed(base: BaseModel, sources: list[Source], recipe: Recipe) -> None
     if recipe.rank is not None and all(low_rank_delta(source) or source.recipe.rank is not None for source in sources):
         # A default, like PEFT's `r` beside `rank_pattern`: unused is worth a word, not a refusal (the λ search's
         # one-source candidates inherit it, whatever their source is).
-        logger.warning("rank: the recipe's `rank` (%d) applies to full fine-tunes without a `rank` of their own, and "
-                       "no source is one; it is unused.", recipe.rank)
+        logger.warning(
+            "rank: the recipe's `rank` (%d) applies to full fine-tunes without a `rank` of their own, and "
+            "no source is one; it is unused.",
+            recipe.rank,
+        )
 
 
 def routed_keys(base: BaseModel, sources: list[Source]) -> list[str]:
     """The base's projection weights that routed layers wrap: those the sources' LoRAs target, and with a full
     fine-tune among the sources, every projection of `DEFAULT_LORA_TARGET_MODULES`."""
-    names = {key.rsplit(".", 2)[-2] for source in sources
-             for key in [*source.text_lora, *(k for part in source.modalities.values() for k in part.lora_factors)]}
+    names = {
+        key.rsplit(".", 2)[-2]
+        for source in sources
+        for key in [*source.text_lora, *(k for part in source.modalities.values() for k in part.lora_factors)]
+    }
     if not all(low_rank_delta(source) for source in sources):
         names.update(DEFAULT_LORA_TARGET_MODULES)
-    return [key for key in base.keys() if key.startswith("model.") and key.endswith(".weight")
-            and key.rsplit(".", 2)[-2] in names and len(base.shape(key)) == 2]
+    return [
+        key
+        for key in base.keys()
+        if key.startswith("model.")
+        and key.endswith(".weight")
+        and key.rsplit(".", 2)[-2] in names
+        and len(base.shape(key)) == 2
+    ]
 
 
 @dataclass
@@ -220,13 +232,19 @@ class RoutedSetup:
                 entry["energy_kept"] = _share(self.energy.get(index)) if index in self.energy else 1.0
             sources.append(entry)
         text = {"rank": self.text_rank, "energy_kept": 1.0 if self.text_exact else _share(self.energy.get("text"))}
-        return {"sources": sources, "text": text,
-                "modalities": {name: {"source": delta.source, "delta": delta.how, "rank": delta.rank}
-                               for name, delta in self.modalities.items()}}
+        return {
+            "sources": sources,
+            "text": text,
+            "modalities": {
+                name: {"source": delta.source, "delta": delta.how, "rank": delta.rank}
+                for name, delta in self.modalities.items()
+            },
+        }
 
 
-def _pair(low_rank: LowRank | None, rank: int, in_features: int, out_features: int,
-          fold_scaling: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _pair(
+    low_rank: LowRank | None, rank: int, in_features: int, out_features: int, fold_scaling: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`(A, B)` of a LoRA in float32 (its scaling folded into B if asked), or zeros where it has no factors."""
     if low_rank is None:
         return torch.zeros(rank, in_features), torch.zeros(out_features, rank)
@@ -266,13 +284,26 @@ def routed_setup(base: BaseModel, sources: list[Source], recipe: Recipe) -> Rout
             elif rank:
                 modalities[name] = ModalityDelta(index, "source_lora" if low_rank else "svd", rank, float(rank))
             else:
-                logger.info("%s: it leaves the LLM unchanged, so its %s tokens use the merged text weights.",
-                            source.label, name)
+                logger.info(
+                    "%s: it leaves the LLM unchanged, so its %s tokens use the merged text weights.",
+                    source.label,
+                    name,
+                )
     weighted_sum = MERGE_RULES[recipe.merge.rule].is_weighted_sum
     text_exact = weighted_sum and all(low_rank_delta(source) for source in sources)
     text_rank = sum(ranks) if weighted_sum else min(sum(ranks), full_rank)
-    target_modules = [name for name in DEFAULT_LORA_TARGET_MODULES
-                      if any(key.endswith(f".{name}.weight") for key in keys)]
+    target_modules = [
+        name for name in DEFAULT_LORA_TARGET_MODULES if any(key.endswith(f".{name}.weight") for key in keys)
+    ]
     target_modules += sorted({key.rsplit(".", 2)[-2] for key in keys} - set(target_modules))
-    return RoutedSetup(base, sources, recipe.weights(), recipe, modalities, ranks, text_rank if modalities else 0,
-                       text_exact, target_modules)
+    return RoutedSetup(
+        base,
+        sources,
+        recipe.weights(),
+        recipe,
+        modalities,
+        ranks,
+        text_rank if modalities else 0,
+        text_exact,
+        target_modules,
+    )

@@ -196,7 +196,9 @@ def read_json(path: Path, label: str) -> dict:
     return value
 
 
-def map_keys(store: TensorStore, rules: list[tuple[str, str]], label: str, dropped: tuple[str, ...] = ()) -> dict[str, dict[str, str]]:
+def map_keys(
+    store: TensorStore, rules: list[tuple[str, str]], label: str, dropped: tuple[str, ...] = ()
+) -> dict[str, dict[str, str]]:
     """Sort every key of `store` into named groups by prefix rules `(source_prefix, group)`; a key matching a prefix
     of `dropped` is left out on purpose. Returns group -> {key without the prefix: source key}. Any other key is an
     error: a source tensor must be mapped or dropped on purpose, never skipped silently."""
@@ -205,7 +207,7 @@ def map_keys(store: TensorStore, rules: list[tuple[str, str]], label: str, dropp
     for key in store.keys():
         for prefix, group in rules:
             if key.startswith(prefix):
-                groups[group][key[len(prefix):]] = key
+                groups[group][key[len(prefix) :]] = key
                 break
         else:
             if not key.startswith(dropped):
@@ -231,8 +233,8 @@ def align_encoder_keys(encoder_config: PreTrainedConfig, weights: dict[str, Lazy
         expected = set(build_encoder(encoder_config).state_dict())
     aligned = {}
     for key, lazy in weights.items():
-        if key not in expected and key.startswith("vision_model.") and key[len("vision_model."):] in expected:
-            key = key[len("vision_model."):]
+        if key not in expected and key.startswith("vision_model.") and key[len("vision_model.") :] in expected:
+            key = key[len("vision_model.") :]
         aligned[key] = lazy
     return aligned
 
@@ -245,11 +247,15 @@ def select_modalities(recipe: SourceRecipe, parts: dict[str, ModalityPart]) -> d
         raise ConversionError(f"{recipe.label}: `modalities` names {unknown}, but this source has {list(parts)}.")
     stray_renames = [name for name in recipe.rename if name not in chosen]
     if stray_renames:
-        raise ConversionError(f"{recipe.label}: `rename` names {stray_renames}, which are not among its modalities {chosen}.")
+        raise ConversionError(
+            f"{recipe.label}: `rename` names {stray_renames}, which are not among its modalities {chosen}."
+        )
     targets = [recipe.rename.get(name, name) for name in chosen]
     clashes = sorted({name for name in targets if targets.count(name) > 1})
     if clashes:
-        raise ConversionError(f"{recipe.label}: after `rename` two of its modalities are both called {clashes}; rename one differently.")
+        raise ConversionError(
+            f"{recipe.label}: after `rename` two of its modalities are both called {clashes}; rename one differently."
+        )
     selected = {}
     for name in chosen:
         part = parts[name]

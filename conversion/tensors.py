@@ -126,7 +126,9 @@ class SafetensorsFile:
                         raise OSError("the file ends early")
                     done += count
         except OSError as error:
-            raise ConversionError(f"{self.label}: cannot read {key!r} from {self.path.name} ({error}); the file is damaged.") from None
+            raise ConversionError(
+                f"{self.label}: cannot read {key!r} from {self.path.name} ({error}); the file is damaged."
+            ) from None
         return buffer.view(dtype).reshape(shape)
 
 
@@ -154,7 +156,9 @@ def load_pickle(path: Path, label: str) -> object:
     if not zipfile.is_zipfile(path):
         logger.warning(
             "%s: %s uses torch's legacy (pre-1.6) format, which cannot be memory-mapped: it is read into memory "
-            "whole. Re-save it (or convert it to safetensors) for large checkpoints.", label, path.name
+            "whole. Re-save it (or convert it to safetensors) for large checkpoints.",
+            label,
+            path.name,
         )
     try:
         # mmap keeps tensors on disk until used; only the zip format (torch >= 1.6) supports it.
@@ -250,7 +254,9 @@ class TensorStore:
         if not isinstance(state, dict) or not all(
             isinstance(key, str) and torch.is_tensor(value) for key, value in state.items()
         ):
-            raise ConversionError(f"{label}: {source.name} does not hold a flat dict of name -> tensor where expected.")
+            raise ConversionError(
+                f"{label}: {source.name} does not hold a flat dict of name -> tensor where expected."
+            )
         store = cls([], label)
         for key, value in state.items():
             store._add(key, source, value)
@@ -275,7 +281,9 @@ class TensorStore:
 
     def _add(self, key: str, path: Path, holder: object) -> None:
         if key in self._location:
-            raise ConversionError(f"{self.label}: tensor {key!r} appears in both {self._location[key][0].name} and {path.name}.")
+            raise ConversionError(
+                f"{self.label}: tensor {key!r} appears in both {self._location[key][0].name} and {path.name}."
+            )
         self._location[key] = (path, holder)
 
     def keys(self) -> list[str]:
@@ -312,8 +320,13 @@ class TensorStore:
 class Lazy:
     """A tensor to be read later: `store[key]`, optionally transformed (e.g. reshaped) once read."""
 
-    def __init__(self, store: TensorStore, key: str, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 shape: tuple[int, ...] | None = None):
+    def __init__(
+        self,
+        store: TensorStore,
+        key: str,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        shape: tuple[int, ...] | None = None,
+    ):
         self.store = store
         self.key = key
         self.transform = transform

@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 # Runs in the fresh process; prints one JSON line. Inputs are synthetic: a grey image, a short video, a second of
 # silence-free noise and a random point cloud, each through the composite's own processor.
-_SCRIPT = r'''
+_SCRIPT = r"""
 import json, sys
 import numpy as np
 import torch
@@ -54,7 +54,7 @@ print(json.dumps({
     "finite": bool(torch.isfinite(logits).all()),
     "parameters": sum(p.numel() for p in model.parameters()),
 }))
-'''
+"""
 
 
 # A failed check keeps nothing (the output folder appears only after it passes); this says how to keep the folder.

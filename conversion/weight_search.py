@@ -50,7 +50,9 @@ def answer_questions(folder: Path, samples: list[dict], media_root: str | None) 
         inputs = processor.tokenizer(processor.expand_placeholders(prompt), return_tensors="pt")
         modality_inputs = dataset.modality_inputs(index)
         output = model.generate(**inputs, modality_inputs=modality_inputs or None, max_new_tokens=8, do_sample=False)
-        answers[index] = _first_word(processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+        answers[index] = _first_word(
+            processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        )
     return answers
 
 
@@ -89,7 +91,8 @@ def search_weights(recipe: Recipe, compose_candidate, scratch: Path) -> tuple[fl
     scores = {}
     for value in search.grid:
         candidate = dataclasses.replace(
-            recipe, sources=[dataclasses.replace(source, weight=value) for source in recipe.sources],
+            recipe,
+            sources=[dataclasses.replace(source, weight=value) for source in recipe.sources],
             weight_search=None,
         )
         folder = compose_candidate(candidate, scratch / f"lambda-{value}")

@@ -59,7 +59,9 @@ class ShardedWriter:
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
         if key not in self.shapes or tuple(tensor.shape) != tuple(self.shapes[key]):
-            raise ConversionError(f"Tensor {key!r} has shape {tuple(tensor.shape)}, not the planned {self.shapes.get(key)}.")
+            raise ConversionError(
+                f"Tensor {key!r} has shape {tuple(tensor.shape)}, not the planned {self.shapes.get(key)}."
+            )
         if tensor.dtype not in _DTYPE_NAMES:
             raise ConversionError(f"Tensor {key!r} has dtype {tensor.dtype}, which safetensors cannot store.")
         size = tensor.numel() * tensor.element_size()
@@ -111,7 +113,9 @@ class ShardedWriter:
             weight_map.update(dict.fromkeys(keys, final))
             names.append(final)
         index_file = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index_file, indent=2, sort_keys=True) + "\n")
+        (self.folder / "model.safetensors.index.json").write_text(
+            json.dumps(index_file, indent=2, sort_keys=True) + "\n"
+        )
         return [*names, "model.safetensors.index.json"]
 
 

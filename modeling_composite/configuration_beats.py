@@ -56,8 +56,15 @@ class CompositeBeatsConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         for name in (
-            "num_mel_bins", "patch_size", "patch_embedding_dim", "hidden_size", "num_hidden_layers",
-            "num_attention_heads", "intermediate_size", "num_conv_pos_embeddings", "num_conv_pos_embedding_groups",
+            "num_mel_bins",
+            "patch_size",
+            "patch_embedding_dim",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "num_conv_pos_embeddings",
+            "num_conv_pos_embedding_groups",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -145,7 +145,11 @@ class CompositeMLLMConfig(PreTrainedConfig):
             )
         entries = {}
         for name, entry in self.modalities.items():
-            info = {"kind": entry.kind, "placeholder": entry.placeholder, "positions_per_item": entry.positions_per_item}
+            info = {
+                "kind": entry.kind,
+                "placeholder": entry.placeholder,
+                "positions_per_item": entry.positions_per_item,
+            }
             if entry.kind == "video":
                 info["num_frames"] = entry.num_frames
             if entry.kind == "point":

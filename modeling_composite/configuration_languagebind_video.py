@@ -53,9 +53,7 @@ class CompositeLanguageBindVideoConfig(PreTrainedConfig):
         if self.num_frames < 1:
             raise ValueError(f"num_frames must be at least 1, got {self.num_frames}.")
         if self.patch_size < 1 or self.image_size < self.patch_size:
-            raise ValueError(
-                f"patch_size ({self.patch_size}) must be between 1 and image_size ({self.image_size})."
-            )
+            raise ValueError(f"patch_size ({self.patch_size}) must be between 1 and image_size ({self.image_size}).")
         if self.hidden_act not in ACT2FN:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not an activation transformers knows (e.g. 'gelu').")
 

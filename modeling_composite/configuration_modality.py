@@ -23,6 +23,7 @@ _QFORMER_SPEC = re.compile(r"^qformer_(\d+)N_(\d+)L$")
 QFORMER_OPTIONS = ("num_positions", "hidden_size", "num_attention_heads", "intermediate_size")
 _MODALITY_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
+
 def parse_projector_spec(spec: str) -> int:
     """Number of linear layers in a projector spec: `linear` is 1, `mlp{N}x_gelu` is N (linear layers joined by
     GELU)."""
@@ -43,7 +44,9 @@ def parse_qformer_spec(spec: str) -> tuple[int, int] | None:
         return None
     match = _QFORMER_SPEC.match(spec)
     if match is None:
-        raise ValueError(f"Malformed Q-Former projector spec {spec!r}: write 'qformer_{{Q}}N_{{L}}L', e.g. 'qformer_32N_2L'.")
+        raise ValueError(
+            f"Malformed Q-Former projector spec {spec!r}: write 'qformer_{{Q}}N_{{L}}L', e.g. 'qformer_32N_2L'."
+        )
     queries, layers = int(match.group(1)), int(match.group(2))
     if queries < 1 or layers < 1:
         raise ValueError(f"Q-Former projector spec {spec!r} needs at least 1 query and 1 layer.")
@@ -68,7 +71,9 @@ def _check_projector(name: str, spec: str, options: Any) -> None:
         )
     for key, value in options.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"Modality {name!r}: projector_options[{key!r}] must be a positive integer, got {value!r}.")
+            raise ValueError(
+                f"Modality {name!r}: projector_options[{key!r}] must be a positive integer, got {value!r}."
+            )
 
 
 # Encoders transformers lacks (the paper's), written here; every other encoder config comes from `AutoConfig`.
@@ -103,7 +108,9 @@ def check_lora(where: str, lora: Any, allow_zero_rank: bool = False, extra_keys:
     normalized = {"r": rank, "alpha": float(lora.get("alpha", rank))}
     unknown = set(lora) - {"r", "alpha", *extra_keys}
     if unknown:
-        raise ValueError(f"{where} has unknown keys {sorted(unknown)}; allowed: {sorted({'r', 'alpha', *extra_keys})}.")
+        raise ValueError(
+            f"{where} has unknown keys {sorted(unknown)}; allowed: {sorted({'r', 'alpha', *extra_keys})}."
+        )
     return normalized
 
 
@@ -250,7 +257,9 @@ class ModalityConfig:
         for field in ("tokens_per_item", "prefix_tokens", "suffix_tokens", "placeholder_id"):
             value = getattr(self, field)
             if not isinstance(value, int) or value < (1 if field == "tokens_per_item" else 0):
-                raise ValueError(f"Modality {name!r}: {field} must be a non-negative integer (tokens_per_item >= 1), got {value!r}.")
+                raise ValueError(
+                    f"Modality {name!r}: {field} must be a non-negative integer (tokens_per_item >= 1), got {value!r}."
+                )
         if vocab_size is not None and self.placeholder_id >= vocab_size:
             raise ValueError(
                 f"Modality {name!r}: placeholder_id {self.placeholder_id} is outside the text vocabulary "
@@ -269,7 +278,9 @@ class ModalityConfig:
             raise ValueError(f"Modality {name!r}: num_frames only applies to video modalities, not {self.kind!r}.")
         if parse_qformer_spec(self.projector) is not None:
             if not self.projector_bias:
-                raise ValueError(f"Modality {name!r}: a Q-Former projector always has biases; set projector_bias to True.")
+                raise ValueError(
+                    f"Modality {name!r}: a Q-Former projector always has biases; set projector_bias to True."
+                )
             positions = (self.projector_options or {}).get("num_positions", 1024)
             if self.tokens_per_item > positions:
                 raise ValueError(
@@ -277,9 +288,7 @@ class ModalityConfig:
                     f"tokens_per_item is {self.tokens_per_item}; raise projector_options['num_positions']."
                 )
         lora = check_lora(f"Modality {name!r}: lora", self.lora)
-        return replace(
-            self, encoder=encoder, lora=lora, projector_options=copy.deepcopy(self.projector_options)
-        )
+        return replace(self, encoder=encoder, lora=lora, projector_options=copy.deepcopy(self.projector_options))
 
     def encoder_config(self) -> PreTrainedConfig:
         """The encoder config, rebuilt from its dict form."""

@@ -146,7 +146,8 @@ class CompositeBeatsFeatureExtractor(SequenceFeatureExtractor):
         if sampling_rate is None:
             logger.warning(
                 "No sampling_rate was passed to %s; assuming %d Hz. Pass it to catch audio at another rate.",
-                type(self).__name__, self.sampling_rate,
+                type(self).__name__,
+                self.sampling_rate,
             )
         elif sampling_rate != self.sampling_rate:
             raise ValueError(

@@ -143,7 +143,9 @@ _DIMENSION_NAMES = {
 }
 
 
-def check_modality_items(name: str, kind: str, entry: ModalityConfig, encoder_config, items, check_values: bool = True) -> None:
+def check_modality_items(
+    name: str, kind: str, entry: ModalityConfig, encoder_config, items, check_values: bool = True
+) -> None:
     """One modality's input tensor `(items, ...)`: floating point, the item shape its encoder takes, and (with
     `check_values`) finite, with pixels normalised."""
     expected = expected_item_shape(kind, entry, encoder_config)
@@ -206,8 +208,9 @@ def _check_values(name: str, kind: str, items: torch.Tensor) -> None:
         )
 
 
-def check_generation_length(max_positions: int | None, prompt_length: int, max_new_tokens: int | None,
-                            max_length: int | None) -> None:
+def check_generation_length(
+    max_positions: int | None, prompt_length: int, max_new_tokens: int | None, max_length: int | None
+) -> None:
     """Refuse a `generate()` call that would run past the text model's positions before it starts."""
     if max_positions is None:
         return

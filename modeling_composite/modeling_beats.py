@@ -69,9 +69,10 @@ def relative_position_buckets(length: int, num_buckets: int, max_distance: int, 
     distance = distance.abs()
     exact = half // 2
     # clamp only keeps log() finite where the exact branch is taken anyway; the float ops match the released model's.
-    log_spaced = exact + (
-        torch.log(distance.clamp(min=1).float() / exact) / math.log(max_distance / exact) * (half - exact)
-    ).long()
+    log_spaced = (
+        exact
+        + (torch.log(distance.clamp(min=1).float() / exact) / math.log(max_distance / exact) * (half - exact)).long()
+    )
     log_spaced = log_spaced.clamp(max=half - 1)
     return buckets + torch.where(distance < exact, distance, log_spaced)
 

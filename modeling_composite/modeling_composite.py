@@ -106,7 +106,9 @@ def encoder_width(encoder_config) -> int:
     for attribute in ("hidden_size", "d_model"):
         if isinstance(getattr(encoder_config, attribute, None), int):
             return getattr(encoder_config, attribute)
-    raise ValueError(f"Cannot tell the feature width of encoder {type(encoder_config).__name__}: no hidden_size/d_model.")
+    raise ValueError(
+        f"Cannot tell the feature width of encoder {type(encoder_config).__name__}: no hidden_size/d_model."
+    )
 
 
 # Encoders of ours, by their config's model type (configs: `OWN_ENCODER_CONFIGS`); the rest come from `AutoModel`.
@@ -195,8 +197,9 @@ class CompositeMLLMPreTrainedModel(PreTrainedModel):
         """The routed projections of the LLM (none in a NaiveMC composite)."""
         return [module for module in self.modules() if isinstance(module, RoutedLinear)]
 
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func: Callable | None = None,
-                                    **kwargs) -> None:
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func: Callable | None = None, **kwargs
+    ) -> None:
         # Checkpointed layers are recomputed during the backward pass, after the forward that set their routing plan
         # returned (and possibly after later forwards set others): each checkpointed call records the plan in flight
         # and its replay runs under that plan again.
@@ -276,9 +279,7 @@ def delta_layout(config: CompositeMLLMConfig) -> DeltaLayout | None:
         return None
     text_lora = config.text_lora or {"r": 0, "alpha": None, "folded": True}
     modality_ranks = {
-        name: (entry.lora["r"], entry.lora["alpha"])
-        for name, entry in config.modalities.items()
-        if entry.lora
+        name: (entry.lora["r"], entry.lora["alpha"]) for name, entry in config.modalities.items() if entry.lora
     }
     return DeltaLayout.build(text_lora["r"], text_lora["alpha"], modality_ranks, text_lora["folded"])
 
@@ -430,7 +431,9 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
             resolved[owners[0]] = value
         for name, value in (modality_inputs or {}).items():
             if name not in self.config.modalities:
-                raise ValueError(f"modality_inputs names {name!r}, which is not a modality of this composite {self.modality_names}.")
+                raise ValueError(
+                    f"modality_inputs names {name!r}, which is not a modality of this composite {self.modality_names}."
+                )
             if name in resolved:
                 raise ValueError(f"Modality {name!r} got inputs twice: by standard name and in modality_inputs.")
             resolved[name] = value
@@ -586,8 +589,14 @@ class CompositeMLLMModel(CompositeMLLMPreTrainedModel):
         config.lora_layout = lora_layout
         config.lora_dropout = dropout
         self.delta_layout = delta_layout(config)
-        inject_routed_layers(self.language_model, self.routing_channel, config.lora_target_modules, self.delta_layout,
-                             lora_layout, dropout)
+        inject_routed_layers(
+            self.language_model,
+            self.routing_channel,
+            config.lora_target_modules,
+            self.delta_layout,
+            lora_layout,
+            dropout,
+        )
 
     def add_modality_tokens(self, modality: str, prefix_tokens: int, suffix_tokens: int) -> None:
         """Give `modality`'s projector fresh learnable prefix / suffix tokens (zeros) and record their counts in the
@@ -736,8 +745,9 @@ class CompositeMLLMForCausalLM(CompositeMLLMPreTrainedModel, GenerationMixin):
         # generate()'s first two parameters, which may come by position; the rest pass through untouched.
         inputs = args[0] if args else kwargs.get("inputs")
         generation_config = args[1] if len(args) > 1 else kwargs.get("generation_config")
-        chunk_size = kwargs.get("prefill_chunk_size", getattr(generation_config or self.generation_config,
-                                                              "prefill_chunk_size", None))
+        chunk_size = kwargs.get(
+            "prefill_chunk_size", getattr(generation_config or self.generation_config, "prefill_chunk_size", None)
+        )
         raw_inputs = [name for name in _INPUTS_ONLY_AT_PREFILL if kwargs.get(name) is not None]
         prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         if torch.is_tensor(prompt) and prompt.ndim >= 2:

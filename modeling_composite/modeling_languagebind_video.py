@@ -176,7 +176,9 @@ class CompositeLanguageBindVideoEncoder(PreTrainedModel):
     def _check_input(self, pixel_values_videos: torch.Tensor) -> tuple[int, int]:
         config = self.config
         if not torch.is_tensor(pixel_values_videos) or pixel_values_videos.ndim != 5:
-            shape = tuple(pixel_values_videos.shape) if torch.is_tensor(pixel_values_videos) else type(pixel_values_videos)
+            shape = (
+                tuple(pixel_values_videos.shape) if torch.is_tensor(pixel_values_videos) else type(pixel_values_videos)
+            )
             raise ValueError(
                 "pixel_values_videos must be a tensor (videos, frames, channels, height, width), got "
                 f"{shape}; give one video as a batch of one."

@@ -110,8 +110,11 @@ class CompositeMLLMProcessor(ProcessorMixin):
     def update_modalities(self, config) -> None:
         """Take the modalities again from the model's `config` (a `CompositeMLLMConfig`), after the model changed what
         its items fill (`add_modality_tokens`); each modality keeps its own image-processor settings."""
-        settings = {name: entry["image_processor_kwargs"] for name, entry in self.modalities.items()
-                    if entry.get("image_processor_kwargs") is not None}
+        settings = {
+            name: entry["image_processor_kwargs"]
+            for name, entry in self.modalities.items()
+            if entry.get("image_processor_kwargs") is not None
+        }
         modalities = config.processor_modalities(settings)
         _check_modalities(modalities)
         self.modalities = modalities
@@ -201,7 +204,9 @@ class CompositeMLLMProcessor(ProcessorMixin):
             return placeholders, None
         # Longest first, so that a placeholder which is a prefix of another never matches inside it (the tokenizer's
         # special-token split also takes the longest match).
-        return placeholders, re.compile("|".join(re.escape(token) for token in sorted(placeholders, key=len, reverse=True)))
+        return placeholders, re.compile(
+            "|".join(re.escape(token) for token in sorted(placeholders, key=len, reverse=True))
+        )
 
     def expand_placeholders(self, text: str) -> str:
         """`text` with every placeholder repeated once per position the model fills for one item (prefix + features +
@@ -380,9 +385,10 @@ def _is_video(value: Any) -> bool:
     or 2/3-D arrays). An empty list is a sample without videos (a batched chat template gives `[[video], []]`)."""
     if _is_array(value):
         return value.ndim == 4
-    return isinstance(value, (list, tuple)) and len(value) > 0 and all(
-        not isinstance(frame, (list, tuple)) and not (_is_array(frame) and frame.ndim == 4)
-        for frame in value
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) > 0
+        and all(not isinstance(frame, (list, tuple)) and not (_is_array(frame) and frame.ndim == 4) for frame in value)
     )
 
 

@@ -128,9 +128,7 @@ class CompositeDummyInputsBuilder(BaseDummyInputsBuilder[CompositeProcessingInfo
 
     def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
         modalities = self.info.modalities
-        return "".join(
-            modalities[name].placeholder * mm_counts.get(key, 0) for key, name in self.info.keys.items()
-        )
+        return "".join(modalities[name].placeholder * mm_counts.get(key, 0) for key, name in self.info.keys.items())
 
     def get_dummy_mm_data(self, seq_len: int, mm_counts: Mapping[str, int], mm_options: Any = None) -> dict:
         processor = self.info.get_hf_processor()

@@ -52,7 +52,7 @@ def code_blocks(text: str) -> list[Block]:
 
 # Runs in the fresh process: each file named on the command line is a snippet, executed in a namespace of its own
 # that holds a value for every input it declares. Prints one line per snippet that ran.
-RUNNER = r'''
+RUNNER = r"""
 import re, sys
 import numpy as np
 from PIL import Image
@@ -77,4 +77,4 @@ for path in sys.argv[1:]:
         namespace[name] = makers[0]()
     exec(compile(code, path, "exec"), namespace)
     print(f"ran {path}", flush=True)
-'''.replace("__DECLARATION__", repr(DECLARATION.pattern))
+""".replace("__DECLARATION__", repr(DECLARATION.pattern))

@@ -18,12 +18,31 @@ from modeling_composite.modeling_beats import BeatsGateLinear, CompositeBeatsEnc
 RATE = 16000
 # A BEATs cfg as the released checkpoints write it, at toy sizes.
 TINY_CFG = {
-    "input_patch_size": 16, "embed_dim": 48, "conv_bias": False, "encoder_layers": 2, "encoder_embed_dim": 32,
-    "encoder_ffn_embed_dim": 64, "encoder_attention_heads": 2, "activation_fn": "gelu", "layer_norm_first": False,
-    "deep_norm": True, "conv_pos": 8, "conv_pos_groups": 4, "relative_position_embedding": True, "num_buckets": 32,
-    "max_distance": 64, "gru_rel_pos": True, "dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0,
-    "encoder_layerdrop": 0.05, "dropout_input": 0.0, "layer_wise_gradient_decay_ratio": 0.6, "finetuned_model": True,
-    "predictor_dropout": 0.0, "predictor_class": 5,
+    "input_patch_size": 16,
+    "embed_dim": 48,
+    "conv_bias": False,
+    "encoder_layers": 2,
+    "encoder_embed_dim": 32,
+    "encoder_ffn_embed_dim": 64,
+    "encoder_attention_heads": 2,
+    "activation_fn": "gelu",
+    "layer_norm_first": False,
+    "deep_norm": True,
+    "conv_pos": 8,
+    "conv_pos_groups": 4,
+    "relative_position_embedding": True,
+    "num_buckets": 32,
+    "max_distance": 64,
+    "gru_rel_pos": True,
+    "dropout": 0.0,
+    "attention_dropout": 0.0,
+    "activation_dropout": 0.0,
+    "encoder_layerdrop": 0.05,
+    "dropout_input": 0.0,
+    "layer_wise_gradient_decay_ratio": 0.6,
+    "finetuned_model": True,
+    "predictor_dropout": 0.0,
+    "predictor_class": 5,
 }
 
 LAYER_1_POSITION_TABLE = "encoder.layers.1.self_attn.relative_attention_bias.weight"  # a copy of layer 0's
@@ -117,8 +136,15 @@ def test_feature_extractor_round_trips_save_and_load(tmp_path, extractor):
 
 def tiny_config() -> CompositeBeatsConfig:
     return CompositeBeatsConfig(
-        patch_embedding_dim=48, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=4, num_relative_buckets=32, max_relative_distance=64,
+        patch_embedding_dim=48,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_conv_pos_embeddings=8,
+        num_conv_pos_embedding_groups=4,
+        num_relative_buckets=32,
+        max_relative_distance=64,
     )
 
 

@@ -23,8 +23,9 @@ def test_reference_scheme_computes_the_routed_composite_on_every_workload():
             index = _workload(fraction, SHAPE.tokens, names, masks, torch.float32, torch.device("cpu"))
             ours = _last_hidden(models["composite"], embeds, index)
             torch.testing.assert_close(_last_hidden(models["reference"], embeds), ours, rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(_last_hidden(models["composite_dense"], embeds, index), ours, rtol=1e-4,
-                                       atol=1e-5)
+            torch.testing.assert_close(
+                _last_hidden(models["composite_dense"], embeds, index), ours, rtol=1e-4, atol=1e-5
+            )
             if fraction:
                 # The modality rows really take their own deltas: the plain LLM gives something else there.
                 assert not torch.allclose(_last_hidden(models["plain"], embeds), ours, rtol=1e-3, atol=1e-4)

@@ -96,14 +96,34 @@ def test_model_round_trip_gives_identical_logits(composite, batch_all, tmp_path)
 # audio modality of a converted composite): composites saved then load unchanged and save the same JSON.
 _STORED_AUDIO_ENTRY = {
     "encoder": {
-        "activation_dropout": 0.0, "activation_function": "gelu", "attention_dropout": 0.0, "d_model": 64,
-        "dropout": 0.0, "encoder_attention_heads": 4, "encoder_ffn_dim": 128, "encoder_layerdrop": 0.0,
-        "encoder_layers": 2, "initializer_range": 0.02, "max_source_positions": 50, "model_type": "qwen2_audio_encoder",
-        "num_mel_bins": 16, "scale_embedding": False,
+        "activation_dropout": 0.0,
+        "activation_function": "gelu",
+        "attention_dropout": 0.0,
+        "d_model": 64,
+        "dropout": 0.0,
+        "encoder_attention_heads": 4,
+        "encoder_ffn_dim": 128,
+        "encoder_layerdrop": 0.0,
+        "encoder_layers": 2,
+        "initializer_range": 0.02,
+        "max_source_positions": 50,
+        "model_type": "qwen2_audio_encoder",
+        "num_mel_bins": 16,
+        "scale_embedding": False,
     },
-    "feature_layer": "last", "feature_select": "full", "kind": "audio", "lora": {"r": 4, "alpha": 8.0},
-    "num_frames": None, "placeholder": "<audio>", "placeholder_id": 262, "prefix_tokens": 2, "projector": "mlp2x_gelu",
-    "projector_bias": True, "projector_options": None, "suffix_tokens": 1, "tokens_per_item": 25,
+    "feature_layer": "last",
+    "feature_select": "full",
+    "kind": "audio",
+    "lora": {"r": 4, "alpha": 8.0},
+    "num_frames": None,
+    "placeholder": "<audio>",
+    "placeholder_id": 262,
+    "prefix_tokens": 2,
+    "projector": "mlp2x_gelu",
+    "projector_bias": True,
+    "projector_options": None,
+    "suffix_tokens": 1,
+    "tokens_per_item": 25,
 }
 
 
@@ -119,7 +139,12 @@ def test_a_config_json_saved_before_typed_modalities_loads_and_saves_unchanged(t
     config = CompositeMLLMConfig.from_pretrained(tmp_path)
     entry = config.modalities["audio"]
     assert isinstance(entry, ModalityConfig)
-    assert (entry.kind, entry.placeholder_id, entry.tokens_per_item, entry.lora) == ("audio", 262, 25, {"r": 4, "alpha": 8.0})
+    assert (entry.kind, entry.placeholder_id, entry.tokens_per_item, entry.lora) == (
+        "audio",
+        262,
+        25,
+        {"r": 4, "alpha": 8.0},
+    )
     assert config.positions_per_item("audio") == 2 + 25 + 1
     assert config.encoder_config("audio").d_model == 64
     config.save_pretrained(tmp_path / "again")
@@ -137,7 +162,6 @@ def test_modality_configs_and_their_json_form_make_the_same_config():
     assert all(isinstance(value, dict) for value in from_json.to_dict()["modalities"].values())
 
 
-
 def test_modality_configs_of_a_composite_folders_own_class_are_taken(saved_composite):
     """vLLM loads a composite's config with the folder's remote code, whose `ModalityConfig` is another class than
     the installed package's; the package's config and the serving plugin read those entries by their fields."""
@@ -149,7 +173,10 @@ def test_modality_configs_of_a_composite_folders_own_class_are_taken(saved_compo
     remote = folder_class.from_pretrained(saved_composite)
     foreign = remote.modalities
     assert all(type(entry) is not ModalityConfig for entry in foreign.values())
-    expected = {name: entry.to_dict() for name, entry in CompositeMLLMConfig.from_pretrained(saved_composite).modalities.items()}
+    expected = {
+        name: entry.to_dict()
+        for name, entry in CompositeMLLMConfig.from_pretrained(saved_composite).modalities.items()
+    }
     assert {name: entry.to_dict() for name, entry in config_modalities(remote).items()} == expected
     config = CompositeMLLMConfig(text_config=remote.text_config.to_dict(), modalities=foreign)
     assert all(type(entry) is ModalityConfig for entry in config.modalities.values())

@@ -60,7 +60,9 @@ def bad_sources(tiny_sources, tmp_path_factory):
 
     pickled = shutil.copytree(tiny_sources["paper_damc_a"], root / "pickled")
     # A pickle that references a callable: loading it without weights_only would import and could call it.
-    torch.save({"model.modal_projectors.vision.0.weight": torch.zeros(2), "payload": os.system}, pickled / "adapter_model.bin")
+    torch.save(
+        {"model.modal_projectors.vision.0.weight": torch.zeros(2), "payload": os.system}, pickled / "adapter_model.bin"
+    )
     no_strategy = shutil.copytree(tiny_sources["paper_naive"], root / "no_strategy")
     config = json.loads((no_strategy / "config.json").read_text())
     del config["lora_strategy"]
@@ -70,8 +72,14 @@ def bad_sources(tiny_sources, tmp_path_factory):
         listed[name] = shutil.copytree(tiny_sources[name], root / f"{name}_list_config")
         (listed[name] / "config.json").write_text("[1, 2]")
     return {
-        "wide": wide, "other_vocab": other_vocab, "corrupt": corrupt, "pickled": pickled, "no_strategy": no_strategy,
-        "list_config": listed["llava"], "list_config_base": listed["base"], **_lying_sources(tiny_sources, root),
+        "wide": wide,
+        "other_vocab": other_vocab,
+        "corrupt": corrupt,
+        "pickled": pickled,
+        "no_strategy": no_strategy,
+        "list_config": listed["llava"],
+        "list_config_base": listed["base"],
+        **_lying_sources(tiny_sources, root),
     }
 
 
@@ -102,18 +110,34 @@ def _bad_recipes(sources: dict, bad: dict) -> dict[str, tuple[dict, str]]:
     clip = str(sources["clip"])
     return {
         "unknown method": ({"method": "soup", "base": base, "sources": [llava]}, "method 'soup' is unknown"),
-        "unknown rule": ({"base": base, "merge": {"rule": "average"}, "sources": [llava]}, "merge.rule 'average' is unknown"),
-        "missing source": ({"base": base, "sources": [{"path": "/no/such/folder"}]}, "'/no/such/folder' does not exist"),
-        "other hidden size": ({"base": base, "sources": [{"path": str(bad["wide"])}]}, "hidden_size is 128 but the base's is 64"),
-        "other vocabulary": ({"base": base, "sources": [{"path": str(bad["other_vocab"])}]}, "differs from the base's on the base vocabulary"),
+        "unknown rule": (
+            {"base": base, "merge": {"rule": "average"}, "sources": [llava]},
+            "merge.rule 'average' is unknown",
+        ),
+        "missing source": (
+            {"base": base, "sources": [{"path": "/no/such/folder"}]},
+            "'/no/such/folder' does not exist",
+        ),
+        "other hidden size": (
+            {"base": base, "sources": [{"path": str(bad["wide"])}]},
+            "hidden_size is 128 but the base's is 64",
+        ),
+        "other vocabulary": (
+            {"base": base, "sources": [{"path": str(bad["other_vocab"])}]},
+            "differs from the base's on the base vocabulary",
+        ),
         "duplicate modality": (
             {"base": base, "sources": [llava, {"path": str(sources["llava_2"])}]},
             "Two sources claim the modality name 'image'",
         ),
         "damc on a full fine-tune": ({"method": "damc", "base": base, "sources": [llava]}, "use `method: routed`"),
-        "corrupt safetensors": ({"base": base, "sources": [{"path": str(bad["corrupt"])}]}, "is not a valid safetensors file"),
+        "corrupt safetensors": (
+            {"base": base, "sources": [{"path": str(bad["corrupt"])}]},
+            "is not a valid safetensors file",
+        ),
         "rename to a bad name": (
-            {"base": base, "sources": [{**llava, "rename": {"image": "my image"}}]}, "'my image' cannot name a modality"
+            {"base": base, "sources": [{**llava, "rename": {"image": "my image"}}]},
+            "'my image' cannot name a modality",
         ),
         "rename onto another modality": (
             {"base": base, "sources": [{"path": str(sources["video_llava"]), "rename": {"image": "video"}}]},
@@ -132,8 +156,11 @@ def _bad_recipes(sources: dict, bad: dict) -> dict[str, tuple[dict, str]]:
             "is not a plain checkpoint of tensors",
         ),
         "the paper's modality name": (
-            {"method": "damc", "base": base,
-             "sources": [{"path": str(sources["paper_damc_a"]), "encoder": clip, "modalities": ["vision"]}]},
+            {
+                "method": "damc",
+                "base": base,
+                "sources": [{"path": str(sources["paper_damc_a"]), "encoder": clip, "modalities": ["vision"]}],
+            },
             "`modalities` names ['vision'], but this source has ['image']",
         ),
         "a key the format does not read": (
@@ -141,14 +168,16 @@ def _bad_recipes(sources: dict, bad: dict) -> dict[str, tuple[dict, str]]:
             "['encoder', 'feature_layer'] do not apply to a llava source",
         ),
         "a weight beyond float32": (
-            {"base": base, "sources": [{**llava, "weight": "1e300"}]}, "is 1e+300, beyond what float32"
+            {"base": base, "sources": [{**llava, "weight": "1e300"}]},
+            "is 1e+300, beyond what float32",
         ),
         "a source config that is a list": (
             {"base": base, "sources": [{"path": str(bad["list_config"])}]},
             "config.json holds a JSON list, not an object",
         ),
         "a base config that is a list": (
-            {"base": str(bad["list_config_base"]), "sources": [llava]}, "config.json holds a JSON list, not an object"
+            {"base": str(bad["list_config_base"]), "sources": [llava]},
+            "config.json holds a JSON list, not an object",
         ),
         "a chat template that is not Jinja": (
             {"base": base, "sources": [llava], "chat_template": "{% for m in messages %}{{ m.content }"},
@@ -177,14 +206,16 @@ def _lying_recipes(sources: dict, bad: dict) -> dict[str, tuple[dict, str]]:
             + " holds torch.int32 values where the composite needs floating-point weights",
         ),
         "an int64 LLM weight": (
-            source("int_llm"), tensor("language_model.layers.1.mlp.up_proj.weight") + " holds torch.int64 values"
+            source("int_llm"),
+            tensor("language_model.layers.1.mlp.up_proj.weight") + " holds torch.int64 values",
         ),
         "NaN in an LLM weight": (
             source("nan_llm"),
             tensor("language_model.layers.0.self_attn.q_proj.weight") + " holds 64 NaN or infinite value(s) of 4096",
         ),
         "Inf in an encoder": (
-            source("inf_encoder"), tensor("vision_tower.embeddings.patch_embedding.weight") + " holds"
+            source("inf_encoder"),
+            tensor("vision_tower.embeddings.patch_embedding.weight") + " holds",
         ),
         "a merge that overflows float16": (
             {"base": base, "dtype": "float16", "sources": [{"path": str(sources["llava"]), "weight": 1.0e9}]},
@@ -193,10 +224,19 @@ def _lying_recipes(sources: dict, bad: dict) -> dict[str, tuple[dict, str]]:
     }
 
 
-@pytest.mark.parametrize("case", ["an int32 projector", "an int64 LLM weight", "NaN in an LLM weight",
-                                  "Inf in an encoder", "a merge that overflows float16"])
-def test_a_tensor_that_lies_is_refused_while_streaming_naming_the_source_and_tensor(case, tiny_sources, bad_sources,
-                                                                                    tmp_path, capsys):
+@pytest.mark.parametrize(
+    "case",
+    [
+        "an int32 projector",
+        "an int64 LLM weight",
+        "NaN in an LLM weight",
+        "Inf in an encoder",
+        "a merge that overflows float16",
+    ],
+)
+def test_a_tensor_that_lies_is_refused_while_streaming_naming_the_source_and_tensor(
+    case, tiny_sources, bad_sources, tmp_path, capsys
+):
     recipe, message = _lying_recipes(tiny_sources, bad_sources)[case]
     code, _, err = _run([_write_recipe(tmp_path, recipe), tmp_path / "out", "--no-verify"], capsys)
     assert code == 2
@@ -208,12 +248,29 @@ def test_a_tensor_that_lies_is_refused_while_streaming_naming_the_source_and_ten
 
 @pytest.mark.parametrize(
     "case",
-    ["unknown method", "unknown rule", "missing source", "other hidden size", "other vocabulary", "duplicate modality",
-     "damc on a full fine-tune", "corrupt safetensors", "pickle with code", "rename to a bad name",
-     "rename onto another modality", "paper checkpoint with no strategy", "negative weight with ties",
-     "a key the format does not read", "the paper's modality name", "a weight beyond float32",
-     "a source config that is a list", "a base config that is a list", "a chat template that is not Jinja",
-     "a chat template that fails to render", "a chat template that raises"],
+    [
+        "unknown method",
+        "unknown rule",
+        "missing source",
+        "other hidden size",
+        "other vocabulary",
+        "duplicate modality",
+        "damc on a full fine-tune",
+        "corrupt safetensors",
+        "pickle with code",
+        "rename to a bad name",
+        "rename onto another modality",
+        "paper checkpoint with no strategy",
+        "negative weight with ties",
+        "a key the format does not read",
+        "the paper's modality name",
+        "a weight beyond float32",
+        "a source config that is a list",
+        "a base config that is a list",
+        "a chat template that is not Jinja",
+        "a chat template that fails to render",
+        "a chat template that raises",
+    ],
 )
 def test_bad_recipe_or_source_exits_2_with_one_line_and_no_output(case, tiny_sources, bad_sources, tmp_path, capsys):
     recipe, message = _bad_recipes(tiny_sources, bad_sources)[case]
@@ -226,27 +283,40 @@ def test_bad_recipe_or_source_exits_2_with_one_line_and_no_output(case, tiny_sou
     assert sorted(path.name for path in tmp_path.iterdir()) == ["recipe.yaml"], "no partial folder may be left"
 
 
-
-
 def test_hub_sources_convert_offline_verify_and_get_a_model_card(tiny_sources, tmp_path):
     """Sources named by Hub id (served from a local cache, offline) end up in the card's front matter with their
     revisions; the command verifies the result in a fresh process and says so."""
     hf_home = tmp_path / "hf_home"
-    cache_repos(hf_home, {"tiny-org/base": tiny_sources["base"], "tiny-org/llava": tiny_sources["llava"],
-                          "tiny-org/video-llava": tiny_sources["video_llava"]})
-    recipe = _write_recipe(tmp_path, {
-        "name": "tiny-vision-video",
-        "base": "tiny-org/base",
-        "sources": [
-            {"path": "tiny-org/llava", "weight": 0.5},
-            {"path": "tiny-org/video-llava", "weight": 0.5, "modalities": ["video"]},
-        ],
-    })
+    cache_repos(
+        hf_home,
+        {
+            "tiny-org/base": tiny_sources["base"],
+            "tiny-org/llava": tiny_sources["llava"],
+            "tiny-org/video-llava": tiny_sources["video_llava"],
+        },
+    )
+    recipe = _write_recipe(
+        tmp_path,
+        {
+            "name": "tiny-vision-video",
+            "base": "tiny-org/base",
+            "sources": [
+                {"path": "tiny-org/llava", "weight": 0.5},
+                {"path": "tiny-org/video-llava", "weight": 0.5, "modalities": ["video"]},
+            ],
+        },
+    )
     output = tmp_path / "out"
     environment = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "TRANSFORMERS_"))}
     environment.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1")
-    result = subprocess.run([sys.executable, "-m", "conversion", str(recipe), str(output)], cwd=ROOT, env=environment,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "conversion", str(recipe), str(output)],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     assert "verified: a fresh process loaded CompositeMLLMForCausalLM" in result.stderr
     card = ModelCard.load(output / "README.md")
@@ -268,9 +338,22 @@ def test_push_to_hub_uploads_exactly_the_folder(tiny_sources, tmp_path):
     output = tmp_path / "out"
     with FakeHub(orgs=("tiny-org",)) as hub:
         result = subprocess.run(
-            [sys.executable, "-m", "conversion", str(recipe), str(output), "--no-verify", "--push-to-hub",
-             "tiny-org/composite", "--private"],
-            cwd=ROOT, env=hub.environment(dict(os.environ)), capture_output=True, text=True, timeout=600,
+            [
+                sys.executable,
+                "-m",
+                "conversion",
+                str(recipe),
+                str(output),
+                "--no-verify",
+                "--push-to-hub",
+                "tiny-org/composite",
+                "--private",
+            ],
+            cwd=ROOT,
+            env=hub.environment(dict(os.environ)),
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         assert result.returncode == 0, result.stderr
         assert [(repo.repo_id, repo.private) for repo in hub.created_repos] == [("tiny-org/composite", True)]
@@ -283,10 +366,17 @@ def test_push_to_hub_uploads_exactly_the_folder(tiny_sources, tmp_path):
 def test_the_installed_command_prints_exactly_one_line_on_a_user_error(tmp_path):
     """The real process: nothing but the error reaches stderr (no warnings from imports, no traceback)."""
     recipe = _write_recipe(tmp_path, {"base": "/no/such/base", "sources": ["/no/such/source"]})
-    result = subprocess.run([sys.executable, "-m", "conversion", str(recipe), str(tmp_path / "out")], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "conversion", str(recipe), str(tmp_path / "out")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
-    assert result.stderr.splitlines() == ["error: base: the folder '/no/such/base' does not exist; check the path (or give a Hub id)."]
+    assert result.stderr.splitlines() == [
+        "error: base: the folder '/no/such/base' does not exist; check the path (or give a Hub id)."
+    ]
     assert not (tmp_path / "out").exists()
 
 

@@ -30,7 +30,9 @@ def test_peft_lora_with_projector_and_encoder(tiny_sources, tmp_path):
     key = "model.layers.0.mlp.down_proj"
     prefix = f"base_model.model.{key}"
     expected = base[f"{key}.weight"] + 2.0 * adapter[f"{prefix}.lora_B.weight"] @ adapter[f"{prefix}.lora_A.weight"]
-    torch.testing.assert_close(state["model.language_model.layers.0.mlp.down_proj.weight"], expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        state["model.language_model.layers.0.mlp.down_proj.weight"], expected, rtol=0, atol=1e-6
+    )
     projector = load_file(str(peft / "mm_projector.safetensors"))
     assert torch.equal(state["model.projectors.image.linear_2.weight"], projector["model.mm_projector.2.weight"])
     clip_state = load_file(str(clip / "model.safetensors"))
@@ -60,28 +62,50 @@ def test_a_vision_tower_saved_alone_reads_as_the_same_tower_inside_clip(tiny_sou
 def test_reweighting_a_naive_composite_scales_its_text_delta(tiny_sources, tmp_path):
     base = str(tiny_sources["base"])
     first = compose(
-        {"base": base, "sources": [str(tiny_sources["llava"]), {"path": str(tiny_sources["llava_2"]), "rename": {"image": "chart"}}]},
-        tmp_path / "first", verify=False,
+        {
+            "base": base,
+            "sources": [
+                str(tiny_sources["llava"]),
+                {"path": str(tiny_sources["llava_2"]), "rename": {"image": "chart"}},
+            ],
+        },
+        tmp_path / "first",
+        verify=False,
     )
     again = compose({"base": base, "sources": [{"path": str(first), "weight": 0.5}]}, tmp_path / "again", verify=False)
     base_state = load_file(str(tiny_sources["base"] / "model.safetensors"))
     key = "layers.1.self_attn.v_proj.weight"
     merged = load_file(str(first / "model.safetensors"))[f"model.language_model.{key}"]
     reweighted = load_file(str(again / "model.safetensors"))[f"model.language_model.{key}"]
-    torch.testing.assert_close(reweighted, base_state[f"model.{key}"] + 0.5 * (merged - base_state[f"model.{key}"]),
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        reweighted, base_state[f"model.{key}"] + 0.5 * (merged - base_state[f"model.{key}"]), rtol=0, atol=1e-6
+    )
 
 
 def test_growing_a_damc_composite_equals_composing_its_sources(tiny_sources, tmp_path):
     base, clip = str(tiny_sources["base"]), str(tiny_sources["clip"])
     image_source = {"path": str(tiny_sources["paper_damc_a"]), "encoder": clip}
-    chart_source = {"path": str(tiny_sources["paper_damc_b"]), "encoder": clip, "rename": {"image": "chart"}, "weight": 0.5}
-    alone = compose({"method": "damc", "base": base, "sources": [{**image_source, "weight": 1.0}]}, tmp_path / "alone",
-                    verify=False)
-    grown = compose({"method": "damc", "base": base, "sources": [{"path": str(alone), "weight": 0.5}, chart_source]},
-                    tmp_path / "grown", verify=False)
-    direct = compose({"method": "damc", "base": base, "sources": [{**image_source, "weight": 0.5}, chart_source]},
-                     tmp_path / "direct", verify=False)
+    chart_source = {
+        "path": str(tiny_sources["paper_damc_b"]),
+        "encoder": clip,
+        "rename": {"image": "chart"},
+        "weight": 0.5,
+    }
+    alone = compose(
+        {"method": "damc", "base": base, "sources": [{**image_source, "weight": 1.0}]},
+        tmp_path / "alone",
+        verify=False,
+    )
+    grown = compose(
+        {"method": "damc", "base": base, "sources": [{"path": str(alone), "weight": 0.5}, chart_source]},
+        tmp_path / "grown",
+        verify=False,
+    )
+    direct = compose(
+        {"method": "damc", "base": base, "sources": [{**image_source, "weight": 0.5}, chart_source]},
+        tmp_path / "direct",
+        verify=False,
+    )
     processor = CompositeMLLMProcessor.from_pretrained(direct)
     rng = np.random.default_rng(1)
     images = [Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)) for _ in range(2)]
@@ -109,12 +133,20 @@ def test_a_siglip_sources_images_are_processed_as_its_own_processor_does_beside_
 
 
 @pytest.mark.parametrize(
-    "name, folder", [("llava", "llava"), ("video_llava", "video_llava"), ("qwen2_audio", "qwen2_audio"),
-                     ("modelcompose", "paper_damc_a"), ("peft", "peft")]
+    "name, folder",
+    [
+        ("llava", "llava"),
+        ("video_llava", "video_llava"),
+        ("qwen2_audio", "qwen2_audio"),
+        ("modelcompose", "paper_damc_a"),
+        ("peft", "peft"),
+    ],
 )
 def test_each_format_entry_identifies_its_folders_and_reads_them(name, folder, tiny_sources):
     """A source format is one registry entry: its files identify it (no `format:` needed) and its reader reads it."""
-    recipe = SourceRecipe(path=str(tiny_sources[folder]), encoder=str(tiny_sources["clip"]) if name in ("peft", "modelcompose") else None)
+    recipe = SourceRecipe(
+        path=str(tiny_sources[folder]), encoder=str(tiny_sources["clip"]) if name in ("peft", "modelcompose") else None
+    )
     location = Location(folder=tiny_sources[folder], reference=str(tiny_sources[folder]))
     assert detect_format(recipe, location) == name
     assert SOURCE_FORMATS[name].read(recipe, location).format == name

@@ -117,8 +117,15 @@ def test_unusual_valid_headers_read_as_the_library_reads_them(case, tmp_path):
     assert all(torch.equal(store.get(key), tensor) for key, tensor in expected.items())
 
 
-@pytest.mark.parametrize("shard", ["../other/model.safetensors", "/etc/model.safetensors", "sub/../../x.safetensors",
-                                   "C:\\models\\model.safetensors"])
+@pytest.mark.parametrize(
+    "shard",
+    [
+        "../other/model.safetensors",
+        "/etc/model.safetensors",
+        "sub/../../x.safetensors",
+        "C:\\models\\model.safetensors",
+    ],
+)
 def test_a_shard_index_pointing_outside_its_folder_is_refused(shard, tmp_path):
     folder = tmp_path / "model"
     folder.mkdir()
@@ -137,11 +144,18 @@ def test_a_shard_index_may_name_files_in_subfolders(tmp_path):
     assert torch.equal(open_model_weights(tmp_path, "source").get("a"), torch.ones(2))
 
 
-@pytest.mark.parametrize(("dtype", "value"), [
-    (torch.float32, float("nan")), (torch.float32, float("inf")), (torch.bfloat16, -float("inf")),
-    (torch.float16, float("nan")), (torch.float16, float("inf")), (torch.float64, -float("inf")),
-    (torch.float8_e4m3fn, float("nan")),  # float8_e4m3fn has no infinity
-])
+@pytest.mark.parametrize(
+    ("dtype", "value"),
+    [
+        (torch.float32, float("nan")),
+        (torch.float32, float("inf")),
+        (torch.bfloat16, -float("inf")),
+        (torch.float16, float("nan")),
+        (torch.float16, float("inf")),
+        (torch.float64, -float("inf")),
+        (torch.float8_e4m3fn, float("nan")),  # float8_e4m3fn has no infinity
+    ],
+)
 @pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
 def test_a_read_tells_its_nan_or_inf_naming_the_checkpoint_and_the_tensor(dtype, value, suffix, tmp_path):
     """The writer checks what it writes; when that is not finite, the reads it came from name the culprit."""
@@ -176,8 +190,10 @@ def test_every_read_is_recorded_with_its_dtype(tmp_path):
     with recording_reads() as reads:
         store.get("b")
         store.get("a")
-    assert [(read.key, read.dtype, read.file) for read in reads] == [("b", torch.int32, "m.safetensors"),
-                                                                     ("a", torch.float32, "m.safetensors")]
+    assert [(read.key, read.dtype, read.file) for read in reads] == [
+        ("b", torch.int32, "m.safetensors"),
+        ("a", torch.float32, "m.safetensors"),
+    ]
     assert reads[0].describe() == "source: tensor 'b' in m.safetensors"
     store.get("a")  # outside the block: nothing recorded
     assert len(reads) == 2

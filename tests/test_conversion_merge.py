@@ -28,10 +28,13 @@ def _llava_parts(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Te
     """A transformers-v5 LLaVA checkpoint split into its LLM, vision tower and projector."""
     parts = {"llm": {}, "vision": {}, "projector": {}}
     for key, value in state.items():
-        for prefix, part in (("model.language_model.", "llm"), ("model.vision_tower.", "vision"),
-                             ("model.multi_modal_projector.", "projector")):
+        for prefix, part in (
+            ("model.language_model.", "llm"),
+            ("model.vision_tower.", "vision"),
+            ("model.multi_modal_projector.", "projector"),
+        ):
             if key.startswith(prefix):
-                parts[part][key[len(prefix):]] = value
+                parts[part][key[len(prefix) :]] = value
         if key == "lm_head.weight":
             parts["llm"]["lm_head.weight"] = value
     return parts
@@ -57,8 +60,10 @@ def test_naive_mean_of_two_llavas_keeps_each_encoder_and_projector(tiny_sources,
     output = compose(recipe, tmp_path / "out", verify=False)
     state = _state(output)
     first, second = (_llava_parts(_state(tiny_sources[name])) for name in ("llava", "llava_2"))
-    placeholder_rows = {json.loads((output / "config.json").read_text())["modalities"][name]["placeholder_id"]: source
-                        for name, source in (("image", first), ("chart", second))}
+    placeholder_rows = {
+        json.loads((output / "config.json").read_text())["modalities"][name]["placeholder_id"]: source
+        for name, source in (("image", first), ("chart", second))
+    }
     for key, value in first["llm"].items():
         ours = state[key if key == "lm_head.weight" else f"model.language_model.{key}"]
         expected = (value + second["llm"][key]) / 2
@@ -89,8 +94,10 @@ def test_lora_sources_merge_on_products_not_on_factors(tiny_sources, tmp_path):
     state, base = _state(output), load_file(str(tiny_sources["base"] / "model.safetensors"))
     key = "model.layers.1.self_attn.q_proj"
     factors = [(_adapter(folder), _scaling(folder)) for folder in (first, second)]
-    products = [scale * adapter[f"{key}.lora_B.default.weight"] @ adapter[f"{key}.lora_A.default.weight"]
-                for adapter, scale in factors]
+    products = [
+        scale * adapter[f"{key}.lora_B.default.weight"] @ adapter[f"{key}.lora_A.default.weight"]
+        for adapter, scale in factors
+    ]
     ours = state["model.language_model.layers.1.self_attn.q_proj.weight"]
     torch.testing.assert_close(ours, base[f"{key}.weight"] + 0.5 * products[0] + 0.5 * products[1], rtol=0, atol=1e-6)
     mean_b = sum(adapter[f"{key}.lora_B.default.weight"] for adapter, _ in factors) / 2
@@ -103,8 +110,10 @@ def test_lora_sources_merge_on_products_not_on_factors(tiny_sources, tmp_path):
     ("merge", "options"),
     [
         ({"rule": "ties", "density": 0.3}, {"normalize": True, "lambda_": 1.0, "rescale": False}),
-        ({"rule": "dare_ties", "density": 0.5, "seed": 3, "lambda": 0.5, "normalize": True, "int8_mask": True},
-         {"normalize": True, "lambda_": 0.5, "rescale": True}),
+        (
+            {"rule": "dare_ties", "density": 0.5, "seed": 3, "lambda": 0.5, "normalize": True, "int8_mask": True},
+            {"normalize": True, "lambda_": 0.5, "rescale": True},
+        ),
     ],
 )
 def test_ties_and_dare_rules_reach_every_llm_tensor_with_their_options(tiny_sources, tmp_path, merge, options):
@@ -122,10 +131,18 @@ def test_ties_and_dare_rules_reach_every_llm_tensor_with_their_options(tiny_sour
     sources = [_llava_parts(_state(tiny_sources[name]))["llm"] for name in ("llava", "llava_2")]
     for key in ("layers.0.mlp.down_proj.weight", "norm.weight"):
         deltas = [source[key] - base[f"model.{key}"] for source in sources]
-        merged = merge_deltas(deltas, [0.5, 0.5], merge["rule"], density=merge["density"], seed=merge.get("seed", 0),
-                              name=f"model.{key}", **options)
-        torch.testing.assert_close(state[f"model.language_model.{key}"], base[f"model.{key}"] + merged,
-                                   rtol=0, atol=1e-6)
+        merged = merge_deltas(
+            deltas,
+            [0.5, 0.5],
+            merge["rule"],
+            density=merge["density"],
+            seed=merge.get("seed", 0),
+            name=f"model.{key}",
+            **options,
+        )
+        torch.testing.assert_close(
+            state[f"model.language_model.{key}"], base[f"model.{key}"] + merged, rtol=0, atol=1e-6
+        )
     # The conventions used are recorded with the composite and stated on its card.
     composition = json.loads((output / "config.json").read_text())["composition"]
     recorded = {"normalize": options["normalize"], "lambda": options["lambda_"], "rescale": options["rescale"]}
@@ -150,8 +167,9 @@ def test_linear_with_normalize_is_mergekits_weighted_mean_of_the_models(tiny_sou
     state = _state(output)
     first, second = (_llava_parts(_state(tiny_sources[name]))["llm"] for name in ("llava", "llava_2"))
     for key in ("layers.0.mlp.down_proj.weight", "layers.1.self_attn.q_proj.weight", "norm.weight"):
-        torch.testing.assert_close(state[f"model.language_model.{key}"], 0.25 * first[key] + 0.75 * second[key],
-                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            state[f"model.language_model.{key}"], 0.25 * first[key] + 0.75 * second[key], rtol=0, atol=1e-6
+        )
     composition = json.loads((output / "config.json").read_text())["composition"]
     assert [source["weight"] for source in composition["sources"]] == [0.25, 0.75]
 
@@ -165,11 +183,20 @@ def damc(tiny_sources, tmp_path_factory):
         "base": str(tiny_sources["base"]),
         "sources": [
             {"path": str(sources[0]), "encoder": str(tiny_sources["clip"]), "weight": 0.5},
-            {"path": str(sources[1]), "encoder": str(tiny_sources["clip"]), "weight": 0.25, "rename": {"image": "chart"}},
+            {
+                "path": str(sources[1]),
+                "encoder": str(tiny_sources["clip"]),
+                "weight": 0.25,
+                "rename": {"image": "chart"},
+            },
         ],
     }
     output = compose(recipe, tmp_path_factory.mktemp("damc") / "out", verify=False)
-    return CompositeMLLMForCausalLM.from_pretrained(output).eval(), CompositeMLLMProcessor.from_pretrained(output), sources
+    return (
+        CompositeMLLMForCausalLM.from_pretrained(output).eval(),
+        CompositeMLLMProcessor.from_pretrained(output),
+        sources,
+    )
 
 
 def _plain_llm(tiny_sources, deltas: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -186,7 +213,10 @@ def _plain_llm(tiny_sources, deltas: dict[str, torch.Tensor]) -> torch.nn.Module
 def _lora_deltas(folder, adapter: str, weight: float) -> dict[str, torch.Tensor]:
     state, scale = _adapter(folder), _scaling(folder)
     modules = {key.split(".lora_")[0] for key in state if f".lora_A.{adapter}." in key}
-    return {m: weight * scale * state[f"{m}.lora_B.{adapter}.weight"] @ state[f"{m}.lora_A.{adapter}.weight"] for m in modules}
+    return {
+        m: weight * scale * state[f"{m}.lora_B.{adapter}.weight"] @ state[f"{m}.lora_A.{adapter}.weight"]
+        for m in modules
+    }
 
 
 def test_damc_text_tokens_see_the_merged_text_deltas(damc, tiny_sources):
@@ -213,15 +243,22 @@ def test_damc_modality_tokens_see_only_their_own_delta(damc, tiny_sources):
     vision = AutoModel.from_pretrained(tiny_sources["clip"]).vision_model.eval()
     with torch.no_grad():
         features = vision(batch["modality_inputs"]["image"], output_hidden_states=True).hidden_states[-2][:, 1:]
-        hidden = torch.nn.functional.gelu(features @ adapter["model.modal_projectors.vision.0.weight"].T
-                                          + adapter["model.modal_projectors.vision.0.bias"])
-        projected = hidden @ adapter["model.modal_projectors.vision.2.weight"].T + adapter["model.modal_projectors.vision.2.bias"]
+        hidden = torch.nn.functional.gelu(
+            features @ adapter["model.modal_projectors.vision.0.weight"].T
+            + adapter["model.modal_projectors.vision.0.bias"]
+        )
+        projected = (
+            hidden @ adapter["model.modal_projectors.vision.2.weight"].T
+            + adapter["model.modal_projectors.vision.2.bias"]
+        )
         span = torch.cat([adapter["prefix_tokens.vision"], projected, adapter["suffix_tokens.vision"]], dim=1)
         reference = _plain_llm(tiny_sources, _lora_deltas(sources[0], "vision", 1.0))
         expected = reference(inputs_embeds=span, output_hidden_states=True).hidden_states
         got = model(**batch, output_hidden_states=True).hidden_states
     positions = span.shape[1]
-    assert int((batch["input_ids"][0, :positions] == model.config.modalities["image"].placeholder_id).sum()) == positions
+    assert (
+        int((batch["input_ids"][0, :positions] == model.config.modalities["image"].placeholder_id).sum()) == positions
+    )
     for layer in (1, len(expected) - 1):
         torch.testing.assert_close(got[layer][:, :positions], expected[layer], rtol=1e-4, atol=1e-5)
 
@@ -239,8 +276,10 @@ def test_a_source_from_another_base_is_flagged_and_a_real_fine_tune_is_not(tiny_
 
 
 def test_naive_composition_of_a_damc_source_says_it_drops_the_modality_lora(tiny_sources, tmp_path, caplog):
-    recipe = {"base": str(tiny_sources["base"]),
-              "sources": [{"path": str(tiny_sources["paper_damc_a"]), "encoder": str(tiny_sources["clip"])}]}
+    recipe = {
+        "base": str(tiny_sources["base"]),
+        "sources": [{"path": str(tiny_sources["paper_damc_a"]), "encoder": str(tiny_sources["clip"])}],
+    }
     with caplog.at_level(logging.WARNING, logger="conversion"):
         output = compose(recipe, tmp_path / "out", verify=False)
     assert "method naive does not use its separate image LoRA" in caplog.text

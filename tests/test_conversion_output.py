@@ -61,8 +61,13 @@ class _HeldRun:
         environment = {**os.environ, TEST_HOLD_VARIABLE: f"{stage}:{flag}"}
         self.flag = flag
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "conversion", *map(str, args)], cwd=ROOT, env=environment,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+            [sys.executable, "-m", "conversion", *map(str, args)],
+            cwd=ROOT,
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
         )
 
     def wait_for_hold(self, timeout: float = 180) -> None:
@@ -199,43 +204,76 @@ def _overlap_cases(layout: dict, tmp_path: Path) -> dict[str, tuple[dict, str, l
     paper = {"path": str(inputs / "paper_damc_a"), "encoder": str(inputs / "clip")}
     return {
         "output is a source (a composite), with --force": (
-            {"base": base, "sources": [str(composite)]}, str(composite), ["--force"], "is sources[0]"
+            {"base": base, "sources": [str(composite)]},
+            str(composite),
+            ["--force"],
+            "is sources[0]",
         ),
         "output is the base, with --force": (
-            {"base": base, "sources": [llava]}, base, ["--force"], "is not a composite"
+            {"base": base, "sources": [llava]},
+            base,
+            ["--force"],
+            "is not a composite",
         ),
         "output inside a source": (
-            {"base": base, "sources": [llava]}, f"{llava}/sub/out", [], "lies inside sources[0]"
+            {"base": base, "sources": [llava]},
+            f"{llava}/sub/out",
+            [],
+            "lies inside sources[0]",
         ),
         "output inside the base": ({"base": base, "sources": [llava]}, f"{base}/out", [], "lies inside base"),
         "output contains a source, with --force": (
-            {"base": base, "sources": [str(inner)]}, str(composite), ["--force"], "contains sources[0]"
+            {"base": base, "sources": [str(inner)]},
+            str(composite),
+            ["--force"],
+            "contains sources[0]",
         ),
         "output inside an encoder": (
-            {"method": "damc", "base": base, "sources": [paper]}, str(inputs / "clip" / "out"), [],
+            {"method": "damc", "base": base, "sources": [paper]},
+            str(inputs / "clip" / "out"),
+            [],
             "lies inside sources[0]",
         ),
         "output is the current directory": ({"base": base, "sources": [llava]}, ".", [], "is the current directory"),
         "output contains the current directory": (
-            {"base": base, "sources": [llava]}, "..", ["--force"], "a parent of the current directory"
+            {"base": base, "sources": [llava]},
+            "..",
+            ["--force"],
+            "a parent of the current directory",
         ),
         "output is a dangling link": (
-            {"base": base, "sources": [llava]}, str(tmp_path / "dangling"), [], "is a dangling symbolic link"
+            {"base": base, "sources": [llava]},
+            str(tmp_path / "dangling"),
+            [],
+            "is a dangling symbolic link",
         ),
         "output is a link to a composite, with --force": (
-            {"base": base, "sources": [llava]}, str(tmp_path / "link"), ["--force"], "is a symbolic link"
+            {"base": base, "sources": [llava]},
+            str(tmp_path / "link"),
+            ["--force"],
+            "is a symbolic link",
         ),
     }
 
 
-@pytest.mark.parametrize("case", [
-    "output is a source (a composite), with --force", "output is the base, with --force", "output inside a source",
-    "output inside the base", "output contains a source, with --force", "output inside an encoder",
-    "output is the current directory", "output contains the current directory", "output is a dangling link",
-    "output is a link to a composite, with --force",
-])
-def test_an_output_that_overlaps_an_input_or_the_current_directory_is_refused(case, layout, tmp_path, capsys,
-                                                                               monkeypatch):
+@pytest.mark.parametrize(
+    "case",
+    [
+        "output is a source (a composite), with --force",
+        "output is the base, with --force",
+        "output inside a source",
+        "output inside the base",
+        "output contains a source, with --force",
+        "output inside an encoder",
+        "output is the current directory",
+        "output contains the current directory",
+        "output is a dangling link",
+        "output is a link to a composite, with --force",
+    ],
+)
+def test_an_output_that_overlaps_an_input_or_the_current_directory_is_refused(
+    case, layout, tmp_path, capsys, monkeypatch
+):
     shutil.copytree(layout["inputs"] / "llava", layout["composite"] / "inner-source")
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     (tmp_path / "link").symlink_to(layout["composite"])
@@ -281,13 +319,23 @@ def test_a_failed_run_removes_the_parent_folders_it_created(layout, tmp_path, ca
 
 def test_the_composite_gets_normal_permissions_and_publishes_no_local_path(layout, tmp_path, capsys):
     inputs = layout["inputs"]
-    recipe = _write_recipe(tmp_path, {
-        "name": "private-paths",
-        "base": str(inputs / "base"),
-        "sources": [{"path": str(inputs / "llava"), "weight": 0.5},
-                    {"path": str(inputs / "paper_damc_a"), "encoder": str(inputs / "clip"), "weight": 0.5,
-                     "rename": {"image": "chart"}}],
-    }, "paths.yaml")
+    recipe = _write_recipe(
+        tmp_path,
+        {
+            "name": "private-paths",
+            "base": str(inputs / "base"),
+            "sources": [
+                {"path": str(inputs / "llava"), "weight": 0.5},
+                {
+                    "path": str(inputs / "paper_damc_a"),
+                    "encoder": str(inputs / "clip"),
+                    "weight": 0.5,
+                    "rename": {"image": "chart"},
+                },
+            ],
+        },
+        "paths.yaml",
+    )
     output = tmp_path / "published"
     umask = os.umask(0o022)
     os.umask(umask)
@@ -303,5 +351,8 @@ def test_the_composite_gets_normal_permissions_and_publishes_no_local_path(layou
     assert [source["reference"] for source in composition["sources"]] == ["llava", "paper_damc_a"]
     published = yaml.safe_load((output / "composite_recipe.yaml").read_text())
     assert published["base"] == "base" and published["sources"][1] == {
-        "path": "paper_damc_a", "encoder": "clip", "weight": 0.5, "rename": {"image": "chart"}
+        "path": "paper_damc_a",
+        "encoder": "clip",
+        "weight": 0.5,
+        "rename": {"image": "chart"},
     }

@@ -23,7 +23,9 @@ def rng():
 
 
 def _convert(tmp_path, base, source) -> tuple[CompositeMLLMForCausalLM, CompositeMLLMProcessor]:
-    output = compose({"base": str(base), "sources": [{"path": str(source), "weight": 1.0}]}, tmp_path / "out", verify=False)
+    output = compose(
+        {"base": str(base), "sources": [{"path": str(source), "weight": 1.0}]}, tmp_path / "out", verify=False
+    )
     return CompositeMLLMForCausalLM.from_pretrained(output).eval(), CompositeMLLMProcessor.from_pretrained(output)
 
 
@@ -36,7 +38,10 @@ def _assert_same_model(reference, reference_batch, composite, composite_batch, v
     torch.testing.assert_close(got[..., :vocab], expected[..., :vocab], rtol=1e-4, atol=1e-5)
     generated = reference.generate(**reference_batch, max_new_tokens=6, do_sample=False)
     ours = composite.generate(**composite_batch, max_new_tokens=6, do_sample=False)
-    assert ours[:, composite_batch["input_ids"].shape[1]:].tolist() == generated[:, reference_batch["input_ids"].shape[1]:].tolist()
+    assert (
+        ours[:, composite_batch["input_ids"].shape[1] :].tolist()
+        == generated[:, reference_batch["input_ids"].shape[1] :].tolist()
+    )
 
 
 @pytest.mark.parametrize("layout", ["legacy", "current"])
@@ -58,7 +63,10 @@ def test_llava_source_with_weight_one_reproduces_llava(tiny_sources, tmp_path, r
 def test_video_llava_source_reproduces_video_llava_on_images_and_videos(tiny_sources, tmp_path, rng):
     source = tiny_sources["video_llava"]
     model, processor = _convert(tmp_path, tiny_sources["base"], source)
-    assert {name: entry.kind for name, entry in model.config.modalities.items()} == {"image": "image", "video": "video"}
+    assert {name: entry.kind for name, entry in model.config.modalities.items()} == {
+        "image": "image",
+        "video": "video",
+    }
     reference = VideoLlavaForConditionalGeneration.from_pretrained(source).eval()
     image = Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))
     video = rng.integers(0, 255, (2, 36, 36, 3), dtype=np.uint8)
@@ -82,7 +90,9 @@ def test_qwen2_audio_source_reproduces_qwen2_audio(tiny_sources, tmp_path, rng):
     # A full-length clip: the composite's audio path is fixed-length (see the issue note on variable-length audio).
     audio = (rng.standard_normal(16000) * 0.1).astype(np.float32)
     reference_batch = reference_processor(
-        text="<|audio_bos|><|AUDIO|><|audio_eos|>What is this sound?", audio=[audio], sampling_rate=16000,
+        text="<|audio_bos|><|AUDIO|><|audio_eos|>What is this sound?",
+        audio=[audio],
+        sampling_rate=16000,
         return_tensors="pt",
     )
     batch = processor(text="<audio>What is this sound?", audio=[audio], sampling_rate=16000)

@@ -27,8 +27,10 @@ def _lora_deltas(folder, adapter: str, weight: float) -> dict[str, torch.Tensor]
     config = json.loads((folder / "config.json").read_text())
     scale = config["lora_alpha"] / config["lora_r"]
     modules = {key.split(".lora_")[0] for key in state if f".lora_A.{adapter}." in key}
-    return {m: weight * scale * state[f"{m}.lora_B.{adapter}.weight"] @ state[f"{m}.lora_A.{adapter}.weight"]
-            for m in modules}
+    return {
+        m: weight * scale * state[f"{m}.lora_B.{adapter}.weight"] @ state[f"{m}.lora_A.{adapter}.weight"]
+        for m in modules
+    }
 
 
 def _plain_llm(base, state_changes: dict[str, torch.Tensor], add: bool = True) -> torch.nn.Module:
@@ -53,7 +55,8 @@ def _modality_hidden_states(model, processor, placeholder: str, reference) -> tu
     batch = processor(text=f"{placeholder} What is it?", images=[_image()], add_special_tokens=False)
     captured = {}
     hook = model.model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: captured.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True)
+        lambda module, args, kwargs: captured.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True
+    )
     with torch.no_grad():
         got = model(**batch, output_hidden_states=True).hidden_states[-1]
     hook.remove()
@@ -89,8 +92,12 @@ def lora_routed(tiny_sources, tmp_path_factory):
         "base": str(tiny_sources["base"]),
         "sources": [
             {"path": str(sources[0]), "encoder": str(tiny_sources["clip"]), "weight": 0.5},
-            {"path": str(sources[1]), "encoder": str(tiny_sources["clip"]), "weight": 0.25,
-             "rename": {"image": "chart"}},
+            {
+                "path": str(sources[1]),
+                "encoder": str(tiny_sources["clip"]),
+                "weight": 0.25,
+                "rename": {"image": "chart"},
+            },
         ],
     }
     output = compose(recipe, tmp_path_factory.mktemp("routed") / "out", verify=False)
@@ -104,15 +111,18 @@ def test_lora_sources_route_exactly(lora_routed, tiny_sources):
     merged = _lora_deltas(naive, "default", 0.5)
     for key, delta in _lora_deltas(damc, "default", 0.25).items():
         merged[key] = merged[key] + delta
-    torch.testing.assert_close(*_text_logits(model, processor, _plain_llm(tiny_sources["base"], merged)),
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        *_text_logits(model, processor, _plain_llm(tiny_sources["base"], merged)), rtol=1e-4, atol=1e-5
+    )
     # Image tokens: the NaiveMC source's whole delta (λ does not apply), as in that source.
-    got, expected = _modality_hidden_states(model, processor, "<image>",
-                                            _plain_llm(tiny_sources["base"], _lora_deltas(naive, "default", 1.0)))
+    got, expected = _modality_hidden_states(
+        model, processor, "<image>", _plain_llm(tiny_sources["base"], _lora_deltas(naive, "default", 1.0))
+    )
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     # Chart tokens: the decoupled source's own modality LoRA, as DAMC gives them.
-    got, expected = _modality_hidden_states(model, processor, "<chart>",
-                                            _plain_llm(tiny_sources["base"], _lora_deltas(damc, "vision", 1.0)))
+    got, expected = _modality_hidden_states(
+        model, processor, "<chart>", _plain_llm(tiny_sources["base"], _lora_deltas(damc, "vision", 1.0))
+    )
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     composition = json.loads((output / "config.json").read_text())["composition"]
     assert composition["method"] == "routed"
@@ -127,8 +137,11 @@ def test_lora_sources_route_exactly(lora_routed, tiny_sources):
 def _llava_llm(folder) -> dict[str, torch.Tensor]:
     """The LLM tensors of a transformers-v5 LLaVA checkpoint, named as in the base causal LM."""
     state = load_file(str(folder / "model.safetensors"))
-    llm = {f"model.{key[len('model.language_model.'):]}": value for key, value in state.items()
-           if key.startswith("model.language_model.")}
+    llm = {
+        f"model.{key[len('model.language_model.') :]}": value
+        for key, value in state.items()
+        if key.startswith("model.language_model.")
+    }
     llm["lm_head.weight"] = state["lm_head.weight"]
     return llm
 
@@ -138,8 +151,10 @@ def _routed_llavas(tiny_sources, folder, rank: int):
         "method": "routed",
         "base": str(tiny_sources["base"]),
         "rank": rank,
-        "sources": [{"path": str(tiny_sources["llava"]), "weight": 0.5},
-                    {"path": str(tiny_sources["llava_2"]), "weight": 0.5, "rename": {"image": "chart"}}],
+        "sources": [
+            {"path": str(tiny_sources["llava"]), "weight": 0.5},
+            {"path": str(tiny_sources["llava_2"]), "weight": 0.5, "rename": {"image": "chart"}},
+        ],
     }
     return _load(compose(recipe, folder, verify=False))
 
@@ -160,8 +175,10 @@ def test_full_fine_tunes_converge_to_their_source_as_rank_grows(tiny_sources, tm
         got, expected = _modality_hidden_states(model, processor, "<image>", image_reference)
         errors.append(float((got - expected).norm() / expected.norm()))
         composition = json.loads((output / "config.json").read_text())["composition"]
-        energies.append([source["energy_kept"] for source in composition["sources"]] +
-                        [composition["routing"]["text"]["energy_kept"]])
+        energies.append(
+            [source["energy_kept"] for source in composition["sources"]]
+            + [composition["routing"]["text"]["energy_kept"]]
+        )
     assert errors[0] > errors[1] > errors[2] > errors[3], errors
     assert errors[3] < 1e-5, errors  # full rank (64, the width): the source itself
     for column in zip(*energies):
@@ -173,21 +190,28 @@ def test_full_fine_tunes_converge_to_their_source_as_rank_grows(tiny_sources, tm
 def test_a_ties_merge_routes_through_the_svd_of_the_merged_delta(tiny_sources, tmp_path):
     """ties is no combination of the deltas: the text block is the truncated SVD of the merged delta. At full rank,
     text tokens match the NaiveMC ties composite and image tokens the first source's projections."""
-    sources = [{"path": str(tiny_sources["llava"])},
-               {"path": str(tiny_sources["llava_2"]), "rename": {"image": "chart"}}]
+    sources = [
+        {"path": str(tiny_sources["llava"])},
+        {"path": str(tiny_sources["llava_2"]), "rename": {"image": "chart"}},
+    ]
     recipe = {"base": str(tiny_sources["base"]), "merge": {"rule": "ties", "density": 0.5}, "sources": sources}
     naive = CompositeMLLMForCausalLM.from_pretrained(compose(recipe, tmp_path / "naive", verify=False)).eval()
-    model, processor, output = _load(compose({**recipe, "method": "routed", "rank": 64}, tmp_path / "routed",
-                                             verify=False))
+    model, processor, output = _load(
+        compose({**recipe, "method": "routed", "rank": 64}, tmp_path / "routed", verify=False)
+    )
     batch = processor(text="USER: Which colour is the sky? ASSISTANT:")
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, naive(**batch).logits, rtol=1e-4, atol=1e-5)
-    merged = {f"model.{key}": value for key, value in naive.model.language_model.state_dict().items()
-              if "embed_tokens" not in key}
+    merged = {
+        f"model.{key}": value
+        for key, value in naive.model.language_model.state_dict().items()
+        if "embed_tokens" not in key
+    }
     first = _llava_llm(tiny_sources["llava"])
     projections = {key: value for key, value in first.items() if key.endswith("_proj.weight")}
-    got, expected = _modality_hidden_states(model, processor, "<image>",
-                                            _plain_llm(tiny_sources["base"], {**merged, **projections}, add=False))
+    got, expected = _modality_hidden_states(
+        model, processor, "<image>", _plain_llm(tiny_sources["base"], {**merged, **projections}, add=False)
+    )
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     composition = json.loads((output / "config.json").read_text())["composition"]
     assert composition["routing"]["text"]["rank"] == 64  # 64 + 64, capped at the layers' full rank
@@ -235,8 +259,12 @@ def test_truncated_svd_takes_the_randomized_path_reproducibly():
     ],
 )
 def test_routed_recipes_are_refused_with_the_fix(tiny_sources, tmp_path, change, message):
-    recipe = {"method": "routed", "base": str(tiny_sources["base"]), "rank": 8,
-              "sources": [str(tiny_sources["llava"])]}
+    recipe = {
+        "method": "routed",
+        "base": str(tiny_sources["base"]),
+        "rank": 8,
+        "sources": [str(tiny_sources["llava"])],
+    }
     recipe.update(change)
     recipe = {key: value for key, value in recipe.items() if value is not None}
     with pytest.raises(ConversionError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -259,38 +287,71 @@ def test_a_rank_on_a_lora_is_refused_and_an_unused_default_is_said(tiny_sources,
 def test_every_source_format_routes(tiny_sources, tmp_path, lora_routed):
     """Video-LLaVA (two modalities share one delta), Qwen2-Audio, PEFT and a composite of ours are accepted; the
     composite loads in a fresh process through the auto classes (verify)."""
-    video = compose({"method": "routed", "base": str(tiny_sources["base"]),
-                     "sources": [{"path": str(tiny_sources["video_llava"]), "rank": 8},
-                                 {"path": str(tiny_sources["peft"]), "encoder": str(tiny_sources["clip"]),
-                                  "kind": "image", "rename": {"image": "photo"}}]},
-                    tmp_path / "video", verify=True)
+    video = compose(
+        {
+            "method": "routed",
+            "base": str(tiny_sources["base"]),
+            "sources": [
+                {"path": str(tiny_sources["video_llava"]), "rank": 8},
+                {
+                    "path": str(tiny_sources["peft"]),
+                    "encoder": str(tiny_sources["clip"]),
+                    "kind": "image",
+                    "rename": {"image": "photo"},
+                },
+            ],
+        },
+        tmp_path / "video",
+        verify=True,
+    )
     config = json.loads((video / "config.json").read_text())
-    assert {name: entry["lora"]["r"] for name, entry in config["modalities"].items()} == \
-        {"image": 8, "video": 8, "photo": 4}
+    assert {name: entry["lora"]["r"] for name, entry in config["modalities"].items()} == {
+        "image": 8,
+        "video": 8,
+        "photo": 4,
+    }
     assert config["text_lora"]["r"] == 8 + 4 and config["lora_layout"] == "stacked"
     state = load_file(str(video / "model.safetensors"))
     factor = state["model.language_model.layers.0.self_attn.q_proj.lora_A.weight"]
     # Stacked: text (12), image (8), photo (4), video (8); image and video hold the same factors.
     assert torch.equal(factor[12:20], factor[24:32]) and factor[12:20].abs().sum() > 0
-    audio = compose({"method": "routed", "base": str(tiny_sources["qwen2_base"]), "rank": 4,
-                     "sources": [str(tiny_sources["qwen2_audio"])]}, tmp_path / "audio", verify=False)
+    audio = compose(
+        {
+            "method": "routed",
+            "base": str(tiny_sources["qwen2_base"]),
+            "rank": 4,
+            "sources": [str(tiny_sources["qwen2_audio"])],
+        },
+        tmp_path / "audio",
+        verify=False,
+    )
     assert json.loads((audio / "config.json").read_text())["modalities"]["audio"]["lora"] == {"r": 4, "alpha": 4.0}
     _, _, routed = lora_routed
-    again = compose({"method": "routed", "base": str(tiny_sources["base"]), "sources": [{"path": str(routed),
-                     "weight": 1.0}]}, tmp_path / "again", verify=False)
+    again = compose(
+        {"method": "routed", "base": str(tiny_sources["base"]), "sources": [{"path": str(routed), "weight": 1.0}]},
+        tmp_path / "again",
+        verify=False,
+    )
     config = json.loads((again / "config.json").read_text())
-    assert [entry["delta"] for entry in config["composition"]["routing"]["modalities"].values()] == \
-        ["modality_lora", "modality_lora"]
+    assert [entry["delta"] for entry in config["composition"]["routing"]["modalities"].values()] == [
+        "modality_lora",
+        "modality_lora",
+    ]
 
 
 def test_a_composite_whose_text_factors_approximate_its_delta_counts_as_a_full_fine_tune(tiny_sources, tmp_path):
     """A routed composite of a full fine-tune holds factors that keep only part of its merged delta: routed again, it
     is read through its weights (and so needs `rank`), never as if its factors were its delta."""
     first = tmp_path / "first"
-    compose({"method": "routed", "base": str(tiny_sources["base"]), "rank": 2,
-             "sources": [str(tiny_sources["llava"])]}, first, verify=False)
+    compose(
+        {"method": "routed", "base": str(tiny_sources["base"]), "rank": 2, "sources": [str(tiny_sources["llava"])]},
+        first,
+        verify=False,
+    )
     assert json.loads((first / "config.json").read_text())["composition"]["routing"]["text"]["energy_kept"] < 1
     with pytest.raises(ConversionError, match=r"is a full fine-tune \(composite\).*set `rank:`"):
-        compose({"method": "routed", "base": str(tiny_sources["base"]), "sources": [str(first)]}, tmp_path / "again",
-                verify=False)
-
+        compose(
+            {"method": "routed", "base": str(tiny_sources["base"]), "sources": [str(first)]},
+            tmp_path / "again",
+            verify=False,
+        )

@@ -59,8 +59,9 @@ print("HEAVY:", ",".join(heavy))
 @pytest.mark.parametrize("argument", ["--help", "--example-recipe"])
 def test_help_and_the_example_recipe_import_nothing_heavy(argument):
     """Both answer without importing torch or transformers (which take seconds), in a fresh interpreter."""
-    result = subprocess.run([sys.executable, "-c", _IMPORTS_AFTER, argument], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", _IMPORTS_AFTER, argument], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.rstrip().endswith("HEAVY:"), result.stdout[-300:]
     if argument == "--help":
@@ -79,10 +80,16 @@ def test_the_example_recipe_is_valid_and_documents_every_key():
 
 
 def test_verbose_logs_every_step_and_the_default_weights(tiny_sources, tmp_path, capsys, caplog):
-    recipe = _write(tmp_path / "recipe.yaml", {
-        "base": str(tiny_sources["base"]),
-        "sources": [str(tiny_sources["llava"]), {"path": str(tiny_sources["video_llava"]), "modalities": ["video"]}],
-    })
+    recipe = _write(
+        tmp_path / "recipe.yaml",
+        {
+            "base": str(tiny_sources["base"]),
+            "sources": [
+                str(tiny_sources["llava"]),
+                {"path": str(tiny_sources["video_llava"]), "modalities": ["video"]},
+            ],
+        },
+    )
     caplog.set_level(logging.DEBUG, logger="conversion")
     assert main([str(recipe), str(tmp_path / "quiet"), "--no-verify"]) == 0
     quiet = [record for record in caplog.records if record.name.startswith("conversion")]
@@ -109,18 +116,22 @@ def test_a_failed_verification_says_how_to_keep_the_folder(tmp_path):
 # Relative paths start from the recipe's folder
 
 
-def test_relative_paths_start_from_the_recipe_folder_whatever_the_current_directory(tiny_sources, tmp_path,
-                                                                                    monkeypatch):
+def test_relative_paths_start_from_the_recipe_folder_whatever_the_current_directory(
+    tiny_sources, tmp_path, monkeypatch
+):
     """A recipe beside its models converts from any directory; Hub ids stay Hub ids."""
     project = tmp_path / "project"
     (project / "models").mkdir(parents=True)
     for name in ("base", "paper_damc_a", "clip"):
         (project / "models" / name).symlink_to(tiny_sources[name], target_is_directory=True)
-    recipe = _write(project / "recipes" / "recipe.yaml", {
-        "method": "damc",
-        "base": "../models/base",
-        "sources": [{"path": "../models/paper_damc_a", "encoder": "../models/clip"}],
-    })
+    recipe = _write(
+        project / "recipes" / "recipe.yaml",
+        {
+            "method": "damc",
+            "base": "../models/base",
+            "sources": [{"path": "../models/paper_damc_a", "encoder": "../models/clip"}],
+        },
+    )
     parsed = load_recipe(recipe)
     assert parsed.base == str(project / "models" / "base")
     assert parsed.sources[0].encoder == str(project / "models" / "clip")
@@ -136,7 +147,8 @@ def test_relative_paths_start_from_the_recipe_folder_whatever_the_current_direct
     hub = _write(project / "hub.yaml", {"base": "org/base", "sources": ["org/llava@v1", "org/repo/sub/folder"]})
     parsed = load_recipe(hub)
     assert (parsed.base, [source.path for source in parsed.sources]) == (
-        "org/base", ["org/llava@v1", "org/repo/sub/folder"]
+        "org/base",
+        ["org/llava@v1", "org/repo/sub/folder"],
     )
 
 
@@ -154,8 +166,10 @@ def test_a_missing_relative_path_is_named_from_the_recipe_folder(tmp_path, capsy
 
 @pytest.mark.parametrize("given", [[0.5, None, None], [None, 0.25, 0.75], [1.0, 1.0, None]])
 def test_weights_are_given_for_every_source_or_for_none(given):
-    sources = [{"path": f"org/source-{index}", **({} if weight is None else {"weight": weight})}
-               for index, weight in enumerate(given)]
+    sources = [
+        {"path": f"org/source-{index}", **({} if weight is None else {"weight": weight})}
+        for index, weight in enumerate(given)
+    ]
     with pytest.raises(ConversionError) as raised:
         parse_recipe({"base": "org/base", "sources": sources})
     message = str(raised.value)
@@ -167,7 +181,9 @@ def test_weights_are_given_for_every_source_or_for_none(given):
 def test_weights_given_for_all_or_none_are_used_as_they_are():
     none_given = parse_recipe({"base": "b/b", "sources": ["o/a", "o/b", "o/c", "o/d"]})
     assert none_given.weights() == [0.25] * 4
-    all_given = parse_recipe({"base": "b/b", "sources": [{"path": "o/a", "weight": 0.5}, {"path": "o/b", "weight": -1}]})
+    all_given = parse_recipe(
+        {"base": "b/b", "sources": [{"path": "o/a", "weight": 0.5}, {"path": "o/b", "weight": -1}]}
+    )
     assert all_given.weights() == [0.5, -1.0]
 
 
@@ -181,7 +197,12 @@ def test_weights_given_for_all_or_none_are_used_as_they_are():
         ({}, "fake-user/x", None, "no Hub token is set; log in with `hf auth login` or set HF_TOKEN"),
         ({}, "fake-user/x", "hf_wrong", "not authorized"),
         ({"role": "read"}, "fake-user/x", "token", "is read-only"),
-        ({"orgs": ("my-lab",)}, "other-lab/x", "token", "who can write to ['fake-user', 'my-lab'] but not to 'other-lab'"),
+        (
+            {"orgs": ("my-lab",)},
+            "other-lab/x",
+            "token",
+            "who can write to ['fake-user', 'my-lab'] but not to 'other-lab'",
+        ),
         ({}, "fake-user/bad name!", "token", "is not a valid repo id"),
     ],
     ids=["no token", "wrong token", "read-only token", "foreign namespace", "bad repo id"],
@@ -208,12 +229,19 @@ def test_push_access_offline_or_unreachable_is_named(fake_hub, monkeypatch):  # 
     assert fake_hub.requests == []
 
 
-def test_a_push_that_fails_keeps_the_folder_and_gives_the_upload_command(tiny_sources, tmp_path, fake_hub,  # noqa: F811
-                                                                           monkeypatch, capsys):
+def test_a_push_that_fails_keeps_the_folder_and_gives_the_upload_command(
+    tiny_sources,
+    tmp_path,
+    fake_hub,  # noqa: F811
+    monkeypatch,
+    capsys,
+):
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", fake_hub.endpoint)
     # Access looked fine before converting (a write token of the namespace's owner), but the commit is refused.
     fake_hub.fail("commit", 403, "The repository is read-only for maintenance")
-    recipe = _write(tmp_path / "recipe.yaml", {"base": str(tiny_sources["base"]), "sources": [str(tiny_sources["llava"])]})
+    recipe = _write(
+        tmp_path / "recipe.yaml", {"base": str(tiny_sources["base"]), "sources": [str(tiny_sources["llava"])]}
+    )
     output = tmp_path / "my composite"
     monkeypatch.setenv("HF_TOKEN", fake_hub.token)
     assert main([str(recipe), str(output), "--no-verify", "--push-to-hub", "fake-user/tiny", "--private"]) == 2
@@ -231,17 +259,23 @@ def test_a_push_that_fails_keeps_the_folder_and_gives_the_upload_command(tiny_so
 @pytest.mark.parametrize(
     ("wrong", "message"),
     [
-        ("llava", "is a whole multimodal model (llava: a language model with its own encoder and projector whose "
-                  "encoder is a clip_vision_model), where an encoder belongs"),
+        (
+            "llava",
+            "is a whole multimodal model (llava: a language model with its own encoder and projector whose "
+            "encoder is a clip_vision_model), where an encoder belongs",
+        ),
         ("qwen2_audio", "is a whole multimodal model (qwen2_audio"),
         ("base", "is a language model (llama), where an encoder belongs"),
     ],
 )
 def test_an_encoder_that_is_a_whole_model_is_named_as_such(wrong, message, tiny_sources, tmp_path, capsys):
-    recipe = _write(tmp_path / "recipe.yaml", {
-        "base": str(tiny_sources["base"]),
-        "sources": [{"path": str(tiny_sources["paper_naive"]), "encoder": str(tiny_sources[wrong])}],
-    })
+    recipe = _write(
+        tmp_path / "recipe.yaml",
+        {
+            "base": str(tiny_sources["base"]),
+            "sources": [{"path": str(tiny_sources["paper_naive"]), "encoder": str(tiny_sources[wrong])}],
+        },
+    )
     assert main([str(recipe), str(tmp_path / "out"), "--no-verify"]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
@@ -255,15 +289,23 @@ def test_an_encoder_that_is_a_whole_model_is_named_as_such(wrong, message, tiny_
 def test_a_correct_conversion_prints_no_warning(tiny_sources, tmp_path):
     """The sources a newcomer combines: a LLaVA, a paper checkpoint whose encoder is a full CLIP folder, and a
     composite of ours (re-read through its own processor), verified in a fresh process."""
-    video = compose({"base": str(tiny_sources["base"]),
-                     "sources": [{"path": str(tiny_sources["video_llava"]), "modalities": ["video"]}]},
-                    tmp_path / "video", verify=False)
+    video = compose(
+        {
+            "base": str(tiny_sources["base"]),
+            "sources": [{"path": str(tiny_sources["video_llava"]), "modalities": ["video"]}],
+        },
+        tmp_path / "video",
+        verify=False,
+    )
     recipe = {
         "base": str(tiny_sources["base"]),
         "sources": [
             str(tiny_sources["llava"]),
-            {"path": str(tiny_sources["paper_naive"]), "encoder": str(tiny_sources["clip"]),
-             "rename": {"image": "photo"}},
+            {
+                "path": str(tiny_sources["paper_naive"]),
+                "encoder": str(tiny_sources["clip"]),
+                "rename": {"image": "photo"},
+            },
             {"path": str(video)},
         ],
     }

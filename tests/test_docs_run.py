@@ -41,8 +41,9 @@ def _stand_ins(models: Path) -> dict[str, Path]:
     """Hub id -> tiny local folder, for every Hub id the README's blocks use."""
     base = make.save_tiny_base(models / "vicuna", max_position_embeddings=1024)
     paper = models / "ModelCompose"
-    make.save_tiny_modelcompose(paper / "multimodal-vicuna-7b-v1.5-audio-naivemc", kind="audio", method="naive",
-                                base_folder=base, seed=31)
+    make.save_tiny_modelcompose(
+        paper / "multimodal-vicuna-7b-v1.5-audio-naivemc", kind="audio", method="naive", base_folder=base, seed=31
+    )
     model, processor = build_tiny_composite()
     save_composite(model, processor, models / "composite")
     return {
@@ -65,9 +66,16 @@ def _local_files(work: Path) -> None:
     for index, colour in enumerate(("red", "blue")):
         pixel = (220, 30, 30) if colour == "red" else (30, 30, 220)
         Image.fromarray(np.full((32, 32, 3), pixel, dtype=np.uint8)).save(work / "media" / f"{index}.png")
-        samples.append({"id": f"s{index}", "modal_inputs": {"image": [f"{index}.png"]},
-                        "conversations": [{"from": "human", "value": "<image>\nWhat colour is it?"},
-                                          {"from": "gpt", "value": colour}]})
+        samples.append(
+            {
+                "id": f"s{index}",
+                "modal_inputs": {"image": [f"{index}.png"]},
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat colour is it?"},
+                    {"from": "gpt", "value": colour},
+                ],
+            }
+        )
     for name in ("captions.json", "instructions.json"):
         (work / name).write_text(json.dumps(samples))
     data = work / "data"
@@ -77,15 +85,28 @@ def _local_files(work: Path) -> None:
     np.save(data / "spin.npy", rng.integers(0, 255, (3, 36, 36, 3), dtype=np.uint8))
     np.save(data / "chair.npy", rng.standard_normal((200, 6)).astype(np.float32))
     question = "What do they have in common?\nA. red\nB. round\nC. large\nD. loud\nAnswer with the option's letter."
-    (work / "MCUB-4.json").write_text(json.dumps([{
-        "id": "q1",
-        "conversations": [{"from": "human", "value": f"<image> <audio> <video> <point> {question}"},
-                          {"from": "gpt", "value": None}],
-        "modal_inputs": {"vision": ["cat.png"], "audio": ["bark.wav"], "video": ["spin.npy"], "point": ["chair.npy"]},
-    }]))
-    (work / "MCUB-answer.json").write_text(json.dumps([
-        {"id": "q1", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "B"}]}
-    ]))
+    (work / "MCUB-4.json").write_text(
+        json.dumps(
+            [
+                {
+                    "id": "q1",
+                    "conversations": [
+                        {"from": "human", "value": f"<image> <audio> <video> <point> {question}"},
+                        {"from": "gpt", "value": None},
+                    ],
+                    "modal_inputs": {
+                        "vision": ["cat.png"],
+                        "audio": ["bark.wav"],
+                        "video": ["spin.npy"],
+                        "point": ["chair.npy"],
+                    },
+                }
+            ]
+        )
+    )
+    (work / "MCUB-answer.json").write_text(
+        json.dumps([{"id": "q1", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "B"}]}])
+    )
 
 
 def _environment(hf_home: Path, bin_dir: Path) -> dict[str, str]:
@@ -96,8 +117,13 @@ def _environment(hf_home: Path, bin_dir: Path) -> dict[str, str]:
     wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
     wrapper.chmod(0o755)
     environment = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "TRANSFORMERS_"))}
-    environment.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false",
-                       PATH=f"{bin_dir}{os.pathsep}{environment.get('PATH', '')}")
+    environment.update(
+        HF_HOME=str(hf_home),
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=str(ROOT),
+        TOKENIZERS_PARALLELISM="false",
+        PATH=f"{bin_dir}{os.pathsep}{environment.get('PATH', '')}",
+    )
     return environment
 
 
@@ -126,8 +152,14 @@ def python_runs(readme_world) -> tuple[set[str], str]:
             script = work.parent / f"readme_line_{block.line}.py"
             script.write_text(block.code)
             scripts.append(str(script))
-    result = subprocess.run([sys.executable, "-c", RUNNER, *scripts], cwd=work, env=environment,
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-c", RUNNER, *scripts],
+        cwd=work,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     ran = {line.removeprefix("ran ") for line in result.stdout.splitlines() if line.startswith("ran ")}
     return ran, result.stderr
 
@@ -140,12 +172,16 @@ def _check_conversion(work: Path) -> None:
     """The recipe block, converted: three sources with their weights, the renamed video modality, a model card."""
     config = json.loads((work / "vision-video-audio" / "config.json").read_text())
     assert {name: entry["kind"] for name, entry in config["modalities"].items()} == {
-        "image": "image", "film": "video", "audio": "audio"
+        "image": "image",
+        "film": "video",
+        "audio": "audio",
     }
     sources = config["composition"]["sources"]
     assert [source["weight"] for source in sources] == [0.4, 0.3, 0.3]
     assert [source["hub_id"] for source in sources] == [
-        "llava-hf/llava-1.5-7b-hf", "LanguageBind/Video-LLaVA-7B-hf", "Adu2021/ModelCompose"
+        "llava-hf/llava-1.5-7b-hf",
+        "LanguageBind/Video-LLaVA-7B-hf",
+        "Adu2021/ModelCompose",
     ]
     assert (work / "vision-video-audio" / "README.md").is_file()
 
@@ -189,8 +225,14 @@ def test_readme_block_runs_as_written(block, readme_world, python_runs):
     assert block.language == "bash", f"README.md {block.label}: no runner for {block.language!r} blocks"
     checks = [check for command, check in _CHECKS.items() if block.code.lstrip().startswith(command)]
     assert len(checks) == 1, f"README.md {block.label}: say in _CHECKS what this command must produce"
-    result = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", block.code], cwd=work, env=environment,
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        ["bash", "-e", "-o", "pipefail", "-c", block.code],
+        cwd=work,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-6000:]
     assert _warnings(result.stderr) == [], result.stderr[-6000:]
     checks[0](work)
@@ -215,8 +257,14 @@ def _run_card_snippets(blocks: list[str], hf_home: Path, cwd: Path | None = None
         scripts.append(str(script))
     environment = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "TRANSFORMERS_"))}
     environment.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", PYTHONPATH="", TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run([sys.executable, "-I", "-c", RUNNER, *scripts], cwd=cwd or hf_home, env=environment,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", RUNNER, *scripts],
+        cwd=cwd or hf_home,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-6000:]
     assert result.stdout.count("ran ") == len(blocks)
 
@@ -252,8 +300,11 @@ def test_a_pushed_composite_card_runs_as_written_by_repo_id(tiny_sources, tmp_pa
 
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", fake_hub.endpoint)
     repo_id = f"{fake_hub.user}/tiny-damc"
-    recipe = {"method": "damc", "base": str(tiny_sources["base"]),
-              "sources": [{"path": str(tiny_sources["paper_damc_a"]), "encoder": str(tiny_sources["clip"])}]}
+    recipe = {
+        "method": "damc",
+        "base": str(tiny_sources["base"]),
+        "sources": [{"path": str(tiny_sources["paper_damc_a"]), "encoder": str(tiny_sources["clip"])}],
+    }
     compose(recipe, tmp_path / "composite", verify=False, push_to_hub=repo_id, token=fake_hub.token)
     uploaded = fake_hub.files(repo_id)
     blocks = _usage_blocks(uploaded["README.md"].decode())

@@ -17,8 +17,10 @@ def no_encoder_runs(composite):
     """Fails the test if any encoder runs: a malformed input must be refused before."""
     model, _ = composite
     ran = []
-    hooks = [encoder.register_forward_pre_hook(lambda *_, name=name: ran.append(name))
-             for name, encoder in model.model.encoders.items()]
+    hooks = [
+        encoder.register_forward_pre_hook(lambda *_, name=name: ran.append(name))
+        for name, encoder in model.model.encoders.items()
+    ]
     yield
     for hook in hooks:
         hook.remove()
@@ -36,22 +38,40 @@ def _with(batch: dict, **changes) -> dict:
 
 # Text inputs --------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("change", "message"), [
-    (lambda b: {"input_ids": b["input_ids"].float()},
-     r"input_ids must hold integer token ids \(torch.long\), got torch.float32"),
-    (lambda b: {"input_ids": b["input_ids"].bool()}, r"got torch.bool"),
-    (lambda b: {"input_ids": b["input_ids"][0]},
-     r"input_ids must be a \(batch, sequence\) tensor .*\(input_ids\[None\]\)"),
-    (lambda b: {"input_ids": b["input_ids"].index_fill(1, torch.tensor([2]), 5000)},
-     r"input_ids holds ids from \d+ to 5000, but the vocabulary has \d+ tokens"),
-    (lambda b: {"input_ids": b["input_ids"].index_fill(1, torch.tensor([0]), -100)},
-     r"input_ids holds ids from -100 to \d+.*not -100"),
-    (lambda b: {"attention_mask": b["attention_mask"].repeat(2, 1)},
-     (r"attention_mask must be a \(batch, sequence\) tensor for the batch of 1 prompt\(s\), "
-      r"got .* shape \(2, \d+\)")),
-    (lambda b: {"attention_mask": b["attention_mask"][:, :-3]},
-     r"attention_mask covers \d+ positions but the model sees \d+ \(0 cached \+ \d+ new\)"),
-])
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda b: {"input_ids": b["input_ids"].float()},
+            r"input_ids must hold integer token ids \(torch.long\), got torch.float32",
+        ),
+        (lambda b: {"input_ids": b["input_ids"].bool()}, r"got torch.bool"),
+        (
+            lambda b: {"input_ids": b["input_ids"][0]},
+            r"input_ids must be a \(batch, sequence\) tensor .*\(input_ids\[None\]\)",
+        ),
+        (
+            lambda b: {"input_ids": b["input_ids"].index_fill(1, torch.tensor([2]), 5000)},
+            r"input_ids holds ids from \d+ to 5000, but the vocabulary has \d+ tokens",
+        ),
+        (
+            lambda b: {"input_ids": b["input_ids"].index_fill(1, torch.tensor([0]), -100)},
+            r"input_ids holds ids from -100 to \d+.*not -100",
+        ),
+        (
+            lambda b: {"attention_mask": b["attention_mask"].repeat(2, 1)},
+            (
+                r"attention_mask must be a \(batch, sequence\) tensor for the batch of 1 prompt\(s\), "
+                r"got .* shape \(2, \d+\)"
+            ),
+        ),
+        (
+            lambda b: {"attention_mask": b["attention_mask"][:, :-3]},
+            r"attention_mask covers \d+ positions but the model sees \d+ \(0 cached \+ \d+ new\)",
+        ),
+    ],
+)
 def test_bad_text_inputs_are_refused_naming_the_input(change, message, composite, batch_all, no_encoder_runs):
     model, _ = composite
     _refused(model, message, **_with(batch_all, **change(batch_all)))
@@ -64,12 +84,18 @@ def test_bad_inputs_embeds_are_refused(composite, batch_all):
     _refused(model, r"inputs_embeds must be floating point", inputs_embeds=embeds.long())
 
 
-@pytest.mark.parametrize(("labels", "message"), [
-    (lambda ids: ids[:, :-1], r"labels must be an integer tensor of the inputs' shape \(1, \d+\), got .*\(1, \d+\)"),
-    (lambda ids: ids.float(), r"labels must be an integer tensor"),
-    (lambda ids: ids.index_fill(1, torch.tensor([1]), -5), r"labels holds values from -5 to \d+"),
-    (lambda ids: ids.index_fill(1, torch.tensor([1]), 9999), r"labels holds values from -?\d+ to 9999"),
-])
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (
+            lambda ids: ids[:, :-1],
+            r"labels must be an integer tensor of the inputs' shape \(1, \d+\), got .*\(1, \d+\)",
+        ),
+        (lambda ids: ids.float(), r"labels must be an integer tensor"),
+        (lambda ids: ids.index_fill(1, torch.tensor([1]), -5), r"labels holds values from -5 to \d+"),
+        (lambda ids: ids.index_fill(1, torch.tensor([1]), 9999), r"labels holds values from -?\d+ to 9999"),
+    ],
+)
 def test_bad_labels_are_refused(labels, message, composite, batch_all, no_encoder_runs):
     model, _ = composite
     _refused(model, message, **_with(batch_all, labels=labels(batch_all["input_ids"])))
@@ -93,40 +119,77 @@ def test_modality_inputs_that_do_not_match_the_batch_are_refused(composite, batc
 
 # Modality inputs ----------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("key", "change", "message"), [
-    ("pixel_values", lambda t: t[..., : IMAGE_SIZE // 2, : IMAGE_SIZE // 2],
-     rf"Modality 'image' \(image\): each item must have shape \(3, {IMAGE_SIZE}, {IMAGE_SIZE}\) "
-     rf"\(channels, height, width\), got \(3, {IMAGE_SIZE // 2}, {IMAGE_SIZE // 2}\)"),
-    ("pixel_values", lambda t: t[:, :1],
-     r"Modality 'image' \(image\): each item must have shape \(3, 32, 32\).* got \(1, 32, 32\)"),
-    ("pixel_values", lambda t: t.permute(0, 2, 3, 1), r"got \(32, 32, 3\)"),
-    ("pixel_values_videos", lambda t: t[:, :1],
-     r"Modality 'video' \(video\): each item must have shape \(2, 3, 32, 32\)"),
-    ("input_features", lambda t: t[:, : MEL_BINS // 2],
-     rf"Modality 'audio' \(audio\): each item must have shape \({MEL_BINS}, 100\)"),
-    ("input_features", lambda t: t[..., :50],
-     rf"each item must have shape \({MEL_BINS}, 100\) .* got \({MEL_BINS}, 50\)"),
-    ("point_clouds", lambda t: t[..., :3], r"Modality 'point' \(point\): each item must have shape \('any', 6\)"),
-    ("point_clouds", lambda t: t[:, :4], r"Modality 'point' \(point\): each cloud needs at least 8 points, got 4"),
-    ("pixel_values", lambda t: (t * 60 + 120).round().to(torch.uint8),
-     r"Modality 'image' \(image\) takes normalised pixel values, got torch.uint8"),
-    ("point_clouds", lambda t: t.double().long(),
-     r"Modality 'point' \(point\) takes floating-point values, got torch.int64"),
-])
-def test_wrong_modality_shapes_and_dtypes_are_refused_before_the_encoder(key, change, message, composite, batch_all,
-                                                                          no_encoder_runs):
+
+@pytest.mark.parametrize(
+    ("key", "change", "message"),
+    [
+        (
+            "pixel_values",
+            lambda t: t[..., : IMAGE_SIZE // 2, : IMAGE_SIZE // 2],
+            rf"Modality 'image' \(image\): each item must have shape \(3, {IMAGE_SIZE}, {IMAGE_SIZE}\) "
+            rf"\(channels, height, width\), got \(3, {IMAGE_SIZE // 2}, {IMAGE_SIZE // 2}\)",
+        ),
+        (
+            "pixel_values",
+            lambda t: t[:, :1],
+            r"Modality 'image' \(image\): each item must have shape \(3, 32, 32\).* got \(1, 32, 32\)",
+        ),
+        ("pixel_values", lambda t: t.permute(0, 2, 3, 1), r"got \(32, 32, 3\)"),
+        (
+            "pixel_values_videos",
+            lambda t: t[:, :1],
+            r"Modality 'video' \(video\): each item must have shape \(2, 3, 32, 32\)",
+        ),
+        (
+            "input_features",
+            lambda t: t[:, : MEL_BINS // 2],
+            rf"Modality 'audio' \(audio\): each item must have shape \({MEL_BINS}, 100\)",
+        ),
+        (
+            "input_features",
+            lambda t: t[..., :50],
+            rf"each item must have shape \({MEL_BINS}, 100\) .* got \({MEL_BINS}, 50\)",
+        ),
+        ("point_clouds", lambda t: t[..., :3], r"Modality 'point' \(point\): each item must have shape \('any', 6\)"),
+        ("point_clouds", lambda t: t[:, :4], r"Modality 'point' \(point\): each cloud needs at least 8 points, got 4"),
+        (
+            "pixel_values",
+            lambda t: (t * 60 + 120).round().to(torch.uint8),
+            r"Modality 'image' \(image\) takes normalised pixel values, got torch.uint8",
+        ),
+        (
+            "point_clouds",
+            lambda t: t.double().long(),
+            r"Modality 'point' \(point\) takes floating-point values, got torch.int64",
+        ),
+    ],
+)
+def test_wrong_modality_shapes_and_dtypes_are_refused_before_the_encoder(
+    key, change, message, composite, batch_all, no_encoder_runs
+):
     model, _ = composite
     _refused(model, message, **_with(batch_all, **{key: change(batch_all[key])}))
 
 
-@pytest.mark.parametrize(("key", "value"), [("point_clouds", float("nan")), ("pixel_values", float("inf")),
-                                            ("input_features", float("nan")), ("pixel_values_videos", -float("inf"))])
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("point_clouds", float("nan")),
+        ("pixel_values", float("inf")),
+        ("input_features", float("nan")),
+        ("pixel_values_videos", -float("inf")),
+    ],
+)
 def test_non_finite_modality_inputs_are_refused(key, value, composite, batch_all, no_encoder_runs):
     model, _ = composite
     damaged = batch_all[key].clone()
     damaged.view(-1)[7] = value
-    name = {"point_clouds": "point", "pixel_values": "image", "input_features": "audio",
-            "pixel_values_videos": "video"}[key]
+    name = {
+        "point_clouds": "point",
+        "pixel_values": "image",
+        "input_features": "audio",
+        "pixel_values_videos": "video",
+    }[key]
     message = rf"Modality '{name}' \({name}\): the input holds 1 NaN or infinite value\(s\) of {damaged.numel()}"
     _refused(model, message, **_with(batch_all, **{key: damaged}))
 
@@ -134,8 +197,11 @@ def test_non_finite_modality_inputs_are_refused(key, value, composite, batch_all
 def test_raw_pixel_values_are_refused_but_every_normalised_range_passes(composite, batch_all, no_encoder_runs):
     model, _ = composite
     raw = torch.randint(0, 256, batch_all["pixel_values"].shape).float()
-    _refused(model, r"Modality 'image' \(image\): pixel values reach 2\d\d.*look like raw 0-255 values",
-             **_with(batch_all, pixel_values=raw))
+    _refused(
+        model,
+        r"Modality 'image' \(image\): pixel values reach 2\d\d.*look like raw 0-255 values",
+        **_with(batch_all, pixel_values=raw),
+    )
     entry = model.config.modalities["image"]
     encoder_config = model.model.encoders["image"].config
     # The extreme values of black and white pixels under the normalisations in use, and a std as small as 0.1.
@@ -167,12 +233,15 @@ def test_value_checks_run_once_per_prompt_and_never_on_decode_steps(composite, m
 
 # The processor ------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("shape", [(3, 20, 3), (1, 20, 1), (3, 3, 3)])
 def test_an_image_array_whose_layout_is_ambiguous_is_refused_unless_stated(shape, composite):
     _, processor = composite
     image = np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8)
-    message = (rf"Modality 'image': the image array of shape \({shape[0]}, {shape[1]}, {shape[2]}\) could be "
-               r"channels-first or channels-last; pass images_kwargs")
+    message = (
+        rf"Modality 'image': the image array of shape \({shape[0]}, {shape[1]}, {shape[2]}\) could be "
+        r"channels-first or channels-last; pass images_kwargs"
+    )
     with pytest.raises(ValueError, match=message):
         processor(text="<image>", images=[image])
     stated = processor(text="<image>", images=[image], images_kwargs={"input_data_format": "channels_last"})
@@ -217,6 +286,7 @@ def test_the_beats_extractor_names_its_window_like_whisper():
     from modeling_composite.feature_extraction_beats import CompositeBeatsFeatureExtractor
 
     extractor = CompositeBeatsFeatureExtractor(num_mel_bins=16, max_length=100)
+
     def frames(samples: int) -> int:
         waveform = np.zeros(samples, np.float32)
         features = extractor(waveform, sampling_rate=16000, padding=False, truncation=False, return_tensors="np")

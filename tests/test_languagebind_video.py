@@ -16,23 +16,42 @@ from modeling_composite.modeling_languagebind_video import CompositeLanguageBind
 
 FRAMES = 4
 TINY = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=14,
-    hidden_act="gelu", layer_norm_eps=1e-5, num_frames=FRAMES, add_time_attn=True,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=28,
+    patch_size=14,
+    hidden_act="gelu",
+    layer_norm_eps=1e-5,
+    num_frames=FRAMES,
+    add_time_attn=True,
 )
 TOKENS = (28 // 14) ** 2 + 1
 # One layer's tensors in LanguageBind_Video_merge, as its LanguageBindVideo class saves them (written out here rather
 # than taken from our model, so that the reader is checked against the published layout, not against itself).
-PUBLISHED_LAYER_KEYS = [
-    f"{module}.{projection}.{kind}"
-    for module in ("self_attn", "temporal_attn")
-    for projection in ("q_proj", "k_proj", "v_proj", "out_proj")
-    for kind in ("weight", "bias")
-] + [
-    f"{norm}.{kind}" for norm in ("layer_norm1", "layer_norm2", "temporal_layer_norm1") for kind in ("weight", "bias")
-] + ["mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias", "temporal_embedding"]
+PUBLISHED_LAYER_KEYS = (
+    [
+        f"{module}.{projection}.{kind}"
+        for module in ("self_attn", "temporal_attn")
+        for projection in ("q_proj", "k_proj", "v_proj", "out_proj")
+        for kind in ("weight", "bias")
+    ]
+    + [
+        f"{norm}.{kind}"
+        for norm in ("layer_norm1", "layer_norm2", "temporal_layer_norm1")
+        for kind in ("weight", "bias")
+    ]
+    + ["mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias", "temporal_embedding"]
+)
 PUBLISHED_VISION_KEYS = [
-    "embeddings.class_embedding", "embeddings.patch_embedding.weight", "embeddings.position_embedding.weight",
-    "pre_layrnorm.weight", "pre_layrnorm.bias", "post_layernorm.weight", "post_layernorm.bias",
+    "embeddings.class_embedding",
+    "embeddings.patch_embedding.weight",
+    "embeddings.position_embedding.weight",
+    "pre_layrnorm.weight",
+    "pre_layrnorm.bias",
+    "post_layernorm.weight",
+    "post_layernorm.bias",
 ] + [f"encoder.layers.{index}.{name}" for index in range(TINY["num_hidden_layers"]) for name in PUBLISHED_LAYER_KEYS]
 
 
@@ -49,9 +68,23 @@ def tiny_encoder(seed: int = 0, **overrides) -> CompositeLanguageBindVideoEncode
 def per_frame_clip(model: CompositeLanguageBindVideoEncoder) -> CLIPVisionModel:
     """transformers' CLIP vision model holding the encoder's non-temporal weights (loads strictly: same layout)."""
     config = model.config
-    clip = CLIPVisionModel(CLIPVisionConfig(**{name: getattr(config, name) for name in (
-        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size",
-        "hidden_act", "layer_norm_eps")})).eval()
+    clip = CLIPVisionModel(
+        CLIPVisionConfig(
+            **{
+                name: getattr(config, name)
+                for name in (
+                    "hidden_size",
+                    "intermediate_size",
+                    "num_hidden_layers",
+                    "num_attention_heads",
+                    "image_size",
+                    "patch_size",
+                    "hidden_act",
+                    "layer_norm_eps",
+                )
+            }
+        )
+    ).eval()
     spatial = {name: tensor for name, tensor in model.state_dict().items() if ".temporal_" not in name}
     clip.load_state_dict(spatial, strict=True)
     return clip
@@ -147,27 +180,57 @@ def test_bfloat16_forward():
 def save_published_layout(folder, model: CompositeLanguageBindVideoEncoder, extra: dict | None = None) -> dict:
     """A LanguageBind_Video_merge-style folder: config.json (model_type LanguageBindVideo, text and vision configs as
     LanguageBind's classes serialise them) and both towers' weights under their published names."""
-    text_config = CLIPTextConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2, max_position_embeddings=8, bos_token_id=1, eos_token_id=2,
-                                 pad_token_id=0)
+    text_config = CLIPTextConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=8,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     vision_config = {
-        **TINY, "model_type": "clip_vision_model", "num_channels": 3, "projection_dim": 16, "attention_dropout": 0.0,
-        "initializer_range": 0.02, "initializer_factor": 1.0, "force_patch_dropout": 0.0, "lora_r": 0,
-        "lora_alpha": 16, "lora_dropout": 0.0, "num_mel_bins": 0.0, "target_length": 0.0,
-        "video_decode_backend": "decord", "output_hidden_states": False, "architectures": None,
+        **TINY,
+        "model_type": "clip_vision_model",
+        "num_channels": 3,
+        "projection_dim": 16,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "initializer_factor": 1.0,
+        "force_patch_dropout": 0.0,
+        "lora_r": 0,
+        "lora_alpha": 16,
+        "lora_dropout": 0.0,
+        "num_mel_bins": 0.0,
+        "target_length": 0.0,
+        "video_decode_backend": "decord",
+        "output_hidden_states": False,
+        "architectures": None,
     }
-    config = {"model_type": "LanguageBindVideo", "architectures": ["LanguageBindVideo"], "projection_dim": 16,
-              "logit_scale_init_value": 2.6592, "text_config": text_config.to_dict(), "vision_config": vision_config}
+    config = {
+        "model_type": "LanguageBindVideo",
+        "architectures": ["LanguageBindVideo"],
+        "projection_dim": 16,
+        "logit_scale_init_value": 2.6592,
+        "text_config": text_config.to_dict(),
+        "vision_config": vision_config,
+    }
     (folder / "config.json").write_text(json.dumps(config))
     ours = model.state_dict()
     assert sorted(ours) == sorted(PUBLISHED_VISION_KEYS)
     weights = {f"vision_model.{name}": ours[name].clone() for name in PUBLISHED_VISION_KEYS}
     weights.update({f"text_model.{name}": tensor for name, tensor in CLIPTextModel(text_config).state_dict().items()})
-    weights.update({
-        "text_projection.weight": torch.randn(16, 16), "visual_projection.weight": torch.randn(16, 32),
-        "logit_scale": torch.tensor(2.6592), "vision_model.embeddings.position_ids": torch.arange(TOKENS)[None],
-        **(extra or {}),
-    })
+    weights.update(
+        {
+            "text_projection.weight": torch.randn(16, 16),
+            "visual_projection.weight": torch.randn(16, 32),
+            "logit_scale": torch.tensor(2.6592),
+            "vision_model.embeddings.position_ids": torch.arange(TOKENS)[None],
+            **(extra or {}),
+        }
+    )
     save_file({name: tensor.contiguous() for name, tensor in weights.items()}, str(folder / "model.safetensors"))
     return weights
 
@@ -178,7 +241,11 @@ def test_published_layout_converts_every_vision_key(tmp_path, monkeypatch):
     save_published_layout(tmp_path, source)
     encoder = read_languagebind_video_encoder(str(tmp_path), "video source")
     assert isinstance(encoder.config, CompositeLanguageBindVideoConfig)
-    assert (encoder.config.num_frames, encoder.config.add_time_attn, encoder.config.hidden_act) == (FRAMES, True, "gelu")
+    assert (encoder.config.num_frames, encoder.config.add_time_attn, encoder.config.hidden_act) == (
+        FRAMES,
+        True,
+        "gelu",
+    )
     assert sorted(encoder.weights) == sorted(PUBLISHED_VISION_KEYS)
     loaded = CompositeLanguageBindVideoEncoder(encoder.config).eval()
     loaded.load_state_dict({name: lazy.load() for name, lazy in encoder.weights.items()}, strict=True)

@@ -148,12 +148,17 @@ def test_answers_missing_for_some_questions_are_listed(tmp_path):
 
 def test_every_media_problem_is_reported_before_generation(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "present.png")
-    questions = read_questions(_write(tmp_path / "q.json", [
-        _question("ok", "<image> ?", vision=["present.png"]),
-        _question("gone", "<image> <audio> ?", vision=["absent1.png"], audio=["absent2.wav"]),
-        _question("depth", "<depth> ?", depth=["d.png"]),
-        _question("count", "<image> <image> ?", vision=["present.png"]),
-    ]))
+    questions = read_questions(
+        _write(
+            tmp_path / "q.json",
+            [
+                _question("ok", "<image> ?", vision=["present.png"]),
+                _question("gone", "<image> <audio> ?", vision=["absent1.png"], audio=["absent2.wav"]),
+                _question("depth", "<depth> ?", depth=["d.png"]),
+                _question("count", "<image> <image> ?", vision=["present.png"]),
+            ],
+        )
+    )
     with pytest.raises(BenchmarkError) as error:
         prepare_questions(questions, MODALITIES, tmp_path)
     message = str(error.value)
@@ -165,10 +170,15 @@ def test_every_media_problem_is_reported_before_generation(tmp_path):
 def test_a_modality_the_composite_lacks_is_an_error_or_skipped(tmp_path):
     np.save(tmp_path / "cloud.npy", np.zeros((10, 6), dtype=np.float32))
     Image.new("RGB", (8, 8)).save(tmp_path / "present.png")
-    questions = read_questions(_write(tmp_path / "q.json", [
-        _question(1, "<point> ?", point=["cloud.npy"]),
-        _question(2, "<image> ?", vision=["present.png"]),
-    ]))
+    questions = read_questions(
+        _write(
+            tmp_path / "q.json",
+            [
+                _question(1, "<point> ?", point=["cloud.npy"]),
+                _question(2, "<image> ?", vision=["present.png"]),
+            ],
+        )
+    )
     with pytest.raises(BenchmarkError, match=r"no modality of kind point \(1 questions.*--skip-missing"):
         prepare_questions(questions, MODALITIES, tmp_path)
     prepared, skipped = prepare_questions(questions, MODALITIES, tmp_path, skip_missing=True)
@@ -233,8 +243,14 @@ def benchmark_files(tmp_path_factory):
     questions = [
         _question("q1", "image: <image>\naudio: <audio>\n" + QUESTION, vision=["cat.png"], audio=["bark.wav"]),
         _question("q2", "video: <video>\npoint: <point>\n" + QUESTION, video=["spin.npy"], point=["chair.npy"]),
-        _question("q3", "<point> <video> <audio> <image> " + QUESTION, vision=["cat.png"], audio=["bark.wav"],
-                  video=["spin.npy"], point=["chair.npy"]),
+        _question(
+            "q3",
+            "<point> <video> <audio> <image> " + QUESTION,
+            vision=["cat.png"],
+            audio=["bark.wav"],
+            video=["spin.npy"],
+            point=["chair.npy"],
+        ),
         _question("q4", "audio: <audio>\n" + QUESTION, audio=["bark.wav"]),
     ]
     _write(root / "questions.json", questions)
@@ -243,11 +259,28 @@ def benchmark_files(tmp_path_factory):
 
 
 def _run(root, output, *extra):
-    return run.main([
-        "--model", str(root / "composite"), "--questions", str(root / "questions.json"),
-        "--answers", str(root / "answers.json"), "--media-root", str(root / "media"), "--output", str(output),
-        "--batch-size", "3", "--max-new-tokens", "2", "--device", "cpu", "--no-progress", *extra,
-    ])
+    return run.main(
+        [
+            "--model",
+            str(root / "composite"),
+            "--questions",
+            str(root / "questions.json"),
+            "--answers",
+            str(root / "answers.json"),
+            "--media-root",
+            str(root / "media"),
+            "--output",
+            str(output),
+            "--batch-size",
+            "3",
+            "--max-new-tokens",
+            "2",
+            "--device",
+            "cpu",
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 def _lines(path):
@@ -263,8 +296,12 @@ def test_end_to_end_run_is_batched_scored_and_resumable(benchmark_files, tmp_pat
     assert predictions[0]["prompt"].startswith("image: <image>\naudio: <audio>\n")
     results = json.loads((output / "results.json").read_text())
     assert results["counts"] == {
-        "questions_in_file": 4, "selected": 4, "evaluated": 4, "skipped_missing_modality": 0,
-        "generated_this_run": 4, "unparsed_by_forgiving_parse": results["counts"]["unparsed_by_forgiving_parse"],
+        "questions_in_file": 4,
+        "selected": 4,
+        "evaluated": 4,
+        "skipped_missing_modality": 0,
+        "generated_this_run": 4,
+        "unparsed_by_forgiving_parse": results["counts"]["unparsed_by_forgiving_parse"],
     }
     expected = summarize(
         [{"text": line["text"], "answer": "ABCD"[i], "prompt": line["prompt"]} for i, line in enumerate(predictions)]
@@ -291,10 +328,18 @@ def test_end_to_end_run_is_batched_scored_and_resumable(benchmark_files, tmp_pat
 
 def test_end_to_end_limit_and_file_errors_exit_with_status_2(benchmark_files, tmp_path, capsys):
     _write(tmp_path / "answers.json", [_answer("q1", "A")])
-    code = run.main([
-        "--model", str(benchmark_files / "composite"), "--questions", str(benchmark_files / "questions.json"),
-        "--answers", str(tmp_path / "answers.json"), "--output", str(tmp_path / "out"),
-    ])
+    code = run.main(
+        [
+            "--model",
+            str(benchmark_files / "composite"),
+            "--questions",
+            str(benchmark_files / "questions.json"),
+            "--answers",
+            str(tmp_path / "answers.json"),
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 2 and "no answer for 3 of 4 questions" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     assert _run(benchmark_files, tmp_path / "limited", "--limit", "2", "--task", "avqa") == 0
@@ -308,20 +353,45 @@ def test_model_by_hub_id(benchmark_files, tmp_path, capsys):
 
     cache_repos(Path(huggingface_hub.constants.HF_HOME), {"tiny-org/mcub-composite": benchmark_files / "composite"})
     output = tmp_path / "by-id"
-    code = run.main([
-        "--model", "tiny-org/mcub-composite", "--questions", str(benchmark_files / "questions.json"),
-        "--answers", str(benchmark_files / "answers.json"), "--media-root", str(benchmark_files / "media"),
-        "--output", str(output), "--limit", "1", "--max-new-tokens", "2", "--device", "cpu", "--no-progress",
-    ])
+    code = run.main(
+        [
+            "--model",
+            "tiny-org/mcub-composite",
+            "--questions",
+            str(benchmark_files / "questions.json"),
+            "--answers",
+            str(benchmark_files / "answers.json"),
+            "--media-root",
+            str(benchmark_files / "media"),
+            "--output",
+            str(output),
+            "--limit",
+            "1",
+            "--max-new-tokens",
+            "2",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     results = json.loads((output / "results.json").read_text())
     assert results["model"] == "tiny-org/mcub-composite" and results["counts"]["evaluated"] == 1
     capsys.readouterr()
-    code = run.main([
-        "--model", "tiny-org/no-such-composite", "--questions", str(benchmark_files / "questions.json"),
-        "--answers", str(benchmark_files / "answers.json"), "--output", str(tmp_path / "missing"),
-    ])
+    code = run.main(
+        [
+            "--model",
+            "tiny-org/no-such-composite",
+            "--questions",
+            str(benchmark_files / "questions.json"),
+            "--answers",
+            str(benchmark_files / "answers.json"),
+            "--output",
+            str(tmp_path / "missing"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
-    assert err.startswith("error: --model tiny-org/no-such-composite: not a composite folder, and it cannot be loaded "
-                          "from the Hub (")
+    assert err.startswith(
+        "error: --model tiny-org/no-such-composite: not a composite folder, and it cannot be loaded from the Hub ("
+    )

@@ -85,8 +85,10 @@ def test_dare_is_reproducible_and_seeded_per_seed_and_tensor_name():
     assert not torch.equal(dare(1, "model.layers.0.mlp.up_proj.weight") == 0, first == 0)
     # A source's mask depends on its own index only, not on the other sources: with the second source's weight 0, the
     # merge is the first source's dropped delta alone, whether the second source is present or not.
-    assert torch.equal(merge_deltas([ones, ones], [1.0, 0.0], "dare_linear", density=0.5, seed=0, name="x"),
-                       merge_deltas([ones, None], [1.0, 0.0], "dare_linear", density=0.5, seed=0, name="x"))
+    assert torch.equal(
+        merge_deltas([ones, ones], [1.0, 0.0], "dare_linear", density=0.5, seed=0, name="x"),
+        merge_deltas([ones, None], [1.0, 0.0], "dare_linear", density=0.5, seed=0, name="x"),
+    )
 
 
 def test_dare_drops_with_probability_one_minus_density_and_rescales_to_the_l1_norm():
@@ -209,8 +211,9 @@ def test_normalize_and_lambda_per_rule(rule, options, expected):
 def test_without_normalize_a_negative_weight_votes_against_its_delta():
     # Weighted deltas [1, 1] and -1 * [1, -1] = [-1, 1]; sums [0, 2] elect + twice: entry 0 keeps the first source
     # only, entry 1 both (1 + 1).
-    merged = merge_deltas([torch.tensor([1.0, 1.0]), torch.tensor([1.0, -1.0])], [1.0, -1.0], "ties", density=1.0,
-                          normalize=False)
+    merged = merge_deltas(
+        [torch.tensor([1.0, 1.0]), torch.tensor([1.0, -1.0])], [1.0, -1.0], "ties", density=1.0, normalize=False
+    )
     assert torch.equal(merged, torch.tensor([1.0, 2.0]))
 
 
@@ -288,8 +291,11 @@ def test_negative_weights_need_normalize_off_in_sign_elections():
         ({"rule": "ties", "density": 0.5, "normalize": "yes"}, None, "merge.normalize must be true or false"),
         ({"rule": "ties", "density": 0.5, "lambda": "big"}, None, "merge.lambda must be a finite number"),
         ({"rule": "dare_ties", "density": 0.5, "int8_mask": 1}, None, "merge.int8_mask must be true or false"),
-        ({"rule": "linear", "normalize": True}, [{"path": "a", "weight": 1.0}, {"path": "b", "weight": -1.0}],
-         "sum of the sources' weights, which is 0"),
+        (
+            {"rule": "linear", "normalize": True},
+            [{"path": "a", "weight": 1.0}, {"path": "b", "weight": -1.0}],
+            "sum of the sources' weights, which is 0",
+        ),
         ({"rule": "slerp"}, None, "use one of ['linear', 'ties', 'dare_linear', 'dare_ties'] (or task_arithmetic"),
     ],
 )
@@ -298,8 +304,10 @@ def test_bad_merge_settings_are_refused_by_name(merge, sources, message):
         load_recipe({**RECIPE, "merge": merge, **({"sources": sources} if sources else {})})
 
 
-@pytest.mark.parametrize("merge", [{"rule": "ties", "density": 0.5}, {"rule": "linear", "normalize": True},
-                                   {"rule": "linear", "lambda": 2.0}])
+@pytest.mark.parametrize(
+    "merge",
+    [{"rule": "ties", "density": 0.5}, {"rule": "linear", "normalize": True}, {"rule": "linear", "lambda": 2.0}],
+)
 def test_weight_search_refuses_settings_that_make_its_candidates_meaningless(merge):
     search = {"grid": [0.5, 1.0], "data": "val.json"}
     sources = [{"path": "a"}, {"path": "b"}]

@@ -208,7 +208,7 @@ def test_merge_parameters_appear_only_where_the_rule_uses_them():
 
 def test_user_strings_cannot_break_the_card(tmp_path):
     name = 'my "quoted" | <b>composite</b> `x`'
-    recipe = 'name: \'my "quoted" | composite\'\n# a fence inside:\n```\nnot: closed\n````\n'
+    recipe = "name: 'my \"quoted\" | composite'\n# a fence inside:\n```\nnot: closed\n````\n"
     source = dataclasses.replace(make_info().sources[1], reference="./weird|path `a`")
     info = make_info(name=name, recipe_yaml=recipe, repo_id=None, sources=[make_info().sources[0], source])
     card = render_model_card(info)

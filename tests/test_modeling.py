@@ -37,8 +37,13 @@ def test_the_cache_may_be_passed_under_either_transformers_name(composite, batch
             next_token = prefill.logits[:, -1:].argmax(-1)
             steps[name] = model(input_ids=next_token, use_cache=True, **{name: cache}).logits
     with torch.no_grad():
-        full = model(**{**batch_all, "input_ids": torch.cat([batch_all["input_ids"], next_token], dim=1),
-                        "attention_mask": torch.ones(1, batch_all["input_ids"].shape[1] + 1, dtype=torch.long)}).logits
+        full = model(
+            **{
+                **batch_all,
+                "input_ids": torch.cat([batch_all["input_ids"], next_token], dim=1),
+                "attention_mask": torch.ones(1, batch_all["input_ids"].shape[1] + 1, dtype=torch.long),
+            }
+        ).logits
     torch.testing.assert_close(steps["cache"], steps["past_key_values"], rtol=0, atol=0)
     torch.testing.assert_close(steps["cache"][:, -1], full[:, -1], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="once"):
@@ -71,10 +76,19 @@ def test_a_placeholder_generated_while_decoding_is_read_as_text(composite, batch
 
 def test_left_padded_batch_equals_rows_alone(composite, raw_inputs):
     model, processor = composite
-    prompts = ["USER: <image> <audio> hi? ASSISTANT:", "USER: tell me about <point> please, at some length. ASSISTANT:"]
-    inputs = [{"images": [raw_inputs["image"]], "audio": [raw_inputs["audio"]]}, {"point_clouds": [raw_inputs["point"]]}]
+    prompts = [
+        "USER: <image> <audio> hi? ASSISTANT:",
+        "USER: tell me about <point> please, at some length. ASSISTANT:",
+    ]
+    inputs = [
+        {"images": [raw_inputs["image"]], "audio": [raw_inputs["audio"]]},
+        {"point_clouds": [raw_inputs["point"]]},
+    ]
     batch = processor(
-        text=prompts, images=[raw_inputs["image"]], audio=[raw_inputs["audio"]], point_clouds=[raw_inputs["point"]],
+        text=prompts,
+        images=[raw_inputs["image"]],
+        audio=[raw_inputs["audio"]],
+        point_clouds=[raw_inputs["point"]],
         padding=True,
     )
     assert (batch["attention_mask"] == 0).any(), "the test needs a padded row"
@@ -89,11 +103,14 @@ def test_only_the_encoders_of_modalities_in_the_batch_run(composite, raw_inputs)
     encoders, once each for the prefill and never while decoding; a text-only prompt runs none."""
     model, processor = composite
     calls = dict.fromkeys(model.model.encoders, 0)
-    hooks = [encoder.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
-             for name, encoder in model.model.encoders.items()]
+    hooks = [
+        encoder.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+        for name, encoder in model.model.encoders.items()
+    ]
     try:
-        batch = processor(text="USER: <image> <audio> hi? ASSISTANT:", images=[raw_inputs["image"]],
-                          audio=[raw_inputs["audio"]])
+        batch = processor(
+            text="USER: <image> <audio> hi? ASSISTANT:", images=[raw_inputs["image"]], audio=[raw_inputs["audio"]]
+        )
         model.generate(**batch, max_new_tokens=3, do_sample=False)
         assert calls == {"image": 1, "video": 0, "audio": 1, "point": 0}
         model.generate(**processor(text="USER: hello there ASSISTANT:"), max_new_tokens=3, do_sample=False)
@@ -151,8 +168,14 @@ def _llava_and_its_composite():
     tokenizer = tiny_tokenizer()
     image_token_id = len(tokenizer)  # where the composite's builder puts `<image>`
     text_config = AutoConfig.for_model(
-        "llama", vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512,
+        "llama",
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
     )
     torch.manual_seed(0)
     llava = LlavaForConditionalGeneration(
@@ -196,7 +219,9 @@ def test_single_llava_source_reproduces_transformers_llava():
         expected = llava(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"]).logits
         torch.testing.assert_close(model(**batch).logits, expected, rtol=1e-5, atol=1e-5)
     ours = model.generate(**batch, max_new_tokens=6, do_sample=False)
-    theirs = llava.generate(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], max_new_tokens=6, do_sample=False)
+    theirs = llava.generate(
+        input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], max_new_tokens=6, do_sample=False
+    )
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
@@ -212,8 +237,12 @@ def test_left_padded_batch_generates_what_transformers_llava_generates():
     assert (batch["attention_mask"][0] == 0).any() and batch["attention_mask"][:, -1].all()  # left-padded
     settings = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False, "pad_token_id": 3}
     ours = model.generate(**batch, **settings)
-    theirs = llava.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            pixel_values=batch["pixel_values"], **settings)
+    theirs = llava.generate(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        pixel_values=batch["pixel_values"],
+        **settings,
+    )
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     # The short row's tokens do not depend on the long one: generating it alone gives the same new tokens.
     alone = processor(text=texts[:1], images=images[:1], return_tensors="pt")
@@ -232,7 +261,9 @@ def test_qwen2_text_model_with_tied_embeddings_round_trips(tmp_path, raw_inputs)
 
 def test_no_split_modules_cover_decoder_and_encoder_layers(composite):
     model, _ = composite
-    assert {"LlamaDecoderLayer", "CLIPEncoderLayer", "Qwen2AudioEncoderLayer", "PointBlock"} <= set(model._no_split_modules)
+    assert {"LlamaDecoderLayer", "CLIPEncoderLayer", "Qwen2AudioEncoderLayer", "PointBlock"} <= set(
+        model._no_split_modules
+    )
 
 
 def test_beam_search_gives_every_beam_its_own_prompts_inputs_in_order(composite, raw_inputs):
@@ -243,12 +274,22 @@ def test_beam_search_gives_every_beam_its_own_prompts_inputs_in_order(composite,
 
     model, processor = composite
     other = Image.fromarray(np.random.default_rng(5).integers(0, 255, (40, 48, 3), dtype=np.uint8))
-    batch = processor(text=["USER: <image> and <image> differ how? ASSISTANT:", "USER: what is <image>? ASSISTANT:"],
-                      images=[raw_inputs["image"], other, other], padding=True)
+    batch = processor(
+        text=["USER: <image> and <image> differ how? ASSISTANT:", "USER: what is <image>? ASSISTANT:"],
+        images=[raw_inputs["image"], other, other],
+        padding=True,
+    )
     with torch.no_grad():
         expected = model(**batch).logits[:, -1]
-        beams = model.generate(**batch, max_new_tokens=2, num_beams=2, num_return_sequences=2, do_sample=False,
-                               output_logits=True, return_dict_in_generate=True).logits[0]
+        beams = model.generate(
+            **batch,
+            max_new_tokens=2,
+            num_beams=2,
+            num_return_sequences=2,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        ).logits[0]
     torch.testing.assert_close(beams, expected.repeat_interleave(2, dim=0), rtol=1e-4, atol=1e-4)
 
 
@@ -266,7 +307,7 @@ def test_the_text_model_called_alone_after_a_multimodal_forward_is_plain(composi
 def test_generate_from_inputs_embeds_equals_generate_from_input_ids(composite):
     model, _ = composite
     text = torch.tensor([[1, 70, 71, 72, 73, 74]])
-    from_ids = model.generate(input_ids=text, max_new_tokens=4, do_sample=False)[:, text.shape[1]:]
+    from_ids = model.generate(input_ids=text, max_new_tokens=4, do_sample=False)[:, text.shape[1] :]
     embeds = model.get_input_embeddings()(text)
     from_embeds = model.generate(inputs_embeds=embeds, max_new_tokens=4, do_sample=False)
     torch.testing.assert_close(from_embeds, from_ids, rtol=0, atol=0)
@@ -289,8 +330,11 @@ def test_generation_that_would_run_past_max_position_embeddings_is_refused_befor
     model, _ = composite
     limit = model.config.get_text_config().max_position_embeddings
     prompt = torch.full((1, limit - 2), 70)
-    with pytest.raises(ValueError, match=rf"would run to {limit + 2} positions \({limit - 2} in the prompt \+ 4 new\) "
-                                         rf"but the text model has {limit} .* at most 2 new tokens"):
+    with pytest.raises(
+        ValueError,
+        match=rf"would run to {limit + 2} positions \({limit - 2} in the prompt \+ 4 new\) "
+        rf"but the text model has {limit} .* at most 2 new tokens",
+    ):
         model.generate(input_ids=prompt, max_new_tokens=4, do_sample=False)
     with pytest.raises(ValueError, match=rf"would run to {limit + 1} positions \(max_length\)"):
         model.generate(input_ids=prompt, max_length=limit + 1, do_sample=False)
@@ -366,8 +410,12 @@ def test_the_llm_receives_bitwise_what_transformers_llava_gives_its_llm(dtype):
     settings = {"max_new_tokens": 3, "min_new_tokens": 3, "do_sample": False, "pad_token_id": 3}
     try:
         ours = model.generate(**batch, **settings)
-        theirs = llava.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                pixel_values=batch["pixel_values"], **settings)
+        theirs = llava.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+            **settings,
+        )
     finally:
         for hook in hooks:
             hook.remove()

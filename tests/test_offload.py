@@ -26,14 +26,17 @@ BUDGETS = (0.0, 0.56, 0.62, 0.97)
 def saved(tmp_path_factory):
     """A 4-modality DAMC composite (audio through a Q-Former projector) saved whole, its inputs, its logits and its
     greedy continuation."""
-    qformer = {"projector": "qformer_2N_1L",
-               "projector_options": {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128}}
+    qformer = {
+        "projector": "qformer_2N_1L",
+        "projector_options": {"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128},
+    }
     model, processor = build_tiny_composite(spec_overrides={"audio": qformer})
     folder = tmp_path_factory.mktemp("offload") / "composite"
     save_composite(model, processor, folder)
     raw = tiny_inputs()
-    batch = processor(text=PROMPT, images=[raw["image"]], videos=[raw["video"]], audio=[raw["audio"]],
-                      point_clouds=[raw["point"]])
+    batch = processor(
+        text=PROMPT, images=[raw["image"]], videos=[raw["video"]], audio=[raw["audio"]], point_clouds=[raw["point"]]
+    )
     whole = CompositeMLLMForCausalLM.from_pretrained(folder).eval()
     with torch.no_grad():
         logits = whole(**batch).logits
@@ -45,8 +48,11 @@ def saved(tmp_path_factory):
 def _parts(model: CompositeMLLMForCausalLM) -> list[str]:
     """The parts that should each land on disk under some budget: LLM layers, every encoder and projector, LM head."""
     inner = model.model
-    return (["model.language_model.layers", "lm_head"] + [f"model.encoders.{name}" for name in inner.encoders]
-            + [f"model.projectors.{name}" for name in inner.projectors])
+    return (
+        ["model.language_model.layers", "lm_head"]
+        + [f"model.encoders.{name}" for name in inner.encoders]
+        + [f"model.projectors.{name}" for name in inner.projectors]
+    )
 
 
 def test_offloaded_parts_give_the_logits_of_the_whole_model(saved, tmp_path):
@@ -61,11 +67,20 @@ def test_offloaded_parts_give_the_logits_of_the_whole_model(saved, tmp_path):
         disk = [name for name, device in placement.items() if device == "disk"]
         assert disk, f"budget {share}: nothing was offloaded ({placement})"
         with torch.no_grad():
-            torch.testing.assert_close(model(**batch).logits, expected, rtol=0, atol=1e-5,
-                                       msg=lambda text: f"budget {share}, on disk {disk}: {text}")
+            torch.testing.assert_close(
+                model(**batch).logits,
+                expected,
+                rtol=0,
+                atol=1e-5,
+                msg=lambda text: f"budget {share}, on disk {disk}: {text}",
+            )
         if disk != [""]:  # a part offloaded beside others kept in memory
-            on_disk.update(part for part in _parts(model) for name in disk
-                           if name == part or name.startswith(part + ".") or part.startswith(name + "."))
+            on_disk.update(
+                part
+                for part in _parts(model)
+                for name in disk
+                if name == part or name.startswith(part + ".") or part.startswith(name + ".")
+            )
         layers = {device for name, device in placement.items() if name.startswith("model.language_model.layers")}
         if layers == {"cpu", "disk"}:
             llm_split = True

@@ -56,8 +56,11 @@ def _recipe(paper_world, method: str, kinds=("image", "audio", "video", "point")
         "base": str(base),
         "chat_template": "vicuna_v1",
         "sources": [
-            {"path": str(sources[kind, "damc" if method == "damc" else "naive"]), "format": "modelcompose",
-             "encoder": str(encoders[kind])}
+            {
+                "path": str(sources[kind, "damc" if method == "damc" else "naive"]),
+                "format": "modelcompose",
+                "encoder": str(encoders[kind]),
+            }
             for kind in kinds
         ],
     }
@@ -79,8 +82,9 @@ def _inputs(processor, seed: int = 0) -> dict:
     points = rng.standard_normal((8192, 6)).astype(np.float32)
     prompt = "image: <image>\naudio: <audio>\nvideo: <video>\npoint: <point>\nWhat do they share?"
     text = processor.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-    return processor(text=[text], images=[image], videos=[video], audio=[audio], point_clouds=[points],
-                     return_tensors="pt")
+    return processor(
+        text=[text], images=[image], videos=[video], audio=[audio], point_clouds=[points], return_tensors="pt"
+    )
 
 
 def test_every_released_recipe_parses_and_names_the_papers_sources():
@@ -110,7 +114,10 @@ def test_four_modality_composite_converts_and_runs_in_a_fresh_process(paper_worl
     # frame (CLS kept); the Q-Former's queries; PointBERT's groups + CLS; plus 2 + 2 learnable tokens for DAMC.
     side = 4 if method == "damc" else 0
     assert {name: config.positions_per_item(name) for name in config.modalities} == {
-        "image": 16 + side, "audio": 4 + side, "video": 2 * 17 + side, "point": 513 + side,
+        "image": 16 + side,
+        "audio": 4 + side,
+        "video": 2 * 17 + side,
+        "point": 513 + side,
     }
     assert config.modalities["audio"].projector == "qformer_4N_1L"
     assert config.modalities["audio"].tokens_per_item == 512  # BEATs tokens the Q-Former reads
@@ -165,8 +172,9 @@ def test_four_modality_composite_loads_and_generates_in_4bit(paper_world, tmp_pa
         FOUR_BIT, str(output), str(tmp_path / "batch.pt"), hf_home=tmp_path, python=remote_python
     ).split()
     # Every encoder and projector has 4-bit linears (BEATs, the Q-Former, LanguageBind, PointBERT, CLIP, MLPs).
-    assert quantized == ",".join(f"{part}.{kind}" for part in ("encoders", "projectors")
-                                 for kind in ("audio", "image", "point", "video"))
+    assert quantized == ",".join(
+        f"{part}.{kind}" for part in ("encoders", "projectors") for kind in ("audio", "image", "point", "video")
+    )
     assert float(cosine) > 0.9 and int(new_tokens) == 3
 
 
@@ -210,14 +218,21 @@ def _paper_qformer(state: dict, features: torch.Tensor) -> torch.Tensor:
     prefix = "model.modal_projectors.audio."
     queries = state[prefix + "audio_query_tokens"]
     hidden = queries.shape[-1]
-    config = Blip2QFormerConfig(hidden_size=hidden, num_hidden_layers=1, num_attention_heads=12, intermediate_size=64,
-                                cross_attention_frequency=1, encoder_hidden_size=features.shape[-1],
-                                use_qformer_text_input=False, attn_implementation="eager")
+    config = Blip2QFormerConfig(
+        hidden_size=hidden,
+        num_hidden_layers=1,
+        num_attention_heads=12,
+        intermediate_size=64,
+        cross_attention_frequency=1,
+        encoder_hidden_size=features.shape[-1],
+        use_qformer_text_input=False,
+        attn_implementation="eager",
+    )
     qformer = Blip2QFormerModel(config).eval()
     renamed = {}
     for key, tensor in state.items():
         if key.startswith(prefix + "audio_Qformer.bert."):
-            name = key[len(prefix + "audio_Qformer.bert."):].replace(".self.", ".attention.")
+            name = key[len(prefix + "audio_Qformer.bert.") :].replace(".self.", ".attention.")
             renamed[name.replace("embeddings.LayerNorm", "layernorm")] = tensor
     qformer.load_state_dict(renamed, strict=True)
     positions = state[prefix + "audio_position_embedding.weight"][: features.shape[1]]
@@ -238,12 +253,17 @@ def test_the_paper_composites_model_cards_are_current():
     cards = render_cards()
     assert len(cards) == 10
     for path, text in cards.items():
-        assert path.is_file() and path.read_text() == text, f"{path.name} is stale: run python -m conversion.paper_cards"
+        assert path.is_file() and path.read_text() == text, (
+            f"{path.name} is stale: run python -m conversion.paper_cards"
+        )
     damc = cards[CARDS / "damc-image-audio-video-point.md"]
     assert "| `video` | video | `composite_languagebind_video` | `<video>` | 2066 | 128 |" in damc
     assert "| `audio` | audio | `composite_beats` | `<audio>` | 42 | 128 |" in damc
     naive = cards[CARDS / "naivemc-image-audio-video.md"]
-    assert "| `image` | image | `clip_vision_model` | `<image>` | 576 | - |" in naive and "point" not in naive.split("## Sources")[0]
+    assert (
+        "| `image` | image | `clip_vision_model` | `<image>` | 576 | - |" in naive
+        and "point" not in naive.split("## Sources")[0]
+    )
 
 
 def test_a_composite_with_the_papers_audio_grows_by_another_source(paper_world, tmp_path):
@@ -253,11 +273,17 @@ def test_a_composite_with_the_papers_audio_grows_by_another_source(paper_world, 
     first, _ = _convert(_recipe(paper_world, "damc", kinds=("audio",)), tmp_path / "first")
     vision = {"path": str(sources["image", "damc"]), "format": "modelcompose", "encoder": str(encoders["image"])}
     grown, processor = _convert(
-        {"method": "damc", "base": str(base), "sources": [{"path": str(tmp_path / "first")}, vision]}, tmp_path / "grown"
+        {"method": "damc", "base": str(base), "sources": [{"path": str(tmp_path / "first")}, vision]},
+        tmp_path / "grown",
     )
     assert list(grown.config.modalities) == ["audio", "image"]
-    features = processor.feature_extractor([np.zeros(8000, dtype=np.float32)], sampling_rate=16000,
-                                           return_tensors="pt")["input_features"]
+    features = processor.feature_extractor(
+        [np.zeros(8000, dtype=np.float32)], sampling_rate=16000, return_tensors="pt"
+    )["input_features"]
     with torch.no_grad():
-        torch.testing.assert_close(grown.model.get_modality_features("audio", features),
-                                   first.model.get_modality_features("audio", features), rtol=0, atol=0)
+        torch.testing.assert_close(
+            grown.model.get_modality_features("audio", features),
+            first.model.get_modality_features("audio", features),
+            rtol=0,
+            atol=0,
+        )

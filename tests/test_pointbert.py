@@ -14,7 +14,9 @@ from modeling_composite.modeling_point_encoder import farthest_point_sample, gro
 def _cloud(num_points: int, seed: int) -> torch.Tensor:
     """One random cloud `(1, num_points, 6)`: xyz in the unit ball's neighbourhood, rgb in [0, 1]."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.cat([torch.randn(1, num_points, 3, generator=generator), torch.rand(1, num_points, 3, generator=generator)], -1)
+    return torch.cat(
+        [torch.randn(1, num_points, 3, generator=generator), torch.rand(1, num_points, 3, generator=generator)], -1
+    )
 
 
 def test_farthest_point_sampling_spreads_out_from_point_zero():
@@ -84,8 +86,14 @@ def test_published_layout_converts_completely_and_loads_strictly(tmp_path):
 @pytest.mark.parametrize(
     ("change", "named"),
     [
-        (lambda state: state.update({"blocks.blocks.0.attn.qkv.bias": torch.zeros(72)}), "blocks.blocks.0.attn.qkv.bias"),
-        (lambda state: state.update({"module.point_encoder.cls_token": torch.zeros(1, 1, 24)}), "module.point_encoder"),
+        (
+            lambda state: state.update({"blocks.blocks.0.attn.qkv.bias": torch.zeros(72)}),
+            "blocks.blocks.0.attn.qkv.bias",
+        ),
+        (
+            lambda state: state.update({"module.point_encoder.cls_token": torch.zeros(1, 1, 24)}),
+            "module.point_encoder",
+        ),
         (lambda state: state.pop("blocks.blocks.1.mlp.fc2.bias"), "blocks.1.mlp.fc2.bias"),
         (lambda state: state.update({"pos_embed.2.weight": torch.zeros(24, 64)}), "pos_embed.2.weight"),
     ],

@@ -107,13 +107,20 @@ def test_batched_chat_with_a_video_in_only_some_conversations(composite, raw_inp
     """`apply_chat_template` passes `videos=[[video], []]`: the empty list is a sample without videos."""
     _, processor = composite
     conversations = [
-        [{"role": "user", "content": [
-            {"type": "video", "video": raw_inputs["video"]}, {"type": "text", "text": "What?"},
-        ]}],
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "video", "video": raw_inputs["video"]},
+                    {"type": "text", "text": "What?"},
+                ],
+            }
+        ],
         [{"role": "user", "content": [{"type": "text", "text": "Hello"}]}],
     ]
-    batch = processor.apply_chat_template(conversations, tokenize=True, return_dict=True, add_generation_prompt=True,
-                                          padding=True)
+    batch = processor.apply_chat_template(
+        conversations, tokenize=True, return_dict=True, add_generation_prompt=True, padding=True
+    )
     alone = processor(text="<video>", videos=[raw_inputs["video"]])
     np.testing.assert_array_equal(batch["pixel_values_videos"].numpy(), alone["pixel_values_videos"].numpy())
 
@@ -123,8 +130,9 @@ def test_torch_tensor_images_and_videos_are_read_like_arrays(composite, raw_inpu
     image = np.array(raw_inputs["image"])
     video = np.stack([np.asarray(frame) for frame in raw_inputs["video"]])
     from_arrays = processor(text="<image> <video>", images=[image], videos=[video])
-    from_tensors = processor(text="<image> <video>", images=[torch.from_numpy(image).permute(2, 0, 1)],
-                             videos=[torch.from_numpy(video)])
+    from_tensors = processor(
+        text="<image> <video>", images=[torch.from_numpy(image).permute(2, 0, 1)], videos=[torch.from_numpy(video)]
+    )
     for key in ("pixel_values", "pixel_values_videos"):
         np.testing.assert_allclose(from_tensors[key].numpy(), from_arrays[key].numpy(), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="empty or malformed image"):

@@ -30,7 +30,11 @@ def two_image_composite() -> tuple:
     lora = {"r": 4, "alpha": 8.0}
     specs = {
         "image": ModalitySpec(
-            kind="image", encoder=tiny_vision_encoder(), feature_layer=-2, feature_select="patch", prefix_tokens=1,
+            kind="image",
+            encoder=tiny_vision_encoder(),
+            feature_layer=-2,
+            feature_select="patch",
+            prefix_tokens=1,
             lora=lora,
         ),
         "chart": ModalitySpec(
@@ -190,7 +194,9 @@ def test_processor_output_equals_explicit_modality_inputs(two_image_composite, p
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             modality_inputs={
-                **explicit, "image": _pixels(processor, [plot]), "chart": _chart_pixels(processor, [photo])
+                **explicit,
+                "image": _pixels(processor, [plot]),
+                "chart": _chart_pixels(processor, [photo]),
             },
         ).logits
     torch.testing.assert_close(from_processor, by_hand, rtol=0, atol=0)

@@ -133,7 +133,9 @@ def test_invalid_repo_id_becomes_conversion_error(fake_hub: FakeHub, folder: Pat
 
 
 def test_offline_mode_becomes_conversion_error(
-    fake_hub: FakeHub, folder: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+    fake_hub: FakeHub,  # noqa: F811
+    folder: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 

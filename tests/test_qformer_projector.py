@@ -14,8 +14,16 @@ from modeling_composite.modeling_qformer_projector import QFormerProjector, pars
 
 PREFIX = "model.modal_projectors.audio."
 # Tiny sizes: encoder width 24, Q-Former width 32 (4 heads), FFN 64, 2 layers, 4 queries, 16 positions, LLM width 40.
-TINY = dict(encoder_width=24, out_features=40, num_queries=4, num_layers=2, num_positions=16, hidden_size=32,
-            num_attention_heads=4, intermediate_size=64)
+TINY = dict(
+    encoder_width=24,
+    out_features=40,
+    num_queries=4,
+    num_layers=2,
+    num_positions=16,
+    hidden_size=32,
+    num_attention_heads=4,
+    intermediate_size=64,
+)
 
 
 def tiny_projector() -> QFormerProjector:
@@ -25,8 +33,13 @@ def tiny_projector() -> QFormerProjector:
 def published_layout(layers: int = 2) -> dict[str, tuple[int, ...]]:
     """The paper's audio projector tensors (relative to PREFIX) and their shapes, at the tiny sizes."""
     return qformer_projector_shapes(
-        TINY["encoder_width"], TINY["out_features"], TINY["num_queries"], layers, TINY["num_positions"],
-        TINY["hidden_size"], TINY["intermediate_size"],
+        TINY["encoder_width"],
+        TINY["out_features"],
+        TINY["num_queries"],
+        layers,
+        TINY["num_positions"],
+        TINY["hidden_size"],
+        TINY["intermediate_size"],
     )
 
 
@@ -37,7 +50,7 @@ def store_of(
     tensors = {f"{PREFIX}{key}": torch.randn(shape, generator=generator) for key, shape in shapes.items()}
     path = tmp_path / "adapter_model.safetensors"
     save_file(tensors, str(path))
-    return TensorStore([path], "paper audio"), {key[len(PREFIX):]: key for key in tensors}, tensors
+    return TensorStore([path], "paper audio"), {key[len(PREFIX) :]: key for key in tensors}, tensors
 
 
 @pytest.mark.parametrize(

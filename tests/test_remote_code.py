@@ -19,7 +19,7 @@ from fixtures.tiny_composite import build_tiny_composite
 from modeling_composite.compat import MINIMUM_TRANSFORMERS, TOOLS_MINIMUM_TRANSFORMERS, check_transformers_version
 
 
-LOAD_AND_COMPARE = r'''
+LOAD_AND_COMPARE = r"""
 import re
 import sys
 import torch
@@ -85,13 +85,17 @@ if len(sys.argv) > 3:
     generated = quantized.generate(**batch, max_new_tokens=3, do_sample=False)
     assert generated.shape[1] == batch["input_ids"].shape[1] + 3
 print("ok", transformers.__version__)
-'''
+"""
 
 
 def test_fresh_process_loads_the_folder_with_identical_logits_and_in_4bit(saved_composite, tmp_path, remote_python):
     output = run_fresh_python(
-        LOAD_AND_COMPARE, str(saved_composite), str(saved_composite.parent / "reference.pt"), "4bit",
-        hf_home=tmp_path, python=remote_python,
+        LOAD_AND_COMPARE,
+        str(saved_composite),
+        str(saved_composite.parent / "reference.pt"),
+        "4bit",
+        hf_home=tmp_path,
+        python=remote_python,
     )
     print(output)  # the 4-bit / full-precision logit cosine, visible with `pytest -s`
     assert "ok" in output
@@ -104,13 +108,16 @@ def test_fresh_process_loads_by_repo_id_from_a_hub_cache(saved_composite, tmp_pa
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
     output = run_fresh_python(
-        LOAD_AND_COMPARE, "tiny-org/tiny-composite", str(saved_composite.parent / "reference.pt"), hf_home=tmp_path,
+        LOAD_AND_COMPARE,
+        "tiny-org/tiny-composite",
+        str(saved_composite.parent / "reference.pt"),
+        hf_home=tmp_path,
         python=remote_python,
     )
     assert "ok" in output
 
 
-PIPELINES = r'''
+PIPELINES = r"""
 import importlib.util
 import sys
 import numpy as np
@@ -154,7 +161,7 @@ else:
     except ImportError as error:
         assert "Torchvision" in str(error), error
         print("any-to-any image+video needs torchvision, which transformers requires for it")
-'''
+"""
 
 
 def test_pipelines_run_on_saved_folders(saved_composite, tmp_path, remote_python):
@@ -188,7 +195,9 @@ def test_supported_transformers_versions_pass_the_check(version):
     check_transformers_version(version)
 
 
-@pytest.mark.parametrize("version, refused", [("5.22.2", True), ("5.16.1", True), ("5.23.0", False), ("5.25.0", False)])
+@pytest.mark.parametrize(
+    "version, refused", [("5.22.2", True), ("5.16.1", True), ("5.23.0", False), ("5.25.0", False)]
+)
 def test_conversion_and_training_check_their_own_newer_floor(version, refused):
     if refused:
         with pytest.raises(ImportError, match=rf"^Conversion needs transformers >= 5\.23, but transformers {version}"):
@@ -203,7 +212,9 @@ def test_the_oldest_environment_holds_the_lower_bound_of_pyproject():
     python = remote_code_python("oldest")
     installed = subprocess.run(
         [python, "-I", "-c", "import transformers; print(transformers.__version__)"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     floor = re.search(r'"transformers>=([\d.]+),', (ROOT / "pyproject.toml").read_text()).group(1)
     pinned = re.search(r"^transformers==([\d.]+)$", (ROOT / "tests" / "requirements-oldest.txt").read_text(), re.M)

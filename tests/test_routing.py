@@ -379,8 +379,11 @@ def test_state_dict_keys_name_what_a_routed_projection_saves(lora_layout):
     if lora_layout == "stacked":
         factors = {keys.stacked_factor_key(module, side) for side in keys.FACTOR_SIDES}
     else:
-        factors = {keys.per_delta_factor_key(module, side, block.name) for block in layer.layout.blocks
-                   for side in keys.FACTOR_SIDES}
+        factors = {
+            keys.per_delta_factor_key(module, side, block.name)
+            for block in layer.layout.blocks
+            for side in keys.FACTOR_SIDES
+        }
     assert saved == {keys.base_layer_key(module, "weight"), keys.base_layer_key(module, "bias")} | factors
     for key in saved:
         routed = keys.parse_routed_key("model.language_model." + key, keys.TEXT_MODEL_PREFIX)

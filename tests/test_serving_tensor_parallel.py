@@ -99,10 +99,14 @@ def test_two_ranks_reproduce_the_routed_projection(projection_style):
 def test_modality_keys():
     entry = lambda kind: SimpleNamespace(kind=kind)  # noqa: E731
     assert modality_keys({"vision": entry("image"), "audio": entry("audio"), "point": entry("point")}) == {
-        "image": "vision", "audio": "audio", "point": "point"
+        "image": "vision",
+        "audio": "audio",
+        "point": "point",
     }
     assert modality_keys({"image": entry("image"), "chart": entry("image"), "clip": entry("video")}) == {
-        "image": "image", "chart": "chart", "video": "clip"
+        "image": "image",
+        "chart": "chart",
+        "video": "clip",
     }
     with pytest.raises(ValueError, match="rename one of them"):
         modality_keys({"image": entry("point"), "photo": entry("image")})

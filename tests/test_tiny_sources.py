@@ -256,7 +256,11 @@ def test_modelcompose_vision_checkpoint_has_exactly_the_documented_keys(sources,
 
 @pytest.mark.parametrize(
     ("kind", "width", "projector"),
-    [("audio", HIDDEN, "qformer_4N_1L"), ("video", HIDDEN, "mlp2x_gelu"), ("point", TINY_POINTBERT_WIDTH, "mlp2x_gelu")],
+    [
+        ("audio", HIDDEN, "qformer_4N_1L"),
+        ("video", HIDDEN, "mlp2x_gelu"),
+        ("point", TINY_POINTBERT_WIDTH, "mlp2x_gelu"),
+    ],
 )
 def test_modelcompose_other_kinds_use_the_papers_names(sources, tmp_path, kind, width, projector):
     folder = save_tiny_modelcompose(tmp_path / kind, kind=kind, base_folder=sources["base"], prefix_tokens=3)

@@ -189,13 +189,14 @@ def test_test_wordings_and_orders_never_occur_in_training_text(training_text, ev
     order = lambda q: tuple(attribute_of_value(option) for option in q.options)  # noqa: E731
     assert not {order(q) for q in training_text if q.options} & {order(q) for q in evaluated if q.options}
     tokenizer = world_tokenizer()
-    for question in [*training_text[:: 7], *evaluated]:
+    for question in [*training_text[::7], *evaluated]:
         assert tokenizer.unk_token not in tokenizer.tokenize(as_text(question).prompt()), question.prompt()
 
 
 def test_a_wording_renders_every_part():
-    question = Question("q", "mcub", (("image", "dax"), ("audio", "wug")), ("deep", "red", "rising", "boxy"), "B",
-                        wording=(2, 2, 1))
+    question = Question(
+        "q", "mcub", (("image", "dax"), ("audio", "wug")), ("deep", "red", "rising", "boxy"), "B", wording=(2, 2, 1)
+    )
     assert question.prompt() == (
         "which is true of all ? <image> <audio> A : pitch deep , B : colour red , C : motion rising , D : shape boxy"
     )
@@ -224,15 +225,31 @@ def test_pipeline_runs_end_to_end_at_a_few_steps(tmp_path):
     columns of the table are all there with a result per question, and a rerun reuses every artifact."""
     from benchmarks.tinyworld.run import BASE_ROW, Settings, run
 
-    settings = Settings(base_steps=2, base_corpus=300, stage1_steps=1, stage1_samples=8, stage2_steps=1,
-                        stage2_samples=8, batch_size=4, mcub_questions=4, unimodal_questions=4)
+    settings = Settings(
+        base_steps=2,
+        base_corpus=300,
+        stage1_steps=1,
+        stage1_samples=8,
+        stage2_steps=1,
+        stage2_samples=8,
+        batch_size=4,
+        mcub_questions=4,
+        unimodal_questions=4,
+    )
     rows = run(tmp_path, settings)
     assert set(rows) == {f"{m} source ({f})" for m in MODALITIES for f in ("damc", "naive")} | {
-        "damc composite", "naive composite", "routed composite", BASE_ROW}
+        "damc composite",
+        "naive composite",
+        "routed composite",
+        BASE_ROW,
+    }
     columns = {*MODALITIES, "MCUB-2", "MCUB-3", "MCUB-4"}
     assert set(rows["damc composite"]) == set(rows[BASE_ROW]) == columns
-    assert all(len(results) == 4 and all(isinstance(r, bool) for r in results)
-               for row in rows.values() for results in row.values())
+    assert all(
+        len(results) == 4 and all(isinstance(r, bool) for r in results)
+        for row in rows.values()
+        for results in row.values()
+    )
     damc = json.loads((tmp_path / "composites" / "damc-built" / "model" / "config.json").read_text())
     assert all(entry["lora"] for entry in damc["modalities"].values())
     naive = json.loads((tmp_path / "composites" / "naive-built" / "model" / "config.json").read_text())
@@ -254,9 +271,19 @@ def test_pipeline_runs_end_to_end_at_a_few_steps(tmp_path):
     # questions retrains nothing.
     run(tmp_path, replace(settings, text_distillation_weight=0.0))
     assert rebuilt() == {f"{m}-{f}" for m in MODALITIES for f in ("damc", "naive")} | {
-        "damc-built", "naive-built", "routed-built", "evaluation", "evaluation-routed"}
-    rows = run(tmp_path, replace(settings, text_distillation_weight=0.0, shared_lora_learning_rate=1e-3,
-                                 mcub_questions=6))
-    assert rebuilt() == {f"{m}-naive" for m in MODALITIES} | {"naive-built", "routed-built", "evaluation",
-                                                               "evaluation-routed"}
+        "damc-built",
+        "naive-built",
+        "routed-built",
+        "evaluation",
+        "evaluation-routed",
+    }
+    rows = run(
+        tmp_path, replace(settings, text_distillation_weight=0.0, shared_lora_learning_rate=1e-3, mcub_questions=6)
+    )
+    assert rebuilt() == {f"{m}-naive" for m in MODALITIES} | {
+        "naive-built",
+        "routed-built",
+        "evaluation",
+        "evaluation-routed",
+    }
     assert len(rows["damc composite"]["MCUB-4"]) == 6

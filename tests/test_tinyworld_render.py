@@ -25,7 +25,13 @@ from conversations.media import MediaError, load_media
 
 
 BASE = Concept(
-    name="blick", colour="red", shape="round", size="medium", pitch="low", timbre="pure", rhythm="steady",
+    name="blick",
+    colour="red",
+    shape="round",
+    size="medium",
+    pitch="low",
+    timbre="pure",
+    rhythm="steady",
     motion="rising",
 )
 SHAPES = {"image": (32, 32, 3), "video": (8, 32, 32, 3), "audio": (16000,), "point": (64, 6)}
@@ -59,8 +65,7 @@ def test_render_is_deterministic_with_documented_shapes(modality):
 def test_instance_rng_is_stable_across_processes():
     # Another process with another string-hash salt must draw the same numbers (no use of the salted hash()).
     code = (
-        "from benchmarks.tinyworld.render import instance_rng; "
-        "print(instance_rng('test', 'q1', 0).integers(0, 2**31))"
+        "from benchmarks.tinyworld.render import instance_rng; print(instance_rng('test', 'q1', 0).integers(0, 2**31))"
     )
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
@@ -73,15 +78,18 @@ def test_instance_rng_is_stable_across_processes():
 
 def test_image_colours_and_sizes():
     rng = instance_rng("colours")
-    means = {colour: shape_pixels(render_image(concept(colour=colour), rng)).mean(axis=0)
-             for colour in ("red", "green", "blue")}
+    means = {
+        colour: shape_pixels(render_image(concept(colour=colour), rng)).mean(axis=0)
+        for colour in ("red", "green", "blue")
+    }
     assert means["red"][0] > means["red"][2] + 100
     assert means["green"][1] > means["green"][0] + 100
     assert means["blue"][2] > means["blue"][0] + 100
     background = render_image(concept(), rng).reshape(-1, 3)
     assert background.min() >= 0 and np.median(background.max(axis=1)) < 255
-    areas = [len(shape_pixels(render_image(concept(size=size, shape="boxy"), rng)))
-             for size in ("small", "medium", "big")]
+    areas = [
+        len(shape_pixels(render_image(concept(size=size, shape="boxy"), rng))) for size in ("small", "medium", "big")
+    ]
     assert areas[0] < areas[1] < areas[2]
     assert areas[0] > 50 and areas[2] < 32 * 32
 

@@ -74,8 +74,12 @@ def test_retention_is_composite_over_source_averaged_over_modalities():
 def _cell_results(mcub4: dict[str, float], source: float = 0.8, retained: float = 0.9, count: int = 100) -> dict:
     """Per-question results of one cell: every source at `source`, every composite at `retained` of it on its
     modalities and at `mcub4[method]` on MCUB-2/3/4, the base LLM at 0.95."""
-    rows = {BASE_ROW: {column: _bernoulli(0.95, count).astype(bool).tolist()
-                       for column in (*MODALITIES, "MCUB-2", "MCUB-3", "MCUB-4")}}
+    rows = {
+        BASE_ROW: {
+            column: _bernoulli(0.95, count).astype(bool).tolist()
+            for column in (*MODALITIES, "MCUB-2", "MCUB-3", "MCUB-4")
+        }
+    }
     for family in {method.sources for method in METHODS.values()}:
         for modality in MODALITIES:
             rows[f"{modality} source ({family})"] = {modality: _bernoulli(source, count).astype(bool).tolist()}
@@ -92,8 +96,10 @@ def test_sweep_summary_table_and_plot(tmp_path):
     for seed in (0, 1):
         for distillation in ("on", "off"):
             for scale in (0.5, 1.0, 2.0):
-                accuracy = {method: 0.25 + 0.1 * index + (0.2 if distillation == "on" else 0.0)
-                            for index, method in enumerate(METHODS)}
+                accuracy = {
+                    method: 0.25 + 0.1 * index + (0.2 if distillation == "on" else 0.0)
+                    for index, method in enumerate(METHODS)
+                }
                 results[seed, distillation, scale] = _cell_results(accuracy)
     summary = summarize(results, resamples=200)
     assert summary["seeds"] == [0, 1] and len(summary["cells"]) == 6

@@ -39,28 +39,51 @@ def world(tmp_path_factory) -> Path:
     for index in range(16):
         colour = "red" if index % 2 == 0 else "blue"
         Image.fromarray(np.full((32, 32, 3), COLOURS[colour], dtype=np.uint8)).save(root / f"{index}.png")
-        samples.append({
-            "id": f"s{index}",
-            "conversations": [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": colour}],
-            "modal_inputs": {"vision": [f"{index}.png"]},  # the paper's key for images
-            # The same conversation with the image written as text (for distillation from the base LLM).
-            "text_conversations": [{"from": "human", "value": f"a {colour} square\nWhat colour?"},
-                                   {"from": "gpt", "value": colour}],
-        })
+        samples.append(
+            {
+                "id": f"s{index}",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat colour?"},
+                    {"from": "gpt", "value": colour},
+                ],
+                "modal_inputs": {"vision": [f"{index}.png"]},  # the paper's key for images
+                # The same conversation with the image written as text (for distillation from the base LLM).
+                "text_conversations": [
+                    {"from": "human", "value": f"a {colour} square\nWhat colour?"},
+                    {"from": "gpt", "value": colour},
+                ],
+            }
+        )
     (root / "data.json").write_text(json.dumps(samples))
     return root
 
 
 def _model_args(world: Path, **overrides) -> SourceModelArguments:
-    settings = dict(modality="image", kind="image", base_model=str(world / "base"), encoder=str(world / "encoder"),
-                    feature_layer="-2", feature_select="patch")
+    settings = dict(
+        modality="image",
+        kind="image",
+        base_model=str(world / "base"),
+        encoder=str(world / "encoder"),
+        feature_layer="-2",
+        feature_select="patch",
+    )
     return SourceModelArguments(**{**settings, **overrides})
 
 
 def _training_args(output: Path, stage: int, steps: int, **overrides) -> SourceTrainingArguments:
-    settings = dict(output_dir=str(output), stage=stage, max_steps=steps, per_device_train_batch_size=8,
-                    learning_rate=3e-3, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-                    disable_tqdm=True, seed=0)
+    settings = dict(
+        output_dir=str(output),
+        stage=stage,
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        learning_rate=3e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
     return SourceTrainingArguments(**{**settings, **overrides})
 
 
@@ -73,10 +96,21 @@ def stage1(world) -> Path:
 @pytest.fixture(scope="module")
 def stage2(world, stage1) -> Path:
     data = SourceDataArguments(data_path=str(world / "data.json"), media_root=str(world))
-    args = _model_args(world, base_model=None, encoder=None, init_from=str(stage1), prefix_tokens=1, suffix_tokens=1,
-                       lora_rank=4)
-    return train_source(args, data, _training_args(world / "stage2", 2, 12, activation_checkpointing=True,
-                                                   projector_learning_rate=1e-3, text_lora_learning_rate=1e-3))
+    args = _model_args(
+        world, base_model=None, encoder=None, init_from=str(stage1), prefix_tokens=1, suffix_tokens=1, lora_rank=4
+    )
+    return train_source(
+        args,
+        data,
+        _training_args(
+            world / "stage2",
+            2,
+            12,
+            activation_checkpointing=True,
+            projector_learning_rate=1e-3,
+            text_lora_learning_rate=1e-3,
+        ),
+    )
 
 
 def _losses(folder: Path) -> list[float]:
@@ -119,25 +153,32 @@ def test_stage2_trains_both_loras_and_the_loss_falls(world, stage1, stage2):
     # Both low-rank deltas moved away from their zero start, and the stage-1 projector kept training.
     assert layer.text_lora_B.weight.abs().sum() > 0 and layer.lora_B["image"].weight.abs().sum() > 0
     first = CompositeMLLMForCausalLM.from_pretrained(stage1)
-    assert not torch.equal(first.model.projectors["image"].linear_1.weight, model.model.projectors["image"].linear_1.weight)
+    assert not torch.equal(
+        first.model.projectors["image"].linear_1.weight, model.model.projectors["image"].linear_1.weight
+    )
     # The frozen parts did not move.
-    assert torch.equal(first.model.encoders["image"].state_dict()["embeddings.patch_embedding.weight"],
-                       model.model.encoders["image"].state_dict()["embeddings.patch_embedding.weight"])
+    assert torch.equal(
+        first.model.encoders["image"].state_dict()["embeddings.patch_embedding.weight"],
+        model.model.encoders["image"].state_dict()["embeddings.patch_embedding.weight"],
+    )
 
 
 def test_q_former_projector_trains_through_both_stages(world, tmp_path):
     """The paper's audio projector (`qformer_{Q}N_{L}L`, here sized down with projector_options) has no linears of
     its own: stage 1 trains the Q-Former, and stage 2 adds prefix/suffix tokens around its queries."""
     data = SourceDataArguments(data_path=str(world / "data.json"), media_root=str(world))
-    projector = dict(projector="qformer_2N_1L",
-                     projector_options='{"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128}')
+    projector = dict(
+        projector="qformer_2N_1L",
+        projector_options='{"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128}',
+    )
     first = train_source(_model_args(world, **projector), data, _training_args(tmp_path / "s1", 1, 2))
     model, _ = build_source_model(_model_args(world, **projector), stage=1)
     trainable = {name for name, _ in trainable_parameter_groups(model, "image", stage=1)["projector"]}
     assert "model.projectors.image.qformer.query_tokens" in trainable
     assert model.model.projectors["image"].qformer.query_tokens.shape == (1, 2, 64)
-    args = _model_args(world, base_model=None, encoder=None, init_from=str(first), prefix_tokens=1, suffix_tokens=1,
-                       lora_rank=4)
+    args = _model_args(
+        world, base_model=None, encoder=None, init_from=str(first), prefix_tokens=1, suffix_tokens=1, lora_rank=4
+    )
     second = train_source(args, data, _training_args(tmp_path / "s2", 2, 2))
     loaded = CompositeMLLMForCausalLM.from_pretrained(second)
     assert loaded.config.positions_per_item("image") == 1 + 2 + 1
@@ -190,10 +231,16 @@ print("ok")
     assert output.strip().endswith("ok")
 
 
-def _assert_damc_composite_answers_like_the_source(world: Path, source_folder: Path, weight: float, output: Path) -> None:
+def _assert_damc_composite_answers_like_the_source(
+    world: Path, source_folder: Path, weight: float, output: Path
+) -> None:
     """A one-source DAMC composite at `weight` gives the source's logits on an image question."""
-    recipe = {"method": "damc", "base": str(world / "base"), "sources": [{"path": str(source_folder), "weight": weight}],
-              "dtype": "float32"}
+    recipe = {
+        "method": "damc",
+        "base": str(world / "base"),
+        "sources": [{"path": str(source_folder), "weight": weight}],
+        "dtype": "float32",
+    }
     composite = CompositeMLLMForCausalLM.from_pretrained(compose(recipe, output, verify=False)).eval()
     source = CompositeMLLMForCausalLM.from_pretrained(source_folder).eval()
     processor = CompositeMLLMProcessor.from_pretrained(source_folder, trust_remote_code=False)
@@ -218,24 +265,72 @@ def test_bad_inputs_give_clear_errors(world, stage1, tmp_path):
     with pytest.raises(ValueError, match="projector_options must be a dict with keys among"):
         build_source_model(_model_args(world, projector="qformer_1N_1L", projector_options='{"width": 64}'), stage=1)
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps([{"id": "x", "conversations": [{"from": "human", "value": "<image> hi"}],
-                                "modal_inputs": {"image": ["missing.png"]}}]))
+    bad.write_text(
+        json.dumps(
+            [
+                {
+                    "id": "x",
+                    "conversations": [{"from": "human", "value": "<image> hi"}],
+                    "modal_inputs": {"image": ["missing.png"]},
+                }
+            ]
+        )
+    )
     model, processor = build_source_model(_model_args(world), stage=1)
     with pytest.raises(DataError, match="Sample x: no assistant"):
         ConversationDataset(load_samples(bad), processor, media_root=world)[0]
-    bad.write_text(json.dumps([{"id": "y", "conversations": [{"from": "human", "value": "<image> hi"},
-                                {"from": "gpt", "value": "ok"}], "modal_inputs": {"image": ["missing.png"]}}]))
+    bad.write_text(
+        json.dumps(
+            [
+                {
+                    "id": "y",
+                    "conversations": [{"from": "human", "value": "<image> hi"}, {"from": "gpt", "value": "ok"}],
+                    "modal_inputs": {"image": ["missing.png"]},
+                }
+            ]
+        )
+    )
     with pytest.raises(DataError, match="Sample y: .*missing.png: no such file"):
         ConversationDataset(load_samples(bad), processor, media_root=world)[0]
 
 
 def test_command_line_reports_bad_arguments_in_one_line(world, capsys):
-    code = train_main(["--modality", "image", "--kind", "image", "--data_path", str(world / "data.json"),
-                       "--output_dir", str(world / "cli"), "--stage", "1", "--use_cpu", "true", "--report_to", "none"])
+    code = train_main(
+        [
+            "--modality",
+            "image",
+            "--kind",
+            "image",
+            "--data_path",
+            str(world / "data.json"),
+            "--output_dir",
+            str(world / "cli"),
+            "--stage",
+            "1",
+            "--use_cpu",
+            "true",
+            "--report_to",
+            "none",
+        ]
+    )
     assert code == 2
     assert capsys.readouterr().err.strip().startswith("error: Without --init_from, both --base_model and --encoder")
-    code = train_main(["--modality", "image", "--kind", "image", "--data_path", str(world / "data.json"),
-                       "--output_dir", str(world / "cli"), "--text_lora_learning_rate", "-1", "--use_cpu", "true"])
+    code = train_main(
+        [
+            "--modality",
+            "image",
+            "--kind",
+            "image",
+            "--data_path",
+            str(world / "data.json"),
+            "--output_dir",
+            str(world / "cli"),
+            "--text_lora_learning_rate",
+            "-1",
+            "--use_cpu",
+            "true",
+        ]
+    )
     assert code == 2
     assert capsys.readouterr().err.strip() == (
         "error: --text_lora_learning_rate must be >= 0 (0 freezes that group), got -1.0."
@@ -250,8 +345,13 @@ def test_weight_search_picks_and_records_lambda(world, stage2, tmp_path):
         "method": "damc",
         "base": str(world / "base"),
         "sources": [{"path": str(stage2)}],
-        "weight_search": {"grid": [0.0, 1.0], "objective": "agreement", "data": str(world / "data.json"),
-                          "media_root": str(world), "max_samples": 6},
+        "weight_search": {
+            "grid": [0.0, 1.0],
+            "objective": "agreement",
+            "data": str(world / "data.json"),
+            "media_root": str(world),
+            "max_samples": 6,
+        },
         "dtype": "float32",
     }
     with captured_warnings() as found:
@@ -264,8 +364,14 @@ def test_weight_search_picks_and_records_lambda(world, stage2, tmp_path):
     assert search["chosen"] == max(search["grid"], key=lambda value: search["scores"][str(value)])
     assert [source["weight"] for source in composition["sources"]] == [search["chosen"]]
     # The written composite is the plain composition at the chosen λ.
-    plain = compose({**{k: v for k, v in recipe.items() if k != "weight_search"},
-                     "sources": [{"path": str(stage2), "weight": search["chosen"]}]}, tmp_path / "plain", verify=False)
+    plain = compose(
+        {
+            **{k: v for k, v in recipe.items() if k != "weight_search"},
+            "sources": [{"path": str(stage2), "weight": search["chosen"]}],
+        },
+        tmp_path / "plain",
+        verify=False,
+    )
     searched_state = CompositeMLLMForCausalLM.from_pretrained(output).state_dict()
     plain_state = CompositeMLLMForCausalLM.from_pretrained(plain).state_dict()
     assert searched_state.keys() == plain_state.keys()
@@ -276,18 +382,30 @@ def test_weight_search_accuracy_scores_against_the_given_answers(world, stage2, 
     from conversion.recipe import load_recipe
     from conversion.weight_search import answer_questions, search_weights
 
-    recipe = load_recipe({
-        "method": "naive", "base": str(world / "base"), "sources": [{"path": str(stage2)}],
-        "weight_search": {"grid": [0.5, 1.0], "objective": "accuracy", "data": str(world / "data.json"),
-                          "media_root": str(world), "max_samples": 6},
-    })
+    recipe = load_recipe(
+        {
+            "method": "naive",
+            "base": str(world / "base"),
+            "sources": [{"path": str(stage2)}],
+            "weight_search": {
+                "grid": [0.5, 1.0],
+                "objective": "accuracy",
+                "data": str(world / "data.json"),
+                "media_root": str(world),
+                "max_samples": 6,
+            },
+        }
+    )
     folders = {}
 
     def compose_candidate(candidate, folder):
         folders[candidate.sources[0].weight] = compose(candidate, folder, verify=False)
-        answers = answer_questions(folders[candidate.sources[0].weight], load_samples(world / "data.json")[:6], str(world))
-        expected_scores[candidate.sources[0].weight] = sum(
-            answers[i] == ("red" if i % 2 == 0 else "blue") for i in range(6)) / 6
+        answers = answer_questions(
+            folders[candidate.sources[0].weight], load_samples(world / "data.json")[:6], str(world)
+        )
+        expected_scores[candidate.sources[0].weight] = (
+            sum(answers[i] == ("red" if i % 2 == 0 else "blue") for i in range(6)) / 6
+        )
         return folders[candidate.sources[0].weight]
 
     expected_scores: dict[float, float] = {}
@@ -339,7 +457,7 @@ def test_text_version_aligns_the_input_end_and_every_token_after_it(world):
     # The input's last position (its last feature) stands against the last token of its text ("a blue square"); every
     # token after it is the same in both versions.
     assert version["aligned"] == len(item["input_ids"]) - last_input
-    assert version["input_ids"][1 - version["aligned"]:] == item["input_ids"][last_input + 1:]
+    assert version["input_ids"][1 - version["aligned"] :] == item["input_ids"][last_input + 1 :]
     text = processor.tokenizer.decode(version["input_ids"])
     assert text.endswith("USER: a blue square\nWhat colour? ASSISTANT: blue</s>")
     input_end = len(version["input_ids"]) - version["aligned"] + 1
@@ -360,8 +478,16 @@ def test_text_version_errors_name_the_sample(world, tmp_path):
     sample = json.loads((world / "data.json").read_text())[0]
     cases = [
         ({k: v for k, v in sample.items() if k != "text_conversations"}, "no `text_conversations` list"),
-        ({**sample, "text_conversations": [{"from": "human", "value": "a red square\nWhich colour?"},
-                                           {"from": "gpt", "value": "red"}]}, "text after its last input differs"),
+        (
+            {
+                **sample,
+                "text_conversations": [
+                    {"from": "human", "value": "a red square\nWhich colour?"},
+                    {"from": "gpt", "value": "red"},
+                ],
+            },
+            "text after its last input differs",
+        ),
         ({**sample, "text_conversations": sample["conversations"]}, "still has a modality placeholder"),
     ]
     for bad, message in cases:
@@ -398,10 +524,12 @@ def _distillation_gap(world: Path, source: Path) -> float:
     teacher = load_text_teacher(str(world / "base"), "cpu")
     with torch.no_grad():
         student = model(**batch, output_hidden_states=True).hidden_states
-        reference = teacher(input_ids=version["input_ids"], attention_mask=version["attention_mask"],
-                            output_hidden_states=True).hidden_states
-    return hidden_state_distillation_loss(student, batch["attention_mask"], reference, version["attention_mask"],
-                                          version["aligned"]).item()
+        reference = teacher(
+            input_ids=version["input_ids"], attention_mask=version["attention_mask"], output_hidden_states=True
+        ).hidden_states
+    return hidden_state_distillation_loss(
+        student, batch["attention_mask"], reference, version["attention_mask"], version["aligned"]
+    ).item()
 
 
 def test_text_distillation_pulls_the_source_towards_the_base_reading_text(world, stage1, tmp_path):
@@ -410,8 +538,9 @@ def test_text_distillation_pulls_the_source_towards_the_base_reading_text(world,
     gaps = {}
     for weight in (0.0, 5.0):
         # The teacher defaults to the base recorded in the source's composition (the stage-1 --base_model).
-        output = train_source(args, data, _training_args(tmp_path / f"weight-{weight}", 2, 8,
-                                                         text_distillation_weight=weight))
+        output = train_source(
+            args, data, _training_args(tmp_path / f"weight-{weight}", 2, 8, text_distillation_weight=weight)
+        )
         gaps[weight] = _distillation_gap(world, output)
     assert gaps[5.0] < 0.25 * gaps[0.0]
     with pytest.raises(ValueError, match="--text_distillation_weight must be >= 0"):
@@ -436,10 +565,18 @@ def test_text_distillation_with_gradient_accumulation_matches_one_big_batch(worl
     args = _model_args(world, base_model=None, encoder=None, init_from=str(stage1), lora_rank=4)
     moved = {}
     for accumulation in (1, 2):
-        training = _training_args(tmp_path / f"accumulate-{accumulation}", 2, 1, optim="sgd", learning_rate=0.5,
-                                  lr_scheduler_type="constant", max_grad_norm=0.0, text_distillation_weight=5.0,
-                                  gradient_accumulation_steps=accumulation,
-                                  per_device_train_batch_size=8 // accumulation)
+        training = _training_args(
+            tmp_path / f"accumulate-{accumulation}",
+            2,
+            1,
+            optim="sgd",
+            learning_rate=0.5,
+            lr_scheduler_type="constant",
+            max_grad_norm=0.0,
+            text_distillation_weight=5.0,
+            gradient_accumulation_steps=accumulation,
+            per_device_train_batch_size=8 // accumulation,
+        )
         output = train_source(args, data, training)
         layer = CompositeMLLMForCausalLM.from_pretrained(output).model.routed_layers()[0]
         moved[accumulation] = layer.lora_B["image"].weight
@@ -463,8 +600,11 @@ def test_a_full_clip_checkpoint_gives_its_vision_tower_silently(tiny_sources, tm
     assert found == []
     assert type(encoder).__name__ == "CLIPVisionModel"
     state = encoder.state_dict()
-    expected = {key.removeprefix("vision_model."): tensor for key, tensor in weights.items()
-                if key.startswith("vision_model.") and not key.endswith("position_ids")}
+    expected = {
+        key.removeprefix("vision_model."): tensor
+        for key, tensor in weights.items()
+        if key.startswith("vision_model.") and not key.endswith("position_ids")
+    }
     assert state.keys() == expected.keys()
     assert all(torch.equal(state[key], tensor) for key, tensor in expected.items())
 
@@ -474,8 +614,11 @@ def test_a_correct_training_run_prints_no_warning(world, tiny_sources, tmp_path)
     data = SourceDataArguments(data_path=str(world / "data.json"), media_root=str(world))
     training = {"use_cpu": False, "disable_tqdm": True}
     with captured_warnings() as found:
-        stage1 = train_source(_model_args(world, encoder=str(tiny_sources["clip"])), data,
-                              _training_args(tmp_path / "one", 1, 2, **training))
+        stage1 = train_source(
+            _model_args(world, encoder=str(tiny_sources["clip"])),
+            data,
+            _training_args(tmp_path / "one", 1, 2, **training),
+        )
         args = _model_args(world, base_model=None, encoder=None, init_from=str(stage1), lora_rank=4, prefix_tokens=1)
         train_source(args, data, _training_args(tmp_path / "two", 2, 2, activation_checkpointing=True, **training))
     assert found == []
@@ -484,19 +627,44 @@ def test_a_correct_training_run_prints_no_warning(world, tiny_sources, tmp_path)
 @pytest.mark.parametrize(
     ("wrong", "message"),
     [
-        ("llava", "is a whole multimodal model (llava: a language model with its own encoder and projector whose "
-                  "encoder is a clip_vision_model), where an encoder belongs; pass the encoder checkpoint it was "
-                  "built on instead (a CLIP or SigLIP checkpoint"),
+        (
+            "llava",
+            "is a whole multimodal model (llava: a language model with its own encoder and projector whose "
+            "encoder is a clip_vision_model), where an encoder belongs; pass the encoder checkpoint it was "
+            "built on instead (a CLIP or SigLIP checkpoint",
+        ),
         ("video_llava", "is a whole multimodal model (video_llava"),
-        ("qwen2_audio", "is a whole multimodal model (qwen2_audio: a language model with its own encoder and "
-                        "projector whose encoder is a qwen2_audio_encoder)"),
+        (
+            "qwen2_audio",
+            "is a whole multimodal model (qwen2_audio: a language model with its own encoder and "
+            "projector whose encoder is a qwen2_audio_encoder)",
+        ),
         ("base", "is a language model (llama), where an encoder belongs; it is the base LLM"),
     ],
 )
 def test_an_encoder_that_is_not_one_is_named_with_the_fix(wrong, message, world, tiny_sources, capsys):
-    code = train_main(["--modality", "image", "--kind", "image", "--base_model", str(world / "base"),
-                       "--encoder", str(tiny_sources[wrong]), "--data_path", str(world / "data.json"),
-                       "--output_dir", str(world / "wrong"), "--stage", "1", "--use_cpu", "true", "--report_to", "none"])
+    code = train_main(
+        [
+            "--modality",
+            "image",
+            "--kind",
+            "image",
+            "--base_model",
+            str(world / "base"),
+            "--encoder",
+            str(tiny_sources[wrong]),
+            "--data_path",
+            str(world / "data.json"),
+            "--output_dir",
+            str(world / "wrong"),
+            "--stage",
+            "1",
+            "--use_cpu",
+            "true",
+            "--report_to",
+            "none",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith(f"error: --encoder {tiny_sources[wrong]} {message}")
@@ -510,19 +678,56 @@ def test_a_composite_as_encoder_is_named_as_a_whole_model(saved_composite):
 @pytest.mark.parametrize("argument", ["--base_model", "--init_from"])
 def test_a_base_or_start_that_cannot_be_loaded_is_one_line(argument, world, tmp_path, capsys):
     location = str(tmp_path / "no-such-model")
-    start = ["--base_model", location, "--encoder", str(world / "encoder"), "--stage", "1"] \
-        if argument == "--base_model" else ["--init_from", location, "--stage", "2"]
-    code = train_main(["--modality", "image", "--kind", "image", *start, "--data_path", str(world / "data.json"),
-                       "--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--report_to", "none"])
+    start = (
+        ["--base_model", location, "--encoder", str(world / "encoder"), "--stage", "1"]
+        if argument == "--base_model"
+        else ["--init_from", location, "--stage", "2"]
+    )
+    code = train_main(
+        [
+            "--modality",
+            "image",
+            "--kind",
+            "image",
+            *start,
+            "--data_path",
+            str(world / "data.json"),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--use_cpu",
+            "true",
+            "--report_to",
+            "none",
+        ]
+    )
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and last.startswith(f"error: {argument} {location}: cannot be loaded (")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine --bf16 true is valid")
 def test_bf16_without_a_gpu_says_what_to_change(world, capsys):
-    code = train_main(["--modality", "image", "--kind", "image", "--base_model", str(world / "base"),
-                       "--encoder", str(world / "encoder"), "--data_path", str(world / "data.json"),
-                       "--output_dir", str(world / "bf16"), "--stage", "1", "--bf16", "true", "--report_to", "none"])
+    code = train_main(
+        [
+            "--modality",
+            "image",
+            "--kind",
+            "image",
+            "--base_model",
+            str(world / "base"),
+            "--encoder",
+            str(world / "encoder"),
+            "--data_path",
+            str(world / "data.json"),
+            "--output_dir",
+            str(world / "bf16"),
+            "--stage",
+            "1",
+            "--bf16",
+            "true",
+            "--report_to",
+            "none",
+        ]
+    )
     assert code == 2
     assert capsys.readouterr().err.strip() == (
         "error: --bf16 true needs a GPU with bf16 support, and this machine has none. On a CPU, drop --bf16 true "
@@ -536,8 +741,9 @@ def test_sources_record_their_base_absolutely_so_distillation_works_from_anywher
     """Stage 1 run with relative paths; stage 2 distils from another directory, from the base the source recorded."""
     data = SourceDataArguments(data_path=str(world / "data.json"), media_root=str(world))
     monkeypatch.chdir(world)
-    stage1 = train_source(_model_args(world, base_model="base", encoder="encoder"), data,
-                          _training_args(tmp_path / "one", 1, 1))
+    stage1 = train_source(
+        _model_args(world, base_model="base", encoder="encoder"), data, _training_args(tmp_path / "one", 1, 1)
+    )
     recorded = json.loads((stage1 / "config.json").read_text())["composition"]
     assert recorded["base"] == str(world / "base") and recorded["encoder"] == str(world / "encoder")
     monkeypatch.chdir(tmp_path)
@@ -552,15 +758,41 @@ def test_an_unreachable_recorded_base_is_a_clear_error(recorded, world, stage1, 
     config = json.loads((source / "config.json").read_text())
     config["composition"]["base"] = recorded
     (source / "config.json").write_text(json.dumps(config))
-    code = train_main(["--modality", "image", "--kind", "image", "--init_from", str(source), "--stage", "2",
-                       "--lora_rank", "4", "--data_path", str(world / "data.json"), "--media_root", str(world),
-                       "--output_dir", str(tmp_path / "out"), "--text_distillation_weight", "1", "--max_steps", "1",
-                       "--use_cpu", "true", "--report_to", "none"])
+    code = train_main(
+        [
+            "--modality",
+            "image",
+            "--kind",
+            "image",
+            "--init_from",
+            str(source),
+            "--stage",
+            "2",
+            "--lora_rank",
+            "4",
+            "--data_path",
+            str(world / "data.json"),
+            "--media_root",
+            str(world),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--text_distillation_weight",
+            "1",
+            "--max_steps",
+            "1",
+            "--use_cpu",
+            "true",
+            "--report_to",
+            "none",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     last = err.strip().splitlines()[-1]  # after the progress bar of loading the source
-    assert last.startswith(f"error: The text teacher {recorded!r} (the base LLM recorded in the source's config "
-                           "(composition.base)) cannot be loaded: ")
+    assert last.startswith(
+        f"error: The text teacher {recorded!r} (the base LLM recorded in the source's config "
+        "(composition.base)) cannot be loaded: "
+    )
     assert last.endswith("Pass --text_distillation_teacher with the base LLM's folder or Hub id.")
 
 
@@ -581,21 +813,27 @@ def test_the_whole_dataset_is_checked_before_the_first_step_and_every_bad_sample
     bad = {
         "no-answer": (sample("no-answer", answer=None), "no assistant (`gpt`) turn"),
         "odd-turn": (
-            {**sample("odd-turn"), "conversations": [{"from": "robot", "value": "x"}]}, "every turn needs `from`"
+            {**sample("odd-turn"), "conversations": [{"from": "robot", "value": "x"}]},
+            "every turn needs `from`",
         ),
         "missing": (sample("missing", inputs=["nowhere.png"]), "nowhere.png: no such file"),
         "empty": (sample("empty", inputs=[str(tmp_path / "empty.png")]), "empty.png: the file is empty"),
         "truncated": (
-            sample("truncated", inputs=[str(tmp_path / "truncated.png")]), "truncated.png: not a readable image file"
+            sample("truncated", inputs=[str(tmp_path / "truncated.png")]),
+            "truncated.png: not a readable image file",
         ),
         "not-an-image": (
-            sample("not-an-image", inputs=[str(tmp_path / "text.png")]), "text.png: not a readable image file"
+            sample("not-an-image", inputs=[str(tmp_path / "text.png")]),
+            "text.png: not a readable image file",
         ),
         "video-as-image": (sample("video-as-image", inputs=[str(tmp_path / "frames.npy")]), "with (2, 3) dimensions"),
-        "two-placeholders": (sample("two-placeholders", question="<image> <image> Same?"),
-                             "has 2 <image> placeholder(s) but 1 image input(s)"),
+        "two-placeholders": (
+            sample("two-placeholders", question="<image> <image> Same?"),
+            "has 2 <image> placeholder(s) but 1 image input(s)",
+        ),
         "no-placeholder": (
-            sample("no-placeholder", question="What colour?"), "has 0 <image> placeholder(s) but 1 image"
+            sample("no-placeholder", question="What colour?"),
+            "has 0 <image> placeholder(s) but 1 image",
         ),
         "no-input": (sample("no-input", inputs=()), "has 1 <image> placeholder(s) but 0 image input(s)"),
         "other-modality": (sample("other-modality", key="audio"), "modal_inputs key 'audio' names no modality"),
@@ -607,8 +845,9 @@ def test_the_whole_dataset_is_checked_before_the_first_step_and_every_bad_sample
     with pytest.raises(DataError) as caught:
         train_source(_model_args(world), arguments, _training_args(output, 1, 2))
     lines = str(caught.value).splitlines()
-    assert lines[0] == (f"{len(bad)} of {len(bad) + 2} training samples cannot be used (nothing was trained); fix or "
-                        "remove them:")
+    assert lines[0] == (
+        f"{len(bad)} of {len(bad) + 2} training samples cannot be used (nothing was trained); fix or remove them:"
+    )
     reported = {line.strip().split(": ", 1)[0] for line in lines[1:]}
     assert reported == set(bad)
     for sample_id, (_, message) in bad.items():

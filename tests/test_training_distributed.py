@@ -57,21 +57,75 @@ def run(world) -> tuple[Path, Path]:
     records, output = world / "records", world / "source"
     records.mkdir()
     arguments = [
-        "--stage", "2", "--modality", "image", "--kind", "image", "--base_model", str(world / "base"),
-        "--encoder", str(world / "encoder"), "--feature_layer", "-2", "--feature_select", "patch",
-        "--prefix_tokens", "1", "--suffix_tokens", "1", "--lora_rank", "4",
-        "--data_path", str(world / "data" / "image-stage2.json"), "--media_root", str(world / "data"),
-        "--output_dir", str(output), "--max_steps", str(STEPS), "--per_device_train_batch_size", "2",
-        "--activation_checkpointing", "true",
-        "--learning_rate", "1e-2", "--max_grad_norm", "0", "--use_cpu", "true", "--report_to", "none",
-        "--save_strategy", "no", "--logging_steps", "1", "--disable_tqdm", "true", "--seed", "0",
+        "--stage",
+        "2",
+        "--modality",
+        "image",
+        "--kind",
+        "image",
+        "--base_model",
+        str(world / "base"),
+        "--encoder",
+        str(world / "encoder"),
+        "--feature_layer",
+        "-2",
+        "--feature_select",
+        "patch",
+        "--prefix_tokens",
+        "1",
+        "--suffix_tokens",
+        "1",
+        "--lora_rank",
+        "4",
+        "--data_path",
+        str(world / "data" / "image-stage2.json"),
+        "--media_root",
+        str(world / "data"),
+        "--output_dir",
+        str(output),
+        "--max_steps",
+        str(STEPS),
+        "--per_device_train_batch_size",
+        "2",
+        "--activation_checkpointing",
+        "true",
+        "--learning_rate",
+        "1e-2",
+        "--max_grad_norm",
+        "0",
+        "--use_cpu",
+        "true",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--logging_steps",
+        "1",
+        "--disable_tqdm",
+        "true",
+        "--seed",
+        "0",
     ]
     environment = {**os.environ, "PYTHONPATH": str(REPOSITORY), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-             str(REPOSITORY / "tests" / "torchrun_probe.py"), str(records), "--", *arguments],
-            cwd=world, env=environment, capture_output=True, text=True, timeout=TIMEOUT,
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                "2",
+                str(REPOSITORY / "tests" / "torchrun_probe.py"),
+                str(records),
+                "--",
+                *arguments,
+            ],
+            cwd=world,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
         )
     except subprocess.TimeoutExpired as expired:
         pytest.fail(f"torchrun did not finish in {TIMEOUT} s (DDP waiting for a gradient?):\n{expired.stderr}")
@@ -87,8 +141,10 @@ def _load(records: Path, rank: int, kind: str, step: int) -> dict[str, torch.Ten
 def test_both_ranks_train_in_one_gloo_group(run):
     records, _ = run
     ranks = [json.loads((records / f"rank{rank}.json").read_text()) for rank in (0, 1)]
-    assert [(r["rank"], r["world_size"], r["backend"], r["status"]) for r in ranks] == [(0, 2, "gloo", 0),
-                                                                                       (1, 2, "gloo", 0)]
+    assert [(r["rank"], r["world_size"], r["backend"], r["status"]) for r in ranks] == [
+        (0, 2, "gloo", 0),
+        (1, 2, "gloo", 0),
+    ]
 
 
 def test_gradients_are_the_mean_of_the_ranks_and_weights_stay_equal(run):
@@ -105,8 +161,10 @@ def test_gradients_are_the_mean_of_the_ranks_and_weights_stay_equal(run):
         # A rank whose batch has no image computes no gradient for the projector (its hooks never fired).
         batches_without_image += sum(not any(name in gradients for name in projector) for gradients in local)
         # Each rank's own micro-batch gives its own gradient (zeros where it has none) ...
-        own = {name: [gradients.get(name, torch.zeros_like(value)) for gradients in local]
-               for name, value in synced[0].items()}
+        own = {
+            name: [gradients.get(name, torch.zeros_like(value)) for gradients in local]
+            for name, value in synced[0].items()
+        }
         assert any(not torch.equal(*pair) for pair in own.values()), "the ranks read the same samples"
         for name, (first, second) in own.items():
             # ... and the optimizer steps with their mean, the same on both ranks.
@@ -134,13 +192,22 @@ def test_rank_zero_alone_writes_the_output(run):
 def test_the_output_is_a_source_that_composes(world, run):
     """A one-source DAMC composite at λ = 1 answers the source's own input exactly as the source does."""
     _, output = run
-    composite_folder = compose({"method": "damc", "base": str(world / "base"), "dtype": "float32",
-                                "sources": [{"path": str(output), "weight": 1.0}]}, world / "composite", verify=False)
+    composite_folder = compose(
+        {
+            "method": "damc",
+            "base": str(world / "base"),
+            "dtype": "float32",
+            "sources": [{"path": str(output), "weight": 1.0}],
+        },
+        world / "composite",
+        verify=False,
+    )
     source = CompositeMLLMForCausalLM.from_pretrained(output).eval()
     composite = CompositeMLLMForCausalLM.from_pretrained(composite_folder).eval()
     processor = CompositeMLLMProcessor.from_pretrained(output, trust_remote_code=False)
-    dataset = ConversationDataset(load_samples(world / "data" / "image-stage2.json"), processor,
-                                  media_root=world / "data")
+    dataset = ConversationDataset(
+        load_samples(world / "data" / "image-stage2.json"), processor, media_root=world / "data"
+    )
     batch = ConversationCollator(processor.tokenizer.pad_token_id)([dataset[0], dataset[4]])  # both with an image
     batch.pop("labels")
     with torch.no_grad():

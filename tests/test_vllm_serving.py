@@ -47,7 +47,10 @@ def _run_engine(folder: Path, mode: str) -> list[dict]:
     output = folder.parent / f"{folder.name}-{mode}.json"
     result = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "vllm_support.py"), str(folder), str(output), mode],
-        env=_engine_environment(), capture_output=True, text=True, timeout=ENGINE_TIMEOUT,
+        env=_engine_environment(),
+        capture_output=True,
+        text=True,
+        timeout=ENGINE_TIMEOUT,
     )
     if result.returncode != 0:
         pytest.fail(f"the vLLM engine ({mode}) failed:\n{result.stderr[-6000:]}")
@@ -64,17 +67,23 @@ def _transformers_answers(folder: Path, prompts: list[tuple[str, dict]], **gener
         batch = processor(text=prompt, **inputs)
         with torch.no_grad():
             generated = model.generate(
-                **batch, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, output_scores=True,
-                return_dict_in_generate=True, **generate_kwargs,
+                **batch,
+                max_new_tokens=MAX_NEW_TOKENS,
+                do_sample=False,
+                output_scores=True,
+                return_dict_in_generate=True,
+                **generate_kwargs,
             )
         prompt_ids = batch["input_ids"][0].tolist()
         steps = [scores[0].log_softmax(-1).topk(2).values.tolist() for scores in generated.scores]
-        answers.append({
-            "prompt_ids": prompt_ids,
-            "tokens": generated.sequences[0, len(prompt_ids):].tolist(),
-            "logprobs": [first for first, _ in steps],
-            "leads": [first - second for first, second in steps],
-        })
+        answers.append(
+            {
+                "prompt_ids": prompt_ids,
+                "tokens": generated.sequences[0, len(prompt_ids) :].tolist(),
+                "logprobs": [first for first, _ in steps],
+                "leads": [first - second for first, second in steps],
+            }
+        )
     return answers
 
 
@@ -190,13 +199,21 @@ def test_readme_server_and_client(composites, tmp_path):
     with open(log, "w") as log_file:
         server = subprocess.Popen(
             ["bash", "-c", command.replace("8000", str(port))],
-            cwd=tmp_path, env=environment, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=tmp_path,
+            env=environment,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         _wait_for_server(port, server, log)
         printed = subprocess.run(
             [sys.executable, "-c", client.replace("8000", str(port))],
-            cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=120,
+            cwd=tmp_path,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert printed.returncode == 0, printed.stderr[-4000:]
 
@@ -221,28 +238,39 @@ def test_readme_server_and_client(composites, tmp_path):
         chats = [
             ([audio_item], {"audio": [audio]}),
             ([video_item], {"videos": [np.stack(frames)]}),
-            ([image_item, audio_item, video_item],
-             {"images": [image], "audio": [audio], "videos": [np.stack(frames)]}),
+            (
+                [image_item, audio_item, video_item],
+                {"images": [image], "audio": [audio], "videos": [np.stack(frames)]},
+            ),
             ([image_item], {"images": [image]}),
         ]
         served = []
         for content, _ in chats:
             messages = [{"role": "user", "content": [*content, {"type": "text", "text": "What is it?"}]}]
-            body = json.dumps({
-                "model": "my-composite", "messages": messages, "max_tokens": MAX_NEW_TOKENS, "temperature": 0,
-                "return_token_ids": True, "logprobs": True,
-            }).encode()
+            body = json.dumps(
+                {
+                    "model": "my-composite",
+                    "messages": messages,
+                    "max_tokens": MAX_NEW_TOKENS,
+                    "temperature": 0,
+                    "return_token_ids": True,
+                    "logprobs": True,
+                }
+            ).encode()
             call = urllib.request.Request(
                 f"http://127.0.0.1:{port}/v1/chat/completions", body, {"Content-Type": "application/json"}
             )
             with urllib.request.urlopen(call, timeout=120) as response:
                 reply = json.load(response)
             choice = reply["choices"][0]
-            served.append({
-                "prompt_ids": reply["prompt_token_ids"], "tokens": choice["token_ids"],
-                "logprobs": [step["logprob"] for step in choice["logprobs"]["content"]],
-                "text": choice["message"]["content"],
-            })
+            served.append(
+                {
+                    "prompt_ids": reply["prompt_token_ids"],
+                    "tokens": choice["token_ids"],
+                    "logprobs": [step["logprob"] for step in choice["logprobs"]["content"]],
+                    "text": choice["message"]["content"],
+                }
+            )
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the shell and the server it started
         server.wait(timeout=60)

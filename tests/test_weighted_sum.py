@@ -11,9 +11,15 @@ def test_weighted_sum_is_bit_identical_to_whole_tensor_adds(held_bytes):
     """The chunked sum does the same float32 operations in the same order as `acc = w0 t0; acc += w_i t_i`, then
     one rounding to the output dtype, also when memory limits make it fold the inputs into an accumulator."""
     generator = torch.Generator().manual_seed(0)
-    terms = [(torch.randn(37, 53, generator=generator).to(dtype), weight)
-             for dtype, weight in ((torch.bfloat16, -0.5), (torch.bfloat16, 1 / 3), (torch.float32, 1 / 3),
-                                   (torch.float16, 0.83))]
+    terms = [
+        (torch.randn(37, 53, generator=generator).to(dtype), weight)
+        for dtype, weight in (
+            (torch.bfloat16, -0.5),
+            (torch.bfloat16, 1 / 3),
+            (torch.float32, 1 / 3),
+            (torch.float16, 0.83),
+        )
+    ]
     expected = terms[0][0].float().mul_(terms[0][1])
     for tensor, weight in terms[1:]:
         expected.add_(tensor, alpha=weight)

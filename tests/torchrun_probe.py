@@ -35,20 +35,31 @@ class RecordRank(TrainerCallback):
         trainable = {name: parameter for name, parameter in model.named_parameters() if parameter.requires_grad}
         self._save("weights", 0, {name: parameter.detach().clone() for name, parameter in trainable.items()})
         for name, parameter in trainable.items():
-            parameter.register_hook(lambda gradient, name=name: self.local.__setitem__(name, gradient.detach().clone()))
+            parameter.register_hook(
+                lambda gradient, name=name: self.local.__setitem__(name, gradient.detach().clone())
+            )
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         step = state.global_step + 1
         self._save("local", step, self.local)
         self.local = {}
-        synced = {name: parameter.grad.detach().clone() for name, parameter in model.named_parameters()
-                  if parameter.requires_grad and parameter.grad is not None}
+        synced = {
+            name: parameter.grad.detach().clone()
+            for name, parameter in model.named_parameters()
+            if parameter.requires_grad and parameter.grad is not None
+        }
         self._save("synced", step, synced)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        self._save("weights", state.global_step, {name: parameter.detach().clone()
-                                                  for name, parameter in model.named_parameters()
-                                                  if parameter.requires_grad})
+        self._save(
+            "weights",
+            state.global_step,
+            {
+                name: parameter.detach().clone()
+                for name, parameter in model.named_parameters()
+                if parameter.requires_grad
+            },
+        )
 
 
 def _record_writes(output: Path, writes: list[str]) -> None:
@@ -67,8 +78,11 @@ def _record_writes(output: Path, writes: list[str]) -> None:
             writing = (mode and any(c in str(mode) for c in "wax+")) or (flags & (os.O_WRONLY | os.O_RDWR))
             if writing:
                 writes.append(f"open {os.fsdecode(arguments[0])}")
-        elif event in ("os.remove", "os.rename", "os.replace", "os.mkdir", "shutil.rmtree", "shutil.move") \
-                and arguments and under_output(arguments[0]):
+        elif (
+            event in ("os.remove", "os.rename", "os.replace", "os.mkdir", "shutil.rmtree", "shutil.move")
+            and arguments
+            and under_output(arguments[0])
+        ):
             writes.append(f"{event} {os.fsdecode(arguments[0])}")
 
     sys.addaudithook(hook)
@@ -76,7 +90,7 @@ def _record_writes(output: Path, writes: list[str]) -> None:
 
 def run() -> int:
     separator = sys.argv.index("--")
-    folder, argv = Path(sys.argv[1]), sys.argv[separator + 1:]
+    folder, argv = Path(sys.argv[1]), sys.argv[separator + 1 :]
     rank = int(os.environ["RANK"])
     output = Path(argv[argv.index("--output_dir") + 1])
     writes: list[str] = []

@@ -35,8 +35,13 @@ def build_servable_composite(folder: Path, method: str) -> Path:
     lora_rank = 4 if method == "damc" else None
     specs = tiny_modality_specs(("image", "video", "audio", "point"), lora_rank)
     specs[SHARED_KIND] = ModalitySpec(
-        kind="image", encoder=tiny_vision_encoder(seed=5), feature_layer=-2, feature_select="patch",
-        prefix_tokens=1, suffix_tokens=1, lora={"r": 4, "alpha": 8.0} if lora_rank else None,
+        kind="image",
+        encoder=tiny_vision_encoder(seed=5),
+        feature_layer=-2,
+        feature_select="patch",
+        prefix_tokens=1,
+        suffix_tokens=1,
+        lora={"r": 4, "alpha": 8.0} if lora_rank else None,
     )
     torch.manual_seed(0)
     model, processor = compose(
@@ -112,11 +117,13 @@ def run_engine(folder: str, output: str, eager: bool) -> None:
     result = []
     for out in outputs:
         answer = out.outputs[0]
-        result.append({
-            "prompt_ids": list(out.prompt_token_ids),
-            "tokens": list(answer.token_ids),
-            "logprobs": [step[token].logprob for step, token in zip(answer.logprobs, answer.token_ids)],
-        })
+        result.append(
+            {
+                "prompt_ids": list(out.prompt_token_ids),
+                "tokens": list(answer.token_ids),
+                "logprobs": [step[token].logprob for step, token in zip(answer.logprobs, answer.token_ids)],
+            }
+        )
     Path(output).write_text(json.dumps(result))
 
 

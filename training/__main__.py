@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     except ValueError as error:  # argument checks (ours and `TrainingArguments`'), raised while parsing
         print(f"error: {error}", file=sys.stderr)
         return 2
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=training_args.get_process_log_level())
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=training_args.get_process_log_level()
+    )
     try:
         output = train_source(model_args, data_args, training_args, callbacks)
     except (SourceModelError, DataError, MediaError) as error:

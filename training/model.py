@@ -167,7 +167,9 @@ def build_base_source(args: SourceModelArguments) -> tuple[CompositeMLLMForCausa
         {args.modality: spec},
         lora_target_modules=args.lora_target_modules,
         composition={
-            "method": "source", "base": recorded_reference(args.base_model), "encoder": recorded_reference(args.encoder)
+            "method": "source",
+            "base": recorded_reference(args.base_model),
+            "encoder": recorded_reference(args.encoder),
         },
         **preprocessors,
     )
@@ -232,7 +234,12 @@ def trainable_parameter_groups(
         raise SourceModelError(f"--stage must be 1 or 2, got {stage}.")
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    groups: dict[str, list[tuple[str, nn.Parameter]]] = {"projector": [], "tokens": [], "modality_lora": [], "text_lora": []}
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {
+        "projector": [],
+        "tokens": [],
+        "modality_lora": [],
+        "text_lora": [],
+    }
     prefix = f"model.projectors.{modality}."
     for name, parameter in model.named_parameters():
         if name.startswith(prefix):

@@ -23,6 +23,7 @@ def group_learning_rates(args: SourceTrainingArguments, groups: dict[str, list])
     """The learning rate of each parameter group. An unset group rate falls back to `learning_rate`; 0 freezes the
     group (for example `--text_lora_learning_rate 0`: a decoupled source whose text tokens see the base LLM
     unchanged). A shared (NaiveMC) LoRA is the source's only LoRA and always trains at the main rate."""
+
     def rate(value: float | None) -> float:
         return args.learning_rate if value is None else value
 
@@ -64,7 +65,10 @@ class SourceTrainer(Trainer):
                 output_hidden_states=True,
             )
         distillation = hidden_state_distillation_loss(
-            outputs.hidden_states, inputs["attention_mask"], teacher.hidden_states, text_version["attention_mask"],
+            outputs.hidden_states,
+            inputs["attention_mask"],
+            teacher.hidden_states,
+            text_version["attention_mask"],
             text_version["aligned"],
         )
         # The distillation term is a mean over this micro-batch. When `Trainer` leaves the language-model loss
@@ -89,7 +93,13 @@ class SourceTrainer(Trainer):
                 for decays in (True, False):
                     params = [parameter for name, parameter in members if (name in decay) == decays]
                     if params:
-                        groups.append({"params": params, "lr": rates[group], "weight_decay": args.weight_decay if decays else 0.0})
+                        groups.append(
+                            {
+                                "params": params,
+                                "lr": rates[group],
+                                "weight_decay": args.weight_decay if decays else 0.0,
+                            }
+                        )
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(args, self.model)
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return super().create_optimizer(model)
@@ -109,7 +119,8 @@ def _text_teacher(model, args: SourceTrainingArguments):
         return load_text_teacher(location, args.device, model.get_input_embeddings().weight.dtype)
     except OSError as error:
         origin = (
-            "--text_distillation_teacher" if args.text_distillation_teacher
+            "--text_distillation_teacher"
+            if args.text_distillation_teacher
             else "the base LLM recorded in the source's config (composition.base)"
         )
         raise SourceModelError(

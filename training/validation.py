@@ -31,8 +31,10 @@ def sample_problems(dataset: ConversationDataset, index: int) -> list[str]:
     except DataError as error:
         problems.append(_reason(error))
     if dataset.with_text_version and not isinstance(sample.get("text_conversations"), list):
-        problems.append("no `text_conversations` list (the conversation with every input written as text), which "
-                        "distillation from the base LLM needs")
+        problems.append(
+            "no `text_conversations` list (the conversation with every input written as text), which "
+            "distillation from the base LLM needs"
+        )
     raw = sample.get("modal_inputs") or {}
     if not isinstance(raw, dict):
         return problems + [f"`modal_inputs` must map modality names to file paths, got {type(raw).__name__}"]

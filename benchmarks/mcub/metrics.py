@@ -115,7 +115,8 @@ def forgiving_choice(text: str, question: str | None = None) -> str | None:
         if len(exact) == 1:
             return exact[0]
         contained = [
-            letter for letter, option in options.items()
+            letter
+            for letter, option in options.items()
             if _normalize_words(option) and f" {_normalize_words(option)} " in words
         ]
         if len(contained) == 1:
@@ -156,12 +157,42 @@ _CONTRACTIONS = dict(
     """.split()
 )
 _NUMBER_WORDS = {
-    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
 }
 _ARTICLES = {"a", "an", "the"}
 _PUNCTUATION = (
-    ";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"
+    ";",
+    "/",
+    "[",
+    "]",
+    '"',
+    "{",
+    "}",
+    "(",
+    ")",
+    "=",
+    "+",
+    "\\",
+    "_",
+    "-",
+    ">",
+    "<",
+    "@",
+    "`",
+    ",",
+    "?",
+    "!",
 )
 _COMMA_BETWEEN_DIGITS = re.compile(r"(?<=\d),+(?=\d)")
 _PERIOD_NOT_BEFORE_DIGIT = re.compile(r"\.(?!\d)")

@@ -290,13 +290,18 @@ def evaluate(
     todo = [entry for entry in prepared if entry.question.key not in done]
     logger.info(
         "%d questions: %d answered before, %d to generate, %d skipped",
-        len(selected), len(prepared) - len(todo), len(todo), len(skipped),
+        len(selected),
+        len(prepared) - len(todo),
+        len(todo),
+        len(skipped),
     )
 
     batches = [todo[start : start + settings.batch_size] for start in range(0, len(todo), settings.batch_size)]
-    with ThreadPoolExecutor(max_workers=1) as loader, predictions_path.open("a") as stream, tqdm(
-        total=len(todo), desc="generating", unit="question", disable=not settings.progress
-    ) as progress:
+    with (
+        ThreadPoolExecutor(max_workers=1) as loader,
+        predictions_path.open("a") as stream,
+        tqdm(total=len(todo), desc="generating", unit="question", disable=not settings.progress) as progress,
+    ):
         # Media of the next batch are read while the model answers the current one.
         pending = loader.submit(load_inputs, batches[0], processor, settings.pad_images) if batches else None
         for number, batch in enumerate(batches):
@@ -390,7 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--system-prompt", default=VICUNA_SYSTEM_PROMPT, help="system line (default: Vicuna v1's)")
     parser.add_argument(
-        "--pad-images", action=argparse.BooleanOptionalAction, default=True,
+        "--pad-images",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="pad images to a square before the image processor, as the paper's evaluation does",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -35,9 +35,15 @@ def examples(folder: Path, settings: Settings, count: int = 3) -> None:
     once, which that pipeline cannot pass) through `generate()`."""
     from transformers import BitsAndBytesConfig, pipeline
 
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    chat = pipeline("image-text-to-text", model=str(folder), trust_remote_code=True,
-                    model_kwargs={"quantization_config": quantization})
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    chat = pipeline(
+        "image-text-to-text",
+        model=str(folder),
+        trust_remote_code=True,
+        model_kwargs={"quantization_config": quantization},
+    )
     model, processor = chat.model, chat.processor
     layers = sum(type(module).__name__ == "Linear4bit" for module in model.modules())
     print(f"\nthe DAMC composite in 4-bit ({layers} Linear4bit layers), {folder}")
@@ -48,38 +54,54 @@ def examples(folder: Path, settings: Settings, count: int = 3) -> None:
         before, after = (part.strip() for part in question.prompt().split(PLACEHOLDERS["image"]))
         content = [{"type": "text", "text": before}] if before else []
         content += [{"type": "image", "image": image}, {"type": "text", "text": after}]
-        answer = chat(text=[{"role": "user", "content": content}], max_new_tokens=2,
-                      generate_kwargs={"do_sample": False})
+        answer = chat(
+            text=[{"role": "user", "content": content}], max_new_tokens=2, generate_kwargs={"do_sample": False}
+        )
         reply = answer[0]["generated_text"][-1]["content"].strip()
         print(f"  pipeline  [image={question.items[0][1]}] {question.prompt()} -> {reply!r} (gold {question.answer})")
     for question in mcub_split(list(concepts.values()), 4, count, settings.seed, "test"):
         batch = processor(text=f"USER: {question.prompt()} ASSISTANT:", **question_inputs(question, concepts, "test"))
         output = model.generate(**batch, max_new_tokens=2, do_sample=False)
-        reply = processor.decode(output[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        reply = processor.decode(output[0, batch["input_ids"].shape[1] :], skip_special_tokens=True).strip()
         shown = " ".join(f"{modality}={name}" for modality, name in question.items)
-        print(f"  generate  [{shown}] {question.prompt()} -> {reply!r} "
-              f"(gold {question.answer}: all {question.meta['shared']})")
+        print(
+            f"  generate  [{shown}] {question.prompt()} -> {reply!r} "
+            f"(gold {question.answer}: all {question.meta['shared']})"
+        )
 
 
 def with_intervals(results: Results) -> dict[str, dict[str, tuple[float, float, float]]]:
     """Each accuracy with its 95% interval from a bootstrap over the test questions (one training run: the noise of
     the question sample, not of training; `python -m benchmarks.tinyworld.sweep` adds seeds)."""
-    return {row: {column: bootstrap([np.asarray(values, dtype=float)], mean_accuracy)
-                  for column, values in columns.items()}
-            for row, columns in results.items()}
+    return {
+        row: {
+            column: bootstrap([np.asarray(values, dtype=float)], mean_accuracy) for column, values in columns.items()
+        }
+        for row, columns in results.items()
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="outputs/tinyworld", help="folder for every artifact (cached)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--text-lora-learning-rate", type=float, default=Settings.text_lora_learning_rate,
-                        help="learning rate of the DAMC sources' text LoRA; 0 freezes it (use another --work)")
-    parser.add_argument("--text-distillation-weight", type=float, default=Settings.text_distillation_weight,
-                        help="weight of the sources' distillation from the base LLM reading each input's name "
-                        "(0: off)")
-    parser.add_argument("--search-lambda", action="store_true",
-                        help="also choose λ on a grid: by validation accuracy, and by agreement with the sources (no labels)")
+    parser.add_argument(
+        "--text-lora-learning-rate",
+        type=float,
+        default=Settings.text_lora_learning_rate,
+        help="learning rate of the DAMC sources' text LoRA; 0 freezes it (use another --work)",
+    )
+    parser.add_argument(
+        "--text-distillation-weight",
+        type=float,
+        default=Settings.text_distillation_weight,
+        help="weight of the sources' distillation from the base LLM reading each input's name (0: off)",
+    )
+    parser.add_argument(
+        "--search-lambda",
+        action="store_true",
+        help="also choose λ on a grid: by validation accuracy, and by agreement with the sources (no labels)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("transformers", "training", "httpx", "bitsandbytes"):
@@ -92,26 +114,35 @@ def main() -> None:
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     work = Path(args.work)
-    settings = Settings(seed=args.seed, text_lora_learning_rate=args.text_lora_learning_rate,
-                        text_distillation_weight=args.text_distillation_weight)
+    settings = Settings(
+        seed=args.seed,
+        text_lora_learning_rate=args.text_lora_learning_rate,
+        text_distillation_weight=args.text_distillation_weight,
+    )
     start = time.perf_counter()
     results = run(work, settings)
     rows = with_intervals(results)
     table = format_table(rows, COLUMNS)
-    print(f"\ntiny world (seed {settings.seed}): accuracy % ± half its 95% interval (bootstrap over questions); "
-          f"chance 25 for letters, unimodal = half names, half letters "
-          f"({settings.unimodal_questions} unimodal questions per modality, {settings.mcub_questions} per MCUB split)")
+    print(
+        f"\ntiny world (seed {settings.seed}): accuracy % ± half its 95% interval (bootstrap over questions); "
+        f"chance 25 for letters, unimodal = half names, half letters "
+        f"({settings.unimodal_questions} unimodal questions per modality, {settings.mcub_questions} per MCUB split)"
+    )
     print(table)
-    (work / "results.json").write_text(json.dumps(
-        {"settings": vars(settings), "rows": rows, "accuracy": accuracies(results), "per_question": results},
-        indent=1))
+    (work / "results.json").write_text(
+        json.dumps(
+            {"settings": vars(settings), "rows": rows, "accuracy": accuracies(results), "per_question": results},
+            indent=1,
+        )
+    )
     # One bar per family in the plot: each source fills its own modality's column.
     plotted = {f"sources ({family})": {} for family in ("damc", "naive")}
     for label, row in rows.items():
         target = f"sources ({label.split('(')[-1].rstrip(')')})" if " source (" in label else label
         plotted.setdefault(target, {}).update(row)
-    plot = plot_table(plotted, COLUMNS, work / "results.png",
-                      "tiny world: the base LLM on names, each source alone, the composites")
+    plot = plot_table(
+        plotted, COLUMNS, work / "results.png", "tiny world: the base LLM on names, each source alone, the composites"
+    )
     print(f"wrote {work / 'results.json'} and {plot} ({time.perf_counter() - start:.0f} s)")
     if args.search_lambda:
         report_lambda_search(work, settings, accuracies(results))

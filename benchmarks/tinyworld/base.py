@@ -28,8 +28,14 @@ from .world import ATTRIBUTES, NAMES, Concept
 
 def world_tokenizer() -> PreTrainedTokenizerFast:
     """One token per word of the world (names, attribute values, template words, option letters); BOS first."""
-    words = ["USER:", "ASSISTANT:", *template_words(), *LETTERS, *NAMES,
-             *(value for values in ATTRIBUTES.values() for value in values)]
+    words = [
+        "USER:",
+        "ASSISTANT:",
+        *template_words(),
+        *LETTERS,
+        *NAMES,
+        *(value for values in ATTRIBUTES.values() for value in values),
+    ]
     vocab = {token: index for index, token in enumerate(dict.fromkeys([*SPECIAL_TOKENS, *words]))}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -65,8 +71,15 @@ def base_corpus(concepts: list[Concept], count: int, seed: int) -> list[Question
     questions: list[Question] = []
     for concept in concepts:
         for attribute in ATTRIBUTES:
-            questions.append(Question(f"fact-{concept.name}-{attribute}", "recall", (("text", concept.name),),
-                                      answer=getattr(concept, attribute), asks=attribute))
+            questions.append(
+                Question(
+                    f"fact-{concept.name}-{attribute}",
+                    "recall",
+                    (("text", concept.name),),
+                    answer=getattr(concept, attribute),
+                    asks=attribute,
+                )
+            )
     while len(questions) < count:
         draw = rng.random()
         index = len(questions)
@@ -127,7 +140,9 @@ def train_base(folder: Path, concepts: list[Concept], seed: int, steps: int, cor
         seed=seed,
         dataloader_drop_last=True,
     )
-    Trainer(model=model, args=args, train_dataset=dataset, data_collator=ConversationCollator(tokenizer.pad_token_id)).train()
+    Trainer(
+        model=model, args=args, train_dataset=dataset, data_collator=ConversationCollator(tokenizer.pad_token_id)
+    ).train()
     model.generation_config.update(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )

@@ -51,9 +51,7 @@ def source_questions(concepts: list[Concept], modality: str, stage: int, count: 
     return questions
 
 
-def write_source_data(
-    folder: Path, concepts: list[Concept], modality: str, stage: int, count: int, seed: int
-) -> Path:
+def write_source_data(folder: Path, concepts: list[Concept], modality: str, stage: int, count: int, seed: int) -> Path:
     """Write `count` samples and their media under `folder`; returns the JSON file (media paths are relative)."""
     by_name = {concept.name: concept for concept in concepts}
     samples = []
@@ -63,21 +61,24 @@ def write_source_data(
             if item_modality == TEXT:
                 continue
             array = render(item_modality, by_name[name], instance_rng("train", question.id, index))
-            media.append(save_media(item_modality, array, folder / "media" / f"{question.id}-{index}").relative_to(folder))
+            media.append(
+                save_media(item_modality, array, folder / "media" / f"{question.id}-{index}").relative_to(folder)
+            )
         samples.append(
             {
                 "id": question.id,
                 "conversations": [
-                    {"from": "human", "value": question.prompt()}, {"from": "gpt", "value": question.answer}
+                    {"from": "human", "value": question.prompt()},
+                    {"from": "gpt", "value": question.answer},
                 ],
                 "modal_inputs": {modality: [str(path) for path in media]},
                 # The input written as its concept's name: what the base LLM reads for distillation.
                 "text_conversations": [
-                    {"from": "human", "value": as_text(question).prompt()}, {"from": "gpt", "value": question.answer}
+                    {"from": "human", "value": as_text(question).prompt()},
+                    {"from": "gpt", "value": question.answer},
                 ],
             }
         )
     path = folder / f"{modality}-stage{stage}.json"
     path.write_text(json.dumps(samples, indent=1))
     return path
-

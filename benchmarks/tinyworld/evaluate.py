@@ -29,8 +29,9 @@ def question_inputs(question: Question, concepts: dict[str, Concept], split: str
 
 
 @torch.no_grad()
-def first_tokens(model, processor, questions: list[Question], concepts: dict[str, Concept], split: str,
-                 batch_size: int = 32) -> list[str]:
+def first_tokens(
+    model, processor, questions: list[Question], concepts: dict[str, Concept], split: str, batch_size: int = 32
+) -> list[str]:
     """The greedy first answer token of each question, decoded."""
     tokenizer = getattr(processor, "tokenizer", processor)
     suppressed = list(getattr(model.generation_config, "suppress_tokens", None) or [])

@@ -19,7 +19,9 @@ GRID = (0.0, 0.1, 0.25, 0.5, 1.0)
 
 def _validation(settings: Settings):
     concepts = make_concepts(settings.seed)
-    unimodal = {m: unimodal_split(concepts, m, settings.unimodal_questions // 2, settings.seed, "val") for m in MODALITIES}
+    unimodal = {
+        m: unimodal_split(concepts, m, settings.unimodal_questions // 2, settings.seed, "val") for m in MODALITIES
+    }
     mcub = {k: mcub_split(concepts, k, settings.mcub_questions // 2, settings.seed, "val") for k in (2, 3, 4)}
     return {concept.name: concept for concept in concepts}, unimodal, mcub
 
@@ -48,8 +50,11 @@ def search(work: Path, sources: dict[str, Path], settings: Settings, grid: tuple
                 same = sum(a == b for a, b in zip(answers, reference[method.sources][modality]))
                 agreement.append(same / len(answers))
             accuracies += [score(model, processor, mcub[k], by_name, "val") for k in mcub]
-            table[value] = {"validation": sum(accuracies) / len(accuracies), "agreement": sum(agreement) / len(agreement),
-                            "folder": str(folder)}
+            table[value] = {
+                "validation": sum(accuracies) / len(accuracies),
+                "agreement": sum(agreement) / len(agreement),
+                "folder": str(folder),
+            }
         results[name] = {
             "grid": table,
             "supervised": best_weight({v: row["validation"] for v, row in table.items()}),

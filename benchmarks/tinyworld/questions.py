@@ -64,11 +64,13 @@ def _held_out_wording(task: str, wording: tuple[int, int, int]) -> bool:
 def wordings(task: str, held_out: bool) -> tuple[tuple[int, int, int], ...]:
     """The wordings of a task on one side: training (`held_out=False`) or validation and test."""
     if task == "identify":
-        every = [(phrase, 0, place)
-                 for phrase in range(len(IDENTIFY_PHRASES)) for place in range(len(IDENTIFY_PLACEMENTS))]
+        every = [
+            (phrase, 0, place) for phrase in range(len(IDENTIFY_PHRASES)) for place in range(len(IDENTIFY_PLACEMENTS))
+        ]
     elif task in ("mcub", "attribute"):
-        every = list(itertools.product(range(len(CHOICE_PHRASES)), range(len(OPTION_LAYOUTS)),
-                                       range(len(CHOICE_PLACEMENTS))))
+        every = list(
+            itertools.product(range(len(CHOICE_PHRASES)), range(len(OPTION_LAYOUTS)), range(len(CHOICE_PLACEMENTS)))
+        )
     else:
         raise ValueError(f"task {task!r} has a single wording")
     return tuple(wording for wording in every if _held_out_wording(task, wording) == held_out)
@@ -81,11 +83,13 @@ def _rotations(order: tuple[str, ...]) -> list[tuple[str, ...]]:
 # Orders of the asked types over the letters. The four rotations of an order put every type at every letter once, so
 # each side below is balanced: drawn uniformly, the letter of any type is uniform. Two rotation classes (8 orders) are
 # held out for validation and test, the other four classes (16 orders) are for training.
-HELD_OUT_ORDERS = tuple(sorted(
-    rotation
-    for order in (("colour", "pitch", "shape", "motion"), ("colour", "motion", "pitch", "shape"))
-    for rotation in _rotations(order)
-))
+HELD_OUT_ORDERS = tuple(
+    sorted(
+        rotation
+        for order in (("colour", "pitch", "shape", "motion"), ("colour", "motion", "pitch", "shape"))
+        for rotation in _rotations(order)
+    )
+)
 TRAINING_ORDERS = tuple(sorted(set(itertools.permutations(ASKED)) - set(HELD_OUT_ORDERS)))
 
 
@@ -130,8 +134,14 @@ class Question:
 
 def template_words() -> list[str]:
     """Every word the prompts use besides names, values, letters and placeholders, in a fixed order."""
-    texts = [*CHOICE_PHRASES, *IDENTIFY_PHRASES, *(template for template, _ in OPTION_LAYOUTS),
-             *(separator for _, separator in OPTION_LAYOUTS), "what", *ATTRIBUTES]
+    texts = [
+        *CHOICE_PHRASES,
+        *IDENTIFY_PHRASES,
+        *(template for template, _ in OPTION_LAYOUTS),
+        *(separator for _, separator in OPTION_LAYOUTS),
+        "what",
+        *ATTRIBUTES,
+    ]
     words = (word for text in texts for word in text.split() if not word.startswith("{"))
     return list(dict.fromkeys(words))
 
@@ -141,9 +151,7 @@ def _shared(concepts: list[Concept]) -> list[str]:
     return [attribute for attribute in ATTRIBUTES if len({getattr(c, attribute) for c in concepts}) == 1]
 
 
-def _options(
-    rng: random.Random, correct: str, concepts: list[Concept], held_out: bool
-) -> tuple[tuple[str, ...], str]:
+def _options(rng: random.Random, correct: str, concepts: list[Concept], held_out: bool) -> tuple[tuple[str, ...], str]:
     """One option per asked attribute type, the types in an order drawn from one side's orders: the correct value
     for its type, and for every other type a value that not all the concepts have, preferably one that some of them
     have (the hard distractor)."""
@@ -218,8 +226,9 @@ def attribute_question(
     attribute = rng.choice(ASKED)
     options, answer = _options(rng, getattr(concept, attribute), [concept], held_out_wording)
     wording = rng.choice(wordings("attribute", held_out_wording))
-    return Question(qid, "attribute", ((modality, concept.name),), options, answer, wording=wording,
-                    meta={"shared": attribute})
+    return Question(
+        qid, "attribute", ((modality, concept.name),), options, answer, wording=wording, meta={"shared": attribute}
+    )
 
 
 def identify_question(
@@ -253,8 +262,11 @@ def mcub_split(concepts: list[Concept], k: int, count: int, seed: int, split: st
     # renderings and other distractors), so no uniqueness is asked of them.
     while len(questions) < count:
         modalities = tuple(rng.sample(MODALITIES, k))
-        questions.append(mcub_question(rng, concepts, modalities, f"{split}-mcub{k}-{len(questions)}",
-                                       split == "test", _evaluated(split)))
+        questions.append(
+            mcub_question(
+                rng, concepts, modalities, f"{split}-mcub{k}-{len(questions)}", split == "test", _evaluated(split)
+            )
+        )
     return questions
 
 
@@ -275,5 +287,13 @@ def unimodal_split(concepts: list[Concept], modality: str, count: int, seed: int
 def as_text(question: Question) -> Question:
     """The text-only version: every item shown by its concept's name."""
     items = tuple((TEXT, name) for _, name in question.items)
-    return Question(question.id + "-text", question.task, items, question.options, question.answer, question.asks,
-                    question.wording, question.meta)
+    return Question(
+        question.id + "-text",
+        question.task,
+        items,
+        question.options,
+        question.answer,
+        question.asks,
+        question.wording,
+        question.meta,
+    )

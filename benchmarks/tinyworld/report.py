@@ -74,14 +74,23 @@ def plot_table(
     width = 0.8 / max(1, len(rows))
     for index, (label, values) in enumerate(rows.items()):
         # Missing scores get no bar rather than a misleading zero.
-        present = [(position, values[column]) for position, column in enumerate(columns)
-                   if values.get(column) is not None]
+        present = [
+            (position, values[column]) for position, column in enumerate(columns) if values.get(column) is not None
+        ]
         offset = (index - (len(rows) - 1) / 2) * width
         estimates = [100 * (value[0] if isinstance(value, tuple) else value) for _, value in present]
-        errors = [[100 * (value[0] - value[1]) if isinstance(value, tuple) else 0.0 for _, value in present],
-                  [100 * (value[2] - value[0]) if isinstance(value, tuple) else 0.0 for _, value in present]]
-        axes.bar([position + offset for position, _ in present], estimates, width=width, label=label,
-                 yerr=errors if any(map(any, errors)) else None, capsize=2)
+        errors = [
+            [100 * (value[0] - value[1]) if isinstance(value, tuple) else 0.0 for _, value in present],
+            [100 * (value[2] - value[0]) if isinstance(value, tuple) else 0.0 for _, value in present],
+        ]
+        axes.bar(
+            [position + offset for position, _ in present],
+            estimates,
+            width=width,
+            label=label,
+            yerr=errors if any(map(any, errors)) else None,
+            capsize=2,
+        )
     axes.axhline(100 * chance, color="grey", linestyle="--", linewidth=1, label="chance")
     axes.set_xticks(range(len(columns)))
     axes.set_xticklabels(columns)

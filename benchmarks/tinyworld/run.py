@@ -104,7 +104,13 @@ class Settings:
 
 
 STAGE1_SETTINGS = (
-    "seed", "stage1_steps", "stage1_samples", "stage1_learning_rate", "projector", "projector_options", "batch_size",
+    "seed",
+    "stage1_steps",
+    "stage1_samples",
+    "stage1_learning_rate",
+    "projector",
+    "projector_options",
+    "batch_size",
     "version",
 )
 # What no training step depends on (changing them only evaluates again), and what only one family's sources do.
@@ -137,8 +143,15 @@ def _save_encoder(modality: str, folder: Path, seed: int) -> None:
     elif modality == "video":
         # 16-pixel patches: 4 features per frame keep a 4-frame clip at 16 positions (motion is coarse anyway).
         torch.manual_seed(seed + 12)
-        config = AutoConfig.for_model("clip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, image_size=32, patch_size=16)
+        config = AutoConfig.for_model(
+            "clip_vision_model",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=16,
+        )
         AutoModel.from_config(config).save_pretrained(folder)
         tiny_image_processor().save_pretrained(folder)
     elif modality == "audio":
@@ -171,8 +184,11 @@ def _source_key(settings: Settings, family: str) -> dict:
     """What a family's stage-2 sources depend on: every training setting but the other family's rate."""
     others = {name for other, names in FAMILY_ONLY_SETTINGS.items() if other != family for name in names}
     skipped = others | set(EVALUATION_SETTINGS)
-    return {**{name: value for name, value in asdict(settings).items() if name not in skipped},
-            "version": WORLD_VERSION, "family": family}
+    return {
+        **{name: value for name, value in asdict(settings).items() if name not in skipped},
+        "version": WORLD_VERSION,
+        "family": family,
+    }
 
 
 def build_world(work: Path, settings: Settings, shared: Path | None = None) -> dict[str, Path]:
@@ -186,22 +202,31 @@ def build_world(work: Path, settings: Settings, shared: Path | None = None) -> d
     projector_options = json.dumps(settings.projector_options) if settings.projector_options else None
     base = _cached(
         shared / "base",
-        {"seed": settings.seed, "steps": settings.base_steps, "corpus": settings.base_corpus,
-         "version": WORLD_VERSION},
+        {
+            "seed": settings.seed,
+            "steps": settings.base_steps,
+            "corpus": settings.base_corpus,
+            "version": WORLD_VERSION,
+        },
         lambda folder: train_base(folder, concepts, settings.seed, settings.base_steps, settings.base_corpus),
         "base LLM",
     )
     sources = {}
     for modality in MODALITIES:
-        encoder = _cached(shared / "encoders" / modality, {"seed": settings.seed, "version": WORLD_VERSION},
-                          lambda folder, m=modality: _save_encoder(m, folder, settings.seed), f"{modality} encoder")
+        encoder = _cached(
+            shared / "encoders" / modality,
+            {"seed": settings.seed, "version": WORLD_VERSION},
+            lambda folder, m=modality: _save_encoder(m, folder, settings.seed),
+            f"{modality} encoder",
+        )
         data = {}
         for stage, count in ((1, settings.stage1_samples), (2, settings.stage2_samples)):
             data[stage] = _cached(
                 shared / "data" / f"{modality}-stage{stage}",
                 {"seed": settings.seed, "count": count, "version": WORLD_VERSION},
-                lambda folder, m=modality, s=stage, n=count: write_source_data(folder, concepts, m, s, n,
-                                                                              settings.seed),
+                lambda folder, m=modality, s=stage, n=count: write_source_data(
+                    folder, concepts, m, s, n, settings.seed
+                ),
                 f"{modality} stage-{stage} data",
             )
         model_args = dict(modality=modality, kind=KINDS[modality], **ENCODER_SETTINGS[modality])
@@ -209,8 +234,13 @@ def build_world(work: Path, settings: Settings, shared: Path | None = None) -> d
             shared / "sources" / f"{modality}-stage1",
             {**stage1_key, "base": (base / ".done").read_text(), "encoder": (encoder / ".done").read_text()},
             lambda folder, m=modality, d=data[1], e=encoder, a=model_args: train_source(
-                SourceModelArguments(base_model=str(base), encoder=str(e), projector=settings.projector,
-                                     projector_options=projector_options, **a),
+                SourceModelArguments(
+                    base_model=str(base),
+                    encoder=str(e),
+                    projector=settings.projector,
+                    projector_options=projector_options,
+                    **a,
+                ),
                 SourceDataArguments(data_path=str(d / f"{m}-stage1.json"), media_root=str(d), cache_samples=True),
                 _training_args(folder, settings, 1, learning_rate=settings.stage1_learning_rate),
             ),
@@ -222,15 +252,24 @@ def build_world(work: Path, settings: Settings, shared: Path | None = None) -> d
                 {**_source_key(settings, family), "stage1": (stage1 / ".done").read_text()},
                 lambda folder, m=modality, d=data[2], a=model_args, dec=decoupled: train_source(
                     SourceModelArguments(
-                        init_from=str(stage1), decoupled=dec, lora_rank=settings.lora_rank,
-                        lora_alpha=2.0 * settings.lora_rank, prefix_tokens=settings.prefix_tokens,
-                        suffix_tokens=settings.suffix_tokens, **a,
+                        init_from=str(stage1),
+                        decoupled=dec,
+                        lora_rank=settings.lora_rank,
+                        lora_alpha=2.0 * settings.lora_rank,
+                        prefix_tokens=settings.prefix_tokens,
+                        suffix_tokens=settings.suffix_tokens,
+                        **a,
                     ),
                     SourceDataArguments(data_path=str(d / f"{m}-stage2.json"), media_root=str(d), cache_samples=True),
-                    _training_args(folder, settings, 2, projector_learning_rate=1e-3,
-                                   learning_rate=3e-3 if dec else settings.shared_lora_learning_rate,
-                                   text_lora_learning_rate=settings.text_lora_learning_rate,
-                                   text_distillation_weight=settings.text_distillation_weight),
+                    _training_args(
+                        folder,
+                        settings,
+                        2,
+                        projector_learning_rate=1e-3,
+                        learning_rate=3e-3 if dec else settings.shared_lora_learning_rate,
+                        text_lora_learning_rate=settings.text_lora_learning_rate,
+                        text_distillation_weight=settings.text_distillation_weight,
+                    ),
                 ),
                 f"{modality} stage 2 ({family})",
             )
@@ -252,11 +291,19 @@ def compose(work: Path, sources: dict[str, Path], name: str, weights: dict[str, 
         "dtype": "float32",
     }
     output = work / "composites" / name
-    marker = {"recipe": recipe,
-              "sources": {m: (sources[f"{m}-{method.sources}"] / ".done").read_text() for m in MODALITIES}}
-    return _cached(output.parent / f"{name}-built", marker,
-                   lambda folder: compose_folder(recipe, folder / "model", force=True, verify=False),
-                   f"compose {name}") / "model"
+    marker = {
+        "recipe": recipe,
+        "sources": {m: (sources[f"{m}-{method.sources}"] / ".done").read_text() for m in MODALITIES},
+    }
+    return (
+        _cached(
+            output.parent / f"{name}-built",
+            marker,
+            lambda folder: compose_folder(recipe, folder / "model", force=True, verify=False),
+            f"compose {name}",
+        )
+        / "model"
+    )
 
 
 def load(folder: Path) -> tuple[CompositeMLLMForCausalLM, CompositeMLLMProcessor]:
@@ -285,13 +332,17 @@ def evaluate_all(sources: dict[str, Path], composites: dict[str, Path], settings
     columns = evaluation_questions(settings)
     base = AutoModelForCausalLM.from_pretrained(sources["base"]).eval()
     tokenizer = AutoTokenizer.from_pretrained(sources["base"])
-    rows: Results = {BASE_ROW: {column: correctness_text(base, tokenizer, questions, by_name)
-                                for column, questions in columns.items()}}
+    rows: Results = {
+        BASE_ROW: {
+            column: correctness_text(base, tokenizer, questions, by_name) for column, questions in columns.items()
+        }
+    }
     for family in FAMILIES:
         for modality in MODALITIES:
             model, processor = load(sources[f"{modality}-{family}"])
             rows[f"{modality} source ({family})"] = {
-                modality: correctness(model, processor, columns[modality], by_name, "test")}
+                modality: correctness(model, processor, columns[modality], by_name, "test")
+            }
     for name, folder in composites.items():
         rows[f"{name} composite"] = evaluate_composite(folder, settings)
     return rows
@@ -301,13 +352,17 @@ def evaluate_composite(folder: Path, settings: Settings) -> dict[str, list[bool]
     """A composite's results on the test split, by column."""
     by_name = {concept.name: concept for concept in make_concepts(settings.seed)}
     model, processor = load(folder)
-    return {column: correctness(model, processor, questions, by_name, "test")
-            for column, questions in evaluation_questions(settings).items()}
+    return {
+        column: correctness(model, processor, questions, by_name, "test")
+        for column, questions in evaluation_questions(settings).items()
+    }
 
 
 def accuracies(results: Results) -> dict[str, dict[str, float]]:
-    return {row: {column: sum(values) / len(values) for column, values in columns.items()}
-            for row, columns in results.items()}
+    return {
+        row: {column: sum(values) / len(values) for column, values in columns.items()}
+        for row, columns in results.items()
+    }
 
 
 def run(work: Path, settings: Settings, shared: Path | None = None) -> Results:
@@ -321,7 +376,8 @@ def run(work: Path, settings: Settings, shared: Path | None = None) -> Results:
     made_from.update({name: (folder / ".done").read_text() for name, folder in sources.items()})
     key = {**asdict(settings), "version": WORLD_VERSION, "made_from": made_from}
     evaluation = _cached(
-        work / "evaluation", key,
+        work / "evaluation",
+        key,
         lambda folder: (folder / "results.json").write_text(json.dumps(evaluate_all(sources, joint, settings))),
         "evaluation",
     )
@@ -333,7 +389,8 @@ def run(work: Path, settings: Settings, shared: Path | None = None) -> Results:
             work / f"evaluation-{name}",
             {**asdict(settings), "version": WORLD_VERSION, "made_from": (folder.parent / ".done").read_text()},
             lambda output, folder=folder: (output / "results.json").write_text(
-                json.dumps(evaluate_composite(folder, settings))),
+                json.dumps(evaluate_composite(folder, settings))
+            ),
             f"evaluation of {name}",
         )
         results[f"{name} composite"] = json.loads((own / "results.json").read_text())

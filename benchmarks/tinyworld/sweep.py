@@ -37,23 +37,37 @@ DISTILLATION = {"on": Settings.text_distillation_weight, "off": 0.0}
 MCUB = ("MCUB-2", "MCUB-3", "MCUB-4")
 COLUMNS = ("sources", "retention", *MCUB)
 # A few steps and questions each: the whole pipeline in about a minute per cell.
-SMOKE = dict(base_steps=4, base_corpus=300, stage1_steps=2, stage1_samples=16, stage2_steps=2, stage2_samples=16,
-             batch_size=4, mcub_questions=8, unimodal_questions=8)
+SMOKE = dict(
+    base_steps=4,
+    base_corpus=300,
+    stage1_steps=2,
+    stage1_samples=16,
+    stage2_steps=2,
+    stage2_samples=16,
+    batch_size=4,
+    mcub_questions=8,
+    unimodal_questions=8,
+)
 
 
 def cell_settings(seed: int, distillation: str, scale: float, smoke: bool = False) -> Settings:
     defaults = Settings(**SMOKE) if smoke else Settings()
-    return replace(defaults, seed=seed, text_distillation_weight=DISTILLATION[distillation],
-                   text_lora_learning_rate=scale * defaults.text_lora_learning_rate,
-                   shared_lora_learning_rate=scale * defaults.shared_lora_learning_rate)
+    return replace(
+        defaults,
+        seed=seed,
+        text_distillation_weight=DISTILLATION[distillation],
+        text_lora_learning_rate=scale * defaults.text_lora_learning_rate,
+        shared_lora_learning_rate=scale * defaults.shared_lora_learning_rate,
+    )
 
 
 def cell_folder(work: Path, seed: int, distillation: str, scale: float) -> Path:
     return work / f"seed-{seed}" / f"distillation-{distillation}-scale-{scale:g}"
 
 
-def run_sweep(work: Path, seeds: list[int], distillations: list[str], scales: list[float],
-              smoke: bool = False) -> dict[tuple[int, str, float], Results]:
+def run_sweep(
+    work: Path, seeds: list[int], distillations: list[str], scales: list[float], smoke: bool = False
+) -> dict[tuple[int, str, float], Results]:
     """Build (or read back) every cell; returns (seed, distillation, scale) -> per-question results."""
     cells = list(itertools.product(seeds, distillations, scales))
     results = {}
@@ -61,11 +75,20 @@ def run_sweep(work: Path, seeds: list[int], distillations: list[str], scales: li
     for index, (seed, distillation, scale) in enumerate(cells):
         cell_start = time.perf_counter()
         results[seed, distillation, scale] = run(
-            cell_folder(work, seed, distillation, scale), cell_settings(seed, distillation, scale, smoke),
+            cell_folder(work, seed, distillation, scale),
+            cell_settings(seed, distillation, scale, smoke),
             shared=work / f"seed-{seed}" / "shared",
         )
-        logger.info("cell %d/%d (seed %d, distillation %s, scale %g): %.0f s (%.0f s in all)", index + 1, len(cells),
-                    seed, distillation, scale, time.perf_counter() - cell_start, time.perf_counter() - start)
+        logger.info(
+            "cell %d/%d (seed %d, distillation %s, scale %g): %.0f s (%.0f s in all)",
+            index + 1,
+            len(cells),
+            seed,
+            distillation,
+            scale,
+            time.perf_counter() - cell_start,
+            time.perf_counter() - start,
+        )
     return results
 
 
@@ -73,9 +96,19 @@ def _retention_groups(runs: list[Results], method: str) -> list[np.ndarray]:
     """Per seed: (questions, modalities, 2), the composite's result then its source's on each unimodal question."""
     family = METHODS[method].sources
     return [
-        np.stack([np.stack([np.asarray(rows[f"{method} composite"][m], dtype=float),
-                            np.asarray(rows[f"{m} source ({family})"][m], dtype=float)], axis=-1)
-                  for m in MODALITIES], axis=1)
+        np.stack(
+            [
+                np.stack(
+                    [
+                        np.asarray(rows[f"{method} composite"][m], dtype=float),
+                        np.asarray(rows[f"{m} source ({family})"][m], dtype=float),
+                    ],
+                    axis=-1,
+                )
+                for m in MODALITIES
+            ],
+            axis=1,
+        )
         for rows in runs
     ]
 
@@ -83,8 +116,10 @@ def _retention_groups(runs: list[Results], method: str) -> list[np.ndarray]:
 def _sources_groups(runs: list[Results], method: str) -> list[np.ndarray]:
     """Per seed: each unimodal question's result by its modality's source, all modalities in one column."""
     family = METHODS[method].sources
-    return [np.concatenate([np.asarray(rows[f"{m} source ({family})"][m], dtype=float) for m in MODALITIES])
-            for rows in runs]
+    return [
+        np.concatenate([np.asarray(rows[f"{m} source ({family})"][m], dtype=float) for m in MODALITIES])
+        for rows in runs
+    ]
 
 
 def summarize(results: dict[tuple[int, str, float], Results], resamples: int = 2000) -> dict:
@@ -100,15 +135,30 @@ def summarize(results: dict[tuple[int, str, float], Results], resamples: int = 2
             table[method] = {
                 "sources": bootstrap(_sources_groups(runs, method), mean_accuracy, resamples),
                 "retention": bootstrap(_retention_groups(runs, method), mean_retention, resamples),
-                **{column: bootstrap([np.asarray(rows[f"{method} composite"][column], dtype=float) for rows in runs],
-                                     mean_accuracy, resamples) for column in MCUB},
+                **{
+                    column: bootstrap(
+                        [np.asarray(rows[f"{method} composite"][column], dtype=float) for rows in runs],
+                        mean_accuracy,
+                        resamples,
+                    )
+                    for column in MCUB
+                },
             }
         summary["cells"][f"distillation {distillation}, scale {scale:g}"] = {
-            "distillation": distillation, "scale": scale, "seeds": len(runs), "methods": table}
+            "distillation": distillation,
+            "scale": scale,
+            "seeds": len(runs),
+            "methods": table,
+        }
     base_runs = {seed: rows for (seed, _, _), rows in results.items()}
-    summary["base"] = {column: bootstrap([np.asarray(base_runs[seed][BASE_ROW][column], dtype=float)
-                                          for seed in sorted(base_runs)], mean_accuracy, resamples)
-                       for column in MCUB}
+    summary["base"] = {
+        column: bootstrap(
+            [np.asarray(base_runs[seed][BASE_ROW][column], dtype=float) for seed in sorted(base_runs)],
+            mean_accuracy,
+            resamples,
+        )
+        for column in MCUB
+    }
     return summary
 
 
@@ -123,12 +173,21 @@ def format_summary(summary: dict) -> str:
     lines = []
     for cell in summary["cells"].values():
         for method, values in cell["methods"].items():
-            lines.append([cell["distillation"], f"{cell['scale']:g}x", method, _cell(values["sources"]),
-                          _cell(values["retention"], ratio=True), *(_cell(values[column]) for column in MCUB)])
+            lines.append(
+                [
+                    cell["distillation"],
+                    f"{cell['scale']:g}x",
+                    method,
+                    _cell(values["sources"]),
+                    _cell(values["retention"], ratio=True),
+                    *(_cell(values[column]) for column in MCUB),
+                ]
+            )
     lines.append(["-", "-", "base LLM, names", "-", "-", *(_cell(summary["base"][column]) for column in MCUB)])
     widths = [max(len(line[i]) for line in [header, *lines]) for i in range(len(header))]
     render = lambda line: "  ".join(  # noqa: E731
-        value.ljust(width) if i < 3 else value.rjust(width) for i, (value, width) in enumerate(zip(line, widths)))
+        value.ljust(width) if i < 3 else value.rjust(width) for i, (value, width) in enumerate(zip(line, widths))
+    )
     return "\n".join([render(header), "  ".join("-" * width for width in widths), *map(render, lines)]).rstrip()
 
 
@@ -142,12 +201,15 @@ def plot_summary(summary: dict, path: Path) -> Path:
     panels = list(dict.fromkeys(cell["distillation"] for cell in summary["cells"].values()))
     figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), sharey=True, squeeze=False)
     for axis, distillation in zip(axes[0], panels):
-        cells = sorted((cell for cell in summary["cells"].values() if cell["distillation"] == distillation),
-                       key=lambda cell: cell["scale"])
+        cells = sorted(
+            (cell for cell in summary["cells"].values() if cell["distillation"] == distillation),
+            key=lambda cell: cell["scale"],
+        )
         scales = [cell["scale"] for cell in cells]
         for method in METHODS:
-            estimate, low, high = (np.array([100 * cell["methods"][method]["MCUB-4"][i] for cell in cells])
-                                   for i in range(3))
+            estimate, low, high = (
+                np.array([100 * cell["methods"][method]["MCUB-4"][i] for cell in cells]) for i in range(3)
+            )
             axis.plot(scales, estimate, marker="o", label=method)
             axis.fill_between(scales, low, high, alpha=0.2)
         base = summary["base"]["MCUB-4"]
@@ -173,8 +235,13 @@ def main() -> None:
     parser.add_argument("--work", default="outputs/tinyworld-sweep", help="folder for every artifact (cached)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--distillation", nargs="+", choices=list(DISTILLATION), default=list(DISTILLATION))
-    parser.add_argument("--scales", type=float, nargs="+", default=[0.5, 1.0, 2.0],
-                        help="multiples of the demo's text-LoRA rates (DAMC text LoRA, NaiveMC shared LoRA)")
+    parser.add_argument(
+        "--scales",
+        type=float,
+        nargs="+",
+        default=[0.5, 1.0, 2.0],
+        help="multiples of the demo's text-LoRA rates (DAMC text LoRA, NaiveMC shared LoRA)",
+    )
     parser.add_argument("--smoke", action="store_true", help="a few steps and questions per cell, under <work>/smoke")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -189,8 +256,10 @@ def main() -> None:
     start = time.perf_counter()
     results = run_sweep(work, args.seeds, args.distillation, args.scales, args.smoke)
     summary = summarize(results)
-    print(f"\ntiny world sweep: mean over seeds {args.seeds} [95% interval, bootstrap over seeds and questions]; "
-          "scale: text-LoRA rates as a multiple of the demo's")
+    print(
+        f"\ntiny world sweep: mean over seeds {args.seeds} [95% interval, bootstrap over seeds and questions]; "
+        "scale: text-LoRA rates as a multiple of the demo's"
+    )
     print(format_summary(summary))
     (work / "summary.json").write_text(json.dumps(summary, indent=1))
     plot = plot_summary(summary, work / "sweep.png")

@@ -31,8 +31,30 @@ RENDERED: dict[str, tuple[str, ...]] = {
 }
 MODALITIES = tuple(RENDERED)
 NAMES = (
-    "blick", "dax", "wug", "fep", "toma", "zib", "kiki", "bouba", "lorp", "mib", "nup", "quor",
-    "rilk", "sapo", "tev", "ulm", "vosk", "yark", "zorn", "gimp", "hask", "jolt", "krel", "plim",
+    "blick",
+    "dax",
+    "wug",
+    "fep",
+    "toma",
+    "zib",
+    "kiki",
+    "bouba",
+    "lorp",
+    "mib",
+    "nup",
+    "quor",
+    "rilk",
+    "sapo",
+    "tev",
+    "ulm",
+    "vosk",
+    "yark",
+    "zorn",
+    "gimp",
+    "hask",
+    "jolt",
+    "krel",
+    "plim",
 )
 
 
@@ -79,8 +101,16 @@ def make_concepts(seed: int = 0) -> list[Concept]:
     sizes = _balanced(rng, ATTRIBUTES["size"], len(pairs))
     motions = _balanced(rng, ATTRIBUTES["motion"], len(pairs))
     concepts = [
-        Concept(name=names[index], colour=colour, shape=shape, size=sizes[index], pitch=sounds[index][0],
-                timbre=sounds[index][1], rhythm=sounds[index][2], motion=motions[index])
+        Concept(
+            name=names[index],
+            colour=colour,
+            shape=shape,
+            size=sizes[index],
+            pitch=sounds[index][0],
+            timbre=sounds[index][1],
+            rhythm=sounds[index][2],
+            motion=motions[index],
+        )
         for index, (colour, shape) in enumerate(pairs)
     ]
     for modality in MODALITIES:
