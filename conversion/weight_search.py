@@ -13,7 +13,7 @@ The best candidate wins (the earlier one on a tie). Only the questions given are
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -88,25 +88,51 @@ def search_weights(recipe: Recipe, compose_candidate, scratch: Path) -> tuple[fl
                 answers_given[index] = _first_word(turns[-1]["value"])
         if not answers_given:
             raise ConversionError(f"weight_search: objective accuracy needs answers (`gpt` turns) in {search.data}.")
-    scores = {}
-    for value in search.grid:
+
+    def compose_at(value: float) -> Path:
         candidate = dataclasses.replace(
             recipe,
             sources=[dataclasses.replace(source, weight=value) for source in recipe.sources],
             weight_search=None,
         )
-        folder = compose_candidate(candidate, scratch / f"lambda-{value}")
+        return compose_candidate(candidate, scratch / f"lambda-{value}")
+
+    def score(folder: Path) -> dict[str, float]:
         answers = answer_questions(folder, samples, search.media_root)
         if search.objective == "agreement":
             rates = [sum(answers.get(i) == a for i, a in ref.items()) / len(ref) for ref in references]
-            scores[value] = sum(rates) / len(rates)
-        else:
-            scores[value] = sum(answers.get(i) == a for i, a in answers_given.items()) / len(answers_given)
-        logger.info("weight search: λ = %g scores %.3f (%s)", value, scores[value], search.objective)
-    return best_weight(scores), scores
+            return {"agreement": sum(rates) / len(rates)}
+        return {"accuracy": sum(answers.get(i) == a for i, a in answers_given.items()) / len(answers_given)}
+
+    scores, picks = search_grid(search.grid, compose_at, score)
+    return picks[search.objective], {value: row[search.objective] for value, row in scores.items()}
+
+
+def search_grid(
+    grid: Sequence[float],
+    compose: Callable[[float], Path],
+    score: Callable[[Path], Mapping[str, float]],
+    label: str = "weight search",
+) -> tuple[dict[float, dict[str, float]], dict[str, float]]:
+    """Every λ search of the project (the converter's `weight_search`, the tiny world's benchmark) is this one loop,
+    so that they visit, score, log and choose alike.
+
+    Each λ of `grid`, in order, is composed by `compose(λ)` (uniform: every source gets λ; it returns the candidate's
+    folder) and scored by `score(folder)`, which names one or more criteria: answering is the slow part, so criteria
+    that read the same answers come from one pass. Returns every candidate's scores (`{λ: {criterion: score}}`, grid
+    order) and, per criterion, the λ `best_weight` picks.
+    """
+    scores: dict[float, dict[str, float]] = {}
+    for value in grid:
+        scores[value] = dict(score(compose(value)))
+        shown = ", ".join(f"{result:.3f} ({criterion})" for criterion, result in scores[value].items())
+        logger.info("%s: λ = %g scores %s", label, value, shown)
+    criteria = next(iter(scores.values()), {})
+    picks = {name: best_weight({value: row[name] for value, row in scores.items()}) for name in criteria}
+    return scores, picks
 
 
 def best_weight(scores: Mapping[float, float]) -> float:
-    """The λ of the best score, the first of the grid (the mapping's order) on a tie: the choice of every λ search
-    (this one, and the tiny world's `benchmarks/tinyworld/lambda_search.py`)."""
+    """The λ of the best score, the first of the grid (the mapping's order) on a tie: the choice `search_grid` makes
+    for each criterion."""
     return max(scores, key=scores.__getitem__)

@@ -2,6 +2,7 @@
 auto classes in a fresh process and composes with the converter."""
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -412,6 +413,32 @@ def test_weight_search_accuracy_scores_against_the_given_answers(world, stage2, 
     chosen, scores = search_weights(recipe, compose_candidate, tmp_path / "search")
     assert scores == expected_scores and set(scores) == {0.5, 1.0}
     assert scores[chosen] == max(scores.values())
+
+
+def test_every_lambda_search_visits_the_grid_in_order_and_picks_the_first_best_per_criterion(tmp_path, caplog):
+    """The loop both λ searches (the converter's and the tiny world's) run: candidates composed and scored in grid
+    order (not sorted), every criterion picked on its own, a tie going to the earlier candidate, each score logged."""
+    from conversion.weight_search import search_grid
+
+    rows = {0.5: (0.2, 0.9), 0.0: (0.7, 0.1), 1.0: (0.7, 0.9), 0.25: (0.1, 0.3)}  # (validation, agreement)
+    visited = []
+
+    def compose_at(value):
+        visited.append(("compose", value))
+        return tmp_path / f"lambda-{value}"
+
+    def scores(folder):
+        value = float(folder.name.removeprefix("lambda-"))
+        visited.append(("score", value))
+        return {"validation": rows[value][0], "agreement": rows[value][1]}
+
+    with caplog.at_level(logging.INFO, logger="conversion.weight_search"):
+        table, picks = search_grid(list(rows), compose_at, scores, label="test")
+    assert visited == [(step, value) for value in rows for step in ("compose", "score")]
+    assert list(table) == list(rows)
+    assert table == {value: {"validation": v, "agreement": a} for value, (v, a) in rows.items()}
+    assert picks == {"validation": 0.0, "agreement": 0.5}  # both tie with λ = 1.0, which comes later
+    assert "test: λ = 0.25 scores 0.100 (validation), 0.300 (agreement)" in caplog.text
 
 
 def test_weight_search_recipe_errors(world, stage2):

@@ -6,7 +6,7 @@ split only reports the choice.
 
 from pathlib import Path
 
-from conversion.weight_search import best_weight
+from conversion.weight_search import search_grid
 
 from .evaluate import first_tokens, is_correct, score
 from .questions import mcub_split, unimodal_split
@@ -38,9 +38,14 @@ def search(work: Path, sources: dict[str, Path], settings: Settings, grid: tuple
             reference[family][modality] = first_tokens(model, processor, unimodal[modality], by_name, "val")
     results: dict = {}
     for name, method in METHODS.items():
-        table = {}
-        for value in grid:
-            folder = compose(work / f"lambda-{value}", sources, name, dict.fromkeys(MODALITIES, value))
+        folders: dict[float, Path] = {}  # the caller scores the test split on the picked λ's composite
+
+        def compose_at(value: float) -> Path:
+            weights = dict.fromkeys(MODALITIES, value)
+            folders[value] = compose(work / f"lambda-{value}", sources, name, weights)
+            return folders[value]
+
+        def scores(folder: Path) -> dict[str, float]:
             model, processor = load(folder)
             accuracies, agreement = [], []
             for modality in MODALITIES:
@@ -50,14 +55,12 @@ def search(work: Path, sources: dict[str, Path], settings: Settings, grid: tuple
                 same = sum(a == b for a, b in zip(answers, reference[method.sources][modality]))
                 agreement.append(same / len(answers))
             accuracies += [score(model, processor, mcub[k], by_name, "val") for k in mcub]
-            table[value] = {
-                "validation": sum(accuracies) / len(accuracies),
-                "agreement": sum(agreement) / len(agreement),
-                "folder": str(folder),
-            }
+            return {"validation": sum(accuracies) / len(accuracies), "agreement": sum(agreement) / len(agreement)}
+
+        table, picks = search_grid(grid, compose_at, scores, label=f"λ search {name}")
         results[name] = {
-            "grid": table,
-            "supervised": best_weight({v: row["validation"] for v, row in table.items()}),
-            "unsupervised": best_weight({v: row["agreement"] for v, row in table.items()}),
+            "grid": {value: {**row, "folder": str(folders[value])} for value, row in table.items()},
+            "supervised": picks["validation"],
+            "unsupervised": picks["agreement"],
         }
     return results
