@@ -17,6 +17,7 @@ from benchmarks.tinyworld.questions import (
     _shared,
     as_text,
     held_out,
+    mcub_open_split,
     mcub_split,
     unimodal_split,
 )
@@ -45,6 +46,9 @@ def test_splits_are_deterministic_for_a_seed(concepts):
     assert mcub_split(concepts, 3, 50, seed=0, split="test") == first
     assert mcub_split(concepts, 3, 50, seed=1, split="test") != first
     assert unimodal_split(concepts, "audio", 20, 0, "test") == unimodal_split(concepts, "audio", 20, 0, "test")
+    first = mcub_open_split(concepts, 3, 50, seed=0, split="test")
+    assert mcub_open_split(concepts, 3, 50, seed=0, split="test") == first
+    assert mcub_open_split(concepts, 3, 50, seed=1, split="test") != first
 
 
 @pytest.mark.parametrize("k", [2, 3, 4])
@@ -67,12 +71,34 @@ def test_mcub_questions_follow_the_rules(concepts, k):
         assert sorted(attribute_of_value(option) for option in question.options) == sorted(ASKED)
 
 
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_open_mcub_questions_follow_the_rules(concepts, k):
+    by_name = {concept.name: concept for concept in concepts}
+    vocabulary = world_tokenizer().get_vocab()
+    for question in mcub_open_split(concepts, k, 100, seed=0, split="test"):
+        assert question.task == "mcub_open" and not question.options
+        assert len(set(question.modalities)) == k and "text" not in question.modalities
+        chosen = [by_name[name] for _, name in question.items]
+        assert len({c.name for c in chosen}) == k
+        shared = _shared(chosen)
+        assert shared == [question.meta["shared"]] and shared[0] in ASKED
+        # The answer is the shared value, one word of the tokenizer, and the prompt names no value.
+        assert all(c.attributes[shared[0]] == question.answer for c in chosen)
+        assert question.answer in vocabulary
+        assert not set(question.prompt().split()) & {v for values in ATTRIBUTES.values() for v in values}
+
+
 def test_test_concept_sets_never_appear_in_training(concepts):
-    test_keys = {q.key for k in (2, 3, 4) for q in mcub_split(concepts, k, 200, 0, "test")}
+    test_keys = {
+        q.key for k in (2, 3, 4) for split in (mcub_split, mcub_open_split) for q in split(concepts, k, 200, 0, "test")
+    }
     assert all(held_out(key) for key in test_keys)
-    validation = {q.key for k in (2, 3, 4) for q in mcub_split(concepts, k, 100, 0, "val")}
+    validation = {
+        q.key for k in (2, 3, 4) for split in (mcub_split, mcub_open_split) for q in split(concepts, k, 100, 0, "val")
+    }
     corpus = base_corpus(concepts, 3000, seed=0)
     training = {q.key for q in corpus if len(q.items) > 1}
+    assert {q.task for q in corpus if len(q.items) > 1} == {"mcub", "mcub_open"}
     assert training and not (training & test_keys) and not (validation & test_keys)
     # Sources see one input at a time.
     for modality in MODALITIES:
@@ -97,6 +123,7 @@ def evaluated(concepts):
     questions = []
     for split, count in (("test", 400), ("val", 100)):
         questions += [q for k in (2, 3, 4) for q in mcub_split(concepts, k, count, 0, split)]
+        questions += [q for k in (2, 3, 4) for q in mcub_open_split(concepts, k, count, 0, split)]
         questions += [q for m in MODALITIES for q in unimodal_split(concepts, m, count, 0, split)]
     return questions
 
@@ -170,6 +197,32 @@ def test_the_options_alone_do_not_give_the_answer_away(training_text, evaluated)
             assert accuracy(training) > bound
 
 
+@pytest.mark.parametrize("side", ["training", "evaluated"])
+def test_open_answers_are_uniform_over_types_and_values(side, concepts, training_text, evaluated):
+    """The shared type is uniform, and so is its value among those the side's sets can share (per number of inputs,
+    as drawn); a reader that never looks at the inputs and answers the likeliest training answer is near 1/16 on the
+    test questions."""
+    questions = [q for q in (training_text if side == "training" else evaluated) if q.task == "mcub_open"]
+    assert len(questions) > 900
+    by_draw: dict = {}
+    for question in questions:
+        draw = (question.id.split("-")[0], len(question.items))  # split (or training text) and k
+        by_draw.setdefault(draw, []).append(question)
+    for draw, group in by_draw.items():
+        types = [q.meta["shared"] for q in group]
+        assert chi_square_uniform([types.count(t) for t in ASKED])[2] > 1e-3, draw
+        for attribute in ASKED:
+            values = [q.answer for q in group if q.meta["shared"] == attribute]
+            counts = [values.count(v) for v in dict.fromkeys(values)]
+            assert len(counts) == 1 or chi_square_uniform(counts)[2] > 1e-3, (draw, attribute, counts)
+    if side == "evaluated":
+        training = [q.answer for q in training_text if q.task == "mcub_open"]
+        likeliest = max(set(training), key=training.count)
+        test = [q for q in questions if q.id.startswith("test-")]
+        rate = sum(q.answer == likeliest for q in test) / len(test)
+        assert rate <= 1 / 12 + 3 * (1 / 12 * 11 / 12 / len(test)) ** 0.5, (likeliest, rate)
+
+
 def _wording(prompt: str) -> str:
     """A prompt's wording: its words with every name, attribute value and placeholder written `_`."""
     fillers = {*NAMES, *(value for values in ATTRIBUTES.values() for value in values), *PLACEHOLDERS.values()}
@@ -186,6 +239,7 @@ def test_test_wordings_and_orders_never_occur_in_training_text(training_text, ev
     for questions in (training_text, evaluated):
         assert len({q.wording for q in questions if q.task == "mcub"}) >= 8
         assert len({q.wording[1] for q in questions if q.task == "mcub"}) == 4
+        assert len({q.wording for q in questions if q.task == "mcub_open"}) >= 2
     order = lambda q: tuple(attribute_of_value(option) for option in q.options)  # noqa: E731
     assert not {order(q) for q in training_text if q.options} & {order(q) for q in evaluated if q.options}
     tokenizer = world_tokenizer()
@@ -202,6 +256,12 @@ def test_a_wording_renders_every_part():
     )
     question = replace(question, wording=(3, 3, 2))
     assert question.prompt() == "<image> <audio> deep = A , red = B , rising = C , boxy = D which one holds for all ?"
+
+
+def test_open_wordings_render():
+    question = Question("q", "mcub_open", (("image", "dax"), ("audio", "wug")), answer="red", wording=(0, 0, 0))
+    assert question.prompt() == "<image> <audio> what do all share ?"
+    assert as_text(replace(question, wording=(1, 0, 1))).prompt() == "which value do all have ? dax wug"
 
 
 def test_text_version_names_the_concepts():
@@ -243,7 +303,7 @@ def test_pipeline_runs_end_to_end_at_a_few_steps(tmp_path):
         "routed composite",
         BASE_ROW,
     }
-    columns = {*MODALITIES, "MCUB-2", "MCUB-3", "MCUB-4"}
+    columns = {*MODALITIES, "MCUB-2", "MCUB-3", "MCUB-4", "open-2", "open-3", "open-4"}
     assert set(rows["damc composite"]) == set(rows[BASE_ROW]) == columns
     assert all(
         len(results) == 4 and all(isinstance(r, bool) for r in results)

@@ -71,22 +71,23 @@ def test_retention_is_composite_over_source_averaged_over_modalities():
         assert all(math.isnan(value) for value in bootstrap(undefined, mean_retention, resamples=20))
 
 
-def _cell_results(mcub4: dict[str, float], source: float = 0.8, retained: float = 0.9, count: int = 100) -> dict:
+def _cell_results(open4: dict[str, float], source: float = 0.8, retained: float = 0.9, count: int = 100) -> dict:
     """Per-question results of one cell: every source at `source`, every composite at `retained` of it on its
-    modalities and at `mcub4[method]` on MCUB-2/3/4, the base LLM at 0.95."""
+    modalities, at 0.25 on MCUB-2/3/4 and at `open4[method]` on open-2/3/4, the base LLM at 0.95."""
     rows = {
         BASE_ROW: {
             column: _bernoulli(0.95, count).astype(bool).tolist()
-            for column in (*MODALITIES, "MCUB-2", "MCUB-3", "MCUB-4")
+            for column in (*MODALITIES, "MCUB-2", "MCUB-3", "MCUB-4", "open-2", "open-3", "open-4")
         }
     }
     for family in {method.sources for method in METHODS.values()}:
         for modality in MODALITIES:
             rows[f"{modality} source ({family})"] = {modality: _bernoulli(source, count).astype(bool).tolist()}
-    for method, accuracy in mcub4.items():
+    for method, accuracy in open4.items():
         rows[f"{method} composite"] = {
             **{modality: _bernoulli(source * retained, count).astype(bool).tolist() for modality in MODALITIES},
-            **{f"MCUB-{k}": _bernoulli(accuracy, count).astype(bool).tolist() for k in (2, 3, 4)},
+            **{f"MCUB-{k}": _bernoulli(0.25, count).astype(bool).tolist() for k in (2, 3, 4)},
+            **{f"open-{k}": _bernoulli(accuracy, count).astype(bool).tolist() for k in (2, 3, 4)},
         }
     return rows
 
@@ -106,11 +107,12 @@ def test_sweep_summary_table_and_plot(tmp_path):
     cell = summary["cells"]["distillation off, scale 2"]
     assert cell["seeds"] == 2
     for index, method in enumerate(METHODS):
-        estimate, low, high = cell["methods"][method]["MCUB-4"]
+        assert cell["methods"][method]["MCUB-4"][0] == pytest.approx(0.25)
+        estimate, low, high = cell["methods"][method]["open-4"]
         assert estimate == pytest.approx(0.25 + 0.1 * index) and low <= estimate <= high
         assert cell["methods"][method]["retention"][0] == pytest.approx(0.9)
         assert cell["methods"][method]["sources"][0] == pytest.approx(0.8)
-    assert summary["base"]["MCUB-4"][0] == pytest.approx(0.95)
+    assert summary["base"]["MCUB-4"][0] == summary["base"]["open-4"][0] == pytest.approx(0.95)
     table = format_summary(summary).splitlines()
     assert len(table) == 2 + 6 * len(METHODS) + 1
     assert table[2].split()[:3] == ["off", "0.5x", next(iter(METHODS))]

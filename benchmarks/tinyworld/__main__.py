@@ -1,7 +1,7 @@
 """The tiny world end to end (the project's demo): train the base LLM and one DAMC and one NaiveMC source per modality,
 compose each family with the converter, evaluate, print the table (each figure with its 95% bootstrap interval over
-the test questions), write it as JSON and PNG, and answer a few tiny MCUB questions through `pipeline()` with the
-DAMC composite loaded in 4-bit.
+the test questions), write it as JSON and PNG, and answer a few tiny MCUB questions (multiple choice and open) through
+`pipeline()` and `generate()` with the DAMC composite loaded in 4-bit.
 
     python -m benchmarks.tinyworld [--work outputs/tinyworld] [--seed 0] [--text-lora-learning-rate 1e-3]
         [--text-distillation-weight 5]
@@ -19,20 +19,20 @@ import numpy as np
 import torch
 
 from .evaluate import question_inputs
-from .questions import PLACEHOLDERS, mcub_split, unimodal_split
+from .questions import PLACEHOLDERS, mcub_open_split, mcub_split, unimodal_split
 from .report import format_table, plot_table
-from .run import Results, Settings, accuracies, run
+from .run import MCUB_COLUMNS, OPEN_COLUMNS, Results, Settings, accuracies, run
 from .stats import bootstrap, mean_accuracy
 from .world import MODALITIES, make_concepts
 
 
-COLUMNS = [*MODALITIES, "MCUB-2", "MCUB-3", "MCUB-4"]
+COLUMNS = [*MODALITIES, *MCUB_COLUMNS.values(), *OPEN_COLUMNS.values()]
 
 
 def examples(folder: Path, settings: Settings, count: int = 3) -> None:
     """Test questions answered by the composite loaded in 4-bit with its remote code, the way a user loads it: image
-    questions through `pipeline("image-text-to-text")` with chat messages, tiny MCUB-4 questions (four modalities at
-    once, which that pipeline cannot pass) through `generate()`."""
+    questions through `pipeline("image-text-to-text")` with chat messages, tiny MCUB-4 questions, multiple choice and
+    open (four modalities at once, which that pipeline cannot pass), through `generate()`."""
     from transformers import BitsAndBytesConfig, pipeline
 
     quantization = BitsAndBytesConfig(
@@ -59,7 +59,11 @@ def examples(folder: Path, settings: Settings, count: int = 3) -> None:
         )
         reply = answer[0]["generated_text"][-1]["content"].strip()
         print(f"  pipeline  [image={question.items[0][1]}] {question.prompt()} -> {reply!r} (gold {question.answer})")
-    for question in mcub_split(list(concepts.values()), 4, count, settings.seed, "test"):
+    mcub = [
+        *mcub_split(list(concepts.values()), 4, count, settings.seed, "test"),
+        *mcub_open_split(list(concepts.values()), 4, count, settings.seed, "test"),
+    ]
+    for question in mcub:
         batch = processor(text=f"USER: {question.prompt()} ASSISTANT:", **question_inputs(question, concepts, "test"))
         output = model.generate(**batch, max_new_tokens=2, do_sample=False)
         reply = processor.decode(output[0, batch["input_ids"].shape[1] :], skip_special_tokens=True).strip()
@@ -125,8 +129,9 @@ def main() -> None:
     table = format_table(rows, COLUMNS)
     print(
         f"\ntiny world (seed {settings.seed}): accuracy % ± half its 95% interval (bootstrap over questions); "
-        f"chance 25 for letters, unimodal = half names, half letters "
-        f"({settings.unimodal_questions} unimodal questions per modality, {settings.mcub_questions} per MCUB split)"
+        f"chance 25 for letters, unimodal = half names, half letters; open-k: tiny MCUB-k answered with the shared "
+        f"value, no options ({settings.unimodal_questions} unimodal questions per modality, "
+        f"{settings.mcub_questions} per MCUB split)"
     )
     print(table)
     (work / "results.json").write_text(

@@ -19,6 +19,7 @@ from .questions import (
     attribute_question,
     caption_question,
     identify_question,
+    mcub_open_question,
     mcub_question,
     recall_question,
     template_words,
@@ -65,8 +66,8 @@ def base_llm(tokenizer: PreTrainedTokenizerFast, seed: int) -> torch.nn.Module:
 
 def base_corpus(concepts: list[Concept], count: int, seed: int) -> list[Question]:
     """Text-only questions: every (concept, attribute) fact, and a mix of single-item and 2-4 item "which fits all"
-    questions (never with a held-out concept set, see `held_out`) and "what is it" questions, all in the training
-    wordings and orders."""
+    questions, open 2-4 item "what do all share" questions (never with a held-out concept set, see `held_out`) and
+    "what is it" questions, all in the training wordings and orders."""
     rng = random.Random(f"base-{seed}")
     questions: list[Question] = []
     for concept in concepts:
@@ -91,6 +92,13 @@ def base_corpus(concepts: list[Concept], count: int, seed: int) -> list[Question
             questions.append(as_text(identify_question(rng, rng.choice(concepts), "text", f"base-{index}")))
         elif draw < 0.4:
             questions.append(as_text(caption_question(rng.choice(concepts), "text", f"base-{index}")))
+        elif draw < 0.65:
+            # A quarter of the corpus, taken from the multiple-choice share: this 4-layer LLM never learns to bind
+            # option letters to values, but learns to answer the shared value itself (94% on held-out sets).
+            k = rng.choice((2, 3, 4))
+            questions.append(
+                as_text(mcub_open_question(rng, concepts, ("text",) * k, f"base-{index}", test_side=False))
+            )
         else:
             k = rng.choice((2, 3, 4))
             questions.append(as_text(mcub_question(rng, concepts, ("text",) * k, f"base-{index}", test_side=False)))

@@ -2,6 +2,9 @@
 
 - `mcub`: 2 to 4 inputs from different modalities, each a different concept, that share exactly one attribute;
   "which fits all ?" over four attribute values (the tiny MCUB).
+- `mcub_open`: the same inputs, "what do all share ?", answered with the shared value (one word): the open tiny MCUB.
+  No option order can give its answer away, and a 4-layer base LLM that never learns to bind letters to values (see
+  benchmarks/README.md) still answers it, so it measures whether a model composes its inputs.
 - `attribute`: the same question about one input (what the sources are trained and tested on alone).
 - `identify`: "what is it ?", answered by the concept's name.
 - `caption` / `recall` (open answers, for training): the concept's name; one attribute's value.
@@ -39,6 +42,12 @@ TEXT = "text"  # the "modality" of an item shown by its name
 # word-level tokenizer (`base.world_tokenizer`).
 CHOICE_PHRASES = ("which fits all ?", "what do all share ?", "which is true of all ?", "which one holds for all ?")
 IDENTIFY_PHRASES = ("what is it ?", "which one is this ?", "name it ?")
+OPEN_PHRASES = (
+    "what do all share ?",
+    "which value do all have ?",
+    "what is true of all ?",
+    "which value holds for all ?",
+)
 # How an option is written, and what separates two options; the third names the option's attribute type.
 OPTION_LAYOUTS = (
     ("{letter} {value}", " "),
@@ -47,17 +56,20 @@ OPTION_LAYOUTS = (
     ("{value} = {letter}", " , "),
 )
 CHOICE_PLACEMENTS = ("{inputs} {phrase} {options}", "{phrase} {inputs} {options}", "{inputs} {options} {phrase}")
+# Questions without options (identify, mcub_open): the inputs before or after the phrase.
 IDENTIFY_PLACEMENTS = ("{inputs} {phrase}", "{phrase} {inputs}")
 DEFAULT_WORDING = (0, 0, 0)
 
 
 def _held_out_wording(task: str, wording: tuple[int, int, int]) -> bool:
     """Which wordings only validation and test questions use: a quarter of the multiple-choice ones (a third of the
-    "what is it" ones), chosen so that every phrase, layout and placement, and every pair of them but one, also occurs
-    in training."""
+    "what is it" ones, a quarter of the open MCUB ones), chosen so that every phrase, layout and placement, and every
+    pair of them but one, also occurs in training."""
     phrase, layout, placement = wording
     if task == "identify":
         return (phrase + placement) % 3 == 0
+    if task == "mcub_open":
+        return (phrase + placement) % 4 == 0
     return (phrase + layout + placement) % 4 == 0
 
 
@@ -66,6 +78,10 @@ def wordings(task: str, held_out: bool) -> tuple[tuple[int, int, int], ...]:
     if task == "identify":
         every = [
             (phrase, 0, place) for phrase in range(len(IDENTIFY_PHRASES)) for place in range(len(IDENTIFY_PLACEMENTS))
+        ]
+    elif task == "mcub_open":
+        every = [
+            (phrase, 0, place) for phrase in range(len(OPEN_PHRASES)) for place in range(len(IDENTIFY_PLACEMENTS))
         ]
     elif task in ("mcub", "attribute"):
         every = list(
@@ -116,6 +132,8 @@ class Question:
             return CHOICE_PLACEMENTS[placement].format(inputs=slots, phrase=CHOICE_PHRASES[phrase], options=options)
         if self.task == "identify":
             return IDENTIFY_PLACEMENTS[placement].format(inputs=slots, phrase=IDENTIFY_PHRASES[phrase])
+        if self.task == "mcub_open":
+            return IDENTIFY_PLACEMENTS[placement].format(inputs=slots, phrase=OPEN_PHRASES[phrase])
         if self.task == "recall":
             return f"{slots} what {self.asks} ?"
         if self.task == "caption":
@@ -137,6 +155,7 @@ def template_words() -> list[str]:
     texts = [
         *CHOICE_PHRASES,
         *IDENTIFY_PHRASES,
+        *OPEN_PHRASES,
         *(template for template, _ in OPTION_LAYOUTS),
         *(separator for _, separator in OPTION_LAYOUTS),
         "what",
@@ -194,6 +213,23 @@ def _sets_sharing_one(concepts: tuple[Concept, ...], k: int, test_side: bool | N
     return found
 
 
+def _draw_sharing_one(
+    rng: random.Random, concepts: list[Concept], k: int, test_side: bool | None
+) -> tuple[str, str, list[Concept]]:
+    """(shared type, its value, k concepts in random order) that share exactly that one attribute; with `test_side`,
+    only concept sets on that side of `held_out`. The shared type is drawn first, uniformly, then its value, then a
+    set: no type and no value of a type is the answer more often than another (a type or value that no set on this
+    side shares is left out)."""
+    sets = _sets_sharing_one(tuple(concepts), k, test_side)
+    if not sets:
+        raise ValueError(f"no {k} concepts of this world share exactly one attribute on the requested side")
+    attribute = rng.choice([attribute for attribute in ASKED if attribute in sets])
+    value = rng.choice([value for value in ATTRIBUTES[attribute] if value in sets[attribute]])
+    chosen = list(rng.choice(sets[attribute][value]))
+    rng.shuffle(chosen)
+    return attribute, value, chosen
+
+
 def mcub_question(
     rng: random.Random,
     concepts: list[Concept],
@@ -202,22 +238,28 @@ def mcub_question(
     test_side: bool | None = None,
     held_out_wording: bool = False,
 ) -> Question:
-    """Inputs of the given modalities (in that order), different concepts, sharing exactly one attribute; with
-    `test_side`, only concept sets on that side of `held_out`. The shared type is drawn first, uniformly, then its
-    value, then a set: no type and no value of a type is the answer more often than another (a type or value that no
-    set on this side shares is left out)."""
-    k = len(modalities)
-    sets = _sets_sharing_one(tuple(concepts), k, test_side)
-    if not sets:
-        raise ValueError(f"no {k} concepts of this world share exactly one attribute on the requested side")
-    attribute = rng.choice([attribute for attribute in ASKED if attribute in sets])
-    value = rng.choice([value for value in ATTRIBUTES[attribute] if value in sets[attribute]])
-    chosen = list(rng.choice(sets[attribute][value]))
-    rng.shuffle(chosen)
+    """Inputs of the given modalities (in that order), different concepts, sharing exactly one attribute (drawn as in
+    `_draw_sharing_one`), and one option per asked type."""
+    attribute, value, chosen = _draw_sharing_one(rng, concepts, len(modalities), test_side)
     options, answer = _options(rng, value, chosen, held_out_wording)
     items = tuple(zip(modalities, (c.name for c in chosen)))
     wording = rng.choice(wordings("mcub", held_out_wording))
     return Question(qid, "mcub", items, options, answer, wording=wording, meta={"shared": attribute})
+
+
+def mcub_open_question(
+    rng: random.Random,
+    concepts: list[Concept],
+    modalities: tuple[str, ...],
+    qid: str,
+    test_side: bool | None = None,
+    held_out_wording: bool = False,
+) -> Question:
+    """The open tiny MCUB: inputs drawn as for `mcub_question`, "what do all share ?", the shared value as answer."""
+    attribute, value, chosen = _draw_sharing_one(rng, concepts, len(modalities), test_side)
+    items = tuple(zip(modalities, (c.name for c in chosen)))
+    wording = rng.choice(wordings("mcub_open", held_out_wording))
+    return Question(qid, "mcub_open", items, answer=value, wording=wording, meta={"shared": attribute})
 
 
 def attribute_question(
@@ -267,6 +309,19 @@ def mcub_split(concepts: list[Concept], k: int, count: int, seed: int, split: st
                 rng, concepts, modalities, f"{split}-mcub{k}-{len(questions)}", split == "test", _evaluated(split)
             )
         )
+    return questions
+
+
+def mcub_open_split(concepts: list[Concept], k: int, count: int, seed: int, split: str) -> list[Question]:
+    """`count` open tiny-MCUB-k questions, drawn like `mcub_split` (held-out sets for `test`, held-out wordings for
+    `test` and `val`) from a generator of their own, so that adding them leaves the multiple-choice splits as they
+    were."""
+    rng = random.Random(f"mcub-open-{k}-{split}-{seed}")
+    questions: list[Question] = []
+    while len(questions) < count:
+        modalities = tuple(rng.sample(MODALITIES, k))
+        qid = f"{split}-open{k}-{len(questions)}"
+        questions.append(mcub_open_question(rng, concepts, modalities, qid, split == "test", _evaluated(split)))
     return questions
 
 

@@ -1,7 +1,8 @@
 """The whole tiny world, end to end, with caching: train the base LLM -> train one decoupled (DAMC) and one shared-LoRA
 (NaiveMC) source per modality with the project's trainer -> compose each method's sources with the converter (NaiveMC
 and routed from the shared-LoRA sources, DAMC from the decoupled ones) -> evaluate every model on the unimodal
-benchmarks and tiny MCUB-2/3/4, question by question.
+benchmarks, tiny MCUB-2/3/4 (multiple choice) and open tiny MCUB-2/3/4 (answered with the shared value), question by
+question.
 
 Every step writes its folder with a `.done` file holding the settings it was made with and the `.done` of what it was
 made from; a later run with the same settings reuses it (and rebuilds whatever depends on a rebuilt step), so reruns
@@ -35,7 +36,7 @@ from training import SourceDataArguments, SourceModelArguments, SourceTrainingAr
 from .base import train_base
 from .datasets import write_source_data
 from .evaluate import correctness, correctness_text
-from .questions import Question, mcub_split, unimodal_split
+from .questions import Question, mcub_open_split, mcub_split, unimodal_split
 from .world import MODALITIES, make_concepts
 
 
@@ -66,7 +67,9 @@ METHODS = {"naive": Method("naive", "naive"), "damc": Method("damc", "damc"), "r
 # evaluations already cached valid.
 JOINTLY_EVALUATED = ("naive", "damc")
 # Part of every cache key: bump it when the code that makes an artifact changes what it makes.
-WORLD_VERSION = 8  # 8: balanced world, questions in several wordings and random option orders (issue 23)
+# 8: balanced world, questions in several wordings and random option orders (issue 23); 9: open tiny MCUB (the base
+# corpus and the tokenizer's words changed).
+WORLD_VERSION = 9
 
 
 @dataclass
@@ -99,7 +102,7 @@ class Settings:
     text_distillation_weight: float = 5.0
     prefix_tokens: int = 0
     suffix_tokens: int = 0
-    mcub_questions: int = 200
+    mcub_questions: int = 200  # per tiny-MCUB column, multiple choice and open alike
     unimodal_questions: int = 200
 
 
@@ -314,20 +317,26 @@ def load(folder: Path) -> tuple[CompositeMLLMForCausalLM, CompositeMLLMProcessor
 # Per-question results: row label -> column -> whether each test question was answered right.
 Results = dict[str, dict[str, list[bool]]]
 BASE_ROW = "base LLM (inputs as names)"
+# The tiny-MCUB columns, by number of inputs: multiple choice, and open (answered with the shared value).
+MCUB_COLUMNS = {k: f"MCUB-{k}" for k in (2, 3, 4)}
+OPEN_COLUMNS = {k: f"open-{k}" for k in (2, 3, 4)}
 
 
 def evaluation_questions(settings: Settings) -> dict[str, list[Question]]:
-    """The test split by column: unimodal questions per modality, then tiny MCUB-2/3/4."""
+    """The test split by column: unimodal questions per modality, tiny MCUB-2/3/4, then open tiny MCUB-2/3/4."""
     concepts = make_concepts(settings.seed)
     columns = {m: unimodal_split(concepts, m, settings.unimodal_questions, settings.seed, "test") for m in MODALITIES}
-    for k in (2, 3, 4):
-        columns[f"MCUB-{k}"] = mcub_split(concepts, k, settings.mcub_questions, settings.seed, "test")
+    for k, column in MCUB_COLUMNS.items():
+        columns[column] = mcub_split(concepts, k, settings.mcub_questions, settings.seed, "test")
+    for k, column in OPEN_COLUMNS.items():
+        columns[column] = mcub_open_split(concepts, k, settings.mcub_questions, settings.seed, "test")
     return columns
 
 
 def evaluate_all(sources: dict[str, Path], composites: dict[str, Path], settings: Settings) -> Results:
     """Rows: the base LLM reading every input as its concept's name (what the sources are taught to hand it), each
-    single source (on its own modality), then each composite; columns: unimodal per modality and tiny MCUB-2/3/4."""
+    single source (on its own modality), then each composite; columns: unimodal per modality, tiny MCUB-2/3/4 and open
+    tiny MCUB-2/3/4."""
     by_name = {concept.name: concept for concept in make_concepts(settings.seed)}
     columns = evaluation_questions(settings)
     base = AutoModelForCausalLM.from_pretrained(sources["base"]).eval()

@@ -10,9 +10,11 @@ data and stage 1 are built once and shared by its cells. Every step is cached (s
 resumes where it stopped, and a finished one only reads its results back.
 
 For each (distillation, scale) and each composite method of `run.METHODS`: the sources' unimodal accuracy, the
-composite's unimodal retention (composite / source, averaged over modalities) and tiny MCUB-2/3/4, each as the mean
-over seeds with a 95% interval from a bootstrap over seeds and, within each, over test questions. Printed as a table,
-written to `summary.json` and plotted to `sweep.png` (x: scale, y: MCUB-4, a line and band per method).
+composite's unimodal retention (composite / source, averaged over modalities), tiny MCUB-2/3/4 and open tiny
+MCUB-2/3/4, each as the mean over seeds with a 95% interval from a bootstrap over seeds and, within each, over test
+questions. Printed as a table, written to `summary.json` and plotted to `sweep.png` (x: scale, y: open-4, a line and
+band per method). The plot shows open-4 rather than MCUB-4: since the options' order is random (issue 23) every
+model, the base LLM on names included, is at chance on multiple choice, so MCUB-4 would show only noise.
 
 `--smoke` runs every step at a few steps and questions (under `<work>/smoke`): it checks the wiring, not quality.
 """
@@ -27,15 +29,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .run import BASE_ROW, METHODS, Results, Settings, run
+from .run import BASE_ROW, MCUB_COLUMNS, METHODS, OPEN_COLUMNS, Results, Settings, run
 from .stats import bootstrap, mean_accuracy, mean_retention
 from .world import MODALITIES
 
 
 logger = logging.getLogger("tinyworld")
 DISTILLATION = {"on": Settings.text_distillation_weight, "off": 0.0}
-MCUB = ("MCUB-2", "MCUB-3", "MCUB-4")
+# Every tiny-MCUB column: multiple choice, then open.
+MCUB = (*MCUB_COLUMNS.values(), *OPEN_COLUMNS.values())
 COLUMNS = ("sources", "retention", *MCUB)
+PLOTTED = OPEN_COLUMNS[4]  # the plot's y (see the module's docstring)
 # A few steps and questions each: the whole pipeline in about a minute per cell.
 SMOKE = dict(
     base_steps=4,
@@ -124,7 +128,7 @@ def _sources_groups(runs: list[Results], method: str) -> list[np.ndarray]:
 
 def summarize(results: dict[tuple[int, str, float], Results], resamples: int = 2000) -> dict:
     """(distillation, scale) -> method -> column -> (mean, low, high) over the seeds present, and the base LLM's
-    MCUB on names (it depends on the seed only) under `base`."""
+    tiny MCUB (multiple choice and open) on names (it depends on the seed only) under `base`."""
     seeds = sorted({seed for seed, _, _ in results})
     settings = sorted({(distillation, scale) for _, distillation, scale in results})
     summary: dict = {"seeds": seeds, "cells": {}}
@@ -191,8 +195,9 @@ def format_summary(summary: dict) -> str:
     return "\n".join([render(header), "  ".join("-" * width for width in widths), *map(render, lines)]).rstrip()
 
 
-def plot_summary(summary: dict, path: Path) -> Path:
-    """MCUB-4 against the scale (log axis), a line and a 95% band per method; one panel per distillation setting."""
+def plot_summary(summary: dict, path: Path, column: str = PLOTTED) -> Path:
+    """`column` (open-4 unless given) against the scale (log axis), a line and a 95% band per method; one panel per
+    distillation setting. The 25% chance line only on multiple-choice columns: an open answer has no fixed chance."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless: written by a script
@@ -208,20 +213,21 @@ def plot_summary(summary: dict, path: Path) -> Path:
         scales = [cell["scale"] for cell in cells]
         for method in METHODS:
             estimate, low, high = (
-                np.array([100 * cell["methods"][method]["MCUB-4"][i] for cell in cells]) for i in range(3)
+                np.array([100 * cell["methods"][method][column][i] for cell in cells]) for i in range(3)
             )
             axis.plot(scales, estimate, marker="o", label=method)
             axis.fill_between(scales, low, high, alpha=0.2)
-        base = summary["base"]["MCUB-4"]
+        base = summary["base"][column]
         axis.axhspan(100 * base[1], 100 * base[2], color="grey", alpha=0.15, label="base LLM on names")
-        axis.axhline(25, color="grey", linestyle="--", linewidth=1, label="chance")
+        if column in MCUB_COLUMNS.values():
+            axis.axhline(25, color="grey", linestyle="--", linewidth=1, label="chance")
         axis.set_xscale("log", base=2)
         axis.set_xticks(scales, [f"{scale:g}x" for scale in scales])
         axis.set_xlabel("text-adaptation rate (x demo's)")
         axis.set_title(f"distillation {distillation}")
         axis.set_ylim(0, 100)
     seeds = len(summary["seeds"])
-    axes[0][0].set_ylabel(f"tiny MCUB-4 (%), {seeds} seed{'s' if seeds > 1 else ''}, 95% band")
+    axes[0][0].set_ylabel(f"tiny {column} (%), {seeds} seed{'s' if seeds > 1 else ''}, 95% band")
     axes[0][-1].legend(fontsize="small")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
