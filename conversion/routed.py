@@ -63,7 +63,7 @@ def source_rank(source: Source) -> int:
 
 def check_routed(base: BaseModel, sources: list[Source], recipe: Recipe) -> None:
     """`rank` where a full fine-tune needs it, and nowhere it would go unused; errors name the source and the fix."""
-    full_rank = max((min(base.shape(key)) for key in routed_keys(base, sources)), default=0)
+    full_rank = _full_rank(base, routed_keys(base, sources))
     for source in sources:
         own = source.recipe.rank
         if low_rank_delta(source):
@@ -87,6 +87,11 @@ def check_routed(base: BaseModel, sources: list[Source], recipe: Recipe) -> None
             "no source is one; it is unused.",
             recipe.rank,
         )
+
+
+def _full_rank(base: BaseModel, keys: list[str]) -> int:
+    """The largest rank any routed projection can have: from this rank up, a truncated SVD keeps a delta whole."""
+    return max((min(base.shape(key)) for key in keys), default=0)
 
 
 def routed_keys(base: BaseModel, sources: list[Source]) -> list[str]:
@@ -270,7 +275,7 @@ def _seed(key: str, index: int) -> int:
 def routed_setup(base: BaseModel, sources: list[Source], recipe: Recipe) -> RoutedSetup:
     """Decide what every modality's tokens get and the ranks of the stacked factors."""
     keys = routed_keys(base, sources)
-    full_rank = max((min(base.shape(key)) for key in keys), default=0)
+    full_rank = _full_rank(base, keys)
     modalities: dict[str, ModalityDelta] = {}
     ranks = []
     for index, source in enumerate(sources):
