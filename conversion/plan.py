@@ -278,6 +278,18 @@ def _plan_llm(
             merged_tensor = base_tensor if delta is None else base_tensor + delta
         return _vocab_rows(merged_tensor, key, rows, vocab, plan) if key in VOCAB_KEYS else merged_tensor
 
+    # A `method: routed` projection whose factors need its float32 merge (the text block's energy, or its SVD under
+    # ties / dare) takes one merge for both its base weight and its factors, which the writer produces right after
+    # it: held until the next projection's merge, so memory holds one such tensor at most.
+    shares_merge = plan.routed is not None and plan.routed.reads_merge
+    last_merge: dict[str, torch.Tensor] = {}
+
+    def merged_float32(key: str) -> torch.Tensor:
+        if key not in last_merge:
+            last_merge.clear()
+            last_merge[key] = merged(key, torch.float32)
+        return last_merge[key]
+
     for key in base.keys():
         module, _, parameter = key.rpartition(".")
         is_routed = module.rsplit(".", 1)[-1] in routed and module.startswith("model.")
@@ -288,12 +300,16 @@ def _plan_llm(
             out_key = base_layer_key(composite_module, parameter)
         else:
             out_key = TEXT_MODEL_PREFIX + key[len("model.") :]
-        plan.producers[out_key] = lambda key=key: merged(key)
+        if shares_merge and is_routed and parameter == "weight":
+            # Rounded once from float32, as `merged(key)` rounds it: the same bits.
+            plan.producers[out_key] = lambda key=key: merged_float32(key).to(plan.dtype)
+        else:
+            plan.producers[out_key] = lambda key=key: merged(key)
         shape = base.shape(key)
         plan.shapes[out_key] = (rows, *shape[1:]) if key in VOCAB_KEYS else shape
         if is_routed and parameter == "weight":
             if plan.routed is not None:
-                _plan_routed_factors(plan, key, composite_module, lambda key: merged(key, torch.float32))
+                _plan_routed_factors(plan, key, composite_module, merged_float32)
             else:
                 _plan_routed(plan, key, composite_module, base, sources, weights, text_ranks)
 

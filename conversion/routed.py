@@ -150,6 +150,12 @@ class RoutedSetup:
             return None
         return {"r": self.text_rank, "alpha": float(self.text_rank), "folded": True}
 
+    @property
+    def reads_merge(self) -> bool:
+        """Whether the factors need each projection's merged weight: to measure the text block against it when the
+        sources' stacked factors are not exact, or for its SVD when the merge is no weighted sum."""
+        return bool(self.text_rank) and not self.text_exact
+
     def modality_lora(self, name: str) -> dict | None:
         delta = self.modalities.get(name)
         return None if delta is None else {"r": delta.rank, "alpha": delta.alpha}

@@ -2,8 +2,10 @@
 against plain transformers LLMs built here from the source files: exact for LoRA sources, and for full fine-tunes an
 error that shrinks with `rank` and vanishes at full rank."""
 
+import collections
 import json
 import logging
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from conversion import ConversionError, compose
 from conversion.low_rank import truncated_svd
+from conversion.tensors import TensorStore
 from modeling_composite import CompositeMLLMForCausalLM, CompositeMLLMProcessor
 
 
@@ -185,6 +188,37 @@ def test_full_fine_tunes_converge_to_their_source_as_rank_grows(tiny_sources, tm
         assert all(a < b for a, b in zip(column[:3], column[1:3])) and column[3] == pytest.approx(1.0, abs=1e-6)
     card = (output / "README.md").read_text()
     assert "**routing**" in card and "## Routing" in card and "| 64 | 100.0% |" in card
+
+
+@pytest.mark.parametrize("rule", ["linear", "ties"])
+def test_a_projection_is_merged_once_for_its_weight_and_its_factors(tiny_sources, tmp_path, rule):
+    """The routed factors of full fine-tunes need each projection's merge (the text block's energy, or its SVD under
+    ties): it is the one the base weight was written from, so each source's tensor is read twice, for the merge and
+    for its own SVD, not a third time; and the base weights are the NaiveMC composite's, bit for bit, in bfloat16."""
+    sources = [
+        {"path": str(tiny_sources["llava"])},
+        {"path": str(tiny_sources["llava_2"]), "rename": {"image": "chart"}},
+    ]
+    merge = {"rule": rule, "density": 0.5} if rule == "ties" else {"rule": rule}
+    recipe = {"base": str(tiny_sources["base"]), "dtype": "bfloat16", "merge": merge, "sources": sources}
+    naive = load_file(compose(recipe, tmp_path / "naive", verify=False) / "model.safetensors")
+    reads = collections.Counter()
+    original_get = TensorStore.get
+
+    def counted_get(store, key, record=True):
+        reads[store.label, key] += 1
+        return original_get(store, key, record)
+
+    with mock.patch.object(TensorStore, "get", counted_get):
+        output = compose({**recipe, "method": "routed", "rank": 8}, tmp_path / "routed", verify=False)
+    routed = load_file(output / "model.safetensors")
+    projections = [key for key in routed if ".base_layer." in key]
+    assert projections
+    for key in projections:
+        plain = key.replace(".base_layer.", ".")
+        assert routed[key].dtype == torch.bfloat16 and torch.equal(routed[key], naive[plain]), key
+    source_reads = {(label, key): count for (label, key), count in reads.items() if key.endswith("_proj.weight")}
+    assert source_reads and max(source_reads.values()) == 2, source_reads
 
 
 def test_a_ties_merge_routes_through_the_svd_of_the_merged_delta(tiny_sources, tmp_path):
