@@ -1,7 +1,8 @@
 """Choosing λ beyond the paper's 1/N, on the tiny world: a small grid of uniform λ, scored on the validation split
-(supervised), or by agreement with the sources on their own single-modality inputs (unsupervised: no labels; the
-composite should answer what each source answers alone). Only validation questions are used to choose; the test
-split only reports the choice.
+(supervised: unimodal and open tiny-MCUB questions; multiple choice is at chance for every model since issue 23, so
+it would only add noise), or by agreement with the sources on their own single-modality inputs (unsupervised: no
+labels; the composite should answer what each source answers alone). Only validation questions are used to choose;
+the test split only reports the choice.
 """
 
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 from conversion.weight_search import search_grid
 
 from .evaluate import first_tokens, is_correct, score
-from .questions import mcub_split, unimodal_split
+from .questions import mcub_open_split, unimodal_split
 from .run import METHODS, Settings, compose, load
 from .world import MODALITIES, make_concepts
 
@@ -22,12 +23,12 @@ def _validation(settings: Settings):
     unimodal = {
         m: unimodal_split(concepts, m, settings.unimodal_questions // 2, settings.seed, "val") for m in MODALITIES
     }
-    mcub = {k: mcub_split(concepts, k, settings.mcub_questions // 2, settings.seed, "val") for k in (2, 3, 4)}
+    mcub = {k: mcub_open_split(concepts, k, settings.mcub_questions // 2, settings.seed, "val") for k in (2, 3, 4)}
     return {concept.name: concept for concept in concepts}, unimodal, mcub
 
 
 def search(work: Path, sources: dict[str, Path], settings: Settings, grid: tuple[float, ...] = GRID) -> dict:
-    """For each method and each λ of the grid: the supervised validation score (mean over unimodal and MCUB
+    """For each method and each λ of the grid: the supervised validation score (mean over unimodal and open tiny-MCUB
     accuracies) and the unsupervised agreement score; returns them with the λ each criterion picks."""
     by_name, unimodal, mcub = _validation(settings)
     reference: dict[str, dict[str, list[str]]] = {}
