@@ -16,9 +16,17 @@ from benchmarks.tinyworld.stats import (
     chi_square_p_value,
     chi_square_uniform,
     mean_accuracy,
+    mean_difference,
     mean_retention,
 )
-from benchmarks.tinyworld.sweep import cell_folder, cell_settings, format_summary, plot_summary, summarize
+from benchmarks.tinyworld.sweep import (
+    cell_folder,
+    cell_settings,
+    format_differences,
+    format_summary,
+    plot_summary,
+    summarize,
+)
 from benchmarks.tinyworld.world import MODALITIES
 
 
@@ -57,6 +65,21 @@ def test_bootstrap_interval_covers_the_estimate_and_narrows_with_more_questions(
     pooled = bootstrap([np.concatenate([_bernoulli(0.6, 400), _bernoulli(1.0, 400)])], mean_accuracy)
     assert split[0] == pooled[0] == pytest.approx(0.8)
     assert split[2] - split[1] > 3 * (pooled[2] - pooled[1])
+
+
+def test_a_paired_difference_is_tighter_than_the_two_accuracies_it_compares():
+    """Two models that agree on most questions: 60% and 70% right, the second right wherever the first is. Apart,
+    their intervals overlap; paired, the 10-point difference is clear of 0."""
+    first, second = _bernoulli(0.6, 200), _bernoulli(0.7, 200)
+    assert (first <= second).all()
+    apart = [bootstrap([model], mean_accuracy) for model in (second, first)]
+    assert apart[0][1] < apart[1][2]
+    estimate, low, high = bootstrap([np.stack([second, first], axis=-1)], mean_difference)
+    assert estimate == pytest.approx(0.1) and 0 < low < estimate < high
+    # Unpaired (the second model's answers shuffled across questions) the same accuracies give a wider interval.
+    shuffled = np.random.default_rng(1).permutation(second)
+    unpaired = bootstrap([np.stack([shuffled, first], axis=-1)], mean_difference)
+    assert unpaired[0] == pytest.approx(0.1) and unpaired[2] - unpaired[1] > 1.5 * (high - low)
 
 
 def test_retention_is_composite_over_source_averaged_over_modalities():
@@ -113,6 +136,15 @@ def test_sweep_summary_table_and_plot(tmp_path):
         assert cell["methods"][method]["retention"][0] == pytest.approx(0.9)
         assert cell["methods"][method]["sources"][0] == pytest.approx(0.8)
     assert summary["base"]["MCUB-4"][0] == summary["base"]["open-4"][0] == pytest.approx(0.95)
+    # The composites' answers are nested (`_bernoulli`): paired, damc - naive is 10 points, tighter than either.
+    difference = cell["differences"]["damc - naive"]["open-4"]
+    assert difference[0] == pytest.approx(0.1) and 0 < difference[1] < difference[0] < difference[2]
+    own = cell["methods"]["damc"]["open-4"]
+    assert difference[2] - difference[1] < own[2] - own[1]
+    assert cell["differences"]["routed - naive"]["open-2"][0] == pytest.approx(0.2)
+    differences = format_differences(summary).splitlines()
+    assert len(differences) == 2 + 6 * 2
+    assert differences[2].split()[:5] == ["off", "0.5x", "damc", "-", "naive"] and "+10.0 [" in differences[2]
     table = format_summary(summary).splitlines()
     assert len(table) == 2 + 6 * len(METHODS) + 1
     assert table[2].split()[:3] == ["off", "0.5x", next(iter(METHODS))]

@@ -12,9 +12,11 @@ resumes where it stopped, and a finished one only reads its results back.
 For each (distillation, scale) and each composite method of `run.METHODS`: the sources' unimodal accuracy, the
 composite's unimodal retention (composite / source, averaged over modalities), tiny MCUB-2/3/4 and open tiny
 MCUB-2/3/4, each as the mean over seeds with a 95% interval from a bootstrap over seeds and, within each, over test
-questions. Printed as a table, written to `summary.json` and plotted to `sweep.png` (x: scale, y: open-4, a line and
-band per method). The plot shows open-4 rather than MCUB-4: since the options' order is random (issue 23) every
-model, the base LLM on names included, is at chance on multiple choice, so MCUB-4 would show only noise.
+questions; and the paired differences DAMC - NaiveMC and routed - NaiveMC on open-2/3/4, bootstrapped the same way
+with each question's two answers drawn together. Printed as two tables, written to `summary.json` and plotted to
+`sweep.png` (x: scale, y: open-4, a line and band per method). The plot shows open-4 rather than MCUB-4: since the
+options' order is random (issue 23) every model, the base LLM on names included, is at chance on multiple choice, so
+MCUB-4 would show only noise.
 
 `--smoke` runs every step at a few steps and questions (under `<work>/smoke`): it checks the wiring, not quality.
 """
@@ -30,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .run import BASE_ROW, MCUB_COLUMNS, METHODS, OPEN_COLUMNS, Results, Settings, run
-from .stats import bootstrap, mean_accuracy, mean_retention
+from .stats import bootstrap, mean_accuracy, mean_difference, mean_retention
 from .world import MODALITIES
 
 
@@ -40,6 +42,9 @@ DISTILLATION = {"on": Settings.text_distillation_weight, "off": 0.0}
 MCUB = (*MCUB_COLUMNS.values(), *OPEN_COLUMNS.values())
 COLUMNS = ("sources", "retention", *MCUB)
 PLOTTED = OPEN_COLUMNS[4]  # the plot's y (see the module's docstring)
+# Paired differences between composites on the same seeds and questions: DAMC against NaiveMC (the paper's question:
+# does decoupling pay?) and routed against NaiveMC (the same sources; only how the text deltas are used differs).
+PAIRS = (("damc", "naive"), ("routed", "naive"))
 # A few steps and questions each: the whole pipeline in about a minute per cell.
 SMOKE = dict(
     base_steps=4,
@@ -126,9 +131,18 @@ def _sources_groups(runs: list[Results], method: str) -> list[np.ndarray]:
     ]
 
 
+def _paired_groups(runs: list[Results], first: str, second: str, column: str) -> list[np.ndarray]:
+    """Per seed: (questions, 2), composite `first`'s result then `second`'s on each question of `column`."""
+    return [
+        np.stack([np.asarray(rows[f"{name} composite"][column], dtype=float) for name in (first, second)], axis=-1)
+        for rows in runs
+    ]
+
+
 def summarize(results: dict[tuple[int, str, float], Results], resamples: int = 2000) -> dict:
-    """(distillation, scale) -> method -> column -> (mean, low, high) over the seeds present, and the base LLM's
-    tiny MCUB (multiple choice and open) on names (it depends on the seed only) under `base`."""
+    """(distillation, scale) -> method -> column -> (mean, low, high) over the seeds present, the paired differences of
+    `PAIRS` on the open columns, and the base LLM's tiny MCUB (multiple choice and open) on names (it depends on the
+    seed only) under `base`."""
     seeds = sorted({seed for seed, _, _ in results})
     settings = sorted({(distillation, scale) for _, distillation, scale in results})
     summary: dict = {"seeds": seeds, "cells": {}}
@@ -153,6 +167,13 @@ def summarize(results: dict[tuple[int, str, float], Results], resamples: int = 2
             "scale": scale,
             "seeds": len(runs),
             "methods": table,
+            "differences": {
+                f"{first} - {second}": {
+                    column: bootstrap(_paired_groups(runs, first, second, column), mean_difference, resamples)
+                    for column in OPEN_COLUMNS.values()
+                }
+                for first, second in PAIRS
+            },
         }
     base_runs = {seed: rows for (seed, _, _), rows in results.items()}
     summary["base"] = {
@@ -166,9 +187,20 @@ def summarize(results: dict[tuple[int, str, float], Results], resamples: int = 2
     return summary
 
 
-def _cell(value: tuple[float, float, float], ratio: bool = False) -> str:
+def _cell(value: tuple[float, float, float], ratio: bool = False, signed: bool = False) -> str:
     estimate, low, high = (100 * v for v in value)
-    return f"{estimate:.1f} [{low:.1f}, {high:.1f}]" if not ratio else f"{estimate:.0f}% [{low:.0f}, {high:.0f}]"
+    if ratio:
+        return f"{estimate:.0f}% [{low:.0f}, {high:.0f}]"
+    return f"{estimate:+.1f} [{low:+.1f}, {high:+.1f}]" if signed else f"{estimate:.1f} [{low:.1f}, {high:.1f}]"
+
+
+def _render(header: list[str], lines: list[list[str]], left: int) -> str:
+    """Columns padded to their widest value: the first `left` flush left, the others flush right."""
+    widths = [max(len(line[i]) for line in [header, *lines]) for i in range(len(header))]
+    render = lambda line: "  ".join(  # noqa: E731
+        value.ljust(width) if i < left else value.rjust(width) for i, (value, width) in enumerate(zip(line, widths))
+    )
+    return "\n".join([render(header), "  ".join("-" * width for width in widths), *map(render, lines)]).rstrip()
 
 
 def format_summary(summary: dict) -> str:
@@ -188,11 +220,24 @@ def format_summary(summary: dict) -> str:
                 ]
             )
     lines.append(["-", "-", "base LLM, names", "-", "-", *(_cell(summary["base"][column]) for column in MCUB)])
-    widths = [max(len(line[i]) for line in [header, *lines]) for i in range(len(header))]
-    render = lambda line: "  ".join(  # noqa: E731
-        value.ljust(width) if i < 3 else value.rjust(width) for i, (value, width) in enumerate(zip(line, widths))
-    )
-    return "\n".join([render(header), "  ".join("-" * width for width in widths), *map(render, lines)]).rstrip()
+    return _render(header, lines, left=3)
+
+
+def format_differences(summary: dict) -> str:
+    """One line per (distillation, scale, pair): the paired difference in points [95% interval] on each open
+    column; an interval that excludes 0 is a difference beyond the noise of these seeds and questions."""
+    columns = list(OPEN_COLUMNS.values())
+    lines = [
+        [
+            cell["distillation"],
+            f"{cell['scale']:g}x",
+            pair,
+            *(_cell(values[column], signed=True) for column in columns),
+        ]
+        for cell in summary["cells"].values()
+        for pair, values in cell["differences"].items()
+    ]
+    return _render(["distillation", "scale", "difference", *columns], lines, left=3)
 
 
 def plot_summary(summary: dict, path: Path, column: str = PLOTTED) -> Path:
@@ -267,6 +312,8 @@ def main() -> None:
         "scale: text-LoRA rates as a multiple of the demo's"
     )
     print(format_summary(summary))
+    print("\npaired differences, points (same seeds and questions; bootstrap over seeds and questions, pairs kept)")
+    print(format_differences(summary))
     (work / "summary.json").write_text(json.dumps(summary, indent=1))
     plot = plot_summary(summary, work / "sweep.png")
     print(f"wrote {work / 'summary.json'} and {plot} ({time.perf_counter() - start:.0f} s)")
