@@ -151,7 +151,10 @@ def main() -> None:
     print(f"wrote {work / 'results.json'} and {plot} ({time.perf_counter() - start:.0f} s)")
     if args.search_lambda:
         report_lambda_search(work, settings, accuracies(results))
-    logging.getLogger().setLevel(logging.ERROR)  # bitsandbytes' notice about optional CPU kernels
+    # Quiet while the examples print, bitsandbytes included: its notice (a warning) that its optional CPU kernel could
+    # not be fetched offline goes by its own logger's level, set above, not the root's.
+    for name in ("", "bitsandbytes"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     examples(work / "composites" / "damc-built" / "model", settings)
 
 
