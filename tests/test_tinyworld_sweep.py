@@ -1,13 +1,16 @@
 """The tiny world's statistics and the sweep's summary, on hand-made per-question results (no training: the sweep
 itself runs for hours and is not part of the suite)."""
 
+import json
 import math
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from benchmarks.tinyworld.run import BASE_ROW, METHODS
 from benchmarks.tinyworld.stats import (
@@ -26,6 +29,7 @@ from benchmarks.tinyworld.sweep import (
     format_summary,
     plot_summary,
     summarize,
+    text_delta_ratio,
 )
 from benchmarks.tinyworld.world import MODALITIES
 
@@ -149,6 +153,11 @@ def test_sweep_summary_table_and_plot(tmp_path):
     assert len(table) == 2 + 6 * len(METHODS) + 1
     assert table[2].split()[:3] == ["off", "0.5x", next(iter(METHODS))]
     assert "90% [" in table[2] and table[-1].split()[2:5] == ["base", "LLM,", "names"]
+    # The merged deltas' size, per family, beside each method (routed composes the NaiveMC sources).
+    assert table[2].split()[3] == "-"
+    deltas = {(d, scale): {"naive": 0.5, "damc": 0.25} for d in ("on", "off") for scale in (0.5, 1.0, 2.0)}
+    rows = format_summary(summarize(results, resamples=20, deltas=deltas)).splitlines()[2 : 2 + len(METHODS)]
+    assert {row.split()[2]: row.split()[3] for row in rows} == {"naive": "0.50", "damc": "0.25", "routed": "0.50"}
     path = plot_summary(summary, tmp_path / "sweep.png")
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size[0] > image.size[1]
@@ -161,3 +170,25 @@ def test_sweep_cells_scale_both_families_text_rates_and_share_the_seed():
     assert settings.shared_lora_learning_rate == pytest.approx(6e-3)
     assert cell_settings(1, "on", 0.5).text_distillation_weight > 0
     assert cell_folder(Path("w"), 1, "off", 0.5) == Path("w") / "seed-1" / "distillation-off-scale-0.5"
+
+
+@pytest.mark.parametrize("folded", [False, True])
+def test_text_delta_ratio_is_the_merged_deltas_norm_over_the_base_weights(tmp_path, folded):
+    """Two adapted projections and one the text LoRA leaves alone: |s B A| over |W0| of the adapted ones only."""
+    generator = torch.Generator().manual_seed(0)
+    tensors, delta_squared, base_squared = {}, 0.0, 0.0
+    scaling = 1.0 if folded else 4.0 / 2
+    for module in ("model.language_model.layers.0.self_attn.q_proj", "model.language_model.layers.0.mlp.up_proj"):
+        base = torch.randn(6, 4, generator=generator)
+        factor_a, factor_b = torch.randn(2, 4, generator=generator), torch.randn(6, 2, generator=generator)
+        tensors |= {
+            f"{module}.base_layer.weight": base,
+            f"{module}.text_lora_A.weight": factor_a,
+            f"{module}.text_lora_B.weight": factor_b,
+        }
+        delta_squared += float((scaling * factor_b @ factor_a).square().sum())
+        base_squared += float(base.square().sum())
+    tensors["model.language_model.norm.weight"] = torch.ones(4)
+    save_file(tensors, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"text_lora": {"r": 2, "alpha": 4.0, "folded": folded}}))
+    assert text_delta_ratio(tmp_path) == pytest.approx(math.sqrt(delta_squared / base_squared), rel=1e-6)

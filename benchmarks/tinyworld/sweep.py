@@ -12,8 +12,9 @@ resumes where it stopped, and a finished one only reads its results back.
 For each (distillation, scale) and each composite method of `run.METHODS`: the sources' unimodal accuracy, the
 composite's unimodal retention (composite / source, averaged over modalities), tiny MCUB-2/3/4 and open tiny
 MCUB-2/3/4, each as the mean over seeds with a 95% interval from a bootstrap over seeds and, within each, over test
-questions; and the paired differences DAMC - NaiveMC and routed - NaiveMC on open-2/3/4, bootstrapped the same way
-with each question's two answers drawn together. Printed as two tables, written to `summary.json` and plotted to
+questions; the size of the deltas a merge adds up (`text_delta_ratio`, per family); and the paired differences
+DAMC - NaiveMC and routed - NaiveMC on open-2/3/4, bootstrapped the same way with each question's two answers drawn
+together. Printed as two tables, written to `summary.json` and plotted to
 `sweep.png` (x: scale, y: open-4, a line and band per method). The plot shows open-4 rather than MCUB-4: since the
 options' order is random (issue 23) every model, the base LLM on names included, is at chance on multiple choice, so
 MCUB-4 would show only noise.
@@ -25,11 +26,15 @@ import argparse
 import itertools
 import json
 import logging
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from safetensors.torch import load_file
+
+from modeling_composite.state_dict_keys import TEXT, base_layer_key, per_delta_factor_key
 
 from .run import BASE_ROW, MCUB_COLUMNS, METHODS, OPEN_COLUMNS, Results, Settings, run
 from .stats import bootstrap, mean_accuracy, mean_difference, mean_retention
@@ -72,6 +77,46 @@ def cell_settings(seed: int, distillation: str, scale: float, smoke: bool = Fals
 
 def cell_folder(work: Path, seed: int, distillation: str, scale: float) -> Path:
     return work / f"seed-{seed}" / f"distillation-{distillation}-scale-{scale:g}"
+
+
+def text_delta_ratio(source: Path) -> float:
+    """`||T||_F / ||W0||_F` of one trained source over the LLM projections its text LoRA adapts: `T = s B A` is the
+    delta a merge adds up (the DAMC sources' text LoRA, the NaiveMC sources' one LoRA), `W0` the frozen base weights.
+    How far the merged parameters drifted, comparable across the two families whatever their rates."""
+    config = json.loads((source / "config.json").read_text())["text_lora"]
+    scaling = 1.0 if config.get("folded") else config["alpha"] / config["r"]
+    tensors = load_file(source / "model.safetensors")
+    suffix = per_delta_factor_key("", "A", TEXT)
+    delta_squared = base_squared = 0.0
+    for key in tensors:
+        if key.endswith(suffix):
+            module = key.removesuffix(suffix)
+            factor_a, factor_b = (tensors[per_delta_factor_key(module, side, TEXT)].float() for side in "AB")
+            delta_squared += float((scaling * factor_b @ factor_a).square().sum())
+            base_squared += float(tensors[base_layer_key(module)].float().square().sum())
+    if base_squared == 0:
+        raise ValueError(f"{source}: no text LoRA over base weights (`*{suffix}` with `*.base_layer.weight`)")
+    return math.sqrt(delta_squared / base_squared)
+
+
+def text_deltas(work: Path, seeds: list[int], distillations: list[str], scales: list[float]) -> dict:
+    """(distillation, scale) -> family -> `text_delta_ratio` averaged over modalities and seeds."""
+    families = dict.fromkeys(method.sources for method in METHODS.values())
+    return {
+        (distillation, scale): {
+            family: float(
+                np.mean(
+                    [
+                        text_delta_ratio(cell_folder(work, seed, distillation, scale) / "sources" / f"{m}-{family}")
+                        for seed in seeds
+                        for m in MODALITIES
+                    ]
+                )
+            )
+            for family in families
+        }
+        for distillation, scale in itertools.product(distillations, scales)
+    }
 
 
 def run_sweep(
@@ -139,10 +184,12 @@ def _paired_groups(runs: list[Results], first: str, second: str, column: str) ->
     ]
 
 
-def summarize(results: dict[tuple[int, str, float], Results], resamples: int = 2000) -> dict:
+def summarize(
+    results: dict[tuple[int, str, float], Results], resamples: int = 2000, deltas: dict | None = None
+) -> dict:
     """(distillation, scale) -> method -> column -> (mean, low, high) over the seeds present, the paired differences of
-    `PAIRS` on the open columns, and the base LLM's tiny MCUB (multiple choice and open) on names (it depends on the
-    seed only) under `base`."""
+    `PAIRS` on the open columns, the families' `text_deltas` where given, and the base LLM's tiny MCUB (multiple
+    choice and open) on names (it depends on the seed only) under `base`."""
     seeds = sorted({seed for seed, _, _ in results})
     settings = sorted({(distillation, scale) for _, distillation, scale in results})
     summary: dict = {"seeds": seeds, "cells": {}}
@@ -167,6 +214,7 @@ def summarize(results: dict[tuple[int, str, float], Results], resamples: int = 2
             "scale": scale,
             "seeds": len(runs),
             "methods": table,
+            "text_delta": (deltas or {}).get((distillation, scale)),
             "differences": {
                 f"{first} - {second}": {
                     column: bootstrap(_paired_groups(runs, first, second, column), mean_difference, resamples)
@@ -205,7 +253,7 @@ def _render(header: list[str], lines: list[list[str]], left: int) -> str:
 
 def format_summary(summary: dict) -> str:
     """One line per (distillation, scale, method): mean [95% interval] of each column."""
-    header = ["distillation", "scale", "method", "sources unimodal", "retention", *MCUB]
+    header = ["distillation", "scale", "method", "|T|/|W0|", "sources unimodal", "retention", *MCUB]
     lines = []
     for cell in summary["cells"].values():
         for method, values in cell["methods"].items():
@@ -214,12 +262,13 @@ def format_summary(summary: dict) -> str:
                     cell["distillation"],
                     f"{cell['scale']:g}x",
                     method,
+                    "-" if cell["text_delta"] is None else f"{cell['text_delta'][METHODS[method].sources]:.2f}",
                     _cell(values["sources"]),
                     _cell(values["retention"], ratio=True),
                     *(_cell(values[column]) for column in MCUB),
                 ]
             )
-    lines.append(["-", "-", "base LLM, names", "-", "-", *(_cell(summary["base"][column]) for column in MCUB)])
+    lines.append(["-", "-", "base LLM, names", "-", "-", "-", *(_cell(summary["base"][column]) for column in MCUB)])
     return _render(header, lines, left=3)
 
 
@@ -306,10 +355,11 @@ def main() -> None:
     work = Path(args.work) / "smoke" if args.smoke else Path(args.work)
     start = time.perf_counter()
     results = run_sweep(work, args.seeds, args.distillation, args.scales, args.smoke)
-    summary = summarize(results)
+    summary = summarize(results, deltas=text_deltas(work, args.seeds, args.distillation, args.scales))
     print(
         f"\ntiny world sweep: mean over seeds {args.seeds} [95% interval, bootstrap over seeds and questions]; "
-        "scale: text-LoRA rates as a multiple of the demo's"
+        "scale: text-LoRA rates as a multiple of the demo's; |T|/|W0|: the size of the merged text deltas against the "
+        "base weights (mean over the family's sources)"
     )
     print(format_summary(summary))
     print("\npaired differences, points (same seeds and questions; bootstrap over seeds and questions, pairs kept)")
