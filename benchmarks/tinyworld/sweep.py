@@ -14,10 +14,9 @@ composite's unimodal retention (composite / source, averaged over modalities), t
 MCUB-2/3/4, each as the mean over seeds with a 95% interval from a bootstrap over seeds and, within each, over test
 questions; the size of the deltas a merge adds up (`text_delta_ratio`, per family); and the paired differences
 DAMC - NaiveMC and routed - NaiveMC on open-2/3/4, bootstrapped the same way with each question's two answers drawn
-together. Printed as two tables, written to `summary.json` and plotted to
-`sweep.png` (x: scale, y: open-4, a line and band per method). The plot shows open-4 rather than MCUB-4: since the
-options' order is random (issue 23) every model, the base LLM on names included, is at chance on multiple choice, so
-MCUB-4 would show only noise.
+together. Printed as two tables, written to `summary.json` and plotted to `sweep.png` (x: scale, y: open-4, a line
+and band per method). The plot shows open-4 rather than MCUB-4: since the options' order is random (issue 23) every
+model, the base LLM on names included, is at chance on multiple choice, so MCUB-4 would show only noise.
 
 `--smoke` runs every step at a few steps and questions (under `<work>/smoke`): it checks the wiring, not quality.
 """
