@@ -101,21 +101,15 @@ def text_delta_ratio(source: Path) -> float:
 def text_deltas(work: Path, seeds: list[int], distillations: list[str], scales: list[float]) -> dict:
     """(distillation, scale) -> family -> `text_delta_ratio` averaged over modalities and seeds."""
     families = dict.fromkeys(method.sources for method in METHODS.values())
-    return {
-        (distillation, scale): {
-            family: float(
-                np.mean(
-                    [
-                        text_delta_ratio(cell_folder(work, seed, distillation, scale) / "sources" / f"{m}-{family}")
-                        for seed in seeds
-                        for m in MODALITIES
-                    ]
-                )
-            )
+    deltas: dict = {}
+    for distillation, scale in itertools.product(distillations, scales):
+        # Per seed, the folder holding the cell's sources (`<modality>-<family>`).
+        folders = [cell_folder(work, seed, distillation, scale) / "sources" for seed in seeds]
+        deltas[distillation, scale] = {
+            family: float(np.mean([text_delta_ratio(f / f"{m}-{family}") for f in folders for m in MODALITIES]))
             for family in families
         }
-        for distillation, scale in itertools.product(distillations, scales)
-    }
+    return deltas
 
 
 def run_sweep(
